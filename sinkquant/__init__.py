@@ -1,0 +1,40 @@
+"""sinkquant: sink-aware quantization for Hugging Face causal language models.
+
+Importing the package registers the "sinkquant" quantization method with transformers, so a saved
+checkpoint loads with `AutoModelForCausalLM.from_pretrained(folder)`.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("sinkquant")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0"
+
+from .calibrate import CalibrationReport, CalibrationSettings, calibrate
+from .checkpoint import SinkQuantConfig, load, save
+from .errors import InputError, SinkQuantError
+from .evaluate import evaluate
+from .pipeline import quantize_model
+from .quantize.linear import SinkQuantLinear
+from .quantize.weights import quantize_
+from .recipe import Recipe, load_recipe, parse_recipe
+
+__all__ = [
+    "CalibrationReport",
+    "CalibrationSettings",
+    "InputError",
+    "Recipe",
+    "SinkQuantConfig",
+    "SinkQuantError",
+    "SinkQuantLinear",
+    "__version__",
+    "calibrate",
+    "evaluate",
+    "load",
+    "load_recipe",
+    "parse_recipe",
+    "quantize_",
+    "quantize_model",
+    "save",
+]

@@ -1,0 +1,196 @@
+"""The calibration report: what calibration measured, as plain data that round-trips through JSON.
+
+Kept apart from the recipe on purpose: a recipe says what to do, the report says what was found.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import InputError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class CalibrationSettings:
+    """Thresholds used by calibration (all user options; defaults follow the literature)."""
+
+    epsilon: float = 0.3  # Sink_k^eps: a (layer, head) "sinks" on k when its mean attention to k exceeds this
+    sink_share: float = (
+        0.1  # a leading position is a sink when at least this share of (layer, head) pairs sink on it
+    )
+    content_share: float = 0.25  # same test for a token after position 0 (a content sink such as "\n") ...
+    content_min_count: int = 2  # ... flagged at least this many times, so one noisy position is not a sink
+    min_queries: int = 32  # a position is scored only with at least this many later queries (noise guard)
+    track_positions: int = 16  # Sink_k^eps is reported for positions 0..track_positions-1
+    massive_abs: float = 100.0  # a massive activation has |h| above this ...
+    massive_ratio: float = 1000.0  # ... and above this multiple of the layer's median |h|
+    top_channels: int = 8  # outlier input channels listed per linear layer
+
+
+@dataclass
+class ContentSink:
+    token: str
+    token_id: int
+    score: float  # mean share of (layer, head) pairs that sink on this token where it was flagged
+    count: int  # times it was flagged as a sink
+    occurrences: int  # times it appeared where it could be scored
+
+
+@dataclass
+class SinkReport:
+    positions: list[int]
+    score: dict[int, float]  # position -> Sink_k^eps
+    content: list[ContentSink]
+    head_scores: list[list[float]]  # [layer][head] mean attention received by position 0
+    found: bool
+    note: str = ""
+    max_later_share: float = 0.0  # the largest share any position after the leading ones drew (for context)
+
+
+@dataclass
+class LayerActivation:
+    layer: int
+    max_abs: float
+    dim: int
+    position: int
+    token: str
+    ratio_to_median: float
+    median_abs: float
+    position0_max_abs: float
+    position0_dim: int
+    top_dims: list[int]
+
+
+@dataclass
+class MassiveReport:
+    dims: list[int]
+    layers: list[LayerActivation]
+    first_layer: int | None  # first layer where a massive activation appears
+
+
+@dataclass
+class LinearStats:
+    in_features: int
+    top_channels: list[int]  # by max |x|, largest first
+    top_max_abs: list[float]
+    max_abs: list[float]  # per input channel, over all calibration tokens
+    mean_abs: list[float]
+
+    def outlier_channels(self, fraction: float, by: str = "max") -> list[int]:
+        """The `fraction` of input channels with the largest max |x| (by="max") or mean |x| (by="mean")."""
+        values = self.max_abs if by == "max" else self.mean_abs
+        k = max(1, round(fraction * self.in_features)) if fraction > 0 else 0
+        return sorted(range(self.in_features), key=lambda c: (-values[c], c))[:k]
+
+
+@dataclass
+class CalibrationReport:
+    model: str
+    model_type: str
+    num_layers: int
+    num_heads: int
+    tokens: int
+    samples: int
+    seq_len: int
+    dataset: str
+    seed: int
+    bos: bool
+    dtype: str
+    sinks: SinkReport
+    massive: MassiveReport
+    linear: dict[str, LinearStats]
+    settings: CalibrationSettings = field(default_factory=CalibrationSettings)
+    elapsed_s: float = 0.0
+    schema_version: int = SCHEMA_VERSION
+
+    # -- convenience views used by the quantizers ---------------------------------------------------
+    @property
+    def sink_positions(self) -> list[int]:
+        return list(self.sinks.positions)
+
+    @property
+    def massive_dims(self) -> list[int]:
+        return list(self.massive.dims)
+
+    # -- JSON ---------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["sinks"]["score"] = {str(k): v for k, v in self.sinks.score.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CalibrationReport:
+        version = data.get("schema_version")
+        if version is None or version > SCHEMA_VERSION:
+            raise InputError(
+                f"calibration report has schema_version {version!r}; this sinkquant reads up to {SCHEMA_VERSION}: "
+                "upgrade sinkquant or re-run `sinkquant calibrate`"
+            )
+        d = dict(data)
+        s = dict(d["sinks"])
+        s["score"] = {int(k): float(v) for k, v in s["score"].items()}
+        s["content"] = [ContentSink(**c) for c in s["content"]]
+        m = dict(d["massive"])
+        m["layers"] = [LayerActivation(**layer) for layer in m["layers"]]
+        d["sinks"] = SinkReport(**s)
+        d["massive"] = MassiveReport(**m)
+        d["linear"] = {k: LinearStats(**v) for k, v in d["linear"].items()}
+        d["settings"] = CalibrationSettings(**d.get("settings", {}))
+        return cls(**d)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the report as JSON (atomically: a temporary file renamed into place)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CalibrationReport:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"calibration report {path} does not exist; run `sinkquant calibrate` first")
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as exc:
+            raise InputError(f"calibration report {path} is not valid JSON ({exc})") from exc
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError) as exc:
+            raise InputError(
+                f"calibration report {path} is missing or has unexpected fields ({exc})"
+            ) from exc
+
+    def massive_signature(self) -> dict | None:
+        """How to recognise a sink token at run time: {layer, dims, threshold} — a token whose hidden state
+        at the output of `layer` exceeds `threshold` in any of `dims` (the first layer with massive
+        activations; threshold = max(massive_abs, massive_ratio x that layer's median |h|)). None when the
+        model has no massive activations."""
+        first = self.massive.first_layer
+        if first is None or not self.massive.dims:
+            return None
+        median = self.massive.layers[first].median_abs
+        threshold = max(self.settings.massive_abs, self.settings.massive_ratio * median)
+        return {"layer": first, "dims": list(self.massive.dims), "threshold": float(threshold)}
+
+    def summary_dict(self) -> dict:
+        """The small part of the report worth keeping inside a checkpoint (no per-channel vectors)."""
+        return {
+            "schema_version": self.schema_version,
+            "model": self.model,
+            "tokens": self.tokens,
+            "dataset": self.dataset,
+            "sinks": {
+                "positions": self.sinks.positions,
+                "score": {str(k): v for k, v in self.sinks.score.items()},
+                "content": [asdict(c) for c in self.sinks.content],
+            },
+            "massive": {"dims": self.massive.dims, "first_layer": self.massive.first_layer},
+            "signature": self.massive_signature(),
+        }

@@ -1,0 +1,194 @@
+"""One calibration pass: run real text through the model with the collectors attached."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import calibration_samples
+from ..modeling import decoder_layers
+from .collectors import ActivationCollector, AttentionCollector, LinearInputCollector
+from .report import (
+    CalibrationReport,
+    CalibrationSettings,
+    ContentSink,
+    LayerActivation,
+    LinearStats,
+    MassiveReport,
+    SinkReport,
+)
+
+
+def _sig(x: float, digits: int = 5) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def has_learned_sink_logits(model: nn.Module) -> bool:
+    """Architectures such as gpt-oss give each head a learned "sink" logit instead of a sink token."""
+    return any(name.endswith(".sinks") or name.endswith("attn.sinks") for name, _ in model.named_parameters())
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    tokenizer,
+    dataset: str | os.PathLike | None = None,
+    samples: int = 16,
+    seq_len: int = 512,
+    seed: int = 0,
+    settings: CalibrationSettings | None = None,
+    progress: bool = True,
+) -> CalibrationReport:
+    """Measure sinks, massive activations and linear-layer input outliers on real text.
+
+    `dataset`: a local .txt/.jsonl/.parquet file, a hub name, or None for the embedded C4 slice.
+    Runs one sample at a time with eager attention (switched on for the pass and restored after), so
+    memory stays at one sample's activations plus a few vectors per layer.
+    """
+    settings = settings or CalibrationSettings()
+    start = time.perf_counter()
+    data = calibration_samples(tokenizer, dataset, samples, seq_len, seed)
+    ids = data.input_ids
+    previous_attn = getattr(model.config, "_attn_implementation", None)
+    model.set_attn_implementation("eager")
+    attention = AttentionCollector(model, settings.epsilon, settings.track_positions, settings.min_queries)
+    activations = ActivationCollector(model)
+    linears = LinearInputCollector(model)
+    flagged: dict[int, list[float]] = defaultdict(list)
+    occurrences: dict[int, int] = defaultdict(int)
+    max_later_share = 0.0
+    try:
+        for i in tqdm(range(ids.shape[0]), desc="calibrating", unit="sample", disable=not progress):
+            batch = ids[i : i + 1]
+            attention.start_batch(1, batch.shape[1])
+            activations.input_ids, activations.sample_offset = batch, i
+            model(input_ids=batch, use_cache=False, logits_to_keep=1)  # no full-vocab logits needed
+            share = attention.end_batch(1)[0]
+            scorable = attention.scorable_positions(batch.shape[1])
+            for pos in range(1 if not data.bos else 2, batch.shape[1]):
+                if not scorable[pos]:
+                    break
+                token = int(batch[0, pos])
+                occurrences[token] += 1
+                max_later_share = max(max_later_share, float(share[pos]))
+                if share[pos] >= settings.content_share:
+                    flagged[token].append(float(share[pos]))
+    finally:
+        for collector in (attention, activations, linears):
+            collector.remove()
+        if previous_attn:
+            model.set_attn_implementation(previous_attn)
+
+    sinks = _sink_report(model, tokenizer, attention, flagged, occurrences, settings)
+    sinks.max_later_share = _sig(max_later_share, 4)
+    massive = _massive_report(tokenizer, activations, settings)
+    linear = _linear_report(linears, settings)
+    return CalibrationReport(
+        model=str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
+        model_type=str(getattr(model.config, "model_type", "")),
+        num_layers=len(decoder_layers(model)),
+        num_heads=attention.num_heads,
+        tokens=int(ids.numel()),
+        samples=int(ids.shape[0]),
+        seq_len=int(ids.shape[1]),
+        dataset=data.source,
+        seed=seed,
+        bos=data.bos,
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        sinks=sinks,
+        massive=massive,
+        linear=linear,
+        settings=settings,
+        elapsed_s=round(time.perf_counter() - start, 2),
+    )
+
+
+def _sink_report(model, tokenizer, attention, flagged, occurrences, settings) -> SinkReport:
+    means = attention.head_means()  # [layers, heads, track]
+    pairs = means.shape[0] * means.shape[1]
+    score = {
+        k: _sig(float((means[:, :, k] > settings.epsilon).sum()) / pairs, 4) for k in range(means.shape[2])
+    }
+    positions = [k for k, s in score.items() if s >= settings.sink_share]
+    content = [
+        ContentSink(
+            token=tokenizer.decode([tok]),
+            token_id=tok,
+            score=_sig(sum(shares) / len(shares), 4),
+            count=len(shares),
+            occurrences=occurrences[tok],
+        )
+        for tok, shares in flagged.items()
+        if len(shares) >= settings.content_min_count
+    ]
+    content.sort(key=lambda c: (-c.count, -c.score))
+    learned = has_learned_sink_logits(model)
+    found = bool(positions or content)
+    if learned:
+        note = "the architecture has learned sink logits per head; it needs no sink tokens"
+    elif not found:
+        note = (
+            f"no attention sinks: no position draws mean attention > {settings.epsilon} from "
+            f"{settings.sink_share:.0%} of (layer, head) pairs"
+        )
+    else:
+        note = ""
+    return SinkReport(
+        positions=positions,
+        score=score,
+        content=content,
+        head_scores=[[_sig(float(v), 4) for v in row] for row in means[:, :, 0]],
+        found=found,
+        note=note,
+    )
+
+
+def _massive_report(tokenizer, acts: ActivationCollector, settings) -> MassiveReport:
+    layers: list[LayerActivation] = []
+    dims: set[int] = set()
+    first_layer = None
+    for idx, (value, dim, pos, _sample, token) in enumerate(acts.best):
+        median = sorted(acts.medians[idx])[len(acts.medians[idx]) // 2] if acts.medians[idx] else 0.0
+        threshold = max(settings.massive_abs, settings.massive_ratio * median)
+        per_dim = acts.dim_max[idx]
+        massive_here = [int(d) for d in torch.nonzero(per_dim > threshold).flatten()]
+        if massive_here and first_layer is None:
+            first_layer = idx
+        dims.update(massive_here)
+        top = torch.topk(per_dim, min(4, per_dim.numel())).indices.tolist()
+        layers.append(
+            LayerActivation(
+                layer=idx,
+                max_abs=_sig(value),
+                dim=dim,
+                position=pos,
+                token=tokenizer.decode([token]) if token >= 0 else "",
+                ratio_to_median=_sig(value / median if median > 0 else float("inf")),
+                median_abs=_sig(median),
+                position0_max_abs=_sig(acts.pos0[idx][0]),
+                position0_dim=acts.pos0[idx][1],
+                top_dims=[int(d) for d in top],
+            )
+        )
+    return MassiveReport(dims=sorted(dims), layers=layers, first_layer=first_layer)
+
+
+def _linear_report(linears: LinearInputCollector, settings) -> dict[str, LinearStats]:
+    report = {}
+    for name, peak in linears.max_abs.items():
+        mean = (linears.sum_abs[name] / max(1, linears.tokens[name])).float()
+        k = min(settings.top_channels, peak.numel())
+        top = torch.topk(peak, k)
+        report[name] = LinearStats(
+            in_features=linears.in_features[name],
+            top_channels=[int(c) for c in top.indices],
+            top_max_abs=[_sig(float(v)) for v in top.values],
+            max_abs=[_sig(float(v), 4) for v in peak],
+            mean_abs=[_sig(float(v), 4) for v in mean],
+        )
+    return report

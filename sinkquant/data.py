@@ -1,0 +1,213 @@
+"""Text for calibration and evaluation: local files or hub datasets, sampled deterministically.
+
+Every source becomes a list of documents (strings) through `datasets`, so local text, JSON-lines and
+parquet files and hub datasets share one path. Line ends are normalised to "\\n" before tokenizing
+(WikiText-2 ships with CRLF). With no source, calibration uses the C4 slice embedded in the package.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+#: Short names a user may type instead of a hub id, and where each lives on the hub.
+HUB_DATASETS: dict[str, dict] = {
+    "wikitext2": {"path": "wikitext", "name": "wikitext-2-raw-v1", "split": "test", "join": True},
+    "c4": {
+        "path": "allenai/c4",
+        "data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"},
+        "split": "validation",
+        "join": False,
+    },
+}
+
+EMBEDDED_CALIBRATION = "embedded:c4-128"
+_LOCAL_BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".raw": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+}
+
+
+def normalize_text(text: str) -> str:
+    """Normalise line ends to "\\n" (CRLF and lone CR), the first step of the evaluation protocol."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def embedded_calibration_path() -> Path:
+    """The 128 C4 validation documents shipped inside the package (see assets/ATTRIBUTION.md)."""
+    return Path(str(resources.files("sinkquant") / "assets" / "c4_calibration_128.jsonl"))
+
+
+def _hub_is_offline() -> bool:
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return True
+    try:  # a quick look rather than the hub client's long retry loop
+        with socket.create_connection(("huggingface.co", 443), timeout=3):
+            return False
+    except OSError:
+        return True
+
+
+def _quiet_datasets() -> None:
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def _load_local(path: Path, text_field: str) -> list[str]:
+    import datasets
+
+    builder = _LOCAL_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise InputError(
+            f'dataset {path} has an unknown format {path.suffix!r}; use a .txt, .jsonl (one {{"text": ...}} per line) '
+            "or .parquet file, or a hub name (wikitext2, c4)"
+        )
+    if path.stat().st_size == 0:
+        raise InputError(f"dataset {path} is empty; give a file with text in it")
+    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    try:
+        table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as exc:  # datasets raises many types for a malformed file
+        raise InputError(
+            f"dataset {path} could not be read as {builder}: {str(exc).splitlines()[0]}"
+        ) from exc
+    if text_field not in table.column_names:
+        raise InputError(
+            f"dataset {path} has no {text_field!r} field (it has {', '.join(table.column_names)}); "
+            f"store the text under {text_field!r} or pass --text-field"
+        )
+    return [t for t in table[text_field] if isinstance(t, str) and t.strip()]
+
+
+def _load_hub(name: str, text_field: str) -> list[str]:
+    import datasets
+
+    spec = HUB_DATASETS.get(name, {"path": name, "split": "train", "join": False})
+    if _hub_is_offline():
+        raise InputError(
+            f"dataset {name!r} is a hub name but the Hugging Face hub cannot be reached (offline); "
+            "pass a local .txt/.jsonl/.parquet file instead"
+        )
+    load_kwargs = {k: v for k, v in spec.items() if k in ("name", "data_files")}
+    try:
+        table = datasets.load_dataset(spec["path"], split=spec["split"], **load_kwargs)
+    except Exception as exc:
+        raise InputError(
+            f"dataset {name!r} could not be loaded from the hub: {str(exc).splitlines()[0]}"
+        ) from exc
+    texts = [t for t in table[text_field] if isinstance(t, str)]
+    return ["".join(texts)] if spec["join"] else [t for t in texts if t.strip()]
+
+
+def load_documents(dataset: str | os.PathLike | None, text_field: str = "text") -> list[str]:
+    """Load a dataset as a list of non-empty documents with normalised line ends.
+
+    `dataset` is a local file (.txt: the whole file is one document; .jsonl/.json/.parquet: one document
+    per row, read from `text_field`), a hub name (`wikitext2`, `c4`, or any hub id), or None for the
+    embedded C4 calibration slice.
+    """
+    _quiet_datasets()
+    if dataset is None or str(dataset) == EMBEDDED_CALIBRATION:
+        docs = _load_local(embedded_calibration_path(), "text")
+    else:
+        path = Path(dataset).expanduser()
+        looks_like_path = path.suffix.lower() in _LOCAL_BUILDERS or os.sep in str(dataset) or path.exists()
+        if path.is_dir():
+            raise InputError(f"dataset {path} is a folder; give a .txt, .jsonl or .parquet file")
+        if path.exists():
+            docs = _load_local(path, text_field)
+        elif looks_like_path:
+            raise InputError(f"dataset file {path} does not exist; check the path")
+        else:
+            docs = _load_hub(str(dataset), text_field)
+    docs = [normalize_text(d) for d in docs]
+    if not docs:
+        raise InputError(f"dataset {dataset} holds no text")
+    return docs
+
+
+def adds_bos(tokenizer) -> bool:
+    """True when the tokenizer puts a BOS token in front of a fresh sequence (Llama-2 style).
+
+    Such models saw BOS at position 0 in training; windows and calibration samples then start with BOS.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return len(ids) > 0 and ids[0] == bos
+
+
+def tokenize_text(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` without special tokens (the whole text at once, no length warning)."""
+    saved = getattr(tokenizer, "model_max_length", None)
+    try:
+        tokenizer.model_max_length = int(1e30)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    finally:
+        if saved is not None:
+            tokenizer.model_max_length = saved
+
+
+@dataclass(frozen=True)
+class CalibrationSamples:
+    """`input_ids` [n_samples, seq_len] int64, and where they came from."""
+
+    input_ids: torch.Tensor
+    source: str
+    seed: int
+    bos: bool
+
+
+def calibration_samples(
+    tokenizer,
+    dataset: str | os.PathLike | None,
+    n_samples: int,
+    seq_len: int,
+    seed: int = 0,
+    text_field: str = "text",
+) -> CalibrationSamples:
+    """Deterministic calibration samples: documents shuffled with `seed`, tokenized, joined with a blank
+    line into one stream and cut into `n_samples` consecutive pieces of `seq_len` tokens (BOS first when
+    the tokenizer adds one). The same tokenizer, data, sizes and seed always give the same tensor."""
+    if n_samples < 1 or seq_len < 2:
+        raise InputError(f"need at least 1 sample of at least 2 tokens (got {n_samples} x {seq_len})")
+    docs = load_documents(dataset, text_field)
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    bos = adds_bos(tokenizer)
+    per_sample = seq_len - 1 if bos else seq_len
+    needed = n_samples * per_sample
+    separator = tokenize_text(tokenizer, "\n\n")
+    stream: list[int] = []
+    for i in order:
+        if stream:
+            stream.extend(separator)
+        stream.extend(tokenize_text(tokenizer, docs[i]))
+        if len(stream) >= needed:
+            break
+    if len(stream) < needed:
+        source = dataset or EMBEDDED_CALIBRATION
+        raise InputError(
+            f"dataset {source} has {len(stream)} tokens, fewer than {n_samples} samples x {per_sample} tokens need "
+            f"({needed}); use fewer --samples, a shorter --seq-len or more text"
+        )
+    ids = torch.tensor(stream[:needed], dtype=torch.long).view(n_samples, per_sample)
+    if bos:
+        ids = torch.cat([torch.full((n_samples, 1), tokenizer.bos_token_id, dtype=torch.long), ids], dim=1)
+    return CalibrationSamples(ids, str(dataset or EMBEDDED_CALIBRATION), seed, bos)

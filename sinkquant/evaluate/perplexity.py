@@ -1,0 +1,156 @@
+"""Perplexity and KL divergence with one fixed, documented protocol.
+
+Protocol (every figure sinkquant reports uses it):
+1. line ends normalised to "\\n"; the whole text tokenized once, without special tokens;
+2. optionally only the first `max_tokens` text tokens are kept;
+3. non-overlapping windows of `seq_len` tokens (a trailing partial window is dropped); for a tokenizer
+   that adds BOS to a fresh sequence each window is BOS + `seq_len - 1` text tokens;
+4. each window is scored on its own (no context carried between windows); every token after the first
+   of a window is predicted; NLL is averaged over all predicted tokens, perplexity = exp(mean NLL);
+5. with a chunk size C, a window is fed C tokens at a time through the model's KV cache (each chunk
+   attends to the cached past and itself): the path a quantized KV cache is judged on;
+6. with a reference model, KL(p_ref || p_model) per predicted token and top-1 agreement, averaged over
+   the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import adds_bos, load_documents, tokenize_text
+from ..errors import InputError
+
+PROTOCOL = "normalise line ends; tokenize once without special tokens; non-overlapping windows (BOS + seq_len-1 tokens when the tokenizer adds BOS); mean NLL over every predicted token"
+
+
+@dataclass
+class EvalResult:
+    perplexity: float
+    nll: float
+    tokens: int  # predicted tokens
+    windows: int
+    seq_len: int
+    bos: bool
+    chunk_size: int | None
+    dataset: str
+    max_tokens: int | None
+    text_tokens: int  # text tokens in the windows
+    kl: float | None = None
+    top1_agreement: float | None = None
+    elapsed_s: float = 0.0
+    protocol: str = PROTOCOL
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluation_windows(tokenizer, text: str, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+    """[n_windows, seq_len] token ids following steps 1-3 of the protocol."""
+    if seq_len < 2:
+        raise InputError(f"--seq-len must be at least 2 (got {seq_len})")
+    ids = tokenize_text(tokenizer, text)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    bos = adds_bos(tokenizer)
+    per_window = seq_len - 1 if bos else seq_len
+    n = len(ids) // per_window
+    if n == 0:
+        raise InputError(
+            f"the text has {len(ids)} tokens, fewer than one window of {per_window}; use a shorter --seq-len or more text"
+        )
+    windows = torch.tensor(ids[: n * per_window], dtype=torch.long).view(n, per_window)
+    if bos:
+        windows = torch.cat([torch.full((n, 1), tokenizer.bos_token_id, dtype=torch.long), windows], dim=1)
+    return windows
+
+
+def default_cache(model: nn.Module):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+@torch.no_grad()
+def window_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    chunk_size: int | None = None,
+    cache_factory: Callable[[nn.Module], object] | None = None,
+) -> torch.Tensor:
+    """Float32 logits [batch, seq, vocab] of one window: a single pass, or `chunk_size` tokens at a time
+    through a KV cache made by `cache_factory` (a DynamicCache by default)."""
+    if not chunk_size or chunk_size >= input_ids.shape[1]:
+        if cache_factory is None:
+            return model(input_ids=input_ids, use_cache=False).logits.float()
+        chunk_size = input_ids.shape[1]
+    cache = (cache_factory or default_cache)(model)
+    parts = []
+    for start in range(0, input_ids.shape[1], chunk_size):
+        out = model(input_ids=input_ids[:, start : start + chunk_size], past_key_values=cache, use_cache=True)
+        parts.append(out.logits.float())
+    return torch.cat(parts, dim=1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    dataset: str | os.PathLike,
+    seq_len: int = 1024,
+    max_tokens: int | None = None,
+    reference: nn.Module | None = None,
+    chunk_size: int | None = None,
+    cache_factory: Callable[[nn.Module], object] | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Perplexity of `model` on `dataset` under the fixed protocol (see the module docstring); with
+    `reference`, also KL(p_ref || p_model) and top-1 agreement on the same windows."""
+    if chunk_size is not None and chunk_size < 1:
+        raise InputError(f"--chunk-size must be a positive number of tokens (got {chunk_size})")
+    start = time.perf_counter()
+    text = "\n\n".join(load_documents(dataset))
+    windows = evaluation_windows(tokenizer, text, seq_len, max_tokens)
+    nll_sum, kl_sum, agree, count = 0.0, 0.0, 0, 0
+    for i in tqdm(range(windows.shape[0]), desc="evaluating", unit="window", disable=not progress):
+        ids = windows[i : i + 1]
+        logits = window_logits(model, ids, chunk_size, cache_factory)[0, :-1]
+        targets = ids[0, 1:]
+        logp = F.log_softmax(logits, dim=-1)
+        nll_sum += float(-logp.gather(1, targets[:, None]).sum(dtype=torch.float64))
+        count += targets.numel()
+        if reference is not None:
+            ref_logp = F.log_softmax(window_logits(reference, ids)[0, :-1], dim=-1)
+            kl_sum += float((ref_logp.exp() * (ref_logp - logp)).sum(dtype=torch.float64))
+            agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
+        del logits, logp
+    nll = nll_sum / count
+    if not math.isfinite(nll):
+        raise InputError(
+            "the model produced non-finite log-probabilities; its precision is probably too narrow "
+            "(try --dtype float32)"
+        )
+    return EvalResult(
+        perplexity=math.exp(nll),
+        nll=nll,
+        tokens=count,
+        windows=int(windows.shape[0]),
+        seq_len=seq_len,
+        bos=adds_bos(tokenizer),
+        chunk_size=chunk_size,
+        dataset=str(dataset),
+        max_tokens=max_tokens,
+        text_tokens=int(windows.shape[0] * (seq_len - 1 if adds_bos(tokenizer) else seq_len)),
+        kl=kl_sum / count if reference is not None else None,
+        top1_agreement=agree / count if reference is not None else None,
+        elapsed_s=round(time.perf_counter() - start, 2),
+    )

@@ -1,0 +1,71 @@
+"""Shared fixtures: real models and data from ../shared (skipped with a reason where it is absent)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("SINKQUANT_SHARED", ROOT.parent / "shared"))
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the real models and data live in ../shared beside the checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    return _need(SHARED)
+
+
+@pytest.fixture(scope="session")
+def stories_path(shared) -> Path:
+    return _need(shared / "models" / "stories260k")
+
+
+@pytest.fixture(scope="session")
+def wikitext_path(shared) -> Path:
+    return _need(shared / "data" / "wikitext-2-raw-test.txt")
+
+
+@pytest.fixture(scope="session")
+def c4_path(shared) -> Path:
+    return _need(shared / "data" / "c4-validation-2k.jsonl")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path(shared) -> Path:
+    """SmolLM2-135M as an HF folder, made once from the GGUF in ../shared (cached by the tool)."""
+    tool = _need(shared / "tools" / "materialize_model.py")
+    _need(shared / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    done = subprocess.run(
+        [sys.executable, str(tool), "smollm2-135m"], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"materialize_model.py failed: {done.stderr[-2000:]}")
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    """(model, tokenizer) in float32, loaded once for the whole session. Tests must not modify it."""
+    from sinkquant.modeling import prepare_model
+
+    return prepare_model(smollm2_path, "float32")
+
+
+@pytest.fixture(scope="session")
+def stories(stories_path):
+    from sinkquant.modeling import prepare_model
+
+    return prepare_model(stories_path, "float32")

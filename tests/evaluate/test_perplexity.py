@@ -1,0 +1,68 @@
+import math
+
+import pytest
+import torch
+
+from sinkquant.errors import InputError
+from sinkquant.evaluate import evaluate, evaluation_windows
+
+
+def _independent_perplexity(model, tok, path, seq_len, max_tokens):
+    """Plain transformers code: CRLF -> LF, tokenize once, non-overlapping windows, HF's own loss."""
+    text = open(path, encoding="utf-8", newline="").read().replace("\r\n", "\n")
+    ids = tok(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    losses = []
+    with torch.no_grad():
+        for start in range(0, len(ids) - seq_len + 1, seq_len):
+            window = torch.tensor([ids[start : start + seq_len]])
+            losses.append(float(model(input_ids=window, labels=window).loss))
+    return math.exp(sum(losses) / len(losses))
+
+
+@pytest.fixture(scope="module")
+def smollm2_eval(smollm2, wikitext_path):
+    model, tok = smollm2
+    return evaluate(model, tok, wikitext_path, seq_len=1024, max_tokens=16384, progress=False)
+
+
+def test_smollm2_perplexity_matches_plain_transformers(smollm2, smollm2_eval, wikitext_path):
+    model, tok = smollm2
+    reference = _independent_perplexity(model, tok, wikitext_path, 1024, 16384)
+    assert smollm2_eval.windows == 16 and smollm2_eval.tokens == 16 * 1023
+    assert abs(smollm2_eval.perplexity / reference - 1) < 0.01
+    assert 20 < smollm2_eval.perplexity < 25  # the documented fp32 figure is 22.55
+
+
+def test_smollm2_chunked_matches_single_pass(smollm2, smollm2_eval, wikitext_path):
+    model, tok = smollm2
+    chunked = evaluate(
+        model, tok, wikitext_path, seq_len=1024, max_tokens=16384, chunk_size=64, progress=False
+    )
+    assert abs(chunked.perplexity / smollm2_eval.perplexity - 1) < 1e-3
+
+
+def test_kl_of_a_model_against_itself_is_zero(smollm2, wikitext_path):
+    model, tok = smollm2
+    result = evaluate(
+        model, tok, wikitext_path, seq_len=512, max_tokens=2048, reference=model, progress=False
+    )
+    assert result.kl == pytest.approx(0.0, abs=1e-6)
+    assert result.top1_agreement == 1.0
+
+
+def test_bos_tokenizer_windows_start_with_bos(stories, wikitext_path):
+    model, tok = stories
+    windows = evaluation_windows(tok, "once upon a time there was a cat. " * 50, 64)
+    assert bool((windows[:, 0] == tok.bos_token_id).all()) and windows.shape[1] == 64
+    single = evaluate(model, tok, wikitext_path, seq_len=256, max_tokens=4096, progress=False)
+    chunked = evaluate(model, tok, wikitext_path, seq_len=256, max_tokens=4096, chunk_size=17, progress=False)
+    assert single.bos and single.tokens == single.windows * 255
+    assert abs(chunked.perplexity / single.perplexity - 1) < 1e-3
+
+
+def test_text_shorter_than_one_window_is_an_input_error(stories, tmp_path):
+    model, tok = stories
+    path = tmp_path / "short.txt"
+    path.write_text("tiny")
+    with pytest.raises(InputError, match="fewer than one window"):
+        evaluate(model, tok, path, seq_len=128, progress=False)

@@ -1,0 +1,40 @@
+"""Tiny random models built from configs (no download), shared by tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def tiny_llama(hidden: int = 64, layers: int = 2, vocab: int = 128, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden + 32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=128, n_embd=64, n_layer=2, n_head=4)).eval()
+
+
+def save_tiny(model, folder: Path, tokenizer_from: Path | None = None) -> Path:
+    model.save_pretrained(folder)
+    if tokenizer_from is not None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(tokenizer_from)).save_pretrained(folder)
+    return folder
