@@ -1,0 +1,152 @@
+"""Weight quantization quality on one model, every row measured in one run.
+
+    python eval/bench_weights.py [MODEL] [--tokens 16384] [--dataset WIKITEXT] [--calib-samples 32]
+
+Rows: fp32; sinkquant W8 per channel; W4 g128 round-to-nearest; W4 g128 + 1% outlier input columns
+chosen by max |x| and by mean |x|; W4 per channel + 1%; bitsandbytes nf4 (`BitsAndBytesConfig`).
+Each row: perplexity (the fixed protocol: seq-len 1024, first N tokens), ratio to fp32, KL divergence
+to fp32, top-1 agreement, and bytes of the quantized tensors vs their fp16 bytes. Writes a markdown
+table to eval/results/weights_<model>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def default_model() -> str:
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, str(SHARED / "tools" / "materialize_model.py"), "smollm2-135m"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
+def bnb_nf4(model_path: str):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        model_path, quantization_config=config, dtype=torch.float32, device_map="cpu"
+    ).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", nargs="?", default=None)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--dataset", default=str(SHARED / "data" / "wikitext-2-raw-test.txt"))
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--no-bnb", action="store_true")
+    args = parser.parse_args()
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from sinkquant import calibrate, evaluate
+    from sinkquant.modeling import prepare_model
+    from sinkquant.quantize.weights import quantize_
+    from sinkquant.recipe import Recipe
+
+    model_path = args.model or default_model()
+    fp32, tok = prepare_model(model_path, "float32")
+    start = time.perf_counter()
+    report = calibrate(fp32, tok, None, samples=args.calib_samples, seq_len=512, progress=False)
+    print(
+        f"calibration: {args.calib_samples} x 512 tokens of the embedded C4 slice, {time.perf_counter() - start:.1f} s",
+        flush=True,
+    )
+
+    def score(model):
+        return evaluate(
+            model,
+            tok,
+            args.dataset,
+            1024,
+            args.tokens,
+            reference=fp32 if model is not fp32 else None,
+            progress=False,
+        )
+
+    rows = []
+    base = score(fp32)
+    rows.append(("fp32", base, None))
+    print(f"fp32: {base.perplexity:.4f}", flush=True)
+    variants = [
+        ("sinkquant W8 per channel", {"weights.bits": 8, "weights.outliers.fraction": 0.0}),
+        ("sinkquant W4 g128 RTN", {"weights.outliers.fraction": 0.0}),
+        ("sinkquant W4 g128 + 1% cols (max |x|)", {"weights.outliers.select": "max"}),
+        ("sinkquant W4 g128 + 1% cols (mean |x|)", {"weights.outliers.select": "mean"}),
+        ("sinkquant W4 per channel + 1% cols (max |x|)", {"weights.group_size": "channel"}),
+    ]
+    for name, overrides in variants:
+        model = copy.deepcopy(fp32)
+        summary = quantize_(model, Recipe().with_overrides(**overrides).weights, report, progress=False)
+        result = score(model)
+        rows.append((name, result, summary.bytes_after / summary.bytes_before))
+        print(f"{name}: {result.perplexity:.4f}", flush=True)
+        del model
+    if not args.no_bnb:
+        try:
+            model = bnb_nf4(model_path)
+            result = score(model)
+            rows.append(("bitsandbytes nf4", result, None))
+            print(f"bnb nf4: {result.perplexity:.4f}", flush=True)
+        except Exception as exc:  # a peer that cannot run is a row that says why
+            rows.append(
+                (
+                    f"bitsandbytes nf4 (could not run: {type(exc).__name__}: {str(exc).splitlines()[0][:80]})",
+                    None,
+                    None,
+                )
+            )
+
+    lines = [
+        f"# Weight quantization quality: {Path(model_path).name} ({time.strftime('%Y-%m-%d')})",
+        "",
+        f"Protocol: {Path(args.dataset).name}, first {args.tokens} tokens, seq-len 1024, fp32 activations unless the "
+        "kernel needs bf16 (int4). Calibration: "
+        f"{args.calib_samples} x 512 tokens of the embedded C4 slice. All rows measured in this one run.",
+        "",
+        "| method | perplexity | vs fp32 | KL to fp32 | top-1 agree | quantized bytes / fp16 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, res, ratio in rows:
+        if res is None:
+            lines.append(f"| {name} | – | – | – | – | – |")
+            continue
+        kl = f"{res.kl:.4f}" if res.kl is not None else "0"
+        top1 = f"{res.top1_agreement:.4f}" if res.top1_agreement is not None else "1"
+        lines.append(
+            f"| {name} | {res.perplexity:.3f} | {res.perplexity / base.perplexity - 1:+.2%} | {kl} | {top1} | "
+            f"{'' if ratio is None else f'{ratio:.3f}'} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = Path(__file__).parent / "results" / f"weights_{Path(model_path).name}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

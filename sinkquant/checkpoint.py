@@ -1,0 +1,319 @@
+"""Checkpoints: save a quantized model as safetensors + config, load it back two ways.
+
+OUT_DIR holds `model.safetensors` (no pickle), `config.json` with a `quantization_config`
+(`quant_method: sinkquant`, the format version and every layer's shape spec), the tokenizer files,
+`recipe.yaml`, `calibration.json` (the report's summary) and `sinkquant-manifest.json` (sha256 of every
+safetensors file, checked on load). It is written into a temporary folder beside OUT_DIR and renamed at
+the end, so an interrupted or failed save leaves nothing behind.
+
+`load(OUT_DIR)` rebuilds the model strictly (missing, extra or mis-shaped tensors are errors);
+`AutoModelForCausalLM.from_pretrained(OUT_DIR)` works after `import sinkquant` through the quantizer
+registered here under "sinkquant".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .errors import InputError, SinkQuantError
+from .quantize.linear import SinkQuantLinear
+from .quantize.weights import empty_from_spec
+
+FORMAT_VERSION = 1
+MANIFEST = "sinkquant-manifest.json"
+
+
+@register_quantization_config("sinkquant")
+class SinkQuantConfig(QuantizationConfigMixin):
+    """Everything a loader needs: per-layer specs, the KV-cache settings and provenance."""
+
+    def __init__(
+        self,
+        layers: dict[str, dict] | None = None,
+        bits: int | None = None,
+        group_size: int | None = None,
+        symmetric: bool = False,
+        algorithm: str = "rtn",
+        modules_to_not_convert: list[str] | None = None,
+        kv_cache: dict | None = None,
+        calibration: dict | None = None,
+        kv_key_channels: dict | None = None,
+        format_version: int = FORMAT_VERSION,
+        quant_method: str = "sinkquant",
+        **kwargs: Any,
+    ) -> None:
+        if kwargs:
+            raise InputError(f"unknown sinkquant quantization_config fields: {', '.join(sorted(kwargs))}")
+        if format_version > FORMAT_VERSION:
+            raise InputError(
+                f"this checkpoint uses sinkquant format {format_version}, newer than this sinkquant reads "
+                f"({FORMAT_VERSION}); upgrade sinkquant (pip install -U sinkquant)"
+            )
+        self.quant_method = "sinkquant"
+        self.format_version = format_version
+        self.layers = dict(layers or {})
+        self.bits, self.group_size, self.symmetric, self.algorithm = bits, group_size, symmetric, algorithm
+        self.modules_to_not_convert = list(modules_to_not_convert or [])
+        self.kv_cache = kv_cache
+        self.calibration = calibration
+        self.kv_key_channels = kv_key_channels  # {layer: [[channel, ...] per KV head]} when kept
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": "sinkquant",
+            "format_version": self.format_version,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "algorithm": self.algorithm,
+            "modules_to_not_convert": list(self.modules_to_not_convert),
+            "kv_cache": self.kv_cache,
+            "calibration": self.calibration,
+            "kv_key_channels": self.kv_key_channels,
+            "layers": self.layers,
+        }
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+
+def replace_with_empty_modules(model: nn.Module, layers: dict[str, dict], device=None) -> None:
+    """Put an empty `SinkQuantLinear` of the recorded shapes wherever the checkpoint has one."""
+    for name, spec in layers.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as exc:
+            raise SinkQuantError(
+                f"checkpoint quantizes {name}, which this model architecture does not have"
+            ) from exc
+        dev = device or (old.weight.device if getattr(old, "weight", None) is not None else None)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, empty_from_spec(spec, device=dev))
+
+
+@register_quantizer("sinkquant")
+class SinkQuantHfQuantizer(HfQuantizer):
+    """Lets `from_pretrained` build empty SinkQuantLinear modules before the weights are loaded."""
+
+    requires_calibration = True
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        replace_with_empty_modules(model, self.quantization_config.layers)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        restore_buffer_dtypes(model)
+        attach_generation_cache(model)
+        return model
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def attach_generation_cache(model: nn.Module) -> None:
+    """Make `generate` use the checkpoint's KV-cache settings by default (when it has any)."""
+    qc = getattr(model.config, "quantization_config", None)
+    if isinstance(qc, dict):
+        qc = SinkQuantConfig.from_dict(qc)
+    if isinstance(qc, SinkQuantConfig) and qc.kv_cache:
+        from .quantize.generation import install_default_cache
+
+        install_default_cache(model, qc.kv_cache, qc.calibration, qc.kv_key_channels)
+
+
+# -- saving ---------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepare_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out} exists and is a file; choose a folder path")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise InputError(
+            f"output folder {out} exists and is not empty; pass --overwrite or choose another folder"
+        )
+    parent = out.parent if out.parent != Path("") else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write into {parent}; choose a folder you can write to")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: Path, overwrite: bool):
+    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir`, on any failure
+    (including Ctrl-C) it is removed and `out_dir` is left as it was."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            if not overwrite:
+                raise InputError(f"output folder {out_dir} appeared while saving; pass --overwrite")
+            backup = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(backup)
+            tmp.rename(out_dir)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+        os.chmod(out_dir, 0o755)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_finite(model: nn.Module) -> None:
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InputError(
+                f"tensor {name} holds NaN or Inf values; the model is broken — fix the weights before quantizing"
+            )
+
+
+def save(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    tokenizer=None,
+    recipe=None,
+    report=None,
+    overwrite: bool = False,
+) -> Path:
+    """Save a quantized model (safetensors only) atomically; returns the folder."""
+    out = prepare_out_dir(out_dir, overwrite)
+    check_finite(model)
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if recipe is not None:
+            (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        if report is not None:
+            (tmp / "calibration.json").write_text(json.dumps(report.summary_dict(), indent=1))
+        files = sorted(p.name for p in tmp.glob("*.safetensors"))
+        manifest = {"format_version": FORMAT_VERSION, "files": {name: _sha256(tmp / name) for name in files}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+# -- loading --------------------------------------------------------------------------------------------
+
+
+def verify_manifest(path: Path) -> None:
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise InputError(
+            f"{path} has no {MANIFEST}; it was not written by sinkquant save (or pass verify=False)"
+        )
+    manifest = json.loads(manifest_path.read_text())
+    for name, digest in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise InputError(f"{file} is missing from the checkpoint; copy the whole folder again")
+        if _sha256(file) != digest:
+            raise InputError(
+                f"{file} does not match the sha256 recorded at save time: the file was changed or "
+                "corrupted; re-create the checkpoint (or pass verify=False / --no-verify to load anyway)"
+            )
+
+
+def _stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from the safetensors headers (no tensor data is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{path} holds no .safetensors file; sinkquant checkpoints never use pickle")
+    shapes = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                for key in fh.keys():
+                    shapes[key] = tuple(fh.get_slice(key).get_shape())
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InputError(
+                f"{file} is not a readable safetensors file ({exc}); it is truncated or corrupt"
+            ) from exc
+    return shapes
+
+
+def check_tensors(path: Path, config, qc: SinkQuantConfig) -> None:
+    """Missing, extra or mis-shaped tensors are an error before anything is loaded."""
+    from transformers import AutoModelForCausalLM
+
+    stored = _stored_shapes(path)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    replace_with_empty_modules(skeleton, qc.layers, device="meta")
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    tied = set()
+    for target, source in (getattr(skeleton, "all_tied_weights_keys", None) or {}).items():
+        tied.update({target, source})
+    missing = sorted(k for k in set(expected) - set(stored) if k not in tied)
+    extra = sorted(set(stored) - set(expected))
+    if missing or extra:
+        parts = ([f"missing {', '.join(missing[:4])}"] if missing else []) + (
+            [f"unexpected {', '.join(extra[:4])}"] if extra else []
+        )
+        raise InputError(f"checkpoint {path} does not match its config: {'; '.join(parts)}")
+    for key, shape in stored.items():
+        if expected[key] != shape:
+            raise InputError(f"checkpoint {path}: tensor {key} has shape {shape}, expected {expected[key]}")
+
+
+def restore_buffer_dtypes(model: nn.Module) -> None:
+    """`from_pretrained` casts float tensors to the requested dtype; the quantized layers' scales and
+    outlier columns go back to the dtypes they were stored in (the casts are exact both ways)."""
+    for module in model.modules():
+        if isinstance(module, SinkQuantLinear):
+            module.weight_scale.data = module.weight_scale.data.to(
+                torch.float32 if module.bits == 8 else torch.bfloat16
+            )
+            if module.weight_min is not None:
+                module.weight_min.data = module.weight_min.data.to(torch.bfloat16)
+            module._runtime = {}
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verify: bool = True) -> nn.Module:
+    """Load a sinkquant checkpoint strictly (sha256 manifest, every tensor present with its shape),
+    then through `from_pretrained` and the registered quantizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path} is not a sinkquant checkpoint (no config.json)")
+    if verify:
+        verify_manifest(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}/config.json cannot be read: {str(exc).splitlines()[0]}") from exc
+    qc = config.quantization_config
+    qc = qc if isinstance(qc, SinkQuantConfig) else SinkQuantConfig.from_dict(qc)
+    config.quantization_config = qc
+    check_tensors(path, config, qc)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model.eval()
+    return model

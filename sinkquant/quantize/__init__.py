@@ -1,0 +1,1 @@
+"""Quantization: numeric primitives, quantized linear layers, weight quantization, KV cache."""

@@ -1,0 +1,270 @@
+"""`SinkQuantLinear`: an integer weight plus a few full-precision input columns.
+
+    y = x[:, kept] @ dequant(Wq)^T  +  x[:, outlier_idx] @ W_outlier^T  (+ bias)
+
+The kept columns are stored as int8 per output channel (symmetric) or as int4 in groups along the
+input (min/max, packed two to a byte; a last group may be shorter than the group size). The outlier
+columns are the input channels where calibration saw the largest activations; their rounding error
+would be multiplied by those activations, so they stay exactly as they were.
+
+Buffers (the checkpoint keys, written by `from_float` and read back by `empty`):
+    weight          int8 [out, in_kept]               (bits 8)
+                    uint8 [out, ceil(in_kept / 2)]     (bits 4, low nibble first)
+    weight_scale    float32 [out] (bits 8)  |  bfloat16 [out, groups] (bits 4)
+    weight_min      bfloat16 [out, groups]  (bits 4 only)
+    outlier_idx     int32 [n_outliers]
+    outlier_weight  [out, n_outliers] in the original weight dtype
+    bias            [out] (if the layer has one)
+
+Kernels on CPU: `torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu` (bf16 activations);
+where a kernel is missing (or `use_kernels(False)`), the weight is dequantized and multiplied, giving
+the same numbers up to the activation precision the kernel uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .primitives import (
+    dequantize_grouped,
+    dequantize_int8_per_channel,
+    pack_bits,
+    packed_size,
+    quantize_grouped,
+    quantize_grouped_clipped,
+    quantize_int8_per_channel,
+    unpack_bits,
+)
+
+_KERNELS = {"enabled": True}
+_INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+
+
+def kernels_available(bits: int) -> bool:
+    ops = torch.ops.aten
+    if bits == 8:
+        return hasattr(ops, "_weight_int8pack_mm")
+    return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
+
+
+@contextlib.contextmanager
+def use_kernels(enabled: bool):
+    """Switch the integer kernels off (dequantizing fallback) or on within a block."""
+    before = _KERNELS["enabled"]
+    _KERNELS["enabled"] = enabled
+    try:
+        yield
+    finally:
+        _KERNELS["enabled"] = before
+
+
+class SinkQuantLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int | None,
+        n_outliers: int,
+        bias: bool,
+        outlier_dtype: torch.dtype = torch.float16,
+        device=None,
+    ) -> None:
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"SinkQuantLinear supports 4 or 8 bits (got {bits})")
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.n_outliers = n_outliers
+        kept = in_features - n_outliers
+        self.in_kept = kept
+        self.group_size = kept if (bits == 8 or group_size is None) else group_size
+        groups = math.ceil(kept / self.group_size) if kept else 0
+        kw = {"device": device}
+        if bits == 8:
+            self.register_buffer("weight", torch.empty(out_features, kept, dtype=torch.int8, **kw))
+            self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, **kw))
+            self.weight_min = None
+        else:
+            self.register_buffer(
+                "weight", torch.empty(out_features, packed_size(kept, 4), dtype=torch.uint8, **kw)
+            )
+            self.register_buffer(
+                "weight_scale", torch.empty(out_features, groups, dtype=torch.bfloat16, **kw)
+            )
+            self.register_buffer("weight_min", torch.empty(out_features, groups, dtype=torch.bfloat16, **kw))
+        self.register_buffer("outlier_idx", torch.empty(n_outliers, dtype=torch.int32, **kw))
+        self.register_buffer(
+            "outlier_weight", torch.empty(out_features, n_outliers, dtype=outlier_dtype, **kw)
+        )
+        if bias:
+            self.register_buffer("bias", torch.empty(out_features, dtype=outlier_dtype, **kw))
+        else:
+            self.bias = None
+        self._runtime: dict = {}
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_float(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        bits: int,
+        group_size: int | None,
+        outlier_idx: torch.Tensor | list[int],
+        symmetric: bool = False,
+        codes: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+        minimum: torch.Tensor | None = None,
+        storage_dtype: torch.dtype | None = None,
+        importance: torch.Tensor | None = None,
+        clip_search: bool = False,
+    ) -> SinkQuantLinear:
+        """Quantize `weight` [out, in] by round-to-nearest, keeping `outlier_idx` columns exact.
+
+        An algorithm that chose its own integers (GPTQ) passes `codes`/`scale`/`minimum` for the kept
+        columns (int8 codes and float32 scale for 8 bits; uint8 codes, scale and minimum for 4 bits).
+        `storage_dtype` holds the outlier columns and bias (default: the weight's dtype); use the dtype of
+        the source checkpoint so the kept columns stay bit-identical to it. With `clip_search` (int4),
+        each group's range is chosen among shrunk min/max ranges to minimise the error weighted by
+        `importance` [in] (e.g. mean x^2 of each input column over the calibration tokens)."""
+        out_features, in_features = weight.shape
+        idx = torch.as_tensor(outlier_idx, dtype=torch.long).sort().values
+        keep = _complement(idx, in_features)
+        dtype = storage_dtype or (weight.dtype if weight.dtype.is_floating_point else torch.float32)
+        module = cls(in_features, out_features, bits, group_size, idx.numel(), bias is not None, dtype)
+        w_keep = weight.float()[:, keep]
+        if bits == 8:
+            if codes is None:
+                codes, scale = quantize_int8_per_channel(w_keep)
+            module.weight.copy_(codes)
+            module.weight_scale.copy_(scale)
+        else:
+            if codes is None and clip_search:
+                weights = None if importance is None else importance.float()[keep]
+                codes, scale, minimum = quantize_grouped_clipped(
+                    w_keep, 4, module.group_size, weights, symmetric=symmetric, param_dtype=torch.bfloat16
+                )
+            elif codes is None:
+                codes, scale, minimum = quantize_grouped(
+                    w_keep, 4, module.group_size, symmetric, torch.bfloat16
+                )
+            module.weight.copy_(pack_bits(codes, 4))
+            module.weight_scale.copy_(scale)
+            module.weight_min.copy_(minimum)
+        module.outlier_idx.copy_(idx.to(torch.int32))
+        module.outlier_weight.copy_(weight[:, idx].to(dtype))
+        if bias is not None:
+            module.bias.copy_(bias.to(dtype))
+        return module
+
+    # -- numbers ------------------------------------------------------------------------------------
+    def dequantized_kept(self) -> torch.Tensor:
+        """float32 [out, in_kept]: the integer part as real numbers."""
+        if self.bits == 8:
+            return dequantize_int8_per_channel(self.weight, self.weight_scale)
+        codes = unpack_bits(self.weight, 4, self.in_kept)
+        return dequantize_grouped(codes, self.weight_scale, self.weight_min, self.group_size)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """float32 [out, in]: the effective weight (outlier columns exactly as stored)."""
+        full = torch.empty(self.out_features, self.in_features)
+        full[:, self._keep_idx()] = self.dequantized_kept()
+        full[:, self.outlier_idx.long()] = self.outlier_weight.float()
+        return full
+
+    def _keep_idx(self) -> torch.Tensor:
+        if "keep" not in self._runtime:
+            self._runtime["keep"] = _complement(self.outlier_idx.long(), self.in_features)
+        return self._runtime["keep"]
+
+    def _int4_kernel_args(self):
+        """Kernel layout, built once: codes padded to whole groups, scales and zeros per group."""
+        if "int4" not in self._runtime:
+            gs, kept = self.group_size, self.in_kept
+            padded = math.ceil(kept / gs) * gs
+            codes = unpack_bits(self.weight, 4, kept).to(torch.int32)
+            if padded != kept:
+                codes = F.pad(codes, (0, padded - kept), value=8)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 2)
+            scale = self.weight_scale.float()
+            zero = self.weight_min.float() + 8 * scale  # kernel: w = (q - 8) * scale + zero
+            scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+            self._runtime["int4"] = (packed, scales_zeros, padded)
+        return self._runtime["int4"]
+
+    def _int8_kernel_args(self):
+        """bf16 scales, and the weight padded to a multiple of 8 input columns (the kernel reads K in
+        blocks of 8 and crashes on other widths; the padding is in memory only, never saved)."""
+        if "int8" not in self._runtime:
+            padded = math.ceil(self.in_kept / 8) * 8
+            weight = self.weight if padded == self.in_kept else F.pad(self.weight, (0, padded - self.in_kept))
+            self._runtime["int8"] = (weight.contiguous(), self.weight_scale.to(torch.bfloat16), padded)
+        return self._runtime["int8"]
+
+    def _kernel_ok(self, act_dtype: torch.dtype = torch.bfloat16) -> bool:
+        """int4: the kernel whenever it supports the shape (activations go through bf16 either way).
+        int8: only for bf16 activations; on this CPU the fp32 variant is 20-30x slower than a
+        dequantizing fp32 matmul, so fp32 models take the fallback (same weights, fp32 numbers)."""
+        if not _KERNELS["enabled"] or not kernels_available(self.bits) or self.weight.device.type != "cpu":
+            return False
+        if self.bits == 8:
+            return act_dtype == torch.bfloat16
+        return self.group_size in _INT4_KERNEL_GROUPS and self.out_features % 16 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        xk = x2.index_select(1, self._keep_idx()) if self.n_outliers else x2
+        if self._kernel_ok(x.dtype):
+            if self.bits == 8:
+                weight, scale, padded = self._int8_kernel_args()
+                act = xk if padded == self.in_kept else F.pad(xk, (0, padded - self.in_kept))
+                y = torch.ops.aten._weight_int8pack_mm(act.contiguous(), weight, scale)
+            else:
+                packed, scales_zeros, padded = self._int4_kernel_args()
+                act = xk.to(torch.bfloat16)
+                if padded != self.in_kept:
+                    act = F.pad(act, (0, padded - self.in_kept))
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                    act.contiguous(), packed, self.group_size, scales_zeros
+                )
+            y = y.to(x.dtype)
+        else:
+            if self.bits == 4 or x.dtype == torch.bfloat16:  # what the kernel would see
+                y = F.linear(xk.to(torch.bfloat16).float(), self.dequantized_kept()).to(x.dtype)
+            else:
+                y = F.linear(xk, self.dequantized_kept().to(x.dtype))
+        if self.n_outliers:
+            y = y + F.linear(x2.index_select(1, self.outlier_idx.long()), self.outlier_weight.to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*shape, self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        self._runtime = {}  # kernel layouts follow the buffers (device or dtype changes)
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._runtime = {}
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        group = "per channel" if self.group_size == self.in_kept else f"group {self.group_size}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, int{self.bits} {group}, "
+            f"outlier columns={self.n_outliers}, bias={self.bias is not None}"
+        )
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+def _complement(idx: torch.Tensor, n: int) -> torch.Tensor:
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[idx.long()] = False
+    return torch.nonzero(mask).flatten()

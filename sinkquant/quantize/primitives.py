@@ -1,0 +1,170 @@
+"""Pure tensor math of quantization: parameters, quantize/dequantize, bit packing.
+
+Nothing here sees a module or a config: tensors and ints in, tensors out, so every piece is testable
+without a model. Two schemes cover weights and the KV cache:
+
+* int8 per output channel, symmetric: `q` int8 in [-127, 127], `w ≈ q * scale[row]`.
+* grouped min/max ("asymmetric"), b bits: along the last dim, consecutive groups of `group_size`
+  values (the last group may be shorter) share a `scale` and a `minimum`; codes are unsigned in
+  [0, 2^b - 1] and `x ≈ code * scale + minimum`. The symmetric variant is the same storage with
+  `minimum = -2^(b-1) * scale`, so one dequantizer (and one kernel formula) serves both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_EPS = 1e-12
+
+
+def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [out, in] float -> (q [out, in] int8, scale [out] float32); symmetric, max |w| -> 127."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp(min=_EPS) / 127.0
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8_per_channel(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(q [out, in] int8, scale [out]) -> float32 [out, in]."""
+    return q.float() * scale.float()[:, None]
+
+
+def num_groups(n: int, group_size: int) -> int:
+    return math.ceil(n / group_size)
+
+
+def _grouped_view(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[..., n] -> [..., groups, group_size]; a short last group is padded by repeating its last value
+    (which changes neither its min nor its max)."""
+    n = x.shape[-1]
+    pad = num_groups(n, group_size) * group_size - n
+    if pad:
+        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
+    return x.reshape(*x.shape[:-1], -1, group_size)
+
+
+def quantize_grouped(
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool = False,
+    param_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize along the last dim in groups of `group_size` (last group may be shorter).
+
+    x [..., n] float -> (codes [..., n] uint8 in [0, 2^bits-1], scale [..., g], minimum [..., g]) with
+    g = ceil(n / group_size), parameters in `param_dtype`. Codes are computed against the parameters as
+    stored (after rounding to `param_dtype`), so dequantizing reproduces exactly what was optimised.
+    A constant group gets a zero-width guard: its scale is 1 and every code maps back to the constant.
+    """
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"bits must be 2, 3, 4 or 8 (got {bits})")
+    levels = 2**bits - 1
+    g = _grouped_view(x.float(), group_size)
+    if symmetric:
+        half = 2 ** (bits - 1)
+        scale = g.abs().amax(dim=-1) / (half - 1)
+        scale = torch.where(scale > _EPS, scale, torch.ones_like(scale)).to(param_dtype)
+        minimum = (-half * scale.float()).to(param_dtype)
+    else:
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+        width = hi - lo
+        scale = torch.where(width > _EPS, width / levels, torch.ones_like(width)).to(param_dtype)
+        minimum = lo.to(param_dtype)
+    codes = torch.round((g - minimum.float()[..., None]) / scale.float()[..., None]).clamp_(0, levels)
+    codes = codes.reshape(*x.shape[:-1], -1)[..., : x.shape[-1]].to(torch.uint8)
+    return codes, scale, minimum
+
+
+def dequantize_grouped(
+    codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """Inverse of `quantize_grouped`: codes [..., n] -> float32 [..., n]."""
+    n = codes.shape[-1]
+    s = scale.float().repeat_interleave(group_size, dim=-1)[..., :n]
+    m = minimum.float().repeat_interleave(group_size, dim=-1)[..., :n]
+    return codes.float() * s + m
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes [..., n] (uint8, each < 2^bits) into bytes [..., ceil(n * bits / 8)].
+
+    bits 8: unchanged; bits 4: two codes a byte (low nibble first); bits 2: four a byte (lowest first).
+    """
+    if bits == 8:
+        return codes.to(torch.uint8).contiguous()
+    if bits not in (2, 4):
+        raise ValueError(f"can pack 2, 4 or 8 bits (got {bits})")
+    per_byte = 8 // bits
+    n = codes.shape[-1]
+    pad = (-n) % per_byte
+    c = codes.to(torch.uint8)
+    if pad:
+        c = torch.cat([c, c.new_zeros(*c.shape[:-1], pad)], dim=-1)
+    c = c.reshape(*c.shape[:-1], -1, per_byte)
+    packed = c[..., 0].clone()
+    for i in range(1, per_byte):
+        packed |= c[..., i] << (bits * i)
+    return packed.contiguous()
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: bytes [..., m] -> codes [..., n] uint8."""
+    if bits == 8:
+        return packed[..., :n]
+    if bits not in (2, 4):
+        raise ValueError(f"can unpack 2, 4 or 8 bits (got {bits})")
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    parts = [(packed >> (bits * i)) & mask for i in range(per_byte)]
+    return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], -1)[..., :n]
+
+
+def packed_size(n: int, bits: int) -> int:
+    return math.ceil(n * bits / 8)
+
+
+def quantize_grouped_clipped(
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    importance: torch.Tensor | None = None,
+    ratios: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7),
+    symmetric: bool = False,
+    param_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quantize_grouped` with a per-group clipping search: each group's range is shrunk by each ratio
+    in `ratios` (1.0 = plain min/max) and the ratio with the smallest error sum_j importance_j * (x_j -
+    dequant_j)^2 is kept. `importance` [n] weighs input columns (e.g. mean x_j^2 from calibration), so
+    the search trades error on rarely-active columns for precision where activations are large.
+
+    x [..., n] -> (codes, scale, minimum) exactly as `quantize_grouped` returns them."""
+    n = x.shape[-1]
+    weight = torch.ones(n) if importance is None else importance.float().clamp(min=0)
+    best = None
+    for ratio in ratios:
+        codes, scale, minimum = quantize_grouped(x * ratio, bits, group_size, symmetric, param_dtype)
+        # requantize the unscaled values against the shrunk grid (values beyond it are clipped)
+        codes = (
+            torch.round(
+                (x.float() - minimum.float().repeat_interleave(group_size, -1)[..., :n])
+                / scale.float().repeat_interleave(group_size, -1)[..., :n]
+            )
+            .clamp_(0, 2**bits - 1)
+            .to(torch.uint8)
+        )
+        err = (x.float() - dequantize_grouped(codes, scale, minimum, group_size)).pow(2) * weight
+        pad = num_groups(n, group_size) * group_size - n
+        err = torch.nn.functional.pad(err, (0, pad)).reshape(*err.shape[:-1], -1, group_size).sum(dim=-1)
+        if best is None:
+            best = [codes, scale, minimum, err]
+            continue
+        better = err < best[3]
+        best[3] = torch.where(better, err, best[3])
+        best[1] = torch.where(better, scale, best[1])
+        best[2] = torch.where(better, minimum, best[2])
+        best[0] = torch.where(better.repeat_interleave(group_size, -1)[..., :n], codes, best[0])
+    return best[0], best[1], best[2]

@@ -1,0 +1,184 @@
+"""`quantize_(model, weights, report)`: swap linear layers for `SinkQuantLinear`, in place.
+
+This is the "where" layer: it decides which modules are quantized and which input columns each keeps
+at full precision (from the calibration report), then asks `SinkQuantLinear` (the storage) to do it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibrate.report import CalibrationReport
+from ..errors import InputError
+from ..modeling import is_linear
+from ..recipe import WeightsSection
+from .linear import SinkQuantLinear
+
+
+@dataclass
+class QuantizeSummary:
+    modules: int = 0
+    bits: int = 0
+    group_size: int | None = None
+    outlier_columns: int = 0
+    input_columns: int = 0
+    bytes_before: int = 0  # fp16 bytes of the quantized modules' weights
+    bytes_after: int = 0  # bytes of every buffer of the quantized modules
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    layers: dict[str, dict] = field(default_factory=dict)  # name -> spec for the checkpoint config
+
+
+def matches(name: str, pattern: str) -> bool:
+    """`re:<regex>` matches the whole qualified name; a plain name matches it or its last components."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def float_weight(module: nn.Module) -> torch.Tensor:
+    """[out, in] weight of an nn.Linear or a GPT-2 Conv1D (stored [in, out])."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
+
+
+def select_outliers(
+    name: str, in_features: int, weights: WeightsSection, report: CalibrationReport | None
+) -> list[int]:
+    rule = weights.outliers
+    if rule.select != "threshold" and rule.fraction == 0:
+        return []
+    if report is None:
+        raise InputError(
+            "keeping outlier input columns needs a calibration report; calibrate first or set weights.outliers.fraction: 0"
+        )
+    stats = report.linear.get(name)
+    if stats is None or stats.in_features != in_features:
+        raise InputError(
+            f"the calibration report has no input statistics for {name}; it was made for another model — re-run calibration"
+        )
+    if rule.select == "threshold":
+        chosen = [c for c, v in enumerate(stats.max_abs) if v > rule.threshold]
+        return chosen[: in_features // 2]
+    return stats.outlier_channels(rule.fraction, rule.select)
+
+
+def column_importance(name: str, report: CalibrationReport | None) -> torch.Tensor | None:
+    """(mean |x|)^2 per input column from calibration: how much a column's weight error costs."""
+    stats = report.linear.get(name) if report is not None else None
+    return None if stats is None else torch.tensor(stats.mean_abs).pow(2)
+
+
+def targets(model: nn.Module, ignore: list[str]) -> tuple[dict[str, nn.Module], list[str]]:
+    """Linear modules to quantize and the names skipped; warns for an ignore pattern matching nothing."""
+    chosen, skipped, used = {}, [], set()
+    for name, module in model.named_modules():
+        if not is_linear(module) or isinstance(module, SinkQuantLinear):
+            continue
+        hit = [p for p in ignore if matches(name, p)]
+        if hit:
+            skipped.append(name)
+            used.update(hit)
+        else:
+            chosen[name] = module
+    for pattern in ignore:
+        if pattern not in used and pattern not in ("re:.*wte$", "re:.*wpe$", "re:.*embed.*"):
+            warnings.warn(f"ignore pattern {pattern!r} matches no linear module", stacklevel=2)
+    return chosen, skipped
+
+
+QuantizeFn = Callable[[str, torch.Tensor, torch.Tensor | None, list[int]], SinkQuantLinear]
+
+
+@torch.no_grad()
+def quantize_(
+    model: nn.Module,
+    weights: WeightsSection,
+    report: CalibrationReport | None = None,
+    quantize_fn: QuantizeFn | None = None,
+    progress: bool = True,
+) -> QuantizeSummary:
+    """Replace every target linear layer of `model` with a `SinkQuantLinear` (round-to-nearest unless
+    `quantize_fn(name, weight, bias, outlier_idx)` supplies another algorithm). Returns what was done."""
+    if weights.bits is None:
+        return QuantizeSummary()
+    start = time.perf_counter()
+    chosen, skipped = targets(model, weights.ignore)
+    storage = source_dtype(model)
+    summary = QuantizeSummary(bits=weights.bits, group_size=weights.group, skipped=skipped)
+    for name, module in tqdm(
+        chosen.items(), desc=f"quantizing to int{weights.bits}", unit="layer", disable=not progress
+    ):
+        weight = float_weight(module)
+        out_features, in_features = weight.shape
+        if weights.group and weights.group > in_features:
+            raise InputError(
+                f"group_size {weights.group} exceeds the input width {in_features} of {name}; use a smaller group_size"
+            )
+        idx = select_outliers(name, in_features, weights, report)
+        bias = module.bias
+        if quantize_fn is not None:
+            new = quantize_fn(name, weight, bias, idx)
+        else:
+            new = SinkQuantLinear.from_float(
+                weight,
+                bias,
+                weights.bits,
+                weights.group,
+                idx,
+                weights.symmetric,
+                storage_dtype=storage,
+                importance=column_importance(name, report),
+                clip_search=weights.clip_search,
+            )
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        summary.modules += 1
+        summary.outlier_columns += len(idx)
+        summary.input_columns += in_features
+        summary.bytes_before += weight.numel() * 2 + (bias.numel() * 2 if bias is not None else 0)
+        summary.bytes_after += new.nbytes()
+        summary.layers[name] = layer_spec(new)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def source_dtype(model: nn.Module) -> torch.dtype:
+    """The float dtype the model's checkpoint was stored in (config `dtype`), float32 if unknown."""
+    dtype = getattr(model, "_sinkquant_source_dtype", None) or getattr(model.config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+
+
+def layer_spec(module: SinkQuantLinear) -> dict:
+    """What the loader needs to rebuild an empty module of the right shapes."""
+    return {
+        "in_features": module.in_features,
+        "out_features": module.out_features,
+        "bits": module.bits,
+        "group_size": None if module.group_size == module.in_kept else module.group_size,
+        "outliers": module.n_outliers,
+        "bias": module.bias is not None,
+        "dtype": str(module.outlier_weight.dtype).replace("torch.", ""),
+    }
+
+
+def empty_from_spec(spec: dict, device=None) -> SinkQuantLinear:
+    return SinkQuantLinear(
+        spec["in_features"],
+        spec["out_features"],
+        spec["bits"],
+        spec["group_size"],
+        spec["outliers"],
+        spec["bias"],
+        getattr(torch, spec.get("dtype", "float16")),
+        device=device,
+    )

@@ -1,0 +1,251 @@
+"""Recipes: one YAML file says everything a sinkquant run does.
+
+    calibration: {dataset, samples, seq_len, seed}
+    weights:     {bits, group_size, symmetric, algorithm, outliers: {select, fraction, threshold}, ignore, gptq}
+    kv_cache:    {bits, key_granularity, value_granularity, group_size, symmetric, sinks, residual,
+                  max_tokens, key_outlier_channels}
+
+Validation is strict (pydantic, extra="forbid"): an unknown key, a wrong type or an impossible value
+is an `InputError` naming the file, the line, the key and, for a typo, the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import InputError
+
+RECIPE_VERSION = 1
+DEFAULT_IGNORE = ["lm_head", "re:.*embed.*", "re:.*wte$", "re:.*wpe$"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CalibrationSection(_Strict):
+    """Text the model is measured on (None = the C4 slice embedded in the package)."""
+
+    dataset: str | None = None
+    samples: int = Field(32, ge=1, le=4096)
+    seq_len: int = Field(512, ge=16, le=32768)
+    seed: int = 0
+
+
+class OutlierSection(_Strict):
+    """Which input columns of each linear layer stay at full precision.
+
+    select=max|mean: the top `fraction` of input channels by max |x| (or mean |x|) over the calibration
+    tokens; select=threshold: every channel whose max |x| exceeds `threshold`. fraction 0 keeps none."""
+
+    select: Literal["max", "mean", "threshold"] = "mean"
+    fraction: float = Field(0.01, ge=0.0, le=0.5)
+    threshold: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _threshold_needs_value(self) -> OutlierSection:
+        if self.select == "threshold" and self.threshold is None:
+            raise ValueError(
+                "select: threshold needs a `threshold` value (max |x| above which a channel is kept)"
+            )
+        return self
+
+
+class GPTQSection(_Strict):
+    """Options of the error-compensating GPTQ algorithm (weights.algorithm: gptq)."""
+
+    block_size: int = Field(128, ge=1)
+    damping: float = Field(0.01, gt=0, le=1.0)
+    act_order: bool = False
+    sink_tokens: Literal["include", "exclude", "cap"] = "include"
+
+
+class WeightsSection(_Strict):
+    bits: Literal[4, 8] | None = 4
+    group_size: int | Literal["channel"] = 128
+    symmetric: bool = False
+    algorithm: Literal["rtn", "gptq"] = "rtn"
+    # int4 RTN: pick each group's range among shrunk min/max ranges by activation-weighted error
+    clip_search: bool = True
+    outliers: OutlierSection = Field(default_factory=OutlierSection)
+    ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
+    gptq: GPTQSection = Field(default_factory=GPTQSection)
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value):
+        if value != "channel" and value not in (32, 64, 128, 256):
+            raise ValueError("group_size must be 32, 64, 128, 256 or 'channel'")
+        return value
+
+    @field_validator("ignore", mode="before")
+    @classmethod
+    def _ignore_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @property
+    def group(self) -> int | None:
+        """Group size as a number, or None for one group per output channel."""
+        return None if self.group_size == "channel" or self.bits == 8 else int(self.group_size)
+
+
+class KVCacheSection(_Strict):
+    bits: Literal[2, 4, 8] = 4
+    key_granularity: Literal["channel", "token"] = "channel"
+    value_granularity: Literal["token"] = "token"
+    group_size: int = Field(64, ge=8, le=1024)
+    symmetric: bool = False
+    sinks: Literal["auto", "none"] | list[int] = "auto"
+    residual: int = Field(64, ge=0)
+    max_tokens: int | None = Field(None, ge=16)
+    key_outlier_channels: int = Field(0, ge=0, le=32)
+
+    @field_validator("sinks")
+    @classmethod
+    def _positions(cls, value):
+        if isinstance(value, list) and any(p < 0 for p in value):
+            raise ValueError("sink positions must be >= 0")
+        return value
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> KVCacheSection:
+        sinks = len(self.sinks) if isinstance(self.sinks, list) else 1
+        if self.max_tokens is not None and self.max_tokens <= sinks + self.residual:
+            raise ValueError(
+                f"max_tokens ({self.max_tokens}) must exceed sinks + residual ({sinks + self.residual})"
+            )
+        return self
+
+
+class Recipe(_Strict):
+    """A whole sinkquant run. `Recipe()` is the documented default: W4 g128 RTN with clipping search,
+    1% outlier columns by mean |x| (measured better than max |x| on SmolLM2), no KV-cache quantization, 32 x 512 calibration tokens of the embedded C4 slice."""
+
+    version: int = RECIPE_VERSION
+    name: str | None = None
+    calibration: CalibrationSection = Field(default_factory=CalibrationSection)
+    weights: WeightsSection | None = Field(default_factory=WeightsSection)
+    kv_cache: KVCacheSection | None = None
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, value):
+        if value > RECIPE_VERSION:
+            raise ValueError(
+                f"recipe version {value} is newer than this sinkquant reads ({RECIPE_VERSION}); upgrade sinkquant"
+            )
+        return value
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def with_overrides(self, **fields: Any) -> Recipe:
+        """A copy with dotted-path overrides applied and validated, e.g. {"weights.bits": 8}."""
+        data = self.model_dump(mode="json")
+        for dotted, value in fields.items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                if node.get(key) is None:
+                    node[key] = {}
+                node = node[key]
+            node[leaf] = value
+        return _validate(data, source="command-line options", lines={})
+
+
+# -- loading -------------------------------------------------------------------------------------------
+
+
+def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
+    """Map every key path of a YAML document to its 1-based line."""
+    out = {} if out is None else out
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key_path = (*path, key_node.value)
+            out[key_path] = key_node.start_mark.line + 1
+            _line_map(value_node, key_path, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[(*path, i)] = item.start_mark.line + 1
+            _line_map(item, (*path, i), out)
+    return out
+
+
+def _fields_at(path: tuple) -> list[str]:
+    model: Any = Recipe
+    for key in path:
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [
+            a
+            for a in getattr(annotation, "__args__", (annotation,))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        if not candidates:
+            return []
+        model = candidates[0]
+    return list(getattr(model, "model_fields", {}))
+
+
+def _validate(data: Any, source: str, lines: dict[tuple, int]) -> Recipe:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError(f"{source}: a recipe must be a YAML mapping (key: value), not {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(
+            p
+            for p in err["loc"]
+            if not (
+                isinstance(p, str)
+                and p in ("literal['channel']", "int", "list[int]", "literal['auto','none']")
+            )
+        )
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
+        where = f"{source}, line {line}" if line else source
+        if err["type"] == "extra_forbidden":
+            valid = _fields_at(loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise InputError(f"{where}: unknown key {key!r}{hint} (valid here: {', '.join(valid)})") from None
+        got = err.get("input")
+        msg = err["msg"].removeprefix("Value error, ")
+        raise InputError(f"{where}: {key}: {msg} (got {got!r})") from None
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    """Parse and validate YAML text."""
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f", line {mark.line + 1}" if mark else ""
+        raise InputError(f"{source}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return _validate(data, source, _line_map(node) if node is not None else {})
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Load and validate a recipe file (a missing path is an error, never parsed as YAML text)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"recipe file {path} does not exist; see recipes/ for examples")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"recipe file {path} cannot be read as text ({exc})") from exc
+    return parse_recipe(text, str(path))

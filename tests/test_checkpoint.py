@@ -1,0 +1,146 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tiny_models import save_tiny, tiny_llama
+from transformers import AutoModelForCausalLM
+
+import sinkquant  # noqa: F401  (registers the "sinkquant" quantizer with transformers)
+from sinkquant.checkpoint import MANIFEST, SinkQuantConfig, load, save
+from sinkquant.cli import main
+from sinkquant.errors import InputError
+from sinkquant.pipeline import quantize_model
+from sinkquant.recipe import Recipe
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, stories_path):
+    return save_tiny(tiny_llama(vocab=512), tmp_path_factory.mktemp("tiny") / "model", stories_path)
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "out"
+    recipe = Recipe().with_overrides(
+        **{"weights.group_size": 32, "calibration.samples": 2, "calibration.seq_len": 64}
+    )
+    result = quantize_model(tiny_dir, out, recipe, progress=False)
+    return result
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_checkpoint_layout_is_safetensors_only(quantized):
+    out = quantized.out_dir
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "model.safetensors",
+        "config.json",
+        "recipe.yaml",
+        "calibration.json",
+        MANIFEST,
+        "tokenizer.json",
+    } <= names
+    assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "sinkquant" and qc["format_version"] == 1 and qc["bits"] == 4
+    assert qc["layers"]["model.layers.0.mlp.down_proj"]["outliers"] >= 1
+
+
+def test_config_round_trips():
+    cfg = SinkQuantConfig(layers={"a": {"bits": 4}}, bits=4, group_size=128, kv_cache={"bits": 4})
+    assert SinkQuantConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+
+
+def test_reload_both_ways_gives_the_same_logits(quantized, tiny_dir):
+    from sinkquant.modeling import load_model
+    from sinkquant.quantize.weights import quantize_
+
+    # the in-memory quantized model, rebuilt the same way (same report -> same checkpoint)
+    model = load_model(tiny_dir)
+    quantize_(
+        model, Recipe().with_overrides(**{"weights.group_size": 32}).weights, quantized.report, progress=False
+    )
+    ids = torch.randint(0, 512, (2, 24))
+    expected = _logits(model, ids)
+    for reloaded in (load(quantized.out_dir), AutoModelForCausalLM.from_pretrained(quantized.out_dir)):
+        assert float((_logits(reloaded, ids) - expected).abs().max()) <= 1e-4
+
+
+def test_tampered_tensor_file_is_detected(quantized, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(quantized.out_dir, copy)
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(InputError, match="does not match the sha256"):
+        load(copy)
+    load(copy, verify=False)  # opt-out still loads (a flipped bit is not a shape error)
+
+
+def test_missing_or_misshaped_tensors_are_clear_errors(quantized, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(quantized.out_dir, copy)
+    state = load_file(str(copy / "model.safetensors"))
+    state.pop("model.layers.0.mlp.down_proj.outlier_idx")
+    save_file(state, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InputError, match="missing model.layers.0.mlp.down_proj.outlier_idx"):
+        load(copy, verify=False)
+    state["model.layers.0.mlp.down_proj.outlier_idx"] = torch.zeros(99, dtype=torch.int32)
+    save_file(state, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InputError, match=r"has shape \(99,\)"):
+        load(copy, verify=False)
+
+
+def test_existing_output_is_refused_without_overwrite(quantized, tiny_dir):
+    with pytest.raises(InputError, match="not empty; pass --overwrite"):
+        save(load(quantized.out_dir), quantized.out_dir)
+
+
+def test_failed_save_leaves_nothing_behind(tiny_dir, tmp_path, monkeypatch):
+    from sinkquant.modeling import load_model
+
+    model = load_model(tiny_dir)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(model), "save_pretrained", disk_full)
+    with pytest.raises(OSError):
+        save(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_quantize_inspect_and_eval(tiny_dir, tmp_path, wikitext_path):
+    out = tmp_path / "ckpt"
+    runner = CliRunner()
+    result = runner.invoke(
+        main, ["quantize", str(tiny_dir), str(out), "--group-size", "32", "--samples", "2", "--seq-len", "64"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "outlier input columns kept" in result.output and "checkpoint:" in result.output
+    again = runner.invoke(main, ["quantize", str(tiny_dir), str(out)])
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    info = runner.invoke(main, ["inspect", str(out), "--json"])
+    assert info.exit_code == 0 and json.loads(info.output)["quantized_modules"] == 14
+    ev = runner.invoke(
+        main, ["eval", str(out), "--dataset", str(wikitext_path), "--seq-len", "64", "--max-tokens", "512"]
+    )
+    assert ev.exit_code == 0 and "perplexity" in ev.output
+
+
+def test_cli_conflicting_overrides_are_refused(tiny_dir, tmp_path):
+    result = CliRunner().invoke(
+        main, ["quantize", str(tiny_dir), str(tmp_path / "o"), "--wbits", "8", "--group-size", "64"]
+    )
+    assert result.exit_code == 2 and "per output channel" in result.output

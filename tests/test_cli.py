@@ -1,0 +1,73 @@
+import json
+
+from click.testing import CliRunner
+
+from sinkquant import __version__
+from sinkquant.cli import main
+
+
+def test_help_and_version():
+    runner = CliRunner()
+    assert runner.invoke(main, ["--help"]).exit_code == 0
+    result = runner.invoke(main, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_calibrate_writes_report_and_plots(stories_path, tmp_path):
+    out = tmp_path / "calib.json"
+    result = CliRunner().invoke(
+        main,
+        [
+            "calibrate",
+            str(stories_path),
+            "--samples",
+            "2",
+            "--seq-len",
+            "128",
+            "--out",
+            str(out),
+            "--plots",
+            str(tmp_path / "p"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["sinks"]["positions"] == [] and data["massive"]["dims"] == []
+    assert (tmp_path / "p" / "attention_position0.png").exists()
+
+
+def test_eval_prints_perplexity_and_writes_json(stories_path, wikitext_path, tmp_path):
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(stories_path),
+            "--dataset",
+            str(wikitext_path),
+            "--seq-len",
+            "128",
+            "--max-tokens",
+            "1024",
+            "--reference",
+            str(stories_path),
+            "--json",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["perplexity"] > 1 and data["kl"] < 1e-6 and data["top1_agreement"] == 1.0
+    assert data["seq_len"] == 128 and data["tokens"] == data["windows"] * 127
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path):
+    result = CliRunner().invoke(main, ["calibrate", str(tmp_path / "missing-model")])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in result.output
+
+
+def test_offline_hub_dataset_is_a_clear_error(stories_path):
+    result = CliRunner().invoke(main, ["eval", str(stories_path), "--dataset", "wikitext2"])
+    assert result.exit_code == 2 and "offline" in result.output
