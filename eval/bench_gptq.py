@@ -1,0 +1,217 @@
+"""GPTQ vs round-to-nearest on SmolLM2-135M: perplexity, KL and top-1 agreement against fp32.
+
+    python eval/bench_gptq.py [--samples 128] [--seq-len 512] [--max-tokens 16384] [--rows a,b,...]
+                              [--out eval/results/gptq_smollm2.md]
+
+Protocol: WikiText-2 test, `sinkquant.evaluate` (windows of 1024 tokens, the first `max-tokens`
+tokens), fp32 reference for KL / top-1. The calibration report (outlier columns, sink positions) comes
+from 32 x 512 tokens of C4 validation; GPTQ calibrates on `samples` x `seq-len` tokens of the same
+file. Every row starts from the same fp32 model. The GPTQ rows are timed (calibration samples, the
+layer-by-layer passes and the quantization itself); the default row is run twice and its tensors
+compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from sinkquant import calibrate, evaluate
+from sinkquant.modeling import prepare_model
+from sinkquant.quantize.gptq import gptq_quantize_
+from sinkquant.quantize.weights import quantize_
+from sinkquant.recipe import Recipe
+
+SHARED = Path(os.environ.get("SINKQUANT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+C4 = SHARED / "data" / "c4-validation-2k.jsonl"
+WIKITEXT = SHARED / "data" / "wikitext-2-raw-test.txt"
+
+#: row name -> (label, recipe overrides on top of W4 g128 + 1% columns, None for RTN or the extra
+#: keyword options of `gptq_quantize_`)
+_SINK = "weights.gptq.sink_tokens"
+ROWS = {
+    "rtn": ("W4 g128 RTN + 1% cols", {}, None),
+    "gptq": ("W4 g128 GPTQ + 1% cols (sink_tokens include)", {}, {}),
+    "gptq-no-cols": ("W4 g128 GPTQ, no outlier cols", {"weights.outliers.fraction": 0.0}, {}),
+    "gptq-exclude": ("W4 g128 GPTQ + 1% cols, sink_tokens exclude", {_SINK: "exclude"}, {}),
+    "gptq-cap": ("W4 g128 GPTQ + 1% cols, sink_tokens cap", {_SINK: "cap"}, {}),
+    "gptq-act-order": ("W4 g128 GPTQ + 1% cols, act_order", {"weights.gptq.act_order": True}, {}),
+    "gptq-damp": ("W4 g128 GPTQ + 1% cols, damping 0.1", {"weights.gptq.damping": 0.1}, {}),
+    "gptq-absorb": ("W4 g128 GPTQ + 1% cols, error pushed into the cols", {}, {"absorb_into_outliers": True}),
+    "gptq-clip": ("W4 g128 GPTQ + 1% cols, clip search", {}, {"clip_search": True}),
+    "gptq-best": (
+        "W4 g128 GPTQ + 1% cols, clip search, cap, damping 0.1",
+        {_SINK: "cap", "weights.gptq.damping": 0.1}, {"clip_search": True},
+    ),
+}  # fmt: skip
+
+
+class CachedReference(nn.Module):
+    """The fp32 model's logits per window, computed once (the evaluator asks for them on every row)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.cache = model, {}
+
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        key = input_ids.numpy().tobytes()
+        if key not in self.cache:
+            self.cache[key] = self.model(input_ids=input_ids, **kwargs).logits.float()
+        return SimpleNamespace(logits=self.cache[key])
+
+
+def smollm2_path() -> Path:
+    tool = SHARED / "tools" / "materialize_model.py"
+    done = subprocess.run(
+        [sys.executable, str(tool), "smollm2-135m"], capture_output=True, text=True, check=True
+    )
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _identical(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8))
+        if a[k].numel() else True
+        for k in a
+    )  # fmt: skip
+
+
+def run(args) -> tuple[list[dict], dict]:
+    torch.manual_seed(0)
+    path = smollm2_path()
+    fp32, tok = prepare_model(path, "float32")
+    info = {"threads": torch.get_num_threads(), "load_start": os.getloadavg()[0]}
+    t = time.perf_counter()
+    report = calibrate(fp32, tok, str(C4), samples=args.report_samples, seq_len=512, progress=False)
+    info["report_s"] = time.perf_counter() - t
+    info["sinks"] = report.sinks.positions
+    reference = CachedReference(fp32)
+    base = Recipe().with_overrides(**{
+        "weights.algorithm": "gptq", "calibration.dataset": str(C4),
+        "calibration.samples": args.samples, "calibration.seq_len": args.seq_len,
+    })  # fmt: skip
+
+    def score(label, model, seconds=None, note=""):
+        res = evaluate(
+            model,
+            tok,
+            str(WIKITEXT),
+            seq_len=1024,
+            max_tokens=args.max_tokens,
+            reference=reference,
+            progress=False,
+        )
+        row = {
+            "label": label,
+            "ppl": res.perplexity,
+            "kl": res.kl,
+            "top1": res.top1_agreement,
+            "seconds": seconds,
+            "note": note,
+        }
+        print(f"{label:58s} ppl {res.perplexity:8.3f}  KL {res.kl:.4f}  top1 {res.top1_agreement:.4f}"
+              + (f"  quantize {seconds:6.1f} s" if seconds else "") + (f"  {note}" if note else ""), flush=True)  # fmt: skip
+        return row
+
+    rows = [score("fp32", fp32)]
+    for key in args.rows:
+        label, overrides, extras = ROWS[key]
+        recipe = base.with_overrides(**overrides)
+        model = copy.deepcopy(fp32)
+        t = time.perf_counter()
+        if extras is not None:
+            gptq_quantize_(model, tok, recipe, report, progress=False, **extras)
+        else:
+            quantize_(model, recipe.weights, report, progress=False)
+        seconds = time.perf_counter() - t
+        note = ""
+        if key == "gptq" and args.repeat:
+            first = _tensors(model)
+            again = copy.deepcopy(fp32)
+            t = time.perf_counter()
+            gptq_quantize_(again, tok, recipe, report, progress=False)
+            info["repeat_s"] = time.perf_counter() - t
+            info["identical"] = _identical(first, _tensors(again))
+            note = f"2nd run {info['repeat_s']:.0f} s, byte-identical: {info['identical']}"
+            del again
+        rows.append(score(label, model, seconds, note))
+        del model
+    info["load_end"] = os.getloadavg()[0]
+    return rows, info
+
+
+def write(rows: list[dict], info: dict, args, out: Path) -> str:
+    base = rows[0]["ppl"]
+    rtn = next((r for r in rows if r["label"].startswith("W4 g128 RTN")), None)
+    lines = [
+        "# GPTQ on SmolLM2-135M (W4 g128, 1% outlier input columns)",
+        "",
+        f"WikiText-2 test, windows of 1024, first {args.max_tokens} tokens; KL(fp32 || model) and top-1 agreement "
+        f"with fp32. GPTQ calibration: {args.samples} x {args.seq_len} tokens of C4 validation "
+        f"(`{C4.name}`), layer by layer; outlier columns and sink positions {info['sinks']} from a {args.report_samples} x 512 report. "
+        "Defaults: block_size 128, damping 0.01, act_order off.",
+        "",
+        "| setting | perplexity | gap to fp32 | gap / RTN gap | KL | top-1 | quantize s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        gap = r["ppl"] / base - 1
+        rel = f"{gap / (rtn['ppl'] / base - 1):.2f}" if rtn and r is not rows[0] else ""
+        secs = f"{r['seconds']:.0f}" if r["seconds"] else ""
+        lines.append(
+            f"| {r['label']} | {r['ppl']:.3f} | {gap:+.2%} | {rel} | {r['kl']:.4f} | {r['top1']:.4f} | {secs} |"
+        )
+    lines += [
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {info['threads']} torch threads, shared "
+        f"(1-min load average {info['load_start']:.1f} at the start, {info['load_end']:.1f} at the end). "
+        f"The calibration report took {info['report_s']:.0f} s.",
+    ]
+    if "identical" in info:
+        lines.append(
+            f"Determinism: the default GPTQ run repeated from the same fp32 model took {info['repeat_s']:.0f} s; "
+            f"every tensor of the two quantized models is byte-identical: {info['identical']}."
+        )
+    text = "\n".join(lines) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + (args.notes.read_text() if args.notes else ""))
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=16384)
+    parser.add_argument("--report-samples", type=int, default=32, help="samples of the calibration report")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from: {', '.join(ROWS)}")
+    parser.add_argument(
+        "--no-repeat", dest="repeat", action="store_false", help="skip the determinism re-run"
+    )
+    parser.add_argument("--notes", type=Path, help="markdown appended to the results file")
+    parser.add_argument("--out", type=Path, default=Path("eval/results/gptq_smollm2.md"))
+    args = parser.parse_args()
+    args.rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in args.rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    rows, info = run(args)
+    print(write(rows, info, args, args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,438 @@
+"""GPTQ (Frantar et al. 2022): error-compensating int4/int8 weights, outlier input columns kept exact.
+
+Per linear layer, with H = 2/n Σ x xᵀ over the calibration tokens that reach it, GPTQ quantizes the
+input columns one at a time and spreads each column's rounding error over the columns not yet
+quantized, through the upper Cholesky factor U of H⁻¹ (err = (w - q) / U[j, j]; W[:, j:] -= err U[j, j:]),
+in blocks of `block_size` columns with the updates to later blocks applied lazily.
+
+sinkquant's choices:
+* Outlier columns (`select_outliers`) are never quantized; GPTQ runs on the kept columns with H
+  restricted to them, so the outlier columns come out bit-identical. `absorb_into_outliers=True` (an
+  experiment) instead processes the outlier columns last, without rounding: they absorb the error of
+  all kept columns and are stored updated (no longer equal to the originals).
+* Groups are the static groups of `SinkQuantLinear`: `group_size` consecutive kept columns. A group's
+  scale/minimum are computed when the first of its columns is reached in processing order, from the
+  group's *current* weights (every error update so far included, pending block updates too). Without
+  act_order that is the usual GPTQ; with act_order (columns by decreasing diag(H)) it is the "static
+  groups" variant, with parameters from updated rather than original weights.
+* `clip_search=True` (an experiment) shrinks each group's range per row by the factor of a small
+  grid that minimises the diag(H)-weighted rounding error of the group's current weights.
+* Parameters and codes use the primitives' formulas (`quantize_grouped` / `quantize_int8_per_channel`,
+  scales rounded to bf16 for int4), so `SinkQuantLinear` stores exactly what GPTQ chose.
+* H: each batch's xᵀx is a float32 matmul, summed into float64; Cholesky runs in float64, the column
+  loop in float32. Tokens at the report's sink positions enter H as they are (`include`), not at all
+  (`exclude`), or clipped per channel to the largest |x| of the other tokens (`cap`).
+* Damping adds `damping * mean(diag H)` to the diagonal; a dead input (diag 0) then has only that and
+  passes no error on (its weights are kept, not zeroed). The mean is over the quantized columns
+  only: outlier columns absorbing error would otherwise, with their huge diag(H), inflate it. A failed Cholesky is retried with 10x the
+  damping (up to 4 times) with a warning naming the layer; a non-finite result falls back to
+  round-to-nearest with a warning, so no NaN weight is ever stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibrate.report import CalibrationReport
+from ..data import calibration_samples
+from ..errors import InputError, SinkQuantError
+from ..modeling import decoder_layers
+from ..recipe import Recipe, WeightsSection
+from .linear import SinkQuantLinear, _complement
+from .primitives import quantize_grouped, quantize_int8_per_channel
+from .sequential import capture_inputs, observe_inputs, run_layer
+from .weights import QuantizeSummary, float_weight, layer_spec, select_outliers, source_dtype, targets
+
+BATCH_SIZE = 8  # calibration samples per forward pass of one layer
+_RETRIES = 4
+
+
+class HessianAccumulator:
+    """Σ x xᵀ of one linear layer's input, with the rows at sink positions kept apart.
+
+    `add(x)` takes x [batch, seq, in] (or [tokens, in], then positions are not known and every row is
+    a body row). The body sum is float64 (each batch's product in float32); the sink rows are few (one
+    or two per sample) and stored as they are, so `hessian(mode)` can include, drop or cap them."""
+
+    def __init__(self, in_features: int, sink_positions: list[int]) -> None:
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.count = 0
+        self.sink_positions = sorted(set(sink_positions))
+        self.sink_rows: list[torch.Tensor] = []
+        self.body_max = torch.zeros(in_features)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        x = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x[None]
+        sinks = [p for p in self.sink_positions if p < x.shape[1]] if x.dim() == 3 else []
+        if sinks:
+            body_mask = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
+            body_mask[sinks] = False
+            self.sink_rows.append(x[:, sinks].reshape(-1, x.shape[-1]).cpu())
+            x = x[:, body_mask]
+        body = x.reshape(-1, x.shape[-1])
+        self.sum += (body.T @ body).double().cpu()
+        self.count += body.shape[0]
+        if body.shape[0]:
+            self.body_max = torch.maximum(self.body_max, body.abs().amax(0).cpu())
+
+    def hessian(self, sink_tokens: str = "include") -> torch.Tensor:
+        """float64 [in, in]: 2/n Σ x xᵀ with the sink rows included, excluded or capped."""
+        h, n = self.sum.clone(), self.count
+        if sink_tokens != "exclude" and self.sink_rows:
+            rows = torch.cat(self.sink_rows)
+            if sink_tokens == "cap":
+                rows = torch.minimum(torch.maximum(rows, -self.body_max), self.body_max)
+            h += (rows.T @ rows).double()
+            n += rows.shape[0]
+        return h * (2.0 / max(n, 1))
+
+
+@dataclass
+class GPTQResult:
+    """Integers for the kept columns in natural order, in `SinkQuantLinear.from_float`'s format, and
+    `weight`: float32 [out, in], the effective weight (dequantized kept columns, outlier columns)."""
+
+    codes: torch.Tensor  # uint8 [out, in_kept] (bits 4) | int8 [out, in_kept] (bits 8)
+    scale: torch.Tensor  # bf16 [out, groups] (bits 4) | float32 [out] (bits 8)
+    minimum: torch.Tensor | None  # bf16 [out, groups] (bits 4)
+    weight: torch.Tensor
+    damping: float  # the damping fraction that was used (after retries)
+
+
+def inverse_hessian_factor(
+    hessian: torch.Tensor, damping: float, name: str, mean_over: int | None = None
+) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damping * mean(diag H) I)⁻¹, float64; retried with 10x damping.
+    The mean is over the live (diag > 0) entries among the first `mean_over` columns (default all)."""
+    if not bool(torch.isfinite(hessian).all()):
+        raise SinkQuantError(f"the calibration inputs of {name} hold NaN or Inf; the model overflows")
+    diag = hessian.diagonal()[:mean_over]
+    live = diag > 0
+    mean = float(diag[live].mean()) if bool(live.any()) else 1.0
+    for attempt in range(_RETRIES + 1):
+        fraction = damping * 10**attempt
+        damped = hessian.clone()
+        damped.diagonal().add_(fraction * mean)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper, fraction
+        if attempt < _RETRIES:
+            warnings.warn(
+                f"GPTQ: the Hessian of {name} is not positive definite at damping {fraction:g}; "
+                f"retrying with {fraction * 10:g}",
+                stacklevel=2,
+            )
+    raise SinkQuantError(f"GPTQ could not factor the Hessian of {name} even at damping {fraction:g}")
+
+
+_CLIP_GRID = [1.0 - 0.025 * k for k in range(9)]  # shrink factors of the range tried by clip search
+
+
+class _Quantizer:
+    """Per-group parameters and per-column rounding with the primitives' exact formulas. With
+    `clip_search`, a group's range is shrunk by the factor in `_CLIP_GRID` (per row) that minimises the
+    rounding error weighted by diag(H) (the GPTQ authors' "mse" option, with H as the weight)."""
+
+    def __init__(self, bits: int, symmetric: bool, rows: int, groups: int, clip_search: bool = False) -> None:
+        self.bits, self.symmetric, self.clip_search = bits, symmetric, clip_search
+        self.levels = 2**bits - 1
+        self.scale = torch.zeros(rows, groups, dtype=torch.bfloat16 if bits == 4 else torch.float32)
+        self.minimum = torch.zeros(rows, groups, dtype=torch.bfloat16)
+
+    def _params(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.bits == 8:
+            return quantize_int8_per_channel(values)[1], self.minimum[:, 0]
+        _, scale, minimum = quantize_grouped(values, 4, values.shape[1], self.symmetric, torch.bfloat16)
+        return scale[:, 0], minimum[:, 0]
+
+    def fit(self, group: int, values: torch.Tensor, importance: torch.Tensor) -> None:
+        """Parameters of `group` from its current weights [out, n]; `importance` [n] = diag(H)."""
+        best, best_err = self._params(values), None
+        for shrink in _CLIP_GRID[1:] if self.clip_search else []:
+            if best_err is None:
+                best_err = self._error(values, *best, importance)
+            cand = self._params(values * shrink)
+            err = self._error(values, *cand, importance)
+            better = err < best_err
+            best = tuple(torch.where(better, c, b) for c, b in zip(cand, best, strict=True))
+            best_err = torch.where(better, err, best_err)
+        self.scale[:, group], self.minimum[:, group] = best
+
+    def _error(self, values, scale, minimum, importance) -> torch.Tensor:
+        s = scale.float()[:, None]
+        if self.bits == 8:
+            q = torch.round(values / s).clamp_(-127, 127) * s
+        else:
+            m = minimum.float()[:, None]
+            q = torch.round((values - m) / s).clamp_(0, self.levels) * s + m
+        return ((q - values) ** 2 * importance).sum(1)
+
+    def round(self, w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """w [out] float32 -> (codes [out] float, dequantized [out] float32)."""
+        s = self.scale[:, group].float()
+        if self.bits == 8:
+            code = torch.round(w / s).clamp_(-127, 127)
+            return code, code * s
+        m = self.minimum[:, group].float()
+        code = torch.round((w - m) / s).clamp_(0, self.levels)
+        return code, code * s + m
+
+
+def gptq_quantize_weight(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    outlier_idx: torch.Tensor | list[int] = (),
+    symmetric: bool = False,
+    block_size: int = 128,
+    damping: float = 0.01,
+    act_order: bool = False,
+    absorb_into_outliers: bool = False,
+    name: str = "weight",
+    clip_search: bool = False,
+) -> GPTQResult:
+    """GPTQ on weight [out, in] with hessian [in, in] (see the module docstring for every choice).
+
+    bits 4: groups of `group_size` consecutive kept columns (None: one group per row), asymmetric
+    min/max or `symmetric`; bits 8: symmetric per row (`group_size` ignored)."""
+    out_f, in_f = weight.shape
+    idx = torch.as_tensor(outlier_idx, dtype=torch.long).sort().values
+    keep = _complement(idx, in_f)
+    n_keep = keep.numel()
+    gs = n_keep if (bits == 8 or group_size is None) else group_size
+    diag = hessian.diagonal()[keep]
+    order = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(n_keep)
+    cols = torch.cat([keep[order], idx]) if absorb_into_outliers else keep[order]  # processing order
+    group_of = (order // gs).tolist() + [-1] * (cols.numel() - n_keep)  # -1: not quantized
+    quant = _Quantizer(bits, symmetric, out_f, -(-n_keep // gs), clip_search)
+    with _one_thread():
+        upper, used = inverse_hessian_factor(hessian.double()[cols][:, cols], damping, name, n_keep)
+        w = weight.detach().float()[:, cols].clone()
+        importance = hessian.diagonal()[cols].float()
+        result, codes = _gptq_columns(w, upper.float(), group_of, quant, block_size, importance)
+
+    effective = weight.detach().float().clone()
+    effective[:, cols] = result
+    natural = torch.empty(out_f, n_keep)
+    natural[:, order] = codes[:, :n_keep]
+    codes_out = natural.to(torch.int8) if bits == 8 else natural.to(torch.uint8)
+    scale = quant.scale[:, 0] if bits == 8 else quant.scale
+    return GPTQResult(codes_out, scale, None if bits == 8 else quant.minimum, effective, used)
+
+
+def _gptq_columns(
+    w: torch.Tensor, u: torch.Tensor, group_of: list[int], quant: _Quantizer, block_size: int, importance
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GPTQ sweep over the columns of w [out, n] (in processing order; updated in place) with the
+    upper factor u [n, n] and diag(H) `importance` [n]. Returns (dequantized weights, codes as floats)."""
+    members: dict[int, list[int]] = {}
+    for pos, g in enumerate(group_of):
+        if g >= 0:
+            members.setdefault(g, []).append(pos)
+    n = w.shape[1]
+    codes = torch.zeros_like(w)
+    result = torch.empty_like(w)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        block = w[:, i1:i2].clone()
+        err = torch.zeros_like(block)
+        for i in range(i2 - i1):
+            pos, g = i1 + i, group_of[i1 + i]
+            col = block[:, i]
+            if g < 0:
+                q = col  # an outlier column absorbing error: kept in full precision
+            else:
+                if members[g][0] == pos:
+                    quant.fit(g, _current(members[g], w, block, err, u, i1, i2, i), importance[members[g]])
+                codes[:, pos], q = quant.round(col, g)
+            result[:, pos] = q
+            e = (col - q) / u[pos, pos]
+            block[:, i:].addr_(e, u[pos, pos:i2], alpha=-1)
+            err[:, i] = e
+        w[:, i2:].addmm_(err, u[i1:i2, i2:], alpha=-1)
+    return result, codes
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The column loop is thousands of small ops: extra threads only add synchronisation (20x slower
+    on a busy 2-core machine), so it runs on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _current(positions: list[int], w, block, err, u, i1: int, i2: int, i: int) -> torch.Tensor:
+    """The current weights [out, len(positions)] of not-yet-quantized `positions`: those inside the
+    block from `block`, later ones from `w` less the pending updates of the block's first `i` columns."""
+    pos = torch.tensor(positions)
+    inside = pos < i2
+    values = torch.empty(w.shape[0], pos.numel())
+    values[:, inside] = block[:, pos[inside] - i1]
+    later = pos[~inside]
+    if later.numel():
+        values[:, ~inside] = w[:, later] - err[:, :i] @ u[i1 : i1 + i, later]
+    return values
+
+
+def _rtn(weight, bias, weights: WeightsSection, idx, storage) -> SinkQuantLinear:
+    return SinkQuantLinear.from_float(
+        weight, bias, weights.bits, weights.group, idx, weights.symmetric, storage_dtype=storage
+    )
+
+
+def quantize_module(
+    name: str,
+    module: nn.Module,
+    hessian: torch.Tensor,
+    idx: list[int],
+    weights: WeightsSection,
+    storage: torch.dtype,
+    absorb_into_outliers: bool = False,
+    clip_search: bool = False,
+) -> SinkQuantLinear:
+    """One linear layer -> `SinkQuantLinear` by GPTQ (round-to-nearest if GPTQ gave non-finite numbers)."""
+    weight = float_weight(module).detach()
+    opts = weights.gptq
+    res = gptq_quantize_weight(
+        weight, hessian, weights.bits, weights.group, idx, weights.symmetric,
+        opts.block_size, opts.damping, opts.act_order, absorb_into_outliers, name, clip_search,
+    )  # fmt: skip
+    if not all(bool(torch.isfinite(t.float()).all()) for t in (res.weight, res.scale)):
+        warnings.warn(f"GPTQ gave non-finite weights for {name}; using round-to-nearest", stacklevel=2)
+        return _rtn(weight, module.bias, weights, idx, storage)
+    source = res.weight if absorb_into_outliers else weight  # from_float copies its outlier columns
+    new = SinkQuantLinear.from_float(
+        source, module.bias, weights.bits, weights.group, idx, weights.symmetric,
+        codes=res.codes, scale=res.scale, minimum=res.minimum, storage_dtype=storage,
+    )  # fmt: skip
+    return new.to(weight.device)
+
+
+def _sink_positions(report: CalibrationReport | None, sink_tokens: str) -> list[int]:
+    if report is None:
+        if sink_tokens != "include":
+            raise InputError(
+                f"weights.gptq.sink_tokens: {sink_tokens} needs a calibration report (its sink positions); "
+                "calibrate first or use sink_tokens: include"
+            )
+        return []
+    return list(report.sinks.positions)
+
+
+@torch.no_grad()
+def gptq_quantize_(
+    model: nn.Module,
+    tokenizer,
+    recipe: Recipe,
+    report: CalibrationReport | None = None,
+    progress: bool = True,
+    absorb_into_outliers: bool | None = None,
+    clip_search: bool | None = None,
+    batch_size: int = BATCH_SIZE,
+) -> QuantizeSummary:
+    """Quantize `model` in place with GPTQ, decoder layer by decoder layer, on `recipe.calibration`.
+
+    For each layer: its linear layers' Hessians from the calibration hidden states (quantized layers
+    before it), GPTQ on each linear layer, then the layer re-run with its quantized weights to give
+    the next layer's inputs. Linear layers outside the decoder layers get round-to-nearest.
+    `absorb_into_outliers` / `clip_search` (see `gptq_quantize_weight`): None reads
+    `recipe.weights.gptq.<name>` where the recipe has such a field, else False."""
+    weights = recipe.weights
+    if weights is None or weights.bits is None:
+        return QuantizeSummary()
+    if absorb_into_outliers is None:
+        absorb_into_outliers = bool(getattr(weights.gptq, "absorb_into_outliers", False))
+    if clip_search is None:
+        clip_search = bool(getattr(weights.gptq, "clip_search", False))
+    start = time.perf_counter()
+    chosen, skipped = targets(model, weights.ignore)
+    storage = source_dtype(model)
+    sinks = _sink_positions(report, weights.gptq.sink_tokens)
+    summary = QuantizeSummary(bits=weights.bits, group_size=weights.group, skipped=skipped)
+    c = recipe.calibration
+    ids = calibration_samples(tokenizer, c.dataset, c.samples, c.seq_len, c.seed).input_ids
+    inputs = capture_inputs(model, ids, batch_size)
+    layers = decoder_layers(model)
+    prefixes = {id(m): n for n, m in model.named_modules()}
+    bar = tqdm(layers, desc=f"GPTQ int{weights.bits}", unit="layer", disable=not progress)
+    for index, layer in enumerate(bar):
+        prefix = prefixes[id(layer)] + "."
+        mine = {n: m for n, m in chosen.items() if n.startswith(prefix)}
+        with observe_inputs(mine, lambda d: HessianAccumulator(d, sinks)) as observers:
+            run_layer(layer, inputs, index)
+        done = {}
+        for name, module in mine.items():
+            idx = _outliers(name, module, weights, report)
+            if name in observers:
+                hessian = observers[name].hessian(weights.gptq.sink_tokens)
+                new = quantize_module(
+                    name, module, hessian, idx, weights, storage, absorb_into_outliers, clip_search
+                )
+            else:
+                warnings.warn(f"GPTQ: {name} saw no calibration input; using round-to-nearest", stacklevel=2)
+                new = _rtn(float_weight(module), module.bias, weights, idx, storage)
+            done[name] = (new, idx)
+        del observers
+        with _effective_weights(mine, {n: new for n, (new, _) in done.items()}):
+            inputs.hidden = run_layer(layer, inputs, index)
+        for name, (new, idx) in done.items():
+            _swap(model, name, chosen.pop(name), new, idx, summary)
+    for name, module in chosen.items():  # outside the decoder layers: no calibration inputs
+        warnings.warn(f"GPTQ: {name} is outside the decoder layers; using round-to-nearest", stacklevel=2)
+        idx = _outliers(name, module, weights, report)
+        _swap(
+            model, name, module, _rtn(float_weight(module), module.bias, weights, idx, storage), idx, summary
+        )
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+@contextlib.contextmanager
+def _effective_weights(modules: dict[str, nn.Module], quantized: dict[str, SinkQuantLinear]):
+    """The float modules compute with their quantized weights (float32 matmuls: faster than the int
+    kernels on thousands of tokens, and the exact quantized weights), restored after the block."""
+    saved = {name: module.weight.data for name, module in modules.items()}
+    try:
+        for name, module in modules.items():
+            w = quantized[name].dequantized_weight().to(saved[name].dtype)
+            module.weight.data = w if isinstance(module, nn.Linear) else w.t().contiguous()
+        yield
+    finally:
+        for name, module in modules.items():
+            module.weight.data = saved[name]
+
+
+def _outliers(name: str, module: nn.Module, weights: WeightsSection, report) -> list[int]:
+    in_features = float_weight(module).shape[1]
+    if weights.group and weights.group > in_features:
+        raise InputError(
+            f"group_size {weights.group} exceeds the input width {in_features} of {name}; use a smaller group_size"
+        )
+    return select_outliers(name, in_features, weights, report)
+
+
+def _swap(model: nn.Module, name: str, old: nn.Module, new: SinkQuantLinear, idx, summary) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+    weight = float_weight(old)
+    summary.modules += 1
+    summary.outlier_columns += len(idx)
+    summary.input_columns += weight.shape[1]
+    summary.bytes_before += weight.numel() * 2 + (old.bias.numel() * 2 if old.bias is not None else 0)
+    summary.bytes_after += new.nbytes()
+    summary.layers[name] = layer_spec(new)

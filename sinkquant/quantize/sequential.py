@@ -1,0 +1,138 @@
+"""Run calibration samples through a model one decoder layer at a time.
+
+A layer-by-layer algorithm (GPTQ) needs, for each decoder layer in turn, the inputs of its linear
+layers *as the already-quantized layers before it produce them*. This module owns that plumbing and
+knows nothing about how weights are quantized:
+
+1. `capture_inputs`: the hidden states entering decoder layer 0, and the other arguments every layer
+   is called with (position embeddings, attention mask, position ids, cache position, ...), batch by
+   batch. Each layer is temporarily replaced by a stand-in that records its call and passes the hidden
+   state through untouched; the last one raises `_StopForward`, so no layer and no LM head is
+   computed. Arguments are recorded per layer, so models whose layers differ (sliding-window and global
+   attention in Gemma 3) get each layer's own mask and rotary embedding.
+2. `observe_inputs`: forward pre-hooks that hand every linear layer's input to an observer; linear
+   layers fed the very same tensor (q/k/v, gate/up) share one observer, so its statistics are computed
+   once.
+3. `run_layer`: one decoder layer over all batches; run once with the float weights (observers
+   attached) and once after quantization, whose outputs become the next layer's inputs.
+
+Peak memory is the model, the calibration hidden states (inputs and outputs of one layer) and the
+observers of one layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import SinkQuantError
+from ..modeling import decoder_layers, hidden_of
+
+
+class _StopForward(Exception):
+    """Raised by the last stand-in layer: everything the layers need has been recorded."""
+
+
+@dataclass
+class LayerInputs:
+    """hidden[b]: [batch, seq, hidden] entering the current layer; calls[layer][b]: the positional
+    arguments after the hidden state and the keyword arguments that layer is called with for batch b."""
+
+    hidden: list[torch.Tensor]
+    calls: list[list[tuple[tuple, dict]]]
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> LayerInputs:
+    """Embed `input_ids` [n, seq] in batches of `batch_size` and record what each decoder layer gets."""
+    layers = decoder_layers(model)
+    hidden: list[torch.Tensor] = []
+    calls: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
+
+    def stand_in(index: int):
+        def forward(*args, **kwargs):
+            h = args[0] if args else kwargs.pop("hidden_states")
+            kwargs["use_cache"] = False
+            kwargs.pop("past_key_values", None)
+            kwargs.pop("past_key_value", None)
+            calls[index].append((tuple(args[1:]), kwargs))
+            if index == 0:
+                hidden.append(h)
+            if index == len(layers) - 1:
+                raise _StopForward
+            return h
+
+        return forward
+
+    device = next(model.parameters()).device
+    try:
+        for i, layer in enumerate(layers):
+            layer.forward = stand_in(i)  # an instance attribute shadows the class's forward
+        for start in range(0, input_ids.shape[0], batch_size):
+            with contextlib.suppress(_StopForward):
+                model(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+    batches = len(hidden)
+    if batches == 0 or any(len(c) != batches for c in calls):
+        raise SinkQuantError(
+            f"could not record the inputs of the {len(layers)} decoder layers of {type(model).__name__} "
+            "(the model does not call them one after another); use weights.algorithm: rtn"
+        )
+    return LayerInputs(hidden, calls)
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: LayerInputs, index: int) -> list[torch.Tensor]:
+    """Decoder layer `index` over every batch of `inputs.hidden`; returns the output hidden states."""
+    return [
+        hidden_of(layer(h, *args, **kwargs))
+        for h, (args, kwargs) in zip(inputs.hidden, inputs.calls[index], strict=True)
+    ]
+
+
+class InputObserver:
+    """What `observe_inputs` feeds: any object with `add(x)`, x = a linear layer's input [..., in]."""
+
+    def add(self, x: torch.Tensor) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def observe_inputs(
+    modules: dict[str, nn.Module], make: Callable[[int], InputObserver]
+) -> Iterator[dict[str, InputObserver]]:
+    """Attach forward pre-hooks to `modules` (name -> linear layer) for the `with` block.
+
+    Yields name -> observer, filled as the block runs forward passes; `make(in_features)` builds an
+    observer. A module called with the same tensor object as the module hooked just before it (q/k/v
+    on one normed hidden state) shares that module's observer, decided at the first call."""
+    observers: dict[str, InputObserver] = {}
+    owners: dict[str, bool] = {}  # name -> whether it feeds its observer (False: shares another's)
+    last: dict = {"x": None, "name": None}
+
+    def hook(name: str):
+        def pre_hook(_module, args):
+            x = args[0]
+            if name not in observers:
+                shared = last["x"] is x and last["name"] in observers
+                observers[name] = observers[last["name"]] if shared else make(x.shape[-1])
+                owners[name] = not shared
+            if owners[name]:
+                observers[name].add(x)
+            last["x"], last["name"] = x, name
+
+        return pre_hook
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
+    try:
+        yield observers
+    finally:
+        for handle in handles:
+            handle.remove()
+        last["x"] = None

@@ -1,0 +1,250 @@
+import copy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_llama
+
+from sinkquant import calibrate
+from sinkquant.checkpoint import load, save
+from sinkquant.errors import InputError
+from sinkquant.modeling import decoder_layers
+from sinkquant.pipeline import quantization_config
+from sinkquant.quantize.gptq import HessianAccumulator, gptq_quantize_, gptq_quantize_weight
+from sinkquant.quantize.linear import SinkQuantLinear
+from sinkquant.quantize.sequential import capture_inputs, observe_inputs, run_layer
+from sinkquant.recipe import load_recipe, parse_recipe
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+class _Tok:
+    """Just enough tokenizer for calibration on a random model."""
+
+    bos_token_id = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) % 120 for c in text]}
+
+    def decode(self, ids):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def _inputs(n=2048, d=256, seed=0):
+    """Correlated inputs with a few large channels (what GPTQ exploits and what outliers look like)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g) @ (torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d))
+    x[:, [3, 77]] *= 20
+    return x
+
+
+def _hessian(x, sinks=(), mode="include"):
+    acc = HessianAccumulator(x.shape[-1], list(sinks))
+    acc.add(x)
+    return acc.hessian(mode)
+
+
+def _weight(out=96, d=256, seed=1):
+    return torch.randn(out, d, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+def _module(w, res, bits, group, idx, symmetric=False):
+    return SinkQuantLinear.from_float(
+        w, None, bits, group, idx, symmetric, codes=res.codes, scale=res.scale, minimum=res.minimum
+    )
+
+
+@pytest.mark.parametrize(
+    "bits, group, symmetric, act_order",
+    [(4, 32, False, False), (4, 64, True, True), (4, None, False, False), (8, None, True, False)],
+)
+def test_gptq_lowers_output_error_and_stores_exactly_what_it_chose(bits, group, symmetric, act_order):
+    x, w, idx = _inputs(), _weight(), [3, 77]
+    res = gptq_quantize_weight(
+        w, _hessian(x), bits, group, idx, symmetric, block_size=64, act_order=act_order
+    )
+    gptq = _module(w, res, bits, group, idx, symmetric)
+    rtn = SinkQuantLinear.from_float(w, None, bits, group, idx, symmetric)
+    assert torch.equal(gptq.dequantized_weight(), res.weight)  # SinkQuantLinear holds GPTQ's numbers
+    err_gptq = float((x @ (w - gptq.dequantized_weight()).T).norm())
+    err_rtn = float((x @ (w - rtn.dequantized_weight()).T).norm())
+    assert err_gptq < 0.9 * err_rtn
+    assert torch.equal(gptq.dequantized_weight()[:, idx], w[:, idx])  # outlier columns untouched
+    assert torch.equal(gptq.outlier_weight, w[:, idx])
+
+
+def test_uneven_groups_blocks_and_dead_inputs():
+    x, w, idx = _inputs(d=200), _weight(d=200), [3, 77, 150]
+    x[:, 10:14] = 0  # dead inputs: diag(H) = 0
+    res = gptq_quantize_weight(w, _hessian(x), 4, 64, idx, block_size=48, act_order=True)
+    module = _module(w, res, 4, 64, idx)  # 197 kept columns: groups of 64, 64, 64, 5
+    assert module.weight_scale.shape == (96, 4)
+    assert torch.isfinite(res.weight).all() and torch.equal(module.dequantized_weight(), res.weight)
+
+
+def test_deterministic_bytes():
+    x, w = _inputs(), _weight()
+    a = gptq_quantize_weight(w, _hessian(x), 4, 32, [3], act_order=True)
+    b = gptq_quantize_weight(w.clone(), _hessian(x.clone()), 4, 32, [3], act_order=True)
+    for ta, tb in ((a.codes, b.codes), (a.scale, b.scale), (a.minimum, b.minimum)):
+        assert torch.equal(ta.view(torch.uint8), tb.view(torch.uint8))
+
+
+def test_error_pushed_into_outlier_columns():
+    x, w, idx = _inputs(), _weight(), [3, 77]
+    h = _hessian(x)
+    kept = gptq_quantize_weight(w, h, 4, 32, idx)
+    absorbed = gptq_quantize_weight(w, h, 4, 32, idx, absorb_into_outliers=True)
+    assert not torch.equal(absorbed.weight[:, idx], w[:, idx])  # the columns moved ...
+    assert (x @ (w - absorbed.weight).T).norm() < (x @ (w - kept.weight).T).norm()  # ... to good effect
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, False), (4, True), (8, True)])
+def test_clip_search_never_raises_the_weighted_rounding_error(bits, symmetric):
+    x, w = _inputs(), _weight()
+    h = torch.diag(_hessian(x).diagonal())  # diagonal H: GPTQ is round-to-nearest, no error feedback
+    plain = gptq_quantize_weight(w, h, bits, 32, [3], symmetric)
+    clipped = gptq_quantize_weight(w, h, bits, 32, [3], symmetric, clip_search=True)
+    weighted = [float(((w - r.weight) ** 2 * h.diagonal().float()).sum()) for r in (plain, clipped)]
+    assert weighted[1] < weighted[0]
+    assert torch.equal(_module(w, clipped, bits, 32, [3], symmetric).dequantized_weight(), clipped.weight)
+
+
+def test_cholesky_failure_retries_with_more_damping_and_warns():
+    h = torch.eye(8, dtype=torch.float64)
+    h[0, 1] = h[1, 0] = 1.5  # indefinite: an eigenvalue of -0.5
+    with pytest.warns(UserWarning, match="layers.7.mlp"):
+        res = gptq_quantize_weight(_weight(d=8), h, 4, None, name="layers.7.mlp")
+    assert res.damping == pytest.approx(1.0) and torch.isfinite(res.weight).all()
+
+
+def test_sink_rows_included_excluded_or_capped():
+    x = torch.randn(2, 6, 4)
+    x[:, 0, 1] = 50.0  # a massive activation at the sink position
+    body = x[:, 1:].reshape(-1, 4)
+    sink = x[:, 0]
+    capped = torch.minimum(torch.maximum(sink, -body.abs().amax(0)), body.abs().amax(0))
+    expect = {
+        "include": (body.T @ body + sink.T @ sink) * 2 / 12,
+        "exclude": body.T @ body * 2 / 10,
+        "cap": (body.T @ body + capped.T @ capped) * 2 / 12,
+    }
+    for mode, h in expect.items():
+        assert torch.allclose(_hessian(x, [0], mode).float(), h, rtol=1e-5, atol=1e-5), mode
+
+
+def _report(model):
+    return calibrate(model, _Tok(), None, samples=2, seq_len=32, progress=False)
+
+
+def _recipe(**extra):
+    overrides = {
+        "weights.algorithm": "gptq",
+        "weights.group_size": 32,
+        "weights.outliers.fraction": 0.05,
+        "calibration.samples": 6,
+        "calibration.seq_len": 32,
+        **extra,
+    }
+    return load_recipe(RECIPES / "w4-g128-gptq.yaml").with_overrides(**overrides)
+
+
+def test_layer_by_layer_float_pass_matches_the_model():
+    model = tiny_llama()
+    ids = torch.randint(0, 120, (5, 24))
+    inputs = capture_inputs(model, ids, batch_size=2)
+    assert [h.shape[0] for h in inputs.hidden] == [2, 2, 1]
+    for index, layer in enumerate(decoder_layers(model)):
+        inputs.hidden = run_layer(layer, inputs, index)
+    with torch.no_grad():
+        expected = model(ids, output_hidden_states=True).hidden_states[-1]  # after the final norm
+    final = model.model.norm(torch.cat(inputs.hidden))
+    assert torch.allclose(final, expected, atol=1e-5)
+
+
+def test_observers_are_shared_by_linears_with_one_input():
+    model = tiny_llama()
+    layer = decoder_layers(model)[0]
+    modules = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    inputs = capture_inputs(model, torch.randint(0, 120, (2, 16)), batch_size=2)
+    with observe_inputs(modules, lambda d: HessianAccumulator(d, [])) as observers:
+        run_layer(layer, inputs, 0)
+    assert observers["self_attn.q_proj"] is observers["self_attn.v_proj"]
+    assert observers["mlp.gate_proj"] is observers["mlp.up_proj"]
+    assert len({id(o) for o in observers.values()}) == 4
+    assert observers["self_attn.k_proj"].count == 32
+
+
+def test_pipeline_quantizes_saves_and_reloads(tmp_path):
+    model = tiny_llama()
+    report = _report(model)
+    recipe = _recipe()
+    originals = {
+        n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+    }
+    ids = torch.randint(0, 120, (2, 20))
+    with torch.no_grad():
+        before = model(ids).logits
+    summary = gptq_quantize_(model, _Tok(), recipe, report, progress=False)
+    assert summary.modules == 14 and summary.skipped == ["lm_head"] and len(summary.layers) == 14
+    assert isinstance(model.lm_head, torch.nn.Linear)
+    for name, module in model.named_modules():
+        if isinstance(module, SinkQuantLinear):
+            idx = module.outlier_idx.long()
+            assert torch.equal(module.dequantized_weight()[:, idx], originals[name][:, idx])
+    with torch.no_grad():
+        after = model(ids).logits
+    assert float((after - before).abs().mean() / before.abs().mean()) < 0.2
+    model.config.quantization_config = quantization_config(recipe, summary, report)
+    reloaded = load(save(model, tmp_path / "out", recipe=recipe, report=report))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, after, atol=1e-4)
+
+
+@pytest.mark.parametrize("sink_tokens", ["exclude", "cap"])
+def test_pipeline_is_deterministic(sink_tokens):
+    model = tiny_llama()
+    report = _report(model)
+    report.sinks.positions = [0]
+    recipe = _recipe(**{"weights.gptq.sink_tokens": sink_tokens, "weights.gptq.act_order": True})
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no Cholesky retries on a healthy model
+        gptq_quantize_(a, _Tok(), recipe, report, progress=False)
+        gptq_quantize_(b, _Tok(), recipe, report, progress=False)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key].view(torch.uint8), sb[key].view(torch.uint8)), key
+
+
+def test_int8_per_channel_pipeline():
+    model = tiny_llama()
+    summary = gptq_quantize_(
+        model, _Tok(), _recipe(**{"weights.bits": 8, "weights.outliers.fraction": 0.0}), None, progress=False
+    )
+    layer = model.model.layers[1].mlp.down_proj
+    assert summary.modules == 14 and layer.bits == 8 and layer.n_outliers == 0
+
+
+def test_recipe_options_validate():
+    recipe = load_recipe(RECIPES / "w4-g128-gptq.yaml")
+    assert recipe.weights.algorithm == "gptq" and recipe.weights.outliers.fraction == 0.01
+    assert recipe.calibration.dataset is None and recipe.calibration.seq_len == 512
+    ok = parse_recipe("weights: {algorithm: gptq, gptq: {sink_tokens: cap, act_order: true, damping: 0.1}}")
+    assert ok.weights.gptq.sink_tokens == "cap"
+    for bad in ("{sink_tokens: drop}", "{block_size: 0}", "{damping: 0}", "{dampening: 0.1}"):
+        with pytest.raises(InputError, match="gptq"):
+            parse_recipe(f"weights: {{algorithm: gptq, gptq: {bad}}}")
+
+
+def test_sink_modes_need_a_report():
+    with pytest.raises(InputError, match="sink_tokens"):
+        gptq_quantize_(
+            tiny_llama(),
+            _Tok(),
+            _recipe(**{"weights.gptq.sink_tokens": "exclude", "weights.outliers.fraction": 0.0}),
+            None,
+            progress=False,
+        )
