@@ -14,6 +14,7 @@ registered here under "sinkquant".
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -148,7 +149,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest folder above `path` that exists (the output's parents are made only at save time)."""
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    return parent
+
+
 def prepare_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an output folder that cannot be used, before any work is done; creates nothing."""
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise InputError(f"output {out} exists and is a file; choose a folder path")
@@ -156,40 +166,64 @@ def prepare_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
         raise InputError(
             f"output folder {out} exists and is not empty; pass --overwrite or choose another folder"
         )
-    parent = out.parent if out.parent != Path("") else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"cannot write into {parent}; choose a folder you can write to")
+    base = _existing_ancestor(out)
+    if not base.is_dir():
+        raise InputError(f"cannot create {out}: {base} is a file, not a folder; choose another output path")
+    try:  # a real write, not os.access: root passes os.access on a read-only file system
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=base))
+    except OSError as exc:
+        raise InputError(
+            f"cannot write into {base} ({exc.strerror or exc}); choose a folder you can write to"
+        ) from exc
     return out
 
 
 @contextlib.contextmanager
 def atomic_dir(out_dir: Path, overwrite: bool):
     """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir`, on any failure
-    (including Ctrl-C) it is removed and `out_dir` is left as it was."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    (including Ctrl-C) it is removed, parent folders made for it are removed again, and `out_dir` is
+    left as it was."""
+    made = []
+    parent = out_dir.parent
+    while not parent.exists():
+        made.append(parent)
+        parent = parent.parent
+    tmp = None
     try:
+        for folder in reversed(made):
+            folder.mkdir()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         yield tmp
         if out_dir.exists():
-            if not overwrite:
+            if not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
                 raise InputError(f"output folder {out_dir} appeared while saving; pass --overwrite")
             backup = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             out_dir.rename(backup)
-            tmp.rename(out_dir)
+            try:
+                tmp.rename(out_dir)
+            except BaseException:
+                backup.rename(out_dir)
+                raise
             shutil.rmtree(backup, ignore_errors=True)
         else:
             tmp.rename(out_dir)
         os.chmod(out_dir, 0o755)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
 
 
 def check_finite(model: nn.Module) -> None:
+    """Refuse NaN or Inf in any float tensor, naming it: quantizing them would spread them into scales."""
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
             raise InputError(
-                f"tensor {name} holds NaN or Inf values; the model is broken — fix the weights before quantizing"
+                f"tensor {name} holds {kind} values; the model is broken — fix the weights before quantizing"
             )
 
 
@@ -204,17 +238,37 @@ def save(
     """Save a quantized model (safetensors only) atomically; returns the folder."""
     out = prepare_out_dir(out_dir, overwrite)
     check_finite(model)
-    with atomic_dir(out, overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if recipe is not None:
-            (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-        if report is not None:
-            (tmp / "calibration.json").write_text(json.dumps(report.summary_dict(), indent=1))
-        files = sorted(p.name for p in tmp.glob("*.safetensors"))
-        manifest = {"format_version": FORMAT_VERSION, "files": {name: _sha256(tmp / name) for name in files}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    try:
+        with atomic_dir(out, overwrite) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if recipe is not None:
+                (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+            if report is not None:
+                (tmp / "calibration.json").write_text(json.dumps(report.summary_dict(), indent=1))
+            files = sorted(p.name for p in tmp.glob("*.safetensors"))
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "files": {name: _sha256(tmp / name) for name in files},
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    except OSError as exc:
+        kept = "left as it was" if out.exists() else "not created"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise SinkQuantError(
+                f"the disk is full: writing the checkpoint failed, {out} was {kept} and the partial files were "
+                "removed; free some space (or choose another disk) and run again"
+            ) from exc
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise InputError(
+                f"cannot write the checkpoint into {out.parent} ({exc.strerror}); {out} was {kept}; "
+                "choose a folder you can write to"
+            ) from exc
+        raise SinkQuantError(
+            f"writing the checkpoint failed ({exc.strerror or exc}); {out} was {kept} and the partial files "
+            "were removed"
+        ) from exc
     return out
 
 
@@ -222,20 +276,40 @@ def save(
 
 
 def verify_manifest(path: Path) -> None:
+    """Check every safetensors file against the sha256 recorded at save time (and nothing extra is there),
+    so a checkpoint changed on disk is refused instead of loaded as if it were the one saved."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise InputError(
-            f"{path} has no {MANIFEST}; it was not written by sinkquant save (or pass verify=False)"
+            f"{path} has no {MANIFEST}, so its tensors cannot be checked; re-create the checkpoint with sinkquant, "
+            "or pass --no-verify (verify=False) to load it unchecked"
         )
-    manifest = json.loads(manifest_path.read_text())
-    for name, digest in manifest.get("files", {}).items():
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = dict(manifest["files"])
+        version = int(manifest.get("format_version", FORMAT_VERSION))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(
+            f"{manifest_path} is unreadable or damaged; re-create the checkpoint (or pass --no-verify)"
+        ) from exc
+    if version > FORMAT_VERSION:
+        raise InputError(
+            f"this checkpoint uses sinkquant format {version}, newer than this sinkquant reads "
+            f"({FORMAT_VERSION}); upgrade sinkquant (pip install -U sinkquant)"
+        )
+    unlisted = sorted(p.name for p in path.glob("*.safetensors") if p.name not in files)
+    if unlisted:
+        raise InputError(
+            f"{path / unlisted[0]} was not written with this checkpoint (it is not in {MANIFEST}); remove it"
+        )
+    for name, digest in files.items():
         file = path / name
         if not file.is_file():
             raise InputError(f"{file} is missing from the checkpoint; copy the whole folder again")
         if _sha256(file) != digest:
             raise InputError(
                 f"{file} does not match the sha256 recorded at save time: the file was changed or "
-                "corrupted; re-create the checkpoint (or pass verify=False / --no-verify to load anyway)"
+                "corrupted; re-create the checkpoint (or pass --no-verify / verify=False to load it anyway)"
             )
 
 
@@ -254,7 +328,8 @@ def _stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
                     shapes[key] = tuple(fh.get_slice(key).get_shape())
         except (SafetensorError, OSError, ValueError) as exc:
             raise InputError(
-                f"{file} is not a readable safetensors file ({exc}); it is truncated or corrupt"
+                f"{file} is not a readable safetensors file ({exc}); it is truncated or corrupt: copy the "
+                "checkpoint again or re-create it"
             ) from exc
     return shapes
 
@@ -277,7 +352,10 @@ def check_tensors(path: Path, config, qc: SinkQuantConfig) -> None:
         parts = ([f"missing {', '.join(missing[:4])}"] if missing else []) + (
             [f"unexpected {', '.join(extra[:4])}"] if extra else []
         )
-        raise InputError(f"checkpoint {path} does not match its config: {'; '.join(parts)}")
+        raise InputError(
+            f"checkpoint {path} does not match its config: {'; '.join(parts)}; copy the checkpoint again or "
+            "re-create it"
+        )
     for key, shape in stored.items():
         if expected[key] != shape:
             raise InputError(f"checkpoint {path}: tensor {key} has shape {shape}, expected {expected[key]}")

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import click
@@ -14,6 +15,7 @@ from . import __version__
 from .errors import SinkQuantError
 
 DTYPE_CHOICE = click.Choice(["auto", "float32", "bfloat16", "float16"])
+NO_VERIFY_HELP = "Load a sinkquant checkpoint even if its files do not match the sha256 manifest."
 
 
 def _quiet_libraries() -> None:
@@ -24,19 +26,44 @@ def _quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
 
 
+def _progress() -> bool:
+    """Progress bars only on a terminal: in a log or a pipe they are noise around the lines that matter."""
+    return sys.stderr.isatty()
+
+
+def _one_line(text: str) -> str:
+    """A message as one line: the CLI promises one line per error, whatever a message was built from."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as `warning: ...`, one line each, like errors (no source file and line of library code)."""
+    text = str(message).strip().splitlines()
+    click.echo(f"warning: {text[0] if text else category.__name__}", err=True)
+
+
 class _Group(click.Group):
     """Turns every error into one line on stderr (a traceback only with --debug)."""
 
     def invoke(self, ctx: click.Context):
-        debug = "--debug" in sys.argv[1:]
+        debug = "--debug" in sys.argv[1:] or bool(ctx.params.get("debug"))
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                if not debug:
+                    warnings.showwarning = _one_line_warning
+                return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:  # a bad option or argument: one line too, not click's usage block
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            click.echo(f"error: {exc.format_message()} (see '{where} --help')", err=True)
+            ctx.exit(exc.exit_code)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except SinkQuantError as exc:
             if debug:
                 traceback.print_exc()
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {_one_line(str(exc))}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("error: interrupted; nothing was written", err=True)
@@ -104,6 +131,7 @@ def main(debug: bool) -> None:
     "--plots", default=None, type=click.Path(file_okay=False), help="Write PNG plots into this folder."
 )
 @click.option("--trust-remote-code", is_flag=True, help="Allow code shipped inside the model folder to run.")
+@click.option("--no-verify", is_flag=True, help=NO_VERIFY_HELP)
 def calibrate(
     model,
     dataset,
@@ -117,6 +145,7 @@ def calibrate(
     out,
     plots,
     trust_remote_code,
+    no_verify,
 ):
     """Measure attention sinks, massive activations and outlier input channels of MODEL."""
     from .calibrate import CalibrationSettings
@@ -131,8 +160,8 @@ def calibrate(
         probe = calibration_samples(
             load_tokenizer(model, trust_remote_code), dataset, 1, min(seq_len, 128), seed
         ).input_ids
-    net, tokenizer = prepare_model(model, dtype, trust_remote_code, probe_ids=probe)
-    report = run_calibration(net, tokenizer, dataset, samples, seq_len, seed, settings)
+    net, tokenizer = prepare_model(model, dtype, trust_remote_code, probe_ids=probe, verify=not no_verify)
+    report = run_calibration(net, tokenizer, dataset, samples, seq_len, seed, settings, progress=_progress())
     report.model = str(model)
     print_summary(report)
     if out:
@@ -208,6 +237,7 @@ def calibrate(
     "--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the result as JSON here."
 )
 @click.option("--trust-remote-code", is_flag=True, help="Allow code shipped inside the model folder to run.")
+@click.option("--no-verify", is_flag=True, help=NO_VERIFY_HELP)
 def eval_command(
     model,
     dataset,
@@ -227,6 +257,7 @@ def eval_command(
     dtype,
     json_out,
     trust_remote_code,
+    no_verify,
 ):
     """Perplexity of MODEL (a model or a sinkquant checkpoint) under the fixed protocol."""
     from .data import load_documents
@@ -238,7 +269,7 @@ def eval_command(
     if dtype == "float16":
         tok = load_tokenizer(model, trust_remote_code)
         probe = evaluation_windows(tok, "\n\n".join(load_documents(dataset)), min(seq_len, 128), None)[:1]
-    net, tokenizer = prepare_model(model, dtype, trust_remote_code, probe_ids=probe)
+    net, tokenizer = prepare_model(model, dtype, trust_remote_code, probe_ids=probe, verify=not no_verify)
     kv_options = {
         "kv_cache.bits": int(kv_bits) if kv_bits else None,
         "kv_cache.residual": residual,
@@ -259,7 +290,7 @@ def eval_command(
     factory, kv_desc = _kv_cache_factory(net, tokenizer, recipe_path, kv_options, calibration)
     if factory is not None and chunk_size is None:
         chunk_size = 64
-    ref = prepare_model(reference, "auto", trust_remote_code)[0] if reference else None
+    ref = prepare_model(reference, "auto", trust_remote_code, verify=not no_verify)[0] if reference else None
     result = evaluate(
         net,
         tokenizer,
@@ -269,6 +300,7 @@ def eval_command(
         reference=ref,
         chunk_size=chunk_size,
         cache_factory=factory,
+        progress=_progress(),
     )
     result.extra = {
         "model": str(model),
@@ -315,7 +347,9 @@ def _kv_cache_factory(net, tokenizer, recipe_path, kv_options, calibration):
         from .calibrate import CalibrationReport, calibrate
 
         report = (
-            CalibrationReport.load(calibration) if calibration else calibrate(net, tokenizer, None, 16, 512)
+            CalibrationReport.load(calibration)
+            if calibration
+            else calibrate(net, tokenizer, None, 16, 512, progress=_progress())
         )
     key_outliers = None
     if config.key_outlier_channels:
@@ -425,8 +459,6 @@ def quantize(
         if not group_size.isdigit():
             raise InputError(f"--group-size must be a number or 'channel' (got {group_size!r})")
         group_size = int(group_size)
-    if wbits == "8" and group_size is not None:
-        raise InputError("--wbits 8 is always per output channel; drop --group-size")
     overrides = {
         "calibration.dataset": dataset,
         "calibration.samples": samples,
@@ -439,8 +471,22 @@ def quantize(
         "kv_cache.bits": int(kv_bits) if kv_bits else None,
     }
     recipe = _recipe_from(recipe_path, overrides)
+    if group_size is not None and recipe.weights is not None and recipe.weights.bits == 8:
+        # int8 is one scale per output channel: the group size would be dropped without a word
+        source = "--wbits 8" if wbits else f"weights.bits is 8 in {recipe_path}, and int8"
+        raise InputError(
+            f"{source} is always per output channel; drop --group-size, or use --wbits 4 for groups"
+        )
     result = quantize_model(
-        model_dir, out_dir, recipe, calibration, overwrite, eval_dataset, eval_tokens, trust_remote_code
+        model_dir,
+        out_dir,
+        recipe,
+        calibration,
+        overwrite,
+        eval_dataset,
+        eval_tokens,
+        trust_remote_code,
+        progress=_progress(),
     )
     s = result.summary
     w = recipe.weights

@@ -50,7 +50,8 @@ def embedded_calibration_path() -> Path:
     return Path(str(resources.files("sinkquant") / "assets" / "c4_calibration_128.jsonl"))
 
 
-def _hub_is_offline() -> bool:
+def hub_is_offline() -> bool:
+    """True when the Hugging Face hub must not or cannot be reached (offline variables, no network)."""
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
             return True
@@ -66,6 +67,24 @@ def _quiet_datasets() -> None:
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+
+
+_EXPECTED = {
+    "text": "plain text",
+    "json": 'one JSON object like {"text": ...} per line',
+    "parquet": "a parquet table with a text column",
+}
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The first line of the innermost error: the parser's own words, not the dataset builder's wrapper."""
+    for _ in range(16):
+        inner = exc.__cause__ or exc.__context__
+        if inner is None:
+            break
+        exc = inner
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _load_local(path: Path, text_field: str) -> list[str]:
@@ -84,12 +103,12 @@ def _load_local(path: Path, text_field: str) -> list[str]:
         table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as exc:  # datasets raises many types for a malformed file
         raise InputError(
-            f"dataset {path} could not be read as {builder}: {str(exc).splitlines()[0]}"
+            f"dataset {path} could not be read as {builder} ({_root_cause(exc)}); it should hold {_EXPECTED[builder]}"
         ) from exc
     if text_field not in table.column_names:
         raise InputError(
             f"dataset {path} has no {text_field!r} field (it has {', '.join(table.column_names)}); "
-            f"store the text under {text_field!r} or pass --text-field"
+            f"store each document's text under {text_field!r}"
         )
     return [t for t in table[text_field] if isinstance(t, str) and t.strip()]
 
@@ -98,7 +117,7 @@ def _load_hub(name: str, text_field: str) -> list[str]:
     import datasets
 
     spec = HUB_DATASETS.get(name, {"path": name, "split": "train", "join": False})
-    if _hub_is_offline():
+    if hub_is_offline():
         raise InputError(
             f"dataset {name!r} is a hub name but the Hugging Face hub cannot be reached (offline); "
             "pass a local .txt/.jsonl/.parquet file instead"

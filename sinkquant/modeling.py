@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,11 +36,108 @@ def _check_model_dir(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise InputError(f"{path} has no config.json; give a Hugging Face model folder or a hub id")
     try:
-        json.loads((path / "config.json").read_text())
+        config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise InputError(
             f"{path}/config.json cannot be read as JSON ({exc}); repair or re-download the model"
         ) from exc
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise InputError(
+            f"{path}/config.json has no model_type, so transformers cannot tell what model it is; "
+            "repair or re-download the model"
+        )
+
+
+def _ships_code(path: Path) -> str | None:
+    """The file in a model folder that points transformers at Python code inside it (auto_map), if any."""
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            return name
+    return None
+
+
+def _looks_like_path(model_id: str) -> bool:
+    """A hub id is `name` or `owner/name`; anything else the user typed is meant as a folder."""
+    return (
+        model_id.startswith((".", "/", "~"))
+        or model_id.count("/") > 1
+        or (os.sep != "/" and os.sep in model_id)
+        or model_id.endswith("/")
+    )
+
+
+def _cached_on_hub(model_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def check_model_source(model_id: str | os.PathLike, trust_remote_code: bool = False) -> Path | None:
+    """Refuse a model source that cannot work, before any tokenizer or weights are loaded, so every
+    mistake gets one clear message instead of whichever library error comes first.
+
+    Returns the local folder, or None for a hub id (left to transformers, cache first)."""
+    from .data import hub_is_offline
+
+    path = Path(model_id).expanduser()
+    if not path.exists():
+        if _looks_like_path(str(model_id)):
+            raise InputError(f"model folder {model_id} does not exist; check the path")
+        if not _cached_on_hub(str(model_id)) and hub_is_offline():
+            raise InputError(
+                f"{model_id} is not a local folder, and as a hub name it cannot be fetched: the Hugging Face "
+                "hub is offline; check the path, or download the model and pass its folder"
+            )
+        return None
+    if not path.is_dir():
+        raise InputError(f"{path} is a file; give the model's folder (with config.json and the weights)")
+    _check_model_dir(path)
+    shipped = _ships_code(path)
+    if shipped and not trust_remote_code:
+        raise InputError(
+            f"{path} ships its own Python code (auto_map in {shipped}); sinkquant does not run code from a model "
+            "folder unless you pass --trust-remote-code (read that code first)"
+        )
+    if not shipped:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        model_type = json.loads((path / "config.json").read_text())["model_type"]
+        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise InputError(
+                f"{path} holds a {model_type!r} model, which is not a causal language model transformers can "
+                "load (no AutoModelForCausalLM for it); give a decoder-only LM such as Llama, Qwen2 or GPT-2"
+            )
+    return path
+
+
+def check_weight_files(path: Path) -> None:
+    """Every safetensors file must have a whole, readable header (a truncated or corrupt download fails
+    here, naming the file); without safetensors, only `.bin` files are accepted, and those are read
+    with `torch.load(weights_only=True)`, which refuses any pickled object that is not a tensor."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                fh.keys()
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InputError(
+                f"{file} is not a readable safetensors file ({str(exc).splitlines()[0]}): it is truncated or "
+                "corrupt; re-download or re-copy the model"
+            ) from exc
+    if not files and not any(path.glob("*.bin")):
+        raise InputError(
+            f"{path} holds no weights (no *.safetensors or pytorch_model.bin file); copy the model's weight "
+            "files into it"
+        )
 
 
 def is_sinkquant_checkpoint(path: str | os.PathLike) -> bool:
@@ -56,6 +154,7 @@ def is_sinkquant_checkpoint(path: str | os.PathLike) -> bool:
 def load_tokenizer(model_id: str | os.PathLike, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    check_model_source(model_id, trust_remote_code)
     try:
         return AutoTokenizer.from_pretrained(str(model_id), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -67,47 +166,66 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    verify: bool = True,
 ):
-    """Load a causal LM (plain or a sinkquant checkpoint) for inference, in eval mode."""
+    """Load a causal LM (plain or a sinkquant checkpoint) for inference, in eval mode.
+
+    A sinkquant checkpoint is verified against its sha256 manifest unless `verify` is False. Weights
+    that do not cover the model (random initialisation would fill the gap) are refused."""
+    import pickle
+
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    path = Path(model_id).expanduser()
-    if path.exists():
-        _check_model_dir(path)
-    elif os.sep in str(model_id) or str(model_id).startswith("."):
-        raise InputError(f"model folder {model_id} does not exist; check the path")
+    local = check_model_source(model_id, trust_remote_code)
     torch_dtype = resolve_dtype(dtype)
-    if (
-        path.exists()
-        and not trust_remote_code
-        and "auto_map" in json.loads((path / "config.json").read_text())
-    ):
-        raise InputError(
-            f"{path} ships its own Python code (auto_map in config.json); sinkquant does not run code from a model "
-            "folder unless you pass --trust-remote-code (read that code first)"
-        )
-    if path.exists() and is_sinkquant_checkpoint(path):
+    if local is not None and is_sinkquant_checkpoint(local):
         from .checkpoint import load
 
-        return load(path, dtype=torch_dtype)
+        return load(local, dtype=torch_dtype, verify=verify)
+    if local is not None:
+        check_weight_files(local)
     load_dtype = torch.float32 if torch_dtype == torch.float16 else torch_dtype
-    kwargs = {"dtype": load_dtype, "trust_remote_code": trust_remote_code}
+    kwargs = {
+        "dtype": load_dtype,
+        "trust_remote_code": trust_remote_code,
+        "weights_only": True,
+        "output_loading_info": True,
+    }
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else str(model_id), **kwargs)
+        with warnings.catch_warnings():
+            # torch's note on a .bin's pickle protocol: the weights-only unpickler still decides
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            model, info = AutoModelForCausalLM.from_pretrained(str(local or model_id), **kwargs)
+    except pickle.UnpicklingError as exc:
+        raise InputError(
+            f"the .bin weights in {model_id} hold pickled objects other than tensors, and sinkquant never runs "
+            "pickled code (torch.load weights_only=True refused them); use a safetensors copy of the model"
+        ) from exc
+    except SafetensorError as exc:
+        raise InputError(
+            f"the weights in {model_id} cannot be read ({str(exc).splitlines()[0]}); re-download the model"
+        ) from exc
     except ValueError as exc:
         raise InputError(
             f"{model_id} is not a causal language model transformers can load: {str(exc).splitlines()[0]}"
         ) from exc
     except OSError as exc:
         raise InputError(f"cannot load {model_id}: {str(exc).splitlines()[0]}") from exc
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise InputError(
+            f"the weights in {model_id} do not match its config.json: {len(missing)} tensors are missing "
+            f"({', '.join(missing[:3])}); re-download the model or fix config.json"
+        )
     model.eval()
     # the precision the weights were stored in, before `dtype` upcast them: quantization keeps the
     # full-precision columns in it, bit-identical to the source
     stored = None
-    if path.exists():
-        cfg = json.loads((path / "config.json").read_text())
+    if local is not None:
+        cfg = json.loads((local / "config.json").read_text())
         stored = cfg.get("dtype") or cfg.get("torch_dtype")
     model._sinkquant_source_dtype = (
         DTYPES.get(stored, torch.float32) if isinstance(stored, str) else torch.float32
@@ -172,11 +290,18 @@ def check_fp16_range(model: nn.Module, input_ids: torch.Tensor) -> None:
             )
 
 
-def prepare_model(model_id, dtype="auto", trust_remote_code=False, attn_implementation=None, probe_ids=None):
+def prepare_model(
+    model_id,
+    dtype="auto",
+    trust_remote_code=False,
+    attn_implementation=None,
+    probe_ids=None,
+    verify: bool = True,
+):
     """Load model and tokenizer; for float16, check the activation range first on `probe_ids`."""
     torch_dtype = resolve_dtype(dtype)
     tokenizer = load_tokenizer(model_id, trust_remote_code)
-    model = load_model(model_id, torch_dtype, trust_remote_code, attn_implementation)
+    model = load_model(model_id, torch_dtype, trust_remote_code, attn_implementation, verify)
     if torch_dtype == torch.float16 and next(model.parameters()).dtype != torch.float16:
         if probe_ids is not None:
             check_fp16_range(model, probe_ids)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .calibrate import CalibrationReport, calibrate
-from .checkpoint import SinkQuantConfig, prepare_out_dir, save
+from .checkpoint import SinkQuantConfig, check_finite, prepare_out_dir, save
 from .errors import InputError
 from .modeling import prepare_model
 from .quantize.weights import QuantizeSummary, quantize_
@@ -84,7 +84,12 @@ def quantize_model(
     out = prepare_out_dir(out_dir, overwrite)  # refuse early, before minutes of work
     times: dict[str, float] = {}
     start = time.perf_counter()
+    if recipe.kv_cache is not None:
+        from .quantize.generation import kv_config
+
+        kv_config(recipe.kv_cache)  # the cache's own rules, so no checkpoint stores settings it refuses
     model, tokenizer = prepare_model(model_id, "float32", trust_remote_code)
+    check_finite(model)  # name the broken source tensor, before NaN spreads into calibration and scales
     times["load"] = time.perf_counter() - start
     total_bytes, embedding_bytes = _param_bytes(model)
 
@@ -177,7 +182,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     qc = config.get("quantization_config") or {}
     if qc.get("quant_method") != "sinkquant":
         raise InputError(
-            f"{path} is not a sinkquant checkpoint (quantization_config.quant_method is {qc.get('quant_method')!r})"
+            f"{path} is not a sinkquant checkpoint (its config.json has no sinkquant quantization_config); "
+            "give a folder written by `sinkquant quantize`"
         )
     shapes = _stored_shapes(path)
     layers = qc.get("layers", {})

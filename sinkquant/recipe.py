@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import InputError
 
@@ -26,7 +34,8 @@ DEFAULT_IGNORE = ["lm_head", "re:.*embed.*", "re:.*wte$", "re:.*wpe$"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.nan` or `.inf` in a float field is a typo, never a setting
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class CalibrationSection(_Strict):
@@ -106,6 +115,16 @@ class KVCacheSection(_Strict):
     max_tokens: int | None = Field(None, ge=16)
     key_outlier_channels: int = Field(0, ge=0, le=32)
 
+    @field_validator("group_size")
+    @classmethod
+    def _whole_bytes(cls, value, info: ValidationInfo):
+        bits = info.data.get("bits")
+        if bits is not None and (value * bits) % 8:
+            raise ValueError(
+                f"group_size * bits must fill whole bytes (a multiple of 8) at {bits} bits; use e.g. 32 or 64"
+            )
+        return value
+
     @field_validator("sinks")
     @classmethod
     def _positions(cls, value):
@@ -115,10 +134,12 @@ class KVCacheSection(_Strict):
 
     @model_validator(mode="after")
     def _window_fits(self) -> KVCacheSection:
-        sinks = len(self.sinks) if isinstance(self.sinks, list) else 1
-        if self.max_tokens is not None and self.max_tokens <= sinks + self.residual:
+        # the cache needs room for the sinks, one quantized group and the residual window
+        sinks = len(self.sinks) if isinstance(self.sinks, list) else int(self.sinks == "auto")
+        floor = sinks + self.group_size + self.residual
+        if self.max_tokens is not None and self.max_tokens < floor:
             raise ValueError(
-                f"max_tokens ({self.max_tokens}) must exceed sinks + residual ({sinks + self.residual})"
+                f"max_tokens ({self.max_tokens}) must be at least sinks + group_size + residual ({floor})"
             )
         return self
 
@@ -164,18 +185,25 @@ class Recipe(_Strict):
 # -- loading -------------------------------------------------------------------------------------------
 
 
-def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
-    """Map every key path of a YAML document to its 1-based line."""
+def _line_map(
+    node: yaml.Node, path: tuple = (), out: dict | None = None, seen: set | None = None
+) -> dict[tuple, int]:
+    """Map every key path of a YAML document to its 1-based line (an alias is followed once, so a
+    document that contains itself ends instead of recursing forever)."""
     out = {} if out is None else out
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return out
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key_path = (*path, key_node.value)
             out[key_path] = key_node.start_mark.line + 1
-            _line_map(value_node, key_path, out)
+            _line_map(value_node, key_path, out, seen)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             out[(*path, i)] = item.start_mark.line + 1
-            _line_map(item, (*path, i), out)
+            _line_map(item, (*path, i), out, seen)
     return out
 
 
@@ -235,7 +263,8 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f", line {mark.line + 1}" if mark else ""
-        raise InputError(f"{source}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]  # a ReaderError has no `problem`
+        raise InputError(f"{source}{line}: not valid YAML ({problem}); fix the syntax there") from None
     return _validate(data, source, _line_map(node) if node is not None else {})
 
 
@@ -247,5 +276,5 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"recipe file {path} cannot be read as text ({exc})") from exc
+        raise InputError(f"recipe file {path} cannot be read as text ({exc}); save it as UTF-8 YAML") from exc
     return parse_recipe(text, str(path))

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 import sinkquant  # noqa: F401  (registers the "sinkquant" quantizer with transformers)
 from sinkquant.checkpoint import MANIFEST, SinkQuantConfig, load, save
 from sinkquant.cli import main
-from sinkquant.errors import InputError
+from sinkquant.errors import InputError, SinkQuantError
 from sinkquant.pipeline import quantize_model
 from sinkquant.recipe import Recipe
 
@@ -116,8 +116,9 @@ def test_failed_save_leaves_nothing_behind(tiny_dir, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(type(model), "save_pretrained", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(SinkQuantError, match="the disk is full") as info:
         save(model, tmp_path / "out")
+    assert isinstance(info.value.__cause__, OSError)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -36,7 +36,7 @@ def test_default_recipe_is_w4_g128_with_one_percent_outliers():
         ("weights:\n  outliers:\n    select: threshold\n", r"needs a `threshold`"),
         ("kv_cache:\n  bits: 3\n", r"line 2: kv_cache.bits"),
         ("kv_cache:\n  residual: many\n", r"kv_cache.residual: Input should be a valid integer"),
-        ("kv_cache:\n  residual: 64\n  max_tokens: 40\n", r"max_tokens \(40\) must exceed"),
+        ("kv_cache:\n  residual: 64\n  max_tokens: 40\n", r"max_tokens \(40\) must be at least"),
         ("calibraton:\n  samples: 4\n", r"unknown key 'calibraton'; did you mean 'calibration'"),
         ("weights: [1, 2\n", r"not valid YAML"),
         ("- a\n- b\n", r"must be a YAML mapping"),

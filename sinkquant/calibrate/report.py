@@ -159,7 +159,9 @@ class CalibrationReport:
         try:
             data = json.loads(path.read_text())
         except ValueError as exc:
-            raise InputError(f"calibration report {path} is not valid JSON ({exc})") from exc
+            raise InputError(
+                f"calibration report {path} is not valid JSON ({exc}); re-create it with `sinkquant calibrate --out`"
+            ) from exc
         try:
             return cls.from_dict(data)
         except (KeyError, TypeError) as exc:

@@ -90,7 +90,10 @@ def targets(model: nn.Module, ignore: list[str]) -> tuple[dict[str, nn.Module], 
             chosen[name] = module
     for pattern in ignore:
         if pattern not in used and pattern not in ("re:.*wte$", "re:.*wpe$", "re:.*embed.*"):
-            warnings.warn(f"ignore pattern {pattern!r} matches no linear module", stacklevel=2)
+            warnings.warn(
+                f"ignore pattern {pattern!r} matches no linear module; check its spelling in weights.ignore",
+                stacklevel=2,
+            )
     return chosen, skipped
 
 
