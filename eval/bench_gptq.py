@@ -9,6 +9,12 @@ from 32 x 512 tokens of C4 validation; GPTQ calibrates on `samples` x `seq-len` 
 file. Every row starts from the same fp32 model. The GPTQ rows are timed (calibration samples, the
 layer-by-layer passes and the quantization itself); the default row is run twice and its tensors
 compared byte for byte.
+
+Peer (row `llmcompressor`): llm-compressor's GPTQ W4A16 on the same calibration token ids, run in a
+virtual environment of its own (`eval/peers`, its pins clash with ours); its compressed-tensors
+checkpoint is decompressed there and scored here with the same evaluator. llm-compressor refuses a
+group size that does not divide every layer's width, so it runs at the largest of 128/64/32 that does
+(64 on SmolLM2, whose hidden size is 576), and `gptq-g64` is sinkquant at that group size.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from sinkquant.quantize.gptq import gptq_quantize_
 from sinkquant.quantize.weights import quantize_
 from sinkquant.recipe import Recipe
 
-SHARED = Path(os.environ.get("SINKQUANT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SINKQUANT_SHARED", ROOT.parent / "shared"))
 C4 = SHARED / "data" / "c4-validation-2k.jsonl"
 WIKITEXT = SHARED / "data" / "wikitext-2-raw-test.txt"
 
@@ -49,6 +56,7 @@ ROWS = {
     "gptq-damp": ("W4 g128 GPTQ + 1% cols, damping 0.1", {"weights.gptq.damping": 0.1}, {}),
     "gptq-absorb": ("W4 g128 GPTQ + 1% cols, error pushed into the cols", {}, {"absorb_into_outliers": True}),
     "gptq-clip": ("W4 g128 GPTQ + 1% cols, clip search", {}, {"clip_search": True}),
+    "gptq-g64": ("W4 g64 GPTQ + 1% cols (llm-compressor's group size)", {"weights.group_size": 64}, {}),
     "gptq-best": (
         "W4 g128 GPTQ + 1% cols, clip search, cap, damping 0.1",
         {_SINK: "cap", "weights.gptq.damping": 0.1}, {"clip_search": True},
@@ -129,6 +137,9 @@ def run(args) -> tuple[list[dict], dict]:
 
     rows = [score("fp32", fp32)]
     for key in args.rows:
+        if key == "llmcompressor":
+            rows.append(peer_row(fp32, tok, base, args, score))
+            continue
         label, overrides, extras = ROWS[key]
         recipe = base.with_overrides(**overrides)
         model = copy.deepcopy(fp32)
@@ -154,6 +165,30 @@ def run(args) -> tuple[list[dict], dict]:
     return rows, info
 
 
+def peer_row(fp32: nn.Module, tok, base: Recipe, args, score) -> dict:
+    """llm-compressor's GPTQ W4A16 on the same calibration ids, scored like every other row."""
+    from peers import PeerUnavailable, llmcompressor_gptq
+
+    from sinkquant.data import calibration_samples
+
+    widths = {m.in_features for m in fp32.modules() if isinstance(m, nn.Linear)}
+    group = next((g for g in (128, 64, 32) if all(w % g == 0 for w in widths)), None)
+    label = f"llm-compressor GPTQ W4A16 g{group} (symmetric, no outlier cols)"
+    if group is None:
+        return {"label": "llm-compressor GPTQ W4A16", "ppl": None, "note": f"no group size divides {widths}"}
+    c = base.calibration
+    ids = calibration_samples(tok, c.dataset, c.samples, c.seq_len, c.seed).input_ids
+    try:
+        info = llmcompressor_gptq(smollm2_path(), ids, ROOT / "runs" / "llmcompressor-gptq", group)
+    except PeerUnavailable as exc:
+        print(f"{label}: {exc}", flush=True)
+        return {"label": label, "ppl": None, "note": str(exc)}
+    model = prepare_model(info["dense"], "float32")[0]
+    why = f"g128 refused: widths {sorted(widths)} not all multiples of 128; " if group != 128 else ""
+    note = f"{why}llmcompressor {info['llmcompressor']}, its run {info['quantize_s']:.0f} s"
+    return score(label, model, info["quantize_s"], note)
+
+
 def write(rows: list[dict], info: dict, args, out: Path) -> str:
     base = rows[0]["ppl"]
     rtn = next((r for r in rows if r["label"].startswith("W4 g128 RTN")), None)
@@ -169,12 +204,17 @@ def write(rows: list[dict], info: dict, args, out: Path) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        if r["ppl"] is None:
+            lines.append(f"| {r['label']} | could not run: {r['note']} | | | | | |")
+            continue
         gap = r["ppl"] / base - 1
         rel = f"{gap / (rtn['ppl'] / base - 1):.2f}" if rtn and r is not rows[0] else ""
         secs = f"{r['seconds']:.0f}" if r["seconds"] else ""
         lines.append(
             f"| {r['label']} | {r['ppl']:.3f} | {gap:+.2%} | {rel} | {r['kl']:.4f} | {r['top1']:.4f} | {secs} |"
         )
+    notes = [f"- {r['label']}: {r['note']}" for r in rows if r.get("note") and r["ppl"] is not None]
+    lines += ["", *notes] if notes else []
     lines += [
         "",
         f"Machine: {platform.processor() or platform.machine()}, {info['threads']} torch threads, shared "
@@ -198,7 +238,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--report-samples", type=int, default=32, help="samples of the calibration report")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from: {', '.join(ROWS)}")
+    choices = [*ROWS, "llmcompressor"]
+    parser.add_argument(
+        "--rows", default=",".join(choices), help=f"comma-separated, from: {', '.join(choices)}"
+    )
     parser.add_argument(
         "--no-repeat", dest="repeat", action="store_false", help="skip the determinism re-run"
     )
@@ -206,9 +249,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("eval/results/gptq_smollm2.md"))
     args = parser.parse_args()
     args.rows = [r for r in args.rows.split(",") if r]
-    unknown = [r for r in args.rows if r not in ROWS]
+    unknown = [r for r in args.rows if r not in choices]
     if unknown:
-        parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+        parser.error(f"unknown rows {unknown}; choose from {', '.join(choices)}")
     rows, info = run(args)
     print(write(rows, info, args, args.out))
 

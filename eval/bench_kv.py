@@ -1,11 +1,15 @@
 """Measured table for the sink-aware KV cache: perplexity, ratio to fp32 and KV bytes per token.
 
-    python eval/bench_kv.py MODEL [--tokens 16384] [--stream-tokens 8192] [--out eval/results/kv_smollm2.md]
+    python eval/bench_kv.py MODEL [--tokens 16384] [--stream-tokens 8192] [--stream-max-tokens 256,1024]
+                              [--out eval/results/kv_smollm2.md]
 
 Protocol: WikiText-2 test, the first --tokens tokens, windows of 1024 fed 64 tokens at a time through
 the cache under test (sinkquant.evaluate), residual 64, float32 model. Calibration (sinks, massive
 activations) on 16 x 512 tokens of C4 validation; key outlier channels from 8 x 512 of the same.
-Streaming: windows of 2048 (8 x max_tokens=256) fed in chunks of 64, evicting the oldest tokens.
+Streaming: for each --stream-max-tokens M, windows of 8 x M tokens (the first --stream-tokens tokens)
+fed in chunks of 64 with eviction beyond M, against the full cache on the same windows (scored in one
+pass, which the protocol makes equal to the chunked pass). M=1024 (windows of 8192, SmolLM2's trained
+context) is the headline; M=256 shows how a small budget costs context, sinks or not.
 """
 
 from __future__ import annotations
@@ -86,7 +90,7 @@ class Recorder:
         return sum(w["qbytes"] for w in self.windows) / qtok if qtok else None
 
 
-def run_row(name, model, tok, seq_len, tokens, factory, fp16_bytes, rows, base=None):
+def run_row(name, model, tok, seq_len, tokens, factory, fp16_bytes, rows, base=None, chunk_size=64):
     recorder = Recorder(factory) if factory is not None else None
     start = time.perf_counter()
     try:
@@ -96,7 +100,7 @@ def run_row(name, model, tok, seq_len, tokens, factory, fp16_bytes, rows, base=N
             WIKITEXT,
             seq_len=seq_len,
             max_tokens=tokens,
-            chunk_size=64,
+            chunk_size=chunk_size,
             cache_factory=recorder,
             progress=False,
         )
@@ -179,6 +183,16 @@ def main(argv=None) -> int:
     parser.add_argument("model")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--stream-tokens", type=int, default=8192)
+    parser.add_argument(
+        "--stream-max-tokens",
+        default="256,1024",
+        help="comma-separated cache budgets; each is scored on windows of 8 x the budget",
+    )
+    parser.add_argument(
+        "--parts",
+        default="quant,stream",
+        help="which tables to measure: quant (quantized cache rows), stream (eviction rows), or both",
+    )
     parser.add_argument("--out", default=str(ROOT / "eval" / "results" / "kv_smollm2.md"))
     args = parser.parse_args(argv)
 
@@ -207,9 +221,8 @@ def main(argv=None) -> int:
 
         return lambda m: QuantizedCache(backend="quanto", config=m.config, nbits=bits)
 
+    parts = set(args.parts.split(","))
     rows: list[dict] = []
-    base = run_row("fp32 DynamicCache", model, tok, 1024, args.tokens, None, fp16_bytes, rows)
-    rows[-1]["bytes"], rows[-1]["vs_fp16"] = 2 * fp16_bytes, 2.0
     specs = [
         ("int8, sinks", sq(bits=8)),
         ("int4 per-channel keys, sinks", sq(bits=4)),
@@ -220,22 +233,29 @@ def main(argv=None) -> int:
         ("transformers QuantizedCache quanto int2 (defaults)", quanto(2)),
         ("transformers QuantizedCache quanto int4", quanto(4)),
     ]
-    for name, factory in specs:
-        run_row(name, model, tok, 1024, args.tokens, factory, fp16_bytes, rows, base)
+    if "quant" in parts:
+        base = run_row("fp32 DynamicCache", model, tok, 1024, args.tokens, None, fp16_bytes, rows)
+        rows[-1]["bytes"], rows[-1]["vs_fp16"] = 2 * fp16_bytes, 2.0
+        for name, factory in specs:
+            run_row(name, model, tok, 1024, args.tokens, factory, fp16_bytes, rows, base)
 
     stream: list[dict] = []
-    full = run_row(
-        "fp32 DynamicCache, full 2048", model, tok, 2048, args.stream_tokens, None, fp16_bytes, stream
-    )
-    stream[-1]["bytes"], stream[-1]["vs_fp16"] = 2 * fp16_bytes, 2.0
-    for name, factory in [
-        ("int4, sinks, max_tokens 256", sq(bits=4, max_tokens=256)),
-        ("int4, no sinks, max_tokens 256", sq(bits=4, sinks="none", max_tokens=256)),
-    ]:
-        run_row(name, model, tok, 2048, args.stream_tokens, factory, fp16_bytes, stream, full)
+    budgets = [int(b) for b in args.stream_max_tokens.split(",") if b] if "stream" in parts else []
+    for budget in budgets:
+        window = 8 * budget
+        full = run_row(
+            f"fp32 DynamicCache, full {window}", model, tok, window, args.stream_tokens, None, fp16_bytes,
+            stream, chunk_size=None,
+        )  # fmt: skip
+        stream[-1]["bytes"], stream[-1]["vs_fp16"] = 2 * fp16_bytes, 2.0
+        for name, factory in [
+            (f"int4, sinks, max_tokens {budget}", sq(bits=4, max_tokens=budget)),
+            (f"int4, no sinks, max_tokens {budget}", sq(bits=4, sinks="none", max_tokens=budget)),
+        ]:
+            run_row(name, model, tok, window, args.stream_tokens, factory, fp16_bytes, stream, full)
 
     same, quantized = greedy_equal(model, tok, report)
-    notes = [
+    quant_notes = [
         f"- model `{args.model}`, float32; WikiText-2 test, first {args.tokens} tokens, windows of 1024 fed in chunks "
         "of 64, residual 64, group 64 (keys: 64 tokens per channel; values: per token over head_dim), "
         "scales/minimums float16; bytes exclude sinks and the full-precision residual (fp16 = "
@@ -248,16 +268,19 @@ def main(argv=None) -> int:
         else "- no run-time detection.",
         f"- greedy generate, 32 new tokens after a 256-token prompt: int8 cache equals the fp cache: {same} "
         f"({quantized} tokens per layer quantized).",
-        f"- streaming: windows of 2048, first {args.stream_tokens} tokens, chunks of 64, max_tokens 256 "
-        "(the oldest quantized groups are evicted; sinks kept or not).",
+    ]
+    stream_notes = [
+        f"- streaming: first {args.stream_tokens} tokens in windows of 8 x max_tokens ({budgets}), chunks of "
+        "64; once a window holds max_tokens the oldest quantized groups are evicted (sinks kept or not); the "
+        "ratio is to the full cache on the same windows, scored in one pass.",
     ]
     text = (
         "\n\n".join(
             [
                 f"## KV cache: {Path(args.model).name}",
-                table(rows, "Quantized KV cache"),
-                table(stream, "Streaming (eviction)", "full cache"),
-                "\n".join(notes),
+                *([table(rows, "Quantized KV cache")] if rows else []),
+                *([table(stream, "Streaming (eviction)", "full cache")] if stream else []),
+                "\n".join(quant_notes + (stream_notes if stream else [])),
             ]
         )
         + "\n"

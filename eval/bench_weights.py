@@ -2,8 +2,9 @@
 
     python eval/bench_weights.py [MODEL] [--tokens 16384] [--dataset WIKITEXT] [--calib-samples 32]
 
-Rows: fp32; sinkquant W8 per channel; W4 g128 round-to-nearest; W4 g128 + 1% outlier input columns
-chosen by max |x| and by mean |x|; W4 per channel + 1%; bitsandbytes nf4 (`BitsAndBytesConfig`).
+Rows: fp32; sinkquant W8 per channel; W4 g128 round-to-nearest (min/max, and with the clip search);
+W4 g128 + 1% outlier input columns chosen by max |x| and by mean |x|; W4 per channel + 1%; bitsandbytes
+nf4 (`BitsAndBytesConfig`).
 Each row: perplexity (the fixed protocol: seq-len 1024, first N tokens), ratio to fp32, KL divergence
 to fp32, top-1 agreement, and bytes of the quantized tensors vs their fp16 bytes. Writes a markdown
 table to eval/results/weights_<model>.md.
@@ -77,6 +78,10 @@ def main() -> None:
         flush=True,
     )
 
+    from bench_gptq import CachedReference
+
+    reference = CachedReference(fp32)  # the fp32 logits of each window, computed once for every row
+
     def score(model):
         return evaluate(
             model,
@@ -84,7 +89,7 @@ def main() -> None:
             args.dataset,
             1024,
             args.tokens,
-            reference=fp32 if model is not fp32 else None,
+            reference=reference if model is not fp32 else None,
             progress=False,
         )
 
@@ -92,12 +97,17 @@ def main() -> None:
     base = score(fp32)
     rows.append(("fp32", base, None))
     print(f"fp32: {base.perplexity:.4f}", flush=True)
+    no_cols = {"weights.outliers.fraction": 0.0}
     variants = [
-        ("sinkquant W8 per channel", {"weights.bits": 8, "weights.outliers.fraction": 0.0}),
-        ("sinkquant W4 g128 RTN", {"weights.outliers.fraction": 0.0}),
-        ("sinkquant W4 g128 + 1% cols (max |x|)", {"weights.outliers.select": "max"}),
-        ("sinkquant W4 g128 + 1% cols (mean |x|)", {"weights.outliers.select": "mean"}),
-        ("sinkquant W4 per channel + 1% cols (max |x|)", {"weights.group_size": "channel"}),
+        ("sinkquant W8 per channel", {"weights.bits": 8, **no_cols}),
+        ("sinkquant W4 g128 RTN, min/max only", {"weights.clip_search": False, **no_cols}),
+        ("sinkquant W4 g128 RTN, clip search, no cols", no_cols),
+        ("sinkquant W4 g128 + 1% cols (max |x|), clip search", {"weights.outliers.select": "max"}),
+        (
+            "sinkquant W4 g128 + 1% cols (mean |x|), clip search (default)",
+            {"weights.outliers.select": "mean"},
+        ),
+        ("sinkquant W4 per channel + 1% cols (mean |x|), clip search", {"weights.group_size": "channel"}),
     ]
     for name, overrides in variants:
         model = copy.deepcopy(fp32)
