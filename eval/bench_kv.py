@@ -256,12 +256,7 @@ def main(argv=None) -> int:
 
     same, quantized = greedy_equal(model, tok, report)
     quant_notes = [
-        f"- model `{args.model}`, float32; WikiText-2 test, first {args.tokens} tokens, windows of 1024 fed in chunks "
-        "of 64, residual 64, group 64 (keys: 64 tokens per channel; values: per token over head_dim), "
-        "scales/minimums float16; bytes exclude sinks and the full-precision residual (fp16 = "
-        f"{fp16_bytes} bytes/token/layer).",
-        f"- calibration: sinks {report.sinks.positions}; run-time detection {detect}; sink positions kept per "
-        f"window: {rows[1].get('sinks') if len(rows) > 1 else 'n/a'}.",
+        f"- calibration (16 x 512 tokens of C4): sinks {report.sinks.positions}; run-time detection {detect}.",
         f"- detection margin on the first window: |h| at position 0 = {margin[0]:.0f}, largest later |h| = "
         f"{margin[1]:.1f}, threshold {detect.threshold:.0f}."
         if margin
@@ -269,6 +264,14 @@ def main(argv=None) -> int:
         f"- greedy generate, 32 new tokens after a 256-token prompt: int8 cache equals the fp cache: {same} "
         f"({quantized} tokens per layer quantized).",
     ]
+    if rows:
+        quant_notes[:0] = [
+            f"- model `{args.model}`, float32; WikiText-2 test, first {args.tokens} tokens, windows of 1024 fed in chunks "
+            "of 64, residual 64, group 64 (keys: 64 tokens per channel; values: per token over head_dim), "
+            "scales/minimums float16; bytes exclude sinks and the full-precision residual (fp16 = "
+            f"{fp16_bytes} bytes/token/layer).",
+            f"- sink positions kept per window: {rows[1].get('sinks') if len(rows) > 1 else 'n/a'}.",
+        ]
     stream_notes = [
         f"- streaming: first {args.stream_tokens} tokens in windows of 8 x max_tokens ({budgets}), chunks of "
         "64; once a window holds max_tokens the oldest quantized groups are evicted (sinks kept or not); the "
