@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -96,11 +97,10 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, index: int) -> list[torch.T
     ]
 
 
-class InputObserver:
+class InputObserver(Protocol):
     """What `observe_inputs` feeds: any object with `add(x)`, x = a linear layer's input [..., in]."""
 
-    def add(self, x: torch.Tensor) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    def add(self, x: torch.Tensor) -> None: ...
 
 
 @contextlib.contextmanager
