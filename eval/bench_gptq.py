@@ -23,13 +23,11 @@ import argparse
 import copy
 import os
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
+from common import CachedReference, default_model
 from torch import nn
 
 from sinkquant import calibrate, evaluate
@@ -64,28 +62,6 @@ ROWS = {
 }  # fmt: skip
 
 
-class CachedReference(nn.Module):
-    """The fp32 model's logits per window, computed once (the evaluator asks for them on every row)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model, self.cache = model, {}
-
-    def forward(self, input_ids: torch.Tensor, **kwargs):
-        key = input_ids.numpy().tobytes()
-        if key not in self.cache:
-            self.cache[key] = self.model(input_ids=input_ids, **kwargs).logits.float()
-        return SimpleNamespace(logits=self.cache[key])
-
-
-def smollm2_path() -> Path:
-    tool = SHARED / "tools" / "materialize_model.py"
-    done = subprocess.run(
-        [sys.executable, str(tool), "smollm2-135m"], capture_output=True, text=True, check=True
-    )
-    return Path(done.stdout.strip().splitlines()[-1])
-
-
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -100,7 +76,7 @@ def _identical(a: dict, b: dict) -> bool:
 
 def run(args) -> tuple[list[dict], dict]:
     torch.manual_seed(0)
-    path = smollm2_path()
+    path = default_model()
     fp32, tok = prepare_model(path, "float32")
     info = {"threads": torch.get_num_threads(), "load_start": os.getloadavg()[0]}
     t = time.perf_counter()
@@ -138,7 +114,7 @@ def run(args) -> tuple[list[dict], dict]:
     rows = [score("fp32", fp32)]
     for key in args.rows:
         if key == "llmcompressor":
-            rows.append(peer_row(fp32, tok, base, args, score))
+            rows.append(peer_row(fp32, tok, base, args, score, str(path)))
             continue
         label, overrides, extras = ROWS[key]
         recipe = base.with_overrides(**overrides)
@@ -165,7 +141,7 @@ def run(args) -> tuple[list[dict], dict]:
     return rows, info
 
 
-def peer_row(fp32: nn.Module, tok, base: Recipe, args, score) -> dict:
+def peer_row(fp32: nn.Module, tok, base: Recipe, args, score, info_model: str) -> dict:
     """llm-compressor's GPTQ W4A16 on the same calibration ids, scored like every other row."""
     from peers import PeerUnavailable, llmcompressor_gptq
 
@@ -179,7 +155,7 @@ def peer_row(fp32: nn.Module, tok, base: Recipe, args, score) -> dict:
     c = base.calibration
     ids = calibration_samples(tok, c.dataset, c.samples, c.seq_len, c.seed).input_ids
     try:
-        info = llmcompressor_gptq(smollm2_path(), ids, ROOT / "runs" / "llmcompressor-gptq", group)
+        info = llmcompressor_gptq(info_model, ids, ROOT / "runs" / "llmcompressor-gptq", group)
     except PeerUnavailable as exc:
         print(f"{label}: {exc}", flush=True)
         return {"label": label, "ppl": None, "note": str(exc)}

@@ -46,12 +46,12 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from bench_gptq import CachedReference
 from bench_kv import Recorder
 from common import (
     RECIPES,
     RUNS,
     WIKITEXT,
+    CachedReference,
     bits_per_weight,
     bnb_int8,
     bnb_nf4,

@@ -15,39 +15,13 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
 import time
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-
-def default_model() -> str:
-    import subprocess
-
-    out = subprocess.run(
-        [sys.executable, str(SHARED / "tools" / "materialize_model.py"), "smollm2-135m"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.strip().splitlines()[-1]
-
-
-def bnb_nf4(model_path: str):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-    )
-    return AutoModelForCausalLM.from_pretrained(
-        model_path, quantization_config=config, dtype=torch.float32, device_map="cpu"
-    ).eval()
 
 
 def main() -> None:
@@ -64,6 +38,8 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    from common import CachedReference, bnb_nf4, default_model
+
     from sinkquant import calibrate, evaluate
     from sinkquant.modeling import prepare_model
     from sinkquant.quantize.weights import quantize_
@@ -77,8 +53,6 @@ def main() -> None:
         f"calibration: {args.calib_samples} x 512 tokens of the embedded C4 slice, {time.perf_counter() - start:.1f} s",
         flush=True,
     )
-
-    from bench_gptq import CachedReference
 
     reference = CachedReference(fp32)  # the fp32 logits of each window, computed once for every row
 
