@@ -47,7 +47,7 @@ _SINK = "weights.gptq.sink_tokens"
 ROWS = {
     "rtn": ("W4 g128 RTN + 1% cols", {}, None),
     "gptq": ("W4 g128 GPTQ + 1% cols (sink_tokens include)", {}, {}),
-    "gptq-no-cols": ("W4 g128 GPTQ, no outlier cols", {"weights.outliers.fraction": 0.0}, {}),
+    "gptq-no-cols": ("W4 g128 GPTQ, no outlier cols", {"weights.outliers": None}, {}),
     "gptq-exclude": ("W4 g128 GPTQ + 1% cols, sink_tokens exclude", {_SINK: "exclude"}, {}),
     "gptq-cap": ("W4 g128 GPTQ + 1% cols, sink_tokens cap", {_SINK: "cap"}, {}),
     "gptq-act-order": ("W4 g128 GPTQ + 1% cols, act_order", {"weights.gptq.act_order": True}, {}),

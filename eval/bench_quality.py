@@ -381,7 +381,7 @@ def rows_for(b: Bench) -> list[Row]:
             f"sinkquant GPTQ W4 {g}, no cols ({gq})",
             "ablation",
             "weights",
-            sq_weights("w4-g128-gptq.yaml", **{"weights.outliers.fraction": 0.0}),
+            sq_weights("w4-g128-gptq.yaml", **{"weights.outliers": None}),
         ),
         Row("sq-kv8", "sinkquant KV8, sinks", "sinkquant", "kv", sq_kv("kv4-sinks.yaml", bits=8)),
         Row("sq-kv8-nosinks", "sinkquant KV8, no sinks", "ablation", "kv", sq_kv("kv4-sinks.yaml", bits=8, sinks="none")),

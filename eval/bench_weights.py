@@ -71,7 +71,7 @@ def main() -> None:
     base = score(fp32)
     rows.append(("fp32", base, None))
     print(f"fp32: {base.perplexity:.4f}", flush=True)
-    no_cols = {"weights.outliers.fraction": 0.0}
+    no_cols = {"weights.outliers": None}
     variants = [
         ("sinkquant W8 per channel", {"weights.bits": 8, **no_cols}),
         ("sinkquant W4 g128 RTN, min/max only", {"weights.clip_search": False, **no_cols}),

@@ -341,7 +341,8 @@ def _kv_cache_factory(net, tokenizer, recipe_path, kv_options, calibration):
         if recipe is not None and recipe.kv_cache is not None
         else Recipe().with_overrides(**{"kv_cache.bits": 4})
     )
-    config = kv_config(base.with_overrides(**kv_options).kv_cache)
+    given = {key: value for key, value in kv_options.items() if value is not None}
+    config = kv_config(base.with_overrides(**given).kv_cache)
     report = None
     if config.sinks == "auto":
         from .calibrate import CalibrationReport, calibrate
@@ -374,7 +375,8 @@ def _recipe_from(recipe_path: str | None, overrides: dict):
     from .recipe import Recipe, load_recipe
 
     recipe = load_recipe(recipe_path) if recipe_path else Recipe()
-    return recipe.with_overrides(**overrides) if any(v is not None for v in overrides.values()) else recipe
+    given = {key: value for key, value in overrides.items() if value is not None}
+    return recipe.with_overrides(**given) if given else recipe
 
 
 def _mib(n: int) -> str:
@@ -388,7 +390,7 @@ def _mib(n: int) -> str:
     "--recipe",
     "recipe_path",
     default=None,
-    help="Recipe YAML (default: W4 g128 RTN, 1% outlier columns by max |x|).",
+    help="Recipe YAML (default: W4 g128 RTN, 1% outlier columns by mean |x|).",
 )
 @click.option(
     "--calibration",
@@ -408,6 +410,7 @@ def _mib(n: int) -> str:
     type=click.Choice(["max", "mean", "threshold"]),
     help="Override weights.outliers.select.",
 )
+@click.option("--no-outliers", is_flag=True, help="Keep no outlier input columns (weights.outliers: null).")
 @click.option(
     "--algorithm", default=None, type=click.Choice(["rtn", "gptq"]), help="Override weights.algorithm."
 )
@@ -444,6 +447,7 @@ def quantize(
     group_size,
     outlier_fraction,
     outlier_select,
+    no_outliers,
     algorithm,
     kv_bits,
     eval_dataset,
@@ -459,6 +463,9 @@ def quantize(
         if not group_size.isdigit():
             raise InputError(f"--group-size must be a number or 'channel' (got {group_size!r})")
         group_size = int(group_size)
+    if no_outliers and (outlier_fraction is not None or outlier_select is not None):
+        given = "--outlier-fraction" if outlier_fraction is not None else "--outlier-select"
+        raise InputError(f"--no-outliers and {given} contradict each other; give one of them")
     overrides = {
         "calibration.dataset": dataset,
         "calibration.samples": samples,
@@ -471,6 +478,8 @@ def quantize(
         "kv_cache.bits": int(kv_bits) if kv_bits else None,
     }
     recipe = _recipe_from(recipe_path, overrides)
+    if no_outliers and recipe.weights is not None:
+        recipe = recipe.with_overrides(**{"weights.outliers": None})
     if group_size is not None and recipe.weights is not None and recipe.weights.bits == 8:
         # int8 is one scale per output channel: the group size would be dropped without a word
         source = "--wbits 8" if wbits else f"weights.bits is 8 in {recipe_path}, and int8"

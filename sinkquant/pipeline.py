@@ -97,9 +97,7 @@ def quantize_model(
     if isinstance(calibration, (str, os.PathLike)):
         report = CalibrationReport.load(calibration)
     needs_report = recipe.weights is not None and (
-        recipe.weights.outliers.fraction > 0
-        or recipe.weights.outliers.select == "threshold"
-        or recipe.weights.algorithm == "gptq"
+        recipe.weights.outliers is not None or recipe.weights.algorithm == "gptq"
     )
     needs_report = needs_report or (recipe.kv_cache is not None and recipe.kv_cache.sinks == "auto")
     if report is None and needs_report:

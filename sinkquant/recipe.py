@@ -51,11 +51,25 @@ class OutlierSection(_Strict):
     """Which input columns of each linear layer stay at full precision.
 
     select=max|mean: the top `fraction` of input channels by max |x| (or mean |x|) over the calibration
-    tokens; select=threshold: every channel whose max |x| exceeds `threshold`. fraction 0 keeps none."""
+    tokens; select=threshold: every channel whose max |x| exceeds `threshold`. To keep no columns, set
+    the whole section to null (`outliers: null`): a fraction of 0 would be a rule that selects nothing,
+    so it is refused rather than read as "off"."""
 
     select: Literal["max", "mean", "threshold"] = "mean"
-    fraction: float = Field(0.01, ge=0.0, le=0.5)
+    fraction: float = 0.01
     threshold: float | None = Field(None, gt=0)
+
+    @field_validator("fraction")
+    @classmethod
+    def _fraction(cls, value):
+        if value <= 0:
+            raise ValueError(
+                "fraction must be above 0; to keep no outlier columns, set `outliers: null` "
+                "(or pass --no-outliers)"
+            )
+        if value > 0.5:
+            raise ValueError("fraction must be at most 0.5 (keeping more columns dense saves nothing)")
+        return value
 
     @model_validator(mode="after")
     def _threshold_needs_value(self) -> OutlierSection:
@@ -82,7 +96,7 @@ class WeightsSection(_Strict):
     algorithm: Literal["rtn", "gptq"] = "rtn"
     # int4 RTN: pick each group's range among shrunk min/max ranges by activation-weighted error
     clip_search: bool = True
-    outliers: OutlierSection = Field(default_factory=OutlierSection)
+    outliers: OutlierSection | None = Field(default_factory=OutlierSection)
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
     gptq: GPTQSection = Field(default_factory=GPTQSection)
 
@@ -167,11 +181,12 @@ class Recipe(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def with_overrides(self, **fields: Any) -> Recipe:
-        """A copy with dotted-path overrides applied and validated, e.g. {"weights.bits": 8}."""
+        """A copy with dotted-path overrides applied and validated, e.g. {"weights.bits": 8}.
+
+        A value of None sets that field or section to null ({"weights.outliers": None} keeps no outlier
+        columns); callers with "not given" options (the CLI) drop those before calling."""
         data = self.model_dump(mode="json")
         for dotted, value in fields.items():
-            if value is None:
-                continue
             node = data
             *parents, leaf = dotted.split(".")
             for key in parents:

@@ -71,3 +71,16 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
 def test_offline_hub_dataset_is_a_clear_error(stories_path):
     result = CliRunner().invoke(main, ["eval", str(stories_path), "--dataset", "wikitext2"])
     assert result.exit_code == 2 and "offline" in result.output
+
+
+def test_no_outliers_flag_keeps_no_columns(stories_path, tmp_path):
+    """--no-outliers turns the default 1% of dense columns off; the summary and recipe say so."""
+    out = tmp_path / "q"
+    args = ["quantize", str(stories_path), str(out), "--samples", "2", "--seq-len", "64"]
+    result = CliRunner().invoke(main, [*args, "--group-size", "32", "--no-outliers"])
+    assert result.exit_code == 0, result.output
+    assert "outlier input columns kept at full precision: 0 of" in result.output
+    from sinkquant.recipe import load_recipe
+
+    saved = next(out.glob("*.yaml"))
+    assert load_recipe(saved).weights.outliers is None

@@ -405,6 +405,11 @@ CASES = [
         lambda e: e.recipe("weights:\n  outliers:\n    fraction: -0.1\n"),
     ),
     Case(
+        "recipe-outlier-fraction-zero",
+        "outliers.fraction 0 (use outliers: null to keep none)",
+        lambda e: e.recipe("weights:\n  outliers:\n    fraction: 0\n"),
+    ),
+    Case(
         "recipe-threshold-without-value",
         "outliers.select: threshold with no threshold",
         lambda e: e.recipe("weights:\n  outliers:\n    select: threshold\n"),
@@ -458,6 +463,11 @@ CASES = [
         "flag-outlier-fraction",
         "--outlier-fraction 0.9",
         lambda e: e.quantize(e.stories, "--outlier-fraction", "0.9"),
+    ),
+    Case(
+        "flag-no-outliers-conflict",
+        "--no-outliers with --outlier-fraction",
+        lambda e: e.quantize(e.stories, "--no-outliers", "--outlier-fraction", "0.02"),
     ),
     Case("flag-samples-zero", "--samples 0", lambda e: e.quantize(e.stories, "--samples", "0")),
     Case("flag-unknown", "an option that does not exist", lambda e: e.quantize(e.stories, "--bits", "4")),

@@ -61,9 +61,11 @@ def kv_sections(draw) -> dict:
 @st.composite
 def weight_sections(draw) -> dict:
     select = draw(st.sampled_from(["max", "mean", "threshold"]))
-    outliers = {"select": select, "fraction": draw(st.floats(0, 0.5))}
+    outliers = {"select": select, "fraction": draw(st.floats(0, 0.5, exclude_min=True))}
     if select == "threshold" or draw(st.booleans()):
         outliers["threshold"] = draw(st.floats(1e-3, 1e6))
+    if draw(st.booleans()):
+        outliers = None  # keep no outlier columns
     return {
         "bits": draw(st.sampled_from([4, 8, None])),
         "group_size": draw(st.sampled_from([32, 64, 128, 256, "channel"])),

@@ -53,11 +53,11 @@ def select_outliers(
     name: str, in_features: int, weights: WeightsSection, report: CalibrationReport | None
 ) -> list[int]:
     rule = weights.outliers
-    if rule.select != "threshold" and rule.fraction == 0:
+    if rule is None:
         return []
     if report is None:
         raise InputError(
-            "keeping outlier input columns needs a calibration report; calibrate first or set weights.outliers.fraction: 0"
+            "keeping outlier input columns needs a calibration report; calibrate first or set weights.outliers: null"
         )
     stats = report.linear.get(name)
     if stats is None or stats.in_features != in_features:

@@ -222,7 +222,7 @@ def test_pipeline_is_deterministic(sink_tokens):
 def test_int8_per_channel_pipeline():
     model = tiny_llama()
     summary = gptq_quantize_(
-        model, _Tok(), _recipe(**{"weights.bits": 8, "weights.outliers.fraction": 0.0}), None, progress=False
+        model, _Tok(), _recipe(**{"weights.bits": 8, "weights.outliers": None}), None, progress=False
     )
     layer = model.model.layers[1].mlp.down_proj
     assert summary.modules == 14 and layer.bits == 8 and layer.n_outliers == 0
@@ -244,7 +244,7 @@ def test_sink_modes_need_a_report():
         gptq_quantize_(
             tiny_llama(),
             _Tok(),
-            _recipe(**{"weights.gptq.sink_tokens": "exclude", "weights.outliers.fraction": 0.0}),
+            _recipe(**{"weights.gptq.sink_tokens": "exclude", "weights.outliers": None}),
             None,
             progress=False,
         )

@@ -71,7 +71,7 @@ def test_gpt2_conv1d_is_covered():
         before = model(ids).logits
     summary = quantize_(
         model,
-        Recipe().with_overrides(**{"weights.bits": 8, "weights.outliers.fraction": 0.0}).weights,
+        Recipe().with_overrides(**{"weights.bits": 8, "weights.outliers": None}).weights,
         None,
         progress=False,
     )
@@ -86,7 +86,7 @@ def test_outliers_without_report_and_oversized_group_are_errors():
         quantize_(
             tiny_llama(), Recipe().with_overrides(**{"weights.group_size": 32}).weights, None, progress=False
         )
-    recipe = Recipe().with_overrides(**{"weights.group_size": 256, "weights.outliers.fraction": 0.0})
+    recipe = Recipe().with_overrides(**{"weights.group_size": 256, "weights.outliers": None})
     with pytest.raises(InputError, match="exceeds the input width"):
         quantize_(tiny_llama(), recipe.weights, None, progress=False)
 
@@ -94,7 +94,7 @@ def test_outliers_without_report_and_oversized_group_are_errors():
 def test_ignore_pattern_matching_nothing_warns():
     recipe = Recipe().with_overrides(
         **{
-            "weights.outliers.fraction": 0.0,
+            "weights.outliers": None,
             "weights.group_size": 32,
             "weights.ignore": ["lm_head", "re:.*nonexistent.*"],
         }
