@@ -161,7 +161,8 @@ def peer_row(fp32: nn.Module, tok, base: Recipe, args, score, info_model: str) -
         return {"label": label, "ppl": None, "note": str(exc)}
     model = prepare_model(info["dense"], "float32")[0]
     why = f"g128 refused: widths {sorted(widths)} not all multiples of 128; " if group != 128 else ""
-    note = f"{why}llmcompressor {info['llmcompressor']}, its run {info['quantize_s']:.0f} s"
+    reused = " (reused from an earlier run on the same ids)" if info.get("reused") else ""
+    note = f"{why}llmcompressor {info['llmcompressor']}, its run {info['quantize_s']:.0f} s{reused}"
     return score(label, model, info["quantize_s"], note)
 
 

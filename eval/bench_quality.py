@@ -309,7 +309,8 @@ def peer_llmcompressor(b: Bench) -> Built:
     why = "" if group == 128 else f", 128 does not divide every width {b.widths}"
     note = (
         f"group {group}{why}; calibration {ids.shape[0]} x {ids.shape[1]} (the ids sinkquant GPTQ uses); "
-        f"llmcompressor {info.get('llmcompressor')}, quantize {info.get('quantize_s')} s; bits from the "
+        f"llmcompressor {info.get('llmcompressor')}, quantize {info.get('quantize_s')} s"
+        f"{' (reused from an earlier run on the same ids)' if info.get('reused') else ''}; bits from the "
         "compressed checkpoint's size"
     )
     return Built(model, bits=bits, note=note)

@@ -198,8 +198,10 @@ class SinkQuantLinear(nn.Module):
         return self._runtime["int4"]
 
     def _int8_kernel_args(self):
-        """bf16 scales, and the weight padded to a multiple of 8 input columns (the kernel reads K in
-        blocks of 8 and crashes on other widths; the padding is in memory only, never saved)."""
+        """bf16 scales, and the weight padded with zero columns to a multiple of 8 inputs (the kernel
+        reads K in blocks of 8 and crashes on other widths; the padding is in memory only, never saved).
+        A zero weight column makes whatever activation meets it harmless, so the activations need no
+        padding: the gather index just repeats a real column there."""
         if "int8" not in self._runtime:
             padded = math.ceil(self.in_kept / 8) * 8
             weight = self.weight if padded == self.in_kept else F.pad(self.weight, (0, padded - self.in_kept))
@@ -209,41 +211,98 @@ class SinkQuantLinear(nn.Module):
     def _kernel_ok(self, act_dtype: torch.dtype = torch.bfloat16) -> bool:
         """int4: the kernel whenever it supports the shape (activations go through bf16 either way).
         int8: only for bf16 activations; on this CPU the fp32 variant is 20-30x slower than a
-        dequantizing fp32 matmul, so fp32 models take the fallback (same weights, fp32 numbers)."""
-        if not _KERNELS["enabled"] or not kernels_available(self.bits) or self.weight.device.type != "cpu":
-            return False
+        dequantizing fp32 matmul, so fp32 models take the fallback (same weights, fp32 numbers).
+        Decided once per activation dtype (this runs on every call)."""
+        key = ("kernel_ok", act_dtype, _KERNELS["enabled"])
+        if key not in self._runtime:
+            ok = _KERNELS["enabled"] and kernels_available(self.bits) and self.weight.device.type == "cpu"
+            if ok and self.bits == 8:
+                ok = act_dtype == torch.bfloat16
+            elif ok:
+                ok = self.group_size in _INT4_KERNEL_GROUPS and self.out_features % 16 == 0
+            self._runtime[key] = ok
+        return self._runtime[key]
+
+    def _gather_args(self):
+        """One index that takes, from a row of inputs, the kept columns in the kernel's order, then
+        its padding, then the outlier columns: a single index_select per call instead of one per part
+        plus a pad. int8 pads with a repeated real column (its weights are zero); int4's padding meets
+        the last group's zero point, so it must read a true 0, the extra column appended to the input
+        (`append_zero`)."""
+        if "gather" not in self._runtime:
+            padded = (self._int8_kernel_args() if self.bits == 8 else self._int4_kernel_args())[-1]
+            keep = self._keep_idx()
+            n_pad = padded - self.in_kept
+            append_zero = self.bits == 4 and n_pad > 0
+            pad_source = self.in_features if append_zero else 0
+            index = torch.cat(
+                [keep, torch.full((n_pad,), pad_source, dtype=torch.long), self.outlier_idx.long()]
+            )
+            identity = n_pad == 0 and self.n_outliers == 0
+            self._runtime["gather"] = (None if identity else index, padded, append_zero)
+        return self._runtime["gather"]
+
+    def _kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        """The integer kernel on the kept columns, plus the dense part; float32 or bf16 result."""
+        index, padded, append_zero = self._gather_args()
+        src = x2.to(torch.bfloat16)  # both kernels take bf16 activations
+        if append_zero:
+            src = torch.cat((src, src.new_zeros(src.shape[0], 1)), dim=1)
+        gathered = src if index is None else src.index_select(1, index)
+        act = gathered[:, :padded].contiguous()  # a view already when there is one row (decode)
         if self.bits == 8:
-            return act_dtype == torch.bfloat16
-        return self.group_size in _INT4_KERNEL_GROUPS and self.out_features % 16 == 0
+            weight, scale, _ = self._int8_kernel_args()
+            y = torch.ops.aten._weight_int8pack_mm(act, weight, scale)
+        else:
+            packed, scales_zeros, _ = self._int4_kernel_args()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(act, packed, self.group_size, scales_zeros)
+        if not self.n_outliers and self.bias is None:
+            return y
+        # outlier inputs at their own precision: bf16 models have them in bf16 already; fp32 ones must
+        # not lose digits of a massive activation to a bf16 round trip (nor the output to a bf16 sum)
+        if x2.dtype == torch.bfloat16:
+            return self._add_dense_part(y, gathered[:, padded:])
+        return self._add_dense_part(y.to(x2.dtype), self._outlier_inputs(x2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        xk = x2.index_select(1, self._keep_idx()) if self.n_outliers else x2
         if self._kernel_ok(x.dtype):
-            if self.bits == 8:
-                weight, scale, padded = self._int8_kernel_args()
-                act = xk if padded == self.in_kept else F.pad(xk, (0, padded - self.in_kept))
-                y = torch.ops.aten._weight_int8pack_mm(act.contiguous(), weight, scale)
-            else:
-                packed, scales_zeros, padded = self._int4_kernel_args()
-                act = xk.to(torch.bfloat16)
-                if padded != self.in_kept:
-                    act = F.pad(act, (0, padded - self.in_kept))
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                    act.contiguous(), packed, self.group_size, scales_zeros
-                )
-            y = y.to(x.dtype)
+            y = self._kernel_forward(x2)
         else:
+            xk = x2.index_select(1, self._keep_idx()) if self.n_outliers else x2
             if self.bits == 4 or x.dtype == torch.bfloat16:  # what the kernel would see
-                y = F.linear(xk.to(torch.bfloat16).float(), self.dequantized_kept()).to(x.dtype)
+                y = F.linear(xk.to(torch.bfloat16).float(), self.dequantized_kept())
             else:
                 y = F.linear(xk, self.dequantized_kept().to(x.dtype))
-        if self.n_outliers:
-            y = y + F.linear(x2.index_select(1, self.outlier_idx.long()), self.outlier_weight.to(x.dtype))
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.reshape(*shape, self.out_features)
+            if self.n_outliers or self.bias is not None:
+                y = self._add_dense_part(y, self._outlier_inputs(x2))
+        return y.to(x.dtype).reshape(*shape, self.out_features)
+
+    def _outlier_inputs(self, x2: torch.Tensor) -> torch.Tensor | None:
+        return x2.index_select(1, self.outlier_idx.long()) if self.n_outliers else None
+
+    def _dense_args(self, dtype: torch.dtype):
+        """The outlier columns as [n_outliers, out] (transposed, contiguous) and the bias, in `dtype`,
+        built once per dtype. The transposed layout matters: a bf16 F.linear against the [out, n]
+        layout takes a slow generic path on CPU (20-80 us for 6 columns at batch 1), an addmm against
+        [n, out] takes 4-14 us."""
+        key = ("dense", dtype)
+        if key not in self._runtime:
+            weight_t = self.outlier_weight.to(dtype).t().contiguous() if self.n_outliers else None
+            bias = self.bias.to(dtype) if self.bias is not None else None
+            self._runtime[key] = (weight_t, bias)
+        return self._runtime[key]
+
+    def _add_dense_part(self, y: torch.Tensor, outliers: torch.Tensor | None) -> torch.Tensor:
+        """y + outliers @ W_outlier^T + bias in y's dtype, in place (y is a fresh product): float32
+        for float32 models and for the dequantizing fallback, bf16 when the kernel ran on bf16 inputs."""
+        weight_t, bias = self._dense_args(y.dtype)
+        if weight_t is not None:
+            y.addmm_(outliers.to(y.dtype), weight_t)
+        if bias is not None:
+            y.add_(bias)
+        return y
 
     def _apply(self, fn, recurse=True):
         self._runtime = {}  # kernel layouts follow the buffers (device or dtype changes)

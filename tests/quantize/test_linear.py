@@ -32,15 +32,24 @@ def test_storage_is_really_packed():
     assert layer8.weight.dtype == torch.int8 and layer8.weight.shape == (192, 570)
 
 
-@pytest.mark.parametrize("bits, group", [(8, None), (4, 128), (4, 64)])
-def test_kernel_matches_dequantizing_fallback(bits, group):
+@pytest.mark.parametrize(
+    "bits, group, n_out, rows, dtype",
+    [
+        (8, None, 6, 3, torch.bfloat16),  # the int8 kernel serves bf16 activations
+        (8, None, 6, 1, torch.bfloat16),  # decode: one row, the gathered parts are views
+        (8, None, 0, 2, torch.bfloat16),  # nothing to gather or pad
+        (4, 128, 6, 3, torch.float32),  # shorter last group: padded with a true zero
+        (4, 128, 6, 1, torch.bfloat16),
+        (4, 64, 6, 3, torch.bfloat16),
+    ],
+)
+def test_kernel_matches_dequantizing_fallback(bits, group, n_out, rows, dtype):
     if not kernels_available(bits):
         pytest.skip(f"this torch build has no int{bits} CPU kernel")
-    w, b, idx, layer = _layer(bits, group, 6)
-    x = torch.randn(3, 576)
+    w, b, idx, layer = _layer(bits, group, n_out)
+    x = torch.randn(rows, 576)
     x[:, idx] *= 50  # outlier channels carry large activations
-    if bits == 8:
-        x = x.bfloat16()  # the int8 kernel serves bf16 activations
+    x = x.to(dtype)
     assert layer._kernel_ok(x.dtype)
     fast = layer(x)
     with use_kernels(False):
