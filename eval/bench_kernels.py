@@ -3,9 +3,13 @@
     python eval/bench_kernels.py [--threads N] [--reps 200] [--out eval/results/kernels.md]
 
 For each shape: a bf16 `F.linear`, `SinkQuantLinear` int8 (per channel) and int4 (g128), both with 1%
-outlier input columns at full precision, all timed in the same run (interleaved, median of `reps`
-calls after a warm-up). Reports the time, the ratio to bf16 (>1 = faster) and the effective weight
-bytes read per second (the layer's stored bytes / time).
+outlier input columns at full precision, and each one's bare integer kernel (no gather, no outlier
+columns), all timed in the same run (interleaved call by call, median of `reps` calls after a
+warm-up). Reports the time, the ratio to bf16 (>1 = faster) and the effective weight bytes read per
+second (the bytes the call reads / time). The ratio's base is a bf16 `nn.Linear` module, the thing a
+`SinkQuantLinear` replaces in a model (a module call costs a few us more than the bare `F.linear`,
+which is listed too). The gap between a layer and its bare kernel is the fixed
+cost of the full-precision columns and the op dispatch around them.
 """
 
 from __future__ import annotations
@@ -32,15 +36,31 @@ SHAPES = [  # (in, out): SmolLM2-135M's projections, then Llama-7B-sized ones
 ]
 
 
-def _median_time(fn, x, reps: int) -> float:
-    for _ in range(10):
-        fn(x)
-    times = []
+def _median_times(fns: dict, x, reps: int) -> dict[str, float]:
+    """Median seconds per call of each fn, interleaved call by call so load changes hit all alike."""
+    for fn in fns.values():
+        for _ in range(10):
+            fn(x)
+    times = {name: [] for name in fns}
     for _ in range(reps):
-        start = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn(x)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _kernel_only(module: SinkQuantLinear):
+    """The bare integer kernel on an input already gathered and padded: what the layer costs without
+    the gather, the outlier columns and the bookkeeping around them."""
+    if module.bits == 8:
+        weight, scale, padded = module._int8_kernel_args()
+        act = torch.randn(1, padded, dtype=torch.bfloat16)
+        return lambda _x: torch.ops.aten._weight_int8pack_mm(act, weight, scale)
+    packed, scales_zeros, padded = module._int4_kernel_args()
+    group = module.group_size
+    act = torch.randn(1, padded, dtype=torch.bfloat16)
+    return lambda _x: torch.ops.aten._weight_int4pack_mm_for_cpu(act, packed, group, scales_zeros)
 
 
 def run(reps: int) -> list[dict]:
@@ -50,18 +70,26 @@ def run(reps: int) -> list[dict]:
         weight = torch.randn(out_f, in_f) * 0.02
         outliers = torch.randperm(in_f)[: max(1, in_f // 100)]
         bf16 = weight.bfloat16()
+        dense = torch.nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16)
+        dense.weight.data.copy_(bf16)
         layers = {
+            "bf16 nn.Linear": (dense, bf16.numel() * 2),
             "bf16 F.linear": (lambda x, w=bf16: F.linear(x, w), bf16.numel() * 2),
         }
         for bits, group in ((8, None), (4, 128)):
             module = SinkQuantLinear.from_float(
                 weight, None, bits, group, outliers, storage_dtype=torch.bfloat16
             )
-            layers[f"int{bits}" + (f" g{group}" if group else "") + " +1% cols"] = (module, module.nbytes())
+            name = f"int{bits}" + (f" g{group}" if group else "")
+            layers[f"{name} +1% cols"] = (module, module.nbytes())
+            layers[f"{name} kernel alone"] = (
+                _kernel_only(module),
+                module.weight.numel() + module.weight_scale.numel() * 2 * (1 if bits == 8 else 2),
+            )
         x = torch.randn(1, in_f, dtype=torch.bfloat16)
         with torch.no_grad():
-            timed = {name: _median_time(fn, x, reps) for name, (fn, _) in layers.items()}
-        base = timed["bf16 F.linear"]
+            timed = _median_times({name: fn for name, (fn, _) in layers.items()}, x, reps)
+        base = timed["bf16 nn.Linear"]
         for name, (_, nbytes) in layers.items():
             rows.append(
                 {
@@ -90,9 +118,9 @@ def main() -> None:
         f"# Linear layer at batch 1: quantized vs bf16 ({time.strftime('%Y-%m-%d')})",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}. "
-        f"Median of {args.reps} calls after warm-up; all rows measured in one run. speedup = bf16 time / time.",
+        f"Median of {args.reps} calls after warm-up; all rows measured in one run. speedup = bf16 nn.Linear time / time.",
         "",
-        "| shape (in->out) | method | time (us) | speedup vs bf16 | weight bytes | effective GB/s |",
+        "| shape (in->out) | method | time (us) | speedup vs bf16 nn.Linear | weight bytes | effective GB/s |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:

@@ -43,6 +43,7 @@ from .primitives import (
 
 _KERNELS = {"enabled": True}
 _INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+_SMALL_DENSE = 3072  # outlier columns x outputs up to which a bf16 addmm beats float32 (measured)
 
 
 def kernels_available(bits: int) -> bool:
@@ -198,14 +199,16 @@ class SinkQuantLinear(nn.Module):
         return self._runtime["int4"]
 
     def _int8_kernel_args(self):
-        """bf16 scales, and the weight padded with zero columns to a multiple of 8 inputs (the kernel
-        reads K in blocks of 8 and crashes on other widths; the padding is in memory only, never saved).
-        A zero weight column makes whatever activation meets it harmless, so the activations need no
-        padding: the gather index just repeats a real column there."""
+        """The int8 weight spread back to the layer's full input width, zero codes at the outlier
+        columns, padded with zero columns to a multiple of 8 inputs (the kernel reads K in blocks of 8
+        and crashes on other widths), and bf16 scales. A zero code contributes exactly nothing, so the
+        kernel takes the input row as it is: no gather and no padding of activations per call. Built
+        once, in memory only (the checkpoint keeps [out, in_kept])."""
         if "int8" not in self._runtime:
-            padded = math.ceil(self.in_kept / 8) * 8
-            weight = self.weight if padded == self.in_kept else F.pad(self.weight, (0, padded - self.in_kept))
-            self._runtime["int8"] = (weight.contiguous(), self.weight_scale.to(torch.bfloat16), padded)
+            padded = math.ceil(self.in_features / 8) * 8
+            weight = torch.zeros(self.out_features, padded, dtype=torch.int8, device=self.weight.device)
+            weight[:, self._keep_idx()] = self.weight
+            self._runtime["int8"] = (weight, self.weight_scale.to(torch.bfloat16), padded)
         return self._runtime["int8"]
 
     def _kernel_ok(self, act_dtype: torch.dtype = torch.bfloat16) -> bool:
@@ -223,39 +226,42 @@ class SinkQuantLinear(nn.Module):
             self._runtime[key] = ok
         return self._runtime[key]
 
-    def _gather_args(self):
-        """One index that takes, from a row of inputs, the kept columns in the kernel's order, then
-        its padding, then the outlier columns: a single index_select per call instead of one per part
-        plus a pad. int8 pads with a repeated real column (its weights are zero); int4's padding meets
-        the last group's zero point, so it must read a true 0, the extra column appended to the input
-        (`append_zero`)."""
+    def _int4_gather_args(self):
+        """One index that takes, from an input row with a 0 appended, the kept columns in the kernel's
+        order, then the padding to whole groups (the appended 0: a padded position meets its group's
+        zero point, so its activation must be exactly 0), then the outlier columns. One index_select per
+        call instead of one per part plus a pad."""
         if "gather" not in self._runtime:
-            padded = (self._int8_kernel_args() if self.bits == 8 else self._int4_kernel_args())[-1]
-            keep = self._keep_idx()
+            padded = self._int4_kernel_args()[-1]
             n_pad = padded - self.in_kept
-            append_zero = self.bits == 4 and n_pad > 0
-            pad_source = self.in_features if append_zero else 0
             index = torch.cat(
-                [keep, torch.full((n_pad,), pad_source, dtype=torch.long), self.outlier_idx.long()]
+                [
+                    self._keep_idx(),
+                    torch.full((n_pad,), self.in_features, dtype=torch.long),
+                    self.outlier_idx.long(),
+                ]
             )
             identity = n_pad == 0 and self.n_outliers == 0
-            self._runtime["gather"] = (None if identity else index, padded, append_zero)
+            self._runtime["gather"] = (None if identity else index.to(self.weight.device), padded, n_pad > 0)
         return self._runtime["gather"]
 
     def _kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
-        """The integer kernel on the kept columns, plus the dense part; float32 or bf16 result."""
-        index, padded, append_zero = self._gather_args()
-        src = x2.to(torch.bfloat16)  # both kernels take bf16 activations
+        """The integer kernel, plus the dense part; the result in bf16 (bf16 inputs) or float32."""
+        if self.bits == 8:  # bf16 inputs only (see _kernel_ok)
+            weight, scale, padded = self._int8_kernel_args()
+            act = x2 if padded == self.in_features else F.pad(x2, (0, padded - self.in_features))
+            y = torch.ops.aten._weight_int8pack_mm(act.contiguous(), weight, scale)
+            if not self.n_outliers and self.bias is None:
+                return y
+            return self._add_dense_part(y, self._outlier_inputs(x2))
+        index, padded, append_zero = self._int4_gather_args()
+        src = x2.to(torch.bfloat16)  # the int4 kernel takes bf16 activations
         if append_zero:
-            src = torch.cat((src, src.new_zeros(src.shape[0], 1)), dim=1)
+            src = torch.cat((src, self._zeros(src.shape[0])), dim=1)
         gathered = src if index is None else src.index_select(1, index)
+        packed, scales_zeros, _ = self._int4_kernel_args()
         act = gathered[:, :padded].contiguous()  # a view already when there is one row (decode)
-        if self.bits == 8:
-            weight, scale, _ = self._int8_kernel_args()
-            y = torch.ops.aten._weight_int8pack_mm(act, weight, scale)
-        else:
-            packed, scales_zeros, _ = self._int4_kernel_args()
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(act, packed, self.group_size, scales_zeros)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(act, packed, self.group_size, scales_zeros)
         if not self.n_outliers and self.bias is None:
             return y
         # outlier inputs at their own precision: bf16 models have them in bf16 already; fp32 ones must
@@ -263,6 +269,12 @@ class SinkQuantLinear(nn.Module):
         if x2.dtype == torch.bfloat16:
             return self._add_dense_part(y, gathered[:, padded:])
         return self._add_dense_part(y.to(x2.dtype), self._outlier_inputs(x2))
+
+    def _zeros(self, rows: int) -> torch.Tensor:
+        key = ("zeros", rows)
+        if key not in self._runtime:
+            self._runtime[key] = torch.zeros(rows, 1, dtype=torch.bfloat16, device=self.weight.device)
+        return self._runtime[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
@@ -283,10 +295,12 @@ class SinkQuantLinear(nn.Module):
         return x2.index_select(1, self.outlier_idx.long()) if self.n_outliers else None
 
     def _dense_args(self, dtype: torch.dtype):
-        """The outlier columns as [n_outliers, out] (transposed, contiguous) and the bias, in `dtype`,
-        built once per dtype. The transposed layout matters: a bf16 F.linear against the [out, n]
-        layout takes a slow generic path on CPU (20-80 us for 6 columns at batch 1), an addmm against
-        [n, out] takes 4-14 us."""
+        """The outlier columns as [n_outliers, out] (transposed, contiguous) and the bias, built once
+        per dtype. CPU BLAS has no fast bf16 path for a matmul this thin: a bf16 addmm takes 3-6 us for
+        6 columns x 576 outputs but 0.5 ms for 40 x 4096, where float32 takes 27 us. So bf16 inputs
+        use a bf16 copy only while n_outliers x out <= _SMALL_DENSE, float32 above."""
+        small = dtype == torch.bfloat16 and self.n_outliers * self.out_features <= _SMALL_DENSE
+        dtype = dtype if small else torch.float32
         key = ("dense", dtype)
         if key not in self._runtime:
             weight_t = self.outlier_weight.to(dtype).t().contiguous() if self.n_outliers else None
@@ -295,14 +309,17 @@ class SinkQuantLinear(nn.Module):
         return self._runtime[key]
 
     def _add_dense_part(self, y: torch.Tensor, outliers: torch.Tensor | None) -> torch.Tensor:
-        """y + outliers @ W_outlier^T + bias in y's dtype, in place (y is a fresh product): float32
-        for float32 models and for the dequantizing fallback, bf16 when the kernel ran on bf16 inputs."""
+        """y + outliers @ W_outlier^T + bias, added into y in place (y is a fresh product; a bf16 y
+        stays bf16, sparing two casts of the whole output per call)."""
         weight_t, bias = self._dense_args(y.dtype)
-        if weight_t is not None:
+        if weight_t is None:
+            return y.add_(bias)
+        if weight_t.dtype == y.dtype:
             y.addmm_(outliers.to(y.dtype), weight_t)
-        if bias is not None:
-            y.add_(bias)
-        return y
+            return y if bias is None else y.add_(bias)
+        x_out = outliers.float()
+        dense = torch.mm(x_out, weight_t) if bias is None else torch.addmm(bias, x_out, weight_t)
+        return y.add_(dense)
 
     def _apply(self, fn, recurse=True):
         self._runtime = {}  # kernel layouts follow the buffers (device or dtype changes)
