@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_kernels import _median_time
+from bench_kernels import _median_times
 from common import (
     RECIPES,
     RUNS,
@@ -357,8 +357,8 @@ def kernel_rows(shapes: list[tuple[int, int, int | None]], reps: int, bandwidth:
         bf16 = weight.bfloat16()
         x = torch.randn(1, in_f, dtype=torch.bfloat16)
         with torch.no_grad():
-            t_q = _median_time(module, x, reps)
-            t_b = _median_time(lambda v, w=bf16: F.linear(v, w), x, reps)
+            timed = _median_times({"int4": module, "bf16": lambda v, w=bf16: F.linear(v, w)}, x, reps)
+            t_q, t_b = timed["int4"], timed["bf16"]
         rows.append(
             {
                 "shape": f"{in_f}x{out_f}",
