@@ -95,6 +95,21 @@ class HessianAccumulator:
         return h * (2.0 / max(n, 1))
 
 
+def _upper_factor_of_inverse(h: torch.Tensor) -> torch.Tensor | None:
+    """The upper Cholesky factor U of H⁻¹ (UᵀU = H⁻¹), or None when H is not positive definite.
+
+    With J the reversal of rows and columns, JHJ = LLᵀ gives H⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J), and J L⁻¹ J is
+    upper triangular with a positive diagonal: U itself. One Cholesky and one triangular solve, where
+    forming H⁻¹ (cholesky_inverse) and factoring it again took 4x longer (2.4 s of 3.9 s for a
+    1536-wide layer on one thread)."""
+    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+    if int(info) != 0:
+        return None
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+    return upper if bool(torch.isfinite(upper).all()) else None
+
+
 @dataclass
 class GPTQResult:
     """Integers for the kept columns in natural order, in `SinkQuantLinear.from_float`'s format, and
@@ -121,11 +136,9 @@ def inverse_hessian_factor(
         fraction = damping * 10**attempt
         damped = hessian.clone()
         damped.diagonal().add_(fraction * mean)
-        lower, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
-                return upper, fraction
+        upper = _upper_factor_of_inverse(damped)
+        if upper is not None:
+            return upper, fraction
         if attempt < _RETRIES:
             warnings.warn(
                 f"GPTQ: the Hessian of {name} is not positive definite at damping {fraction:g}; "
@@ -216,8 +229,9 @@ def gptq_quantize_weight(
     cols = torch.cat([keep[order], idx]) if absorb_into_outliers else keep[order]  # processing order
     group_of = (order // gs).tolist() + [-1] * (cols.numel() - n_keep)  # -1: not quantized
     quant = _Quantizer(bits, symmetric, out_f, -(-n_keep // gs), clip_search)
+    # the factorisation is a few large BLAS calls (all threads); the column sweep is many small ops
+    upper, used = inverse_hessian_factor(hessian.double()[cols][:, cols], damping, name, n_keep)
     with _one_thread():
-        upper, used = inverse_hessian_factor(hessian.double()[cols][:, cols], damping, name, n_keep)
         w = weight.detach().float()[:, cols].clone()
         importance = hessian.diagonal()[cols].float()
         result, codes = _gptq_columns(w, upper.float(), group_of, quant, block_size, importance)

@@ -11,7 +11,12 @@ from sinkquant.checkpoint import load, save
 from sinkquant.errors import InputError
 from sinkquant.modeling import decoder_layers
 from sinkquant.pipeline import quantization_config
-from sinkquant.quantize.gptq import HessianAccumulator, gptq_quantize_, gptq_quantize_weight
+from sinkquant.quantize.gptq import (
+    HessianAccumulator,
+    _upper_factor_of_inverse,
+    gptq_quantize_,
+    gptq_quantize_weight,
+)
 from sinkquant.quantize.linear import SinkQuantLinear
 from sinkquant.quantize.sequential import capture_inputs, observe_inputs, run_layer
 from sinkquant.recipe import load_recipe, parse_recipe
@@ -109,6 +114,16 @@ def test_clip_search_never_raises_the_weighted_rounding_error(bits, symmetric):
     weighted = [float(((w - r.weight) ** 2 * h.diagonal().float()).sum()) for r in (plain, clipped)]
     assert weighted[1] < weighted[0]
     assert torch.equal(_module(w, clipped, bits, 32, [3], symmetric).dequantized_weight(), clipped.weight)
+
+
+def test_upper_factor_of_the_inverse_is_the_cholesky_factor_of_the_inverse():
+    torch.manual_seed(0)
+    x = torch.randn(512, 40, dtype=torch.float64)
+    h = x.T @ x / 512
+    upper = _upper_factor_of_inverse(h)
+    assert torch.equal(upper, upper.triu()) and bool((upper.diagonal() > 0).all())
+    assert torch.allclose(upper.T @ upper, torch.linalg.inv(h), atol=1e-10)
+    assert _upper_factor_of_inverse(-h) is None  # not positive definite
 
 
 def test_cholesky_failure_retries_with_more_damping_and_warns():
