@@ -53,11 +53,11 @@ ROWS = {
     "gptq-act-order": ("W4 g128 GPTQ + 1% cols, act_order", {"weights.gptq.act_order": True}, {}),
     "gptq-damp": ("W4 g128 GPTQ + 1% cols, damping 0.1", {"weights.gptq.damping": 0.1}, {}),
     "gptq-absorb": ("W4 g128 GPTQ + 1% cols, error pushed into the cols", {}, {"absorb_into_outliers": True}),
-    "gptq-clip": ("W4 g128 GPTQ + 1% cols, clip search", {}, {"clip_search": True}),
+    "gptq-clip": ("W4 g128 GPTQ + 1% cols, clip search", {"weights.gptq.clip_search": True}, {}),
     "gptq-g64": ("W4 g64 GPTQ + 1% cols (llm-compressor's group size)", {"weights.group_size": 64}, {}),
     "gptq-best": (
         "W4 g128 GPTQ + 1% cols, clip search, cap, damping 0.1",
-        {_SINK: "cap", "weights.gptq.damping": 0.1}, {"clip_search": True},
+        {_SINK: "cap", "weights.gptq.damping": 0.1, "weights.gptq.clip_search": True}, {},
     ),
 }  # fmt: skip
 

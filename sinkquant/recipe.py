@@ -87,6 +87,9 @@ class GPTQSection(_Strict):
     damping: float = Field(0.01, gt=0, le=1.0)
     act_order: bool = False
     sink_tokens: Literal["include", "exclude", "cap"] = "include"
+    # each group's range shrunk per row to the factor that minimises the diag(H)-weighted rounding
+    # error of the group's current weights (GPTQ's counterpart of weights.clip_search)
+    clip_search: bool = False
 
 
 class WeightsSection(_Strict):

@@ -79,6 +79,7 @@ def weight_sections(draw) -> dict:
             "damping": draw(st.floats(1e-4, 1.0)),
             "act_order": draw(st.booleans()),
             "sink_tokens": draw(st.sampled_from(["include", "exclude", "cap"])),
+            "clip_search": draw(st.booleans()),
         },
     }
 

@@ -15,7 +15,7 @@ sinkquant's choices:
   group's *current* weights (every error update so far included, pending block updates too). Without
   act_order that is the usual GPTQ; with act_order (columns by decreasing diag(H)) it is the "static
   groups" variant, with parameters from updated rather than original weights.
-* `clip_search=True` (an experiment) shrinks each group's range per row by the factor of a small
+* `clip_search=True` (recipe `gptq.clip_search`) shrinks each group's range per row by the factor of a small
   grid that minimises the diag(H)-weighted rounding error of the group's current weights.
 * Parameters and codes use the primitives' formulas (`quantize_grouped` / `quantize_int8_per_channel`,
   scales rounded to bf16 for int4), so `SinkQuantLinear` stores exactly what GPTQ chose.
@@ -364,15 +364,14 @@ def gptq_quantize_(
     For each layer: its linear layers' Hessians from the calibration hidden states (quantized layers
     before it), GPTQ on each linear layer, then the layer re-run with its quantized weights to give
     the next layer's inputs. Linear layers outside the decoder layers get round-to-nearest.
-    `absorb_into_outliers` / `clip_search` (see `gptq_quantize_weight`): None reads
-    `recipe.weights.gptq.<name>` where the recipe has such a field, else False."""
+    `clip_search` (see `gptq_quantize_weight`): None reads `recipe.weights.gptq.clip_search`.
+    `absorb_into_outliers` is an experiment with no recipe field (None means False)."""
     weights = recipe.weights
     if weights is None or weights.bits is None:
         return QuantizeSummary()
-    if absorb_into_outliers is None:
-        absorb_into_outliers = bool(getattr(weights.gptq, "absorb_into_outliers", False))
+    absorb_into_outliers = bool(absorb_into_outliers)
     if clip_search is None:
-        clip_search = bool(getattr(weights.gptq, "clip_search", False))
+        clip_search = weights.gptq.clip_search
     start = time.perf_counter()
     chosen, skipped = targets(model, weights.ignore)
     storage = source_dtype(model)
