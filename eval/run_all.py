@@ -157,6 +157,16 @@ COLORS = {
 }  # drawn in this order
 
 
+def _save(fig, path: Path) -> Path:
+    """Write a finished figure as a PNG, free it, and return where it went."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _scatter(ax, points: list[tuple[float, float, str, str]]) -> None:
     for family in COLORS:
         pts = [p for p in points if p[3] == family]
@@ -190,10 +200,7 @@ def plots(quality: dict | None, speed: dict | None, folder: Path) -> dict[str, P
             ax.set_xlabel("bits per weight of the quantized linear layers (log scale)")
             ax.set_ylabel("WikiText-2 perplexity")
             ax.set_title(f"{quality['model']}: perplexity vs bits per weight")
-            made["ppl_vs_bits"] = folder / "ppl_vs_bits.png"
-            fig.tight_layout()
-            fig.savefig(made["ppl_vs_bits"], dpi=120)
-            plt.close(fig)
+            made["ppl_vs_bits"] = _save(fig, folder / "ppl_vs_bits.png")
         kv = [(r["kv_bytes"], r["ppl"], r["key"], r["family"]) for r in ok if r.get("kv_bytes")]
         base = next((r for r in ok if r["key"] == "fp32"), None)
         if kv:
@@ -205,10 +212,7 @@ def plots(quality: dict | None, speed: dict | None, folder: Path) -> dict[str, P
             ax.set_ylabel("WikiText-2 perplexity (chunks of 64)")
             ax.set_yscale("log")
             ax.set_title(f"{quality['model']}: perplexity vs KV-cache bytes")
-            made["ppl_vs_kv"] = folder / "ppl_vs_kv.png"
-            fig.tight_layout()
-            fig.savefig(made["ppl_vs_kv"], dpi=120)
-            plt.close(fig)
+            made["ppl_vs_kv"] = _save(fig, folder / "ppl_vs_kv.png")
     if speed:
         ok = [r for r in speed["rows"] if "decode_tps" in r]
         if ok:
@@ -233,10 +237,7 @@ def plots(quality: dict | None, speed: dict | None, folder: Path) -> dict[str, P
             ax.invert_yaxis()
             ax.set_xlabel(f"decode tokens/s (batch 1, median of {speed['protocol']['repeats']})")
             ax.set_title(f"{speed['model']}: decode speed, {speed['protocol']['threads']} threads")
-            made["decode_tps"] = folder / "decode_tps.png"
-            fig.tight_layout()
-            fig.savefig(made["decode_tps"], dpi=120)
-            plt.close(fig)
+            made["decode_tps"] = _save(fig, folder / "decode_tps.png")
     return made
 
 

@@ -296,8 +296,8 @@ class SinkQuantLinear(nn.Module):
 
     def _dense_args(self, dtype: torch.dtype):
         """The outlier columns as [n_outliers, out] (transposed, contiguous) and the bias, built once
-        per dtype. CPU BLAS has no fast bf16 path for a matmul this thin: a bf16 addmm takes 3-6 us for
-        6 columns x 576 outputs but 0.5 ms for 40 x 4096, where float32 takes 27 us. So bf16 inputs
+        per dtype. CPU BLAS has no fast bf16 path for a matmul this thin: a bf16 addmm took 3-6 us for
+        5 columns x 192-576 outputs but 0.5 ms for 40 x 4096, where float32 takes 27 us. So bf16 inputs
         use a bf16 copy only while n_outliers x out <= _SMALL_DENSE, float32 above."""
         small = dtype == torch.bfloat16 and self.n_outliers * self.out_features <= _SMALL_DENSE
         dtype = dtype if small else torch.float32
