@@ -47,10 +47,14 @@ from ..modeling import decoder_layers
 from ..recipe import Recipe, WeightsSection
 from .linear import SinkQuantLinear, _complement
 from .primitives import quantize_grouped, quantize_int8_per_channel
-from .sequential import capture_inputs, observe_inputs, run_layer
+from .sequential import capture_inputs, merge_batches, observe_inputs, run_layer
 from .weights import QuantizeSummary, float_weight, layer_spec, select_outliers, source_dtype, targets
 
-BATCH_SIZE = 8  # calibration samples per forward pass of one layer
+BATCH_SIZE = 8  # calibration samples per forward pass of one layer (the two-pass route)
+#: the most memory one decoder layer's activations over all calibration tokens may take for the
+#: one-pass route (estimate: see `_one_pass_fits`); SmolLM2 at 128 x 512 tokens needs 1.6 GB,
+#: a Llama-7B-sized layer 11.5 GB (it takes the two-pass route)
+ONE_PASS_BYTES = 4 << 30
 _RETRIES = 4
 
 
@@ -67,6 +71,7 @@ class HessianAccumulator:
         self.sink_positions = sorted(set(sink_positions))
         self.sink_rows: list[torch.Tensor] = []
         self.body_max = torch.zeros(in_features)
+        self._hessians: dict[str, torch.Tensor] = {}
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().float()
@@ -78,13 +83,22 @@ class HessianAccumulator:
             self.sink_rows.append(x[:, sinks].reshape(-1, x.shape[-1]).cpu())
             x = x[:, body_mask]
         body = x.reshape(-1, x.shape[-1])
-        self.sum += (body.T @ body).double().cpu()
+        self.sum += _gram(body).double().cpu()
         self.count += body.shape[0]
         if body.shape[0]:
-            self.body_max = torch.maximum(self.body_max, body.abs().amax(0).cpu())
+            low, high = torch.aminmax(body, dim=0)  # max |x| without an |x| copy of the batch
+            self.body_max = torch.maximum(self.body_max, torch.maximum(high, -low).cpu())
+        self._hessians.clear()
 
     def hessian(self, sink_tokens: str = "include") -> torch.Tensor:
-        """float64 [in, in]: 2/n Σ x xᵀ with the sink rows included, excluded or capped."""
+        """float64 [in, in]: 2/n Σ x xᵀ with the sink rows included, excluded or capped. The same
+        tensor for every call until the next `add` (linear layers sharing an input share it, and
+        `gptq_quantize_weight` can reuse its factorisation); callers must not modify it."""
+        if sink_tokens not in self._hessians:
+            self._hessians[sink_tokens] = self._hessian(sink_tokens)
+        return self._hessians[sink_tokens]
+
+    def _hessian(self, sink_tokens: str) -> torch.Tensor:
         h, n = self.sum.clone(), self.count
         if sink_tokens != "exclude" and self.sink_rows:
             rows = torch.cat(self.sink_rows)
@@ -93,6 +107,16 @@ class HessianAccumulator:
             h += (rows.T @ rows).double()
             n += rows.shape[0]
         return h * (2.0 / max(n, 1))
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """xᵀx of x [n, d], float32. On CPU through numpy, which recognises `a.T @ a` and calls BLAS syrk:
+    one triangle, half the multiply-adds of torch's general matmul (0.12 s against 0.21 s for
+    4096 x 1536 on this 2-core machine). The Hessians were a third of GPTQ's time on SmolLM2."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return x.T @ x
+    a = x.contiguous().numpy()
+    return torch.from_numpy(a.T @ a)
 
 
 def _upper_factor_of_inverse(h: torch.Tensor) -> torch.Tensor | None:
@@ -214,8 +238,12 @@ def gptq_quantize_weight(
     absorb_into_outliers: bool = False,
     name: str = "weight",
     clip_search: bool = False,
+    factor_cache: dict | None = None,
 ) -> GPTQResult:
     """GPTQ on weight [out, in] with hessian [in, in] (see the module docstring for every choice).
+
+    `factor_cache`: a dict shared by calls whose layers share one Hessian tensor (q/k/v, gate/up):
+    the factorisation of H restricted to the same columns is computed once.
 
     bits 4: groups of `group_size` consecutive kept columns (None: one group per row), asymmetric
     min/max or `symmetric`; bits 8: symmetric per row (`group_size` ignored)."""
@@ -230,7 +258,13 @@ def gptq_quantize_weight(
     group_of = (order // gs).tolist() + [-1] * (cols.numel() - n_keep)  # -1: not quantized
     quant = _Quantizer(bits, symmetric, out_f, -(-n_keep // gs), clip_search)
     # the factorisation is a few large BLAS calls (all threads); the column sweep is many small ops
-    upper, used = inverse_hessian_factor(hessian.double()[cols][:, cols], damping, name, n_keep)
+    key = (id(hessian), cols.numpy().tobytes(), damping, n_keep)
+    if factor_cache is not None and key in factor_cache:
+        upper, used = factor_cache[key][1:]
+    else:
+        upper, used = inverse_hessian_factor(hessian.double()[cols][:, cols], damping, name, n_keep)
+        if factor_cache is not None:
+            factor_cache[key] = (hessian, upper, used)  # holds `hessian`, so its id stays its own
     with _one_thread():
         w = weight.detach().float()[:, cols].clone()
         importance = hessian.diagonal()[cols].float()
@@ -318,6 +352,7 @@ def quantize_module(
     storage: torch.dtype,
     absorb_into_outliers: bool = False,
     clip_search: bool = False,
+    factor_cache: dict | None = None,
 ) -> SinkQuantLinear:
     """One linear layer -> `SinkQuantLinear` by GPTQ (round-to-nearest if GPTQ gave non-finite numbers)."""
     weight = float_weight(module).detach()
@@ -325,6 +360,7 @@ def quantize_module(
     res = gptq_quantize_weight(
         weight, hessian, weights.bits, weights.group, idx, weights.symmetric,
         opts.block_size, opts.damping, opts.act_order, absorb_into_outliers, name, clip_search,
+        factor_cache,
     )  # fmt: skip
     if not all(bool(torch.isfinite(t.float()).all()) for t in (res.weight, res.scale)):
         warnings.warn(f"GPTQ gave non-finite weights for {name}; using round-to-nearest", stacklevel=2)
@@ -358,12 +394,18 @@ def gptq_quantize_(
     absorb_into_outliers: bool | None = None,
     clip_search: bool | None = None,
     batch_size: int = BATCH_SIZE,
+    one_pass: bool | None = None,
 ) -> QuantizeSummary:
     """Quantize `model` in place with GPTQ, decoder layer by decoder layer, on `recipe.calibration`.
 
-    For each layer: its linear layers' Hessians from the calibration hidden states (quantized layers
-    before it), GPTQ on each linear layer, then the layer re-run with its quantized weights to give
-    the next layer's inputs. Linear layers outside the decoder layers get round-to-nearest.
+    Each decoder layer runs once over all calibration tokens (batches merged into one call): a linear
+    layer is quantized when its input arrives, from the Hessian of that input, and computes with its
+    quantized weights from then on, so later linear layers of the same layer see the quantized
+    outputs ("true sequential") and the layer's output is already the next layer's input. That is one
+    forward pass per layer instead of two. `one_pass=None` does so while the layer's activations for all
+    tokens fit `ONE_PASS_BYTES` (else, or with `one_pass=False`, or when the layers' arguments cannot
+    be merged: two passes over batches of `batch_size` samples, Hessians from the float layer, then the
+    quantized layer re-run). Linear layers outside the decoder layers get round-to-nearest.
     `clip_search` (see `gptq_quantize_weight`): None reads `recipe.weights.gptq.clip_search`.
     `absorb_into_outliers` is an experiment with no recipe field (None means False)."""
     weights = recipe.weights
@@ -380,29 +422,43 @@ def gptq_quantize_(
     c = recipe.calibration
     ids = calibration_samples(tokenizer, c.dataset, c.samples, c.seq_len, c.seed).input_ids
     inputs = capture_inputs(model, ids, batch_size)
+    merged = merge_batches(inputs) if _one_pass_fits(ids, chosen, one_pass) else None
+    if merged is not None:
+        inputs = merged
     layers = decoder_layers(model)
     prefixes = {id(m): n for n, m in model.named_modules()}
+
+    def make_observer(in_features: int) -> HessianAccumulator:
+        return HessianAccumulator(in_features, sinks)
+
+    def quantize(name: str, module: nn.Module, observer: HessianAccumulator | None):
+        idx = _outliers(name, module, weights, report)
+        if observer is None:
+            warnings.warn(f"GPTQ: {name} saw no calibration input; using round-to-nearest", stacklevel=3)
+            return _rtn(float_weight(module), module.bias, weights, idx, storage), idx
+        hessian = observer.hessian(weights.gptq.sink_tokens)
+        new = quantize_module(
+            name, module, hessian, idx, weights, storage, absorb_into_outliers, clip_search, factors
+        )
+        return new, idx
+
     bar = tqdm(layers, desc=f"GPTQ int{weights.bits}", unit="layer", disable=not progress)
     for index, layer in enumerate(bar):
         prefix = prefixes[id(layer)] + "."
         mine = {n: m for n, m in chosen.items() if n.startswith(prefix)}
-        with observe_inputs(mine, lambda d: HessianAccumulator(d, sinks)) as observers:
-            run_layer(layer, inputs, index)
-        done = {}
-        for name, module in mine.items():
-            idx = _outliers(name, module, weights, report)
-            if name in observers:
-                hessian = observers[name].hessian(weights.gptq.sink_tokens)
-                new = quantize_module(
-                    name, module, hessian, idx, weights, storage, absorb_into_outliers, clip_search
-                )
-            else:
-                warnings.warn(f"GPTQ: {name} saw no calibration input; using round-to-nearest", stacklevel=2)
-                new = _rtn(float_weight(module), module.bias, weights, idx, storage)
-            done[name] = (new, idx)
-        del observers
-        with _effective_weights(mine, {n: new for n, (new, _) in done.items()}):
-            inputs.hidden = run_layer(layer, inputs, index)
+        factors: dict = {}  # this layer's factorisations, shared by linears with one input
+        if merged is not None:
+            with _quantize_on_arrival(mine, make_observer, quantize, batch_size) as done:
+                inputs.hidden = run_layer(layer, inputs, index)
+            for name in mine.keys() - done.keys():  # never called in this layer's forward
+                done[name] = quantize(name, mine[name], None)
+        else:
+            with observe_inputs(mine, make_observer) as observers:
+                run_layer(layer, inputs, index)
+            done = {name: quantize(name, module, observers.get(name)) for name, module in mine.items()}
+            del observers
+            with _effective_weights(mine, {n: new for n, (new, _) in done.items()}):
+                inputs.hidden = run_layer(layer, inputs, index)
         for name, (new, idx) in done.items():
             _swap(model, name, chosen.pop(name), new, idx, summary)
     for name, module in chosen.items():  # outside the decoder layers: no calibration inputs
@@ -413,6 +469,50 @@ def gptq_quantize_(
         )
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _one_pass_fits(ids: torch.Tensor, chosen: dict[str, nn.Module], one_pass: bool | None) -> bool:
+    """Whether to merge the calibration batches: one layer's activations for every token at once,
+    estimated as 4 float32 copies of the widest linear output per token, must fit ONE_PASS_BYTES."""
+    if one_pass is not None:
+        return one_pass
+    widest = max((float_weight(m).shape[0] for m in chosen.values()), default=0)
+    return ids.numel() * widest * 4 * 4 <= ONE_PASS_BYTES
+
+
+@contextlib.contextmanager
+def _quantize_on_arrival(modules: dict[str, nn.Module], make_observer, quantize, batch_size: int):
+    """Forward pre-hooks that quantize each of `modules` when its input arrives (one call holding every
+    calibration token): the Hessian of that input (summed over slices of `batch_size` samples, as the
+    batched route sums it), `quantize(name, module, observer) -> (SinkQuantLinear, outlier idx)`, then
+    the float module computes with the quantized weights. Linear layers fed the very same tensor (q/k/v,
+    gate/up) share one Hessian. Yields name -> (SinkQuantLinear, idx), filled as the block runs."""
+    done: dict[str, tuple[SinkQuantLinear, list[int]]] = {}
+    last: dict = {"x": None, "observer": None}
+
+    def hook(name: str):
+        def pre_hook(module, args):
+            if name in done:  # a second call in the same forward: already quantized
+                return
+            x = args[0]
+            if last["x"] is not x:
+                observer = make_observer(x.shape[-1])
+                for part in x.split(batch_size) if x.dim() >= 3 else (x,):
+                    observer.add(part)
+                last["x"], last["observer"] = x, observer
+            done[name] = quantize(name, module, last["observer"])
+            w = done[name][0].dequantized_weight().to(module.weight.dtype)
+            module.weight.data = w if isinstance(module, nn.Linear) else w.t().contiguous()
+
+        return pre_hook
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
+    try:
+        yield done
+    finally:
+        for handle in handles:
+            handle.remove()
+        last["x"] = last["observer"] = None
 
 
 @contextlib.contextmanager

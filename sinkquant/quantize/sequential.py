@@ -15,9 +15,14 @@ knows nothing about how weights are quantized:
    once.
 3. `run_layer`: one decoder layer over all batches; run once with the float weights (observers
    attached) and once after quantization, whose outputs become the next layer's inputs.
+4. `merge_batches`: the recorded batches as one batch, so a layer can run over every calibration
+   token in a single call. GPTQ then quantizes each linear layer inside that call, as its input
+   arrives (one pass per layer instead of two, and every linear layer sees the outputs of the
+   quantized ones before it in the same layer).
 
 Peak memory is the model, the calibration hidden states (inputs and outputs of one layer) and the
-observers of one layer.
+observers of one layer; with merged batches, also one layer's intermediate activations for all
+calibration tokens at once.
 """
 
 from __future__ import annotations
@@ -95,6 +100,57 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, index: int) -> list[torch.T
         hidden_of(layer(h, *args, **kwargs))
         for h, (args, kwargs) in zip(inputs.hidden, inputs.calls[index], strict=True)
     ]
+
+
+def merge_batches(inputs: LayerInputs) -> LayerInputs | None:
+    """The batches of `inputs` as a single batch, or None when a layer's arguments cannot be merged.
+
+    Per argument: tensors whose first dimension is each batch's size are concatenated (masks with a
+    batch dimension); tensors equal in every batch are shared (rotary cos/sin of shape [1, seq, d],
+    cache positions); other values must be equal in every batch. Anything else (a batch-dependent
+    value of another shape) gives None, and the caller keeps the batches."""
+    if len(inputs.hidden) <= 1:
+        return inputs
+    sizes = [h.shape[0] for h in inputs.hidden]
+    calls: list[list[tuple[tuple, dict]]] = []
+    for layer_calls in inputs.calls:
+        try:
+            args = _merge_values([a for a, _ in layer_calls], sizes)
+            kwargs = _merge_values([k for _, k in layer_calls], sizes)
+        except _Unmergeable:
+            return None
+        calls.append([(args, kwargs)])
+    return LayerInputs([torch.cat(inputs.hidden)], calls)
+
+
+class _Unmergeable(Exception):
+    pass
+
+
+def _merge_values(values: list, sizes: list[int]):
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        if not all(isinstance(v, torch.Tensor) for v in values):
+            raise _Unmergeable
+        batched = sum(sizes) != len(sizes) and all(
+            v.dim() > 0 and v.shape[0] == n for v, n in zip(values, sizes, strict=True)
+        )
+        if batched and all(v.shape[1:] == first.shape[1:] for v in values):
+            return torch.cat(values)
+        if all(v.shape == first.shape and torch.equal(v, first) for v in values[1:]):
+            return first
+        raise _Unmergeable
+    if isinstance(first, dict):
+        if any(not isinstance(v, dict) or v.keys() != first.keys() for v in values):
+            raise _Unmergeable
+        return {key: _merge_values([v[key] for v in values], sizes) for key in first}
+    if isinstance(first, (tuple, list)):
+        if any(type(v) is not type(first) or len(v) != len(first) for v in values):
+            raise _Unmergeable
+        return type(first)(_merge_values([v[i] for v in values], sizes) for i in range(len(first)))
+    if all(v is first or v == first for v in values[1:]):
+        return first
+    raise _Unmergeable
 
 
 class InputObserver(Protocol):

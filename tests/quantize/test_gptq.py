@@ -18,7 +18,7 @@ from sinkquant.quantize.gptq import (
     gptq_quantize_weight,
 )
 from sinkquant.quantize.linear import SinkQuantLinear
-from sinkquant.quantize.sequential import capture_inputs, observe_inputs, run_layer
+from sinkquant.quantize.sequential import capture_inputs, merge_batches, observe_inputs, run_layer
 from sinkquant.recipe import load_recipe, parse_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -176,6 +176,81 @@ def test_layer_by_layer_float_pass_matches_the_model():
         expected = model(ids, output_hidden_states=True).hidden_states[-1]  # after the final norm
     final = model.model.norm(torch.cat(inputs.hidden))
     assert torch.allclose(final, expected, atol=1e-5)
+
+
+def test_merged_batches_give_the_batched_outputs():
+    model = tiny_llama()
+    ids = torch.randint(0, 120, (5, 24))
+    batched = capture_inputs(model, ids, batch_size=2)
+    merged = merge_batches(capture_inputs(model, ids, batch_size=2))
+    assert merged is not None and [h.shape[0] for h in merged.hidden] == [5]
+    for index, layer in enumerate(decoder_layers(model)):
+        batched.hidden = run_layer(layer, batched, index)
+        merged.hidden = run_layer(layer, merged, index)
+        assert torch.allclose(merged.hidden[0], torch.cat(batched.hidden), atol=1e-5)
+
+
+def test_batches_with_arguments_of_other_shapes_stay_apart():
+    inputs = capture_inputs(tiny_llama(), torch.randint(0, 120, (4, 8)), batch_size=2)
+    per_batch = inputs.calls[0][1][1]
+    per_batch["extra"] = torch.ones(3)  # differs from batch 0's and has no batch dimension
+    inputs.calls[0][0][1]["extra"] = torch.zeros(3)
+    assert merge_batches(inputs) is None
+
+
+@pytest.mark.parametrize("one_pass, calls_per_layer", [(True, 1), (False, 2 * 3)])
+def test_one_pass_route_runs_each_layer_once(one_pass, calls_per_layer):
+    """Merged batches: one call per layer, each linear layer quantized as its input arrives; the
+    two-pass route runs every batch (3 of 2, 2, 2 samples) twice."""
+    model = tiny_llama()
+    report = _report(model)
+    calls = []
+
+    def count(module, args):
+        if "forward" not in module.__dict__:  # not the stand-in that records the inputs
+            calls.append(module)
+
+    for layer in decoder_layers(model):
+        layer.register_forward_pre_hook(count)
+    recipe = _recipe(**{"calibration.samples": 6})
+    summary = gptq_quantize_(model, _Tok(), recipe, report, progress=False, batch_size=2, one_pass=one_pass)
+    assert summary.modules == 14
+    assert len(calls) == calls_per_layer * len(decoder_layers(model))
+
+
+def test_one_pass_quantizes_later_linears_on_quantized_inputs():
+    """True sequential: o_proj's Hessian comes from the attention output computed with the already
+    quantized q/k/v, so the two routes give different o_proj weights but the same q/k/v."""
+    base = tiny_llama()
+    report = _report(base)
+    recipe = _recipe(**{"calibration.samples": 6})
+    one, two = copy.deepcopy(base), copy.deepcopy(base)
+    gptq_quantize_(one, _Tok(), recipe, report, progress=False, batch_size=2, one_pass=True)
+    gptq_quantize_(two, _Tok(), recipe, report, progress=False, batch_size=2, one_pass=False)
+    attn_one, attn_two = one.model.layers[0].self_attn, two.model.layers[0].self_attn
+    assert torch.equal(attn_one.q_proj.weight, attn_two.q_proj.weight)
+    assert not torch.equal(attn_one.o_proj.weight, attn_two.o_proj.weight)
+
+
+def test_gram_matches_the_general_matmul():
+    from sinkquant.quantize.gptq import _gram
+
+    x = _inputs(n=300, d=96)
+    got = _gram(x)
+    assert torch.equal(got, got.T)  # syrk fills one triangle, numpy mirrors it
+    assert torch.allclose(got, x.T @ x, rtol=1e-5, atol=1e-3)
+
+
+def test_linears_sharing_an_input_share_one_factorisation(monkeypatch):
+    import sinkquant.quantize.gptq as gptq
+
+    calls = []
+    real = gptq.inverse_hessian_factor
+    monkeypatch.setattr(gptq, "inverse_hessian_factor", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    model = tiny_llama()
+    gptq_quantize_(model, _Tok(), _recipe(), _report(model), progress=False)
+    # per layer: q/k/v (one input), o, gate/up (one input), down
+    assert len(calls) == 4 * len(decoder_layers(model))
 
 
 def test_observers_are_shared_by_linears_with_one_input():
