@@ -277,6 +277,70 @@ class SinkQuantLinear(nn.Module):
         return self._runtime[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        run = self._runtime.get(("forward", x.dtype, _KERNELS["enabled"]))
+        if run is None:
+            run = self._runtime[("forward", x.dtype, _KERNELS["enabled"])] = self._forward_for(x.dtype)
+        return run(x)
+
+    def _forward_for(self, dtype: torch.dtype):
+        """The forward for one activation dtype, decided once. bf16 with a kernel (the decode path)
+        gets a closure with every layout and decision bound in advance: at batch 1 a SmolLM2-sized
+        matmul takes 20-100 us, so the Python around it (dict lookups, branches, attribute reads,
+        ~1 us each) is worth removing; it runs the same ops as `_kernel_forward`."""
+        if dtype == torch.bfloat16 and self._kernel_ok(dtype):
+            return self._bf16_kernel_closure()
+        return self._general_forward
+
+    def _bf16_kernel_closure(self):
+        in_f, out_f = self.in_features, self.out_features
+        add_dense = self._dense_closure(torch.bfloat16)
+        if self.bits == 8:
+            weight, scale, padded = self._int8_kernel_args()
+            int8_mm = torch.ops.aten._weight_int8pack_mm
+            outlier_idx = self.outlier_idx.long()
+            pad = padded - in_f
+
+            def run8(x: torch.Tensor) -> torch.Tensor:
+                x2 = x.reshape(-1, in_f)
+                act = F.pad(x2, (0, pad)) if pad else x2
+                y = int8_mm(act.contiguous(), weight, scale)
+                if add_dense is not None:
+                    y = add_dense(y, x2.index_select(1, outlier_idx))
+                return y.view(*x.shape[:-1], out_f)
+
+            return run8
+        index, padded, append_zero = self._int4_gather_args()
+        packed, scales_zeros, _ = self._int4_kernel_args()
+        group = self.group_size
+        int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        zero = torch.zeros(1, 1, dtype=torch.bfloat16, device=self.weight.device)
+
+        def run4(x: torch.Tensor) -> torch.Tensor:
+            x2 = x.reshape(-1, in_f)
+            if append_zero:
+                x2 = torch.cat((x2, zero.expand(x2.shape[0], 1)), dim=1)
+            gathered = x2 if index is None else x2.index_select(1, index)
+            act = gathered[:, :padded]
+            y = int4_mm(act if act.is_contiguous() else act.contiguous(), packed, group, scales_zeros)
+            if add_dense is not None:
+                y = add_dense(y, gathered[:, padded:])
+            return y.view(*x.shape[:-1], out_f)
+
+        return run4
+
+    def _dense_closure(self, dtype: torch.dtype):
+        """`_add_dense_part` with its weights and decisions bound for outputs of `dtype`; None when
+        there is nothing to add (no outlier columns, no bias)."""
+        if not self.n_outliers and self.bias is None:
+            return None
+        weight_t, bias = self._dense_args(dtype)
+        if weight_t is None or weight_t.dtype != dtype:
+            return self._add_dense_part
+        if bias is None:
+            return lambda y, outliers: y.addmm_(outliers, weight_t)
+        return lambda y, outliers: y.addmm_(outliers, weight_t).add_(bias)
+
+    def _general_forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self._kernel_ok(x.dtype):

@@ -52,6 +52,7 @@ def test_kernel_matches_dequantizing_fallback(bits, group, n_out, rows, dtype):
     x = x.to(dtype)
     assert layer._kernel_ok(x.dtype)
     fast = layer(x)
+    assert torch.equal(fast, layer._general_forward(x))  # the bound bf16 closure runs the same ops
     with use_kernels(False):
         slow = layer(x)
     reference = F.linear(x.float(), layer.dequantized_weight(), b)
