@@ -33,10 +33,12 @@ Results: a table on stdout and JSON (--json, default runs/bench/quality_<model>.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import fnmatch
 import gc
 import json
+import signal
 import sys
 import time
 from collections import Counter
@@ -280,9 +282,12 @@ def peer_hqq(b: Bench) -> Built:
 
 
 def peer_torchao(b: Bench) -> Built:
+    """bf16 model: the CPU kernel takes bf16 activations; with an fp32 model torchao's int4 tensor
+    took more than 20 minutes for 16,384 tokens on 2 cores (a slow path), bf16 is its real use."""
     group = b.peer_group or 32
-    model, done = torchao_int4(b.fp32, group)
-    note = f"g128 does not divide every width {b.widths}" if group != 128 and b.peer_group else ""
+    model, done = torchao_int4(b.fp32, group, torch.bfloat16)
+    note = "bf16 activations; "
+    note += f"g128 does not divide every width {b.widths}; " if group != 128 and b.peer_group else ""
     if done < len(b.linears):
         note += (
             f"ONLY {done} of {len(b.linears)} linear layers quantized (the CPU kernel needs out % 16 == 0 "
@@ -408,7 +413,7 @@ def rows_for(b: Bench) -> list[Row]:
         Row("bnb-nf4", "bitsandbytes nf4 (block 64)", "peer", "weights", peer_bnb("nf4")),
         Row("quanto-int8", "optimum-quanto int8 weights", "peer", "weights", peer_quanto(8)),
         Row("quanto-int4", "optimum-quanto int4 weights", "peer", "weights", peer_quanto(4)),
-        Row("torchao-int4", f"torchao int4 weight-only g{b.peer_group or 32} (CPU kernel)", "peer", "weights", peer_torchao),
+        Row("torchao-int4", f"torchao int4 weight-only g{b.peer_group or 32} (CPU kernel, bf16)", "peer", "weights", peer_torchao),
         Row("hqq-4", f"HQQ 4-bit g{hg}", "peer", "weights", peer_hqq),
         Row("llmc-gptq", f"llm-compressor GPTQ W4A16{pg} ({gq})", "peer", "weights", peer_llmcompressor),
         Row("qc-quanto-4", "QuantizedCache quanto 4-bit", "peer", "kv", peer_kv("quanto", 4)),
@@ -431,9 +436,38 @@ def select(rows: list[Row], patterns: str | None) -> list[Row]:
 # -- running ------------------------------------------------------------------------------------------
 
 
+class RowTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int | None):
+    """Raise RowTimeout in the main thread once `seconds` have passed (checked between Python
+    bytecodes, so within one forward pass of a window); None or 0: no limit."""
+    if not seconds:
+        yield
+        return
+
+    def alarm(*_):
+        raise RowTimeout(f"ran past the row time limit of {seconds} s (--row-timeout); stopped")
+
+    before = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+
+
 def run_row(b: Bench, row: Row) -> dict:
     out = {"key": row.key, "label": row.label, "family": row.family, "kind": row.kind}
     t = time.perf_counter()
+    with time_limit(b.args.row_timeout):
+        return _run_row(b, row, out, t)
+
+
+def _run_row(b: Bench, row: Row, out: dict, t: float) -> dict:
     try:
         built = row.build(b)
         out["prep_s"] = time.perf_counter() - t
@@ -461,7 +495,7 @@ def run_row(b: Bench, row: Row) -> dict:
         )
         if recorder:
             out["kv_sinks"] = sorted({p for w in recorder.windows for p in w["sinks"]})
-    except Exception as exc:  # a row that cannot run says why, in one line
+    except Exception as exc:  # a row (or RowTimeout) that cannot run says why, in one line
         out.update(error=one_line(exc), prep_s=time.perf_counter() - t)
     finally:
         for model in (b.fp32, *b.models.values()):  # a sinkquant cache leaves hooks on its model
@@ -533,6 +567,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="default runs/bench/quality_<model>.json")
     parser.add_argument("--save-calibration", type=Path, default=None, help="write the report here")
     parser.add_argument("--list", action="store_true", help="print the row keys and exit")
+    parser.add_argument(
+        "--row-timeout", type=int, default=600, help="seconds a row may take (build + eval); 0: no limit"
+    )
     args = parser.parse_args(argv)
     quick = {"tokens": 4096, "calib_samples": 8, "calib_seq_len": 256, "gptq_samples": 8, "gptq_seq_len": 256}
     full = {
