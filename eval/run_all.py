@@ -46,6 +46,13 @@ SPEEDUP_VS_BF16 = 1.25
 #: make the quality half alone take ~45 minutes on 2 cores (28 rows at 1-5 minutes each); with 4,096
 #: the whole command fits its 30 minutes. `--tokens 16384` runs the full protocol.
 RECORD_TOKENS = 4096
+#: the speed half's methods: the issue's list plus bf16 and sinkquant W4 with a static cache and
+#: torch.compile; the static-cache-only rows stay in `eval/bench_speed.py` (about a minute each).
+SPEED_ROWS = [
+    "fp32", "bf16", "sq-w8", "sq-w4", "sq-w4-kv4", "bnb-int8", "bnb-nf4", "torchao-int4",
+    "bf16-compile", "sq-w4-compile",
+]  # fmt: skip
+SPEED_TIMEOUT = 420  # seconds per speed method (compilation included)
 BANDWIDTH_SHARE = 0.60
 BUSY = 0.05  # other processes' share of the CPUs above which a timing is flagged as unreliable
 
@@ -384,9 +391,13 @@ def main(argv=None) -> int:
                 + ["--tokens", str(args.tokens or (4096 if args.quick else RECORD_TOKENS))],
             )
         }
+        speed_rows = [] if args.rows else ["--rows", ",".join(SPEED_ROWS), "--timeout", str(SPEED_TIMEOUT)]
         seconds["speed"] = run_bench(
             "bench_speed.py",
-            shared + ["--json", str(sjson)] + (["--calibration", str(calib)] if calib.is_file() else []),
+            shared
+            + speed_rows
+            + ["--json", str(sjson)]
+            + (["--calibration", str(calib)] if calib.is_file() else []),
         )
         seconds["total"] = time.perf_counter() - start
         run = {
