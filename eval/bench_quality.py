@@ -286,14 +286,15 @@ def peer_torchao(b: Bench) -> Built:
     took more than 20 minutes for 16,384 tokens on 2 cores (a slow path), bf16 is its real use."""
     group = b.peer_group or 32
     model, done = torchao_int4(b.fp32, group, torch.bfloat16)
-    note = "bf16 activations; "
-    note += f"g128 does not divide every width {b.widths}; " if group != 128 and b.peer_group else ""
+    notes = ["bf16 activations"]
+    if group != 128 and b.peer_group:
+        notes.append(f"g128 does not divide every width {b.widths}")
     if done < len(b.linears):
-        note += (
+        notes.append(
             f"ONLY {done} of {len(b.linears)} linear layers quantized (the CPU kernel needs out % 16 == 0 "
             f"and in % {group} == 0), the rest stay fp32"
         )
-    return Built(model, bits=bits_per_weight(model, b.linears), note=note)
+    return Built(model, bits=bits_per_weight(model, b.linears), note="; ".join(notes))
 
 
 def peer_llmcompressor(b: Bench) -> Built:

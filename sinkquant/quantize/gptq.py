@@ -491,8 +491,7 @@ def _quantize_on_arrival(modules: dict[str, nn.Module], make_observer, quantize,
                     observer.add(part)
                 last["x"], last["observer"] = x, observer
             done[name] = quantize(name, module, last["observer"])
-            w = done[name][0].dequantized_weight().to(module.weight.dtype)
-            module.weight.data = w if isinstance(module, nn.Linear) else w.t().contiguous()
+            _compute_with(module, done[name][0])
 
         return pre_hook
 
@@ -512,12 +511,18 @@ def _effective_weights(modules: dict[str, nn.Module], quantized: dict[str, SinkQ
     saved = {name: module.weight.data for name, module in modules.items()}
     try:
         for name, module in modules.items():
-            w = quantized[name].dequantized_weight().to(saved[name].dtype)
-            module.weight.data = w if isinstance(module, nn.Linear) else w.t().contiguous()
+            _compute_with(module, quantized[name])
         yield
     finally:
         for name, module in modules.items():
             module.weight.data = saved[name]
+
+
+def _compute_with(module: nn.Module, quantized: SinkQuantLinear) -> None:
+    """Point a float linear layer (nn.Linear or Conv1D, [in, out]) at the effective weights of its
+    quantized replacement, in the float layer's dtype."""
+    w = quantized.dequantized_weight().to(module.weight.dtype)
+    module.weight.data = w if isinstance(module, nn.Linear) else w.t().contiguous()
 
 
 def _outliers(name: str, module: nn.Module, weights: WeightsSection, report) -> list[int]:
