@@ -63,14 +63,16 @@ class HessianAccumulator:
 
     `add(x)` takes x [batch, seq, in] (or [tokens, in], then positions are not known and every row is
     a body row). The body sum is float64 (each batch's product in float32); the sink rows are few (one
-    or two per sample) and stored as they are, so `hessian(mode)` can include, drop or cap them."""
+    or two per sample) and stored as they are, so `hessian(mode)` can include, drop or cap them.
+    `track_max=False` skips the per-channel max |x| of the body rows that only `cap` needs (an extra
+    pass over every batch: about 4% of a GPTQ run)."""
 
-    def __init__(self, in_features: int, sink_positions: list[int]) -> None:
+    def __init__(self, in_features: int, sink_positions: list[int], track_max: bool = True) -> None:
         self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
         self.count = 0
         self.sink_positions = sorted(set(sink_positions))
         self.sink_rows: list[torch.Tensor] = []
-        self.body_max = torch.zeros(in_features)
+        self.body_max = torch.zeros(in_features) if track_max else None
         self._hessians: dict[str, torch.Tensor] = {}
 
     def add(self, x: torch.Tensor) -> None:
@@ -83,9 +85,9 @@ class HessianAccumulator:
             self.sink_rows.append(x[:, sinks].reshape(-1, x.shape[-1]).cpu())
             x = x[:, body_mask]
         body = x.reshape(-1, x.shape[-1])
-        self.sum += (body.T @ body).double().cpu()
+        self.sum += _gram(body).double().cpu()
         self.count += body.shape[0]
-        if body.shape[0]:
+        if body.shape[0] and self.body_max is not None:
             low, high = torch.aminmax(body, dim=0)  # max |x| without an |x| copy of the batch
             self.body_max = torch.maximum(self.body_max, torch.maximum(high, -low).cpu())
         self._hessians.clear()
@@ -103,10 +105,33 @@ class HessianAccumulator:
         if sink_tokens != "exclude" and self.sink_rows:
             rows = torch.cat(self.sink_rows)
             if sink_tokens == "cap":
+                if self.body_max is None:
+                    raise ValueError("sink_tokens 'cap' needs an accumulator made with track_max=True")
                 rows = torch.minimum(torch.maximum(rows, -self.body_max), self.body_max)
             h += (rows.T @ rows).double()
             n += rows.shape[0]
         return h * (2.0 / max(n, 1))
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """xᵀx for x [tokens, in], float32, from the blocks on and above the diagonal only (the rest is
+    their transpose). Each entry is the same BLAS dot product over the tokens as in one `x.T @ x`
+    (bit-identical here: checked on 576- and 1536-wide batches and on whole GPTQ runs), with about 3/8
+    fewer multiplications at 4 blocks: a 4096 x 1536 batch takes 77 ms instead of 110."""
+    width = x.shape[1]
+    parts = max(1, min(4, width // 128))
+    if parts == 1:
+        return x.T @ x
+    step = -(-width // parts)
+    out = torch.empty(width, width, dtype=x.dtype, device=x.device)
+    xt = x.T
+    for i in range(0, width, step):
+        for j in range(i, width, step):
+            block = xt[i : i + step] @ x[:, j : j + step]
+            out[i : i + step, j : j + step] = block
+            if j != i:
+                out[j : j + step, i : i + step] = block.T
+    return out
 
 
 def _upper_factor_of_inverse(h: torch.Tensor) -> torch.Tensor | None:
@@ -305,7 +330,8 @@ def _gptq_columns(
 @contextlib.contextmanager
 def _one_thread():
     """The column loop is thousands of small ops: extra threads only add synchronisation (20x slower
-    on a busy 2-core machine), so it runs on one."""
+    on a busy 2-core machine), so it runs on one. (Row slices in parallel Python threads, one op per
+    thread, were measured too: 1.1-1.7x slower, the ops are too small to outweigh the GIL.)"""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -419,7 +445,7 @@ def gptq_quantize_(
     prefixes = {id(m): n for n, m in model.named_modules()}
 
     def make_observer(in_features: int) -> HessianAccumulator:
-        return HessianAccumulator(in_features, sinks)
+        return HessianAccumulator(in_features, sinks, track_max=weights.gptq.sink_tokens == "cap")
 
     def quantize(name: str, module: nn.Module, observer: HessianAccumulator | None):
         idx = _outliers(name, module, weights, report)

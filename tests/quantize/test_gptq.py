@@ -13,6 +13,7 @@ from sinkquant.modeling import decoder_layers
 from sinkquant.pipeline import quantization_config
 from sinkquant.quantize.gptq import (
     HessianAccumulator,
+    _gram,
     _upper_factor_of_inverse,
     gptq_quantize_,
     gptq_quantize_weight,
@@ -147,6 +148,24 @@ def test_sink_rows_included_excluded_or_capped():
     }
     for mode, h in expect.items():
         assert torch.allclose(_hessian(x, [0], mode).float(), h, rtol=1e-5, atol=1e-5), mode
+
+
+def test_max_is_tracked_only_when_cap_needs_it():
+    x = torch.randn(2, 6, 4)
+    acc = HessianAccumulator(4, [0], track_max=False)
+    acc.add(x)
+    assert torch.equal(acc.hessian("include"), _hessian(x, [0], "include"))
+    with pytest.raises(ValueError, match="track_max"):
+        acc.hessian("cap")
+
+
+@pytest.mark.parametrize("width", [100, 300, 576, 1000])
+def test_gram_from_upper_blocks_is_the_full_product(width):
+    x = torch.randn(700, width)
+    x[:, 7] *= 300
+    h = _gram(x)
+    assert torch.equal(h, h.T)
+    assert torch.allclose(h, x.T @ x, rtol=1e-5, atol=1e-2)
 
 
 def _report(model):
