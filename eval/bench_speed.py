@@ -7,7 +7,9 @@ Protocol: batch 1, a 512-token WikiText-2 prompt (the first 512 tokens of the te
 where the tokenizer adds one), 128 new tokens, greedy (`generate`, min_new_tokens=128 so every run
 decodes the same count). A logits processor stamps each generated token: prefill tokens/s = 512 /
 time to the first token; decode tokens/s = 127 / time from the first to the last token. One warm-up
-run, then the median of --repeats runs (5; --quick 3). Each method runs in a fresh subprocess, so its
+run (the same prompt, 8 new tokens: every shape the measured runs meet, at a sixteenth of the decode
+time; compiled rows: two full runs, so compilation and any recompile happen before the clock), then
+the median of --repeats runs (5; --quick 3). Each method runs in a fresh subprocess, so its
 peak RSS is its own: "peak RSS" is the high-water mark of the whole process (loading included),
 "peak RSS, generate" the high-water mark after loading (reset through /proc/self/clear_refs before
 the warm-up). Checkpoint bytes: the loaded model's state dict (what `save_pretrained` writes; tied
@@ -17,8 +19,9 @@ tensors once). KV bytes per token: the cache after a run, all layers, divided by
 Methods: fp32, bf16, sinkquant W8 and W4 g128 + 1% columns (+ the combined KV4 recipe), saved with
 `sinkquant.quantize_model` and loaded in bf16 (the int4/int8 CPU kernels take bf16 activations),
 bitsandbytes int8 / nf4 (bf16 compute), torchao int4 (CPU kernel, bf16); extra rows: a static cache
-(`cache_implementation="static"`) and `torch.compile` of the forward on top of it, for bf16 and
-sinkquant W4. A method that fails or runs past --timeout is a row with the one-line reason.
+(`cache_implementation="static"`) and `torch.compile` of the decode step on top of it, for bf16 and
+sinkquant W4 (as transformers' own `generate` compiles it: one-token steps only; the 512-token
+prefill runs eager, so its tokens/s is the eager one and its graph is never compiled). A method that fails or runs past --timeout is a row with the one-line reason.
 
 Also, in the same run: the memory bandwidth (a large float32 sum, reads only, and a copy), and
 sinkquant's int4 layer at batch 1 on the model's shapes and on a 4096 x 11008 layer too large for the
@@ -180,7 +183,7 @@ def kv_bytes_per_token(cache) -> float | None:
     return total / layers[0].keys.shape[-2]
 
 
-def generate_once(model, ids, options: dict, tok) -> tuple[float, float, object]:
+def generate_once(model, ids, options: dict, tok, new: int = NEW) -> tuple[float, float, object]:
     from transformers import LogitsProcessorList
 
     stamps = Stamps()
@@ -192,8 +195,8 @@ def generate_once(model, ids, options: dict, tok) -> tuple[float, float, object]
         out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            max_new_tokens=NEW,
-            min_new_tokens=NEW,
+            max_new_tokens=new,
+            min_new_tokens=new,
             do_sample=False,
             pad_token_id=tok.eos_token_id if tok.eos_token_id is not None else 0,
             logits_processor=LogitsProcessorList([stamps]),
@@ -202,6 +205,19 @@ def generate_once(model, ids, options: dict, tok) -> tuple[float, float, object]
         )
     t = stamps.times
     return PROMPT / (t[0] - start), (len(t) - 1) / (t[-1] - t[0]), out.past_key_values
+
+
+def _compiled_decode_step(forward):
+    """`forward` compiled for one-token steps (static shapes); longer inputs (the prefill) run eager."""
+    compiled = torch.compile(forward, dynamic=False)
+
+    def step(*args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        return (
+            compiled(*args, **kwargs) if ids is not None and ids.shape[-1] == 1 else forward(*args, **kwargs)
+        )
+
+    return step
 
 
 def profile_decode(model, ids, steps: int = 4) -> dict:
@@ -293,12 +309,15 @@ def worker(key: str, spec: dict) -> dict:
     if options.get("compile"):
         with torch.no_grad():  # one eager call first: sinkquant layers build their kernel layouts
             model(ids[:, :8])  # lazily, which the compiler should find done, not trace
-        model.forward = torch.compile(model.forward, dynamic=False)
+        model.forward = _compiled_decode_step(model.forward)
     result["peak_rss_load"] = _status("VmHWM")
     result["peak_reset"] = reset_peak()
     t = time.perf_counter()
-    for _ in range(2 if options.get("compile") else 1):  # warm-up (compiled: a 2nd run for recompiles)
-        generate_once(model, ids, options, tok)
+    if options.get("compile"):  # compilation, then a 2nd run for any recompile
+        for _ in range(2):
+            generate_once(model, ids, options, tok)
+    else:
+        generate_once(model, ids, options, tok, new=8)
     result["warmup_s"] = time.perf_counter() - t
     prefill, decode, cache = [], [], None
     for _ in range(spec["repeats"]):
@@ -559,7 +578,7 @@ def protocol(result: dict) -> str:
     p = result["protocol"]
     return (
         f"Batch 1, a {p['prompt']}-token WikiText-2 prompt, {p['new']} new tokens, greedy; median of "
-        f"{p['repeats']} runs after one warm-up; {p['threads']} threads; each method in a fresh process (peak RSS "
+        f"{p['repeats']} runs after one warm-up (8 new tokens; compiled rows: two full runs, the decode step compiled, the prefill eager); {p['threads']} threads; each method in a fresh process (peak RSS "
         "= its whole high-water mark, in brackets the high-water mark while generating). Checkpoint = the "
         "loaded model's state dict; KV bytes per token = all layers of the cache after a run; CPU used by other "
         "processes = the machine's busy CPU time less this benchmark's own, over the row's wall time and all "
