@@ -3,12 +3,13 @@
     python eval/bench_kernels.py [--threads N] [--reps 200] [--out eval/results/kernels.md]
 
 For each shape: a bf16 `F.linear`, `SinkQuantLinear` int8 (per channel) and int4 (g128), both with 1%
-outlier input columns at full precision, and each one's bare integer kernel (no gather, no outlier
-columns), all timed in the same run (interleaved call by call, median of `reps` calls after a
+outlier input columns at full precision (int4 on sinkquant's fused kernel, the layer's decode path, and
+again on PyTorch's int4 kernel), and each PyTorch kernel bare (no gather, no outlier columns), all
+timed in the same run (interleaved call by call, median of `reps` calls after a
 warm-up). Reports the time, the ratio to bf16 (>1 = faster) and the effective weight bytes read per
 second (the bytes the call reads / time). The ratio's base is a bf16 `nn.Linear` module, the thing a
 `SinkQuantLinear` replaces in a model (a module call costs a few us more than the bare `F.linear`,
-which is listed too). The gap between a layer and its bare kernel is the fixed
+which is listed too, with a second ratio against it). The gap between a layer and its bare kernel is the fixed
 cost of the full-precision columns and the op dispatch around them.
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sinkquant.quantize.linear import SinkQuantLinear
+from sinkquant.quantize.linear import SinkQuantLinear, use_fused_kernel
 
 SHAPES = [  # (in, out): SmolLM2-135M's projections, then Llama-7B-sized ones
     (576, 576),
@@ -63,6 +64,17 @@ def _kernel_only(module: SinkQuantLinear):
     return lambda _x: torch.ops.aten._weight_int4pack_mm_for_cpu(act, packed, group, scales_zeros)
 
 
+def _pytorch_int4(module: SinkQuantLinear):
+    """The int4 layer with the fused kernel switched off: PyTorch's int4 kernel plus the gather, pad and
+    outlier-column ops around it."""
+
+    def call(x):
+        with use_fused_kernel(False):
+            return module(x)
+
+    return call
+
+
 def run(reps: int) -> list[dict]:
     rows = []
     torch.manual_seed(0)
@@ -82,6 +94,8 @@ def run(reps: int) -> list[dict]:
             )
             name = f"int{bits}" + (f" g{group}" if group else "")
             layers[f"{name} +1% cols"] = (module, module.nbytes())
+            if bits == 4:
+                layers[f"{name} +1% cols, PyTorch kernel"] = (_pytorch_int4(module), module.nbytes())
             layers[f"{name} kernel alone"] = (
                 _kernel_only(module),
                 module.weight.numel() + module.weight_scale.numel() * 2 * (1 if bits == 8 else 2),
@@ -89,7 +103,7 @@ def run(reps: int) -> list[dict]:
         x = torch.randn(1, in_f, dtype=torch.bfloat16)
         with torch.no_grad():
             timed = _median_times({name: fn for name, (fn, _) in layers.items()}, x, reps)
-        base = timed["bf16 nn.Linear"]
+        base, functional = timed["bf16 nn.Linear"], timed["bf16 F.linear"]
         for name, (_, nbytes) in layers.items():
             rows.append(
                 {
@@ -97,6 +111,7 @@ def run(reps: int) -> list[dict]:
                     "method": name,
                     "us": timed[name] * 1e6,
                     "speedup": base / timed[name],
+                    "vs_functional": functional / timed[name],
                     "GBps": nbytes / timed[name] / 1e9,
                     "bytes": nbytes,
                 }
@@ -120,12 +135,13 @@ def main() -> None:
         f"Machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}. "
         f"Median of {args.reps} calls after warm-up; all rows measured in one run. speedup = bf16 nn.Linear time / time.",
         "",
-        "| shape (in->out) | method | time (us) | speedup vs bf16 nn.Linear | weight bytes | effective GB/s |",
-        "|---|---|---:|---:|---:|---:|",
+        "| shape (in->out) | method | time (us) | speedup vs bf16 nn.Linear | vs bf16 F.linear | weight bytes | effective GB/s |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['shape']} | {r['method']} | {r['us']:.1f} | {r['speedup']:.2f}x | {r['bytes']:,} | {r['GBps']:.1f} |"
+            f"| {r['shape']} | {r['method']} | {r['us']:.1f} | {r['speedup']:.2f}x | {r['vs_functional']:.2f}x "
+            f"| {r['bytes']:,} | {r['GBps']:.1f} |"
         )
     text = "\n".join(lines) + "\n"
     print(text)

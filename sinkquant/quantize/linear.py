@@ -18,7 +18,10 @@ Buffers (the checkpoint keys, written by `from_float` and read back by `empty`):
 
 Kernels on CPU: `torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu` (bf16 activations);
 where a kernel is missing (or `use_kernels(False)`), the weight is dequantized and multiplied, giving
-the same numbers up to the activation precision the kernel uses.
+the same numbers up to the activation precision the kernel uses. int4 with bf16 activations and at most
+`FUSED_MAX_ROWS` rows (decode) takes sinkquant's own fused kernel (`cpu_kernels.Int4Gemv`: gather,
+int4 matmul, outlier columns and bias in one call, float32 accumulation) where it could be built;
+`use_fused_kernel(False)` keeps PyTorch's.
 """
 
 from __future__ import annotations
@@ -41,7 +44,10 @@ from .primitives import (
     unpack_bits,
 )
 
-_KERNELS = {"enabled": True}
+_KERNELS = {"enabled": True, "fused": True}
+#: input rows up to which int4 bf16 calls take the fused kernel: it reads the weights once per row,
+#: so it serves decode; PyTorch's kernel is better with many rows (prefill)
+FUSED_MAX_ROWS = 4
 _INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 _SMALL_DENSE = 3072  # outlier columns x outputs up to which a bf16 addmm beats float32 (measured)
 
@@ -62,6 +68,17 @@ def use_kernels(enabled: bool):
         yield
     finally:
         _KERNELS["enabled"] = before
+
+
+@contextlib.contextmanager
+def use_fused_kernel(enabled: bool):
+    """Switch sinkquant's fused int4 kernel off (PyTorch's int4 kernel then serves decode) or on."""
+    before = _KERNELS["fused"]
+    _KERNELS["fused"] = enabled
+    try:
+        yield
+    finally:
+        _KERNELS["fused"] = before
 
 
 class SinkQuantLinear(nn.Module):
@@ -245,6 +262,32 @@ class SinkQuantLinear(nn.Module):
             self._runtime["gather"] = (None if identity else index.to(self.weight.device), padded, n_pad > 0)
         return self._runtime["gather"]
 
+    def _fused_int4(self):
+        """A callable x2 [rows, in] (contiguous, float32 or bf16) -> [rows, out] in x2's dtype: the fused
+        int4 kernel with this layer's layout bound (built once), or None where it does not apply (not
+        int4, not on CPU, switched off, not built here)."""
+        if not _KERNELS["fused"] or self.bits != 4 or self.weight.device.type != "cpu":
+            return None
+        if "fused" not in self._runtime:
+            from .cpu_kernels import fused_int4, int4_layout
+
+            module, run = fused_int4(), None
+            if module is not None:
+                packed, stride = int4_layout(unpack_bits(self.weight, 4, self.in_kept), self.group_size)
+                run = module.Int4Gemv(
+                    packed,
+                    self.weight_scale.float().contiguous(),
+                    self.weight_min.float().contiguous(),
+                    self._keep_idx().contiguous(),
+                    self.group_size,
+                    stride,
+                    self.outlier_idx.long().contiguous(),
+                    self.outlier_weight.float().contiguous(),
+                    self.bias.float() if self.bias is not None else torch.empty(0),
+                )
+            self._runtime["fused"] = run
+        return self._runtime["fused"]
+
     def _kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
         """The integer kernel, plus the dense part; the result in bf16 (bf16 inputs) or float32."""
         if self.bits == 8:  # bf16 inputs only (see _kernel_ok)
@@ -254,6 +297,10 @@ class SinkQuantLinear(nn.Module):
             if not self.n_outliers and self.bias is None:
                 return y
             return self._add_dense_part(y, self._outlier_inputs(x2))
+        if x2.dtype == torch.bfloat16 and x2.shape[0] <= FUSED_MAX_ROWS and not torch.compiler.is_compiling():
+            fused = self._fused_int4()
+            if fused is not None:
+                return fused(x2.contiguous())
         index, padded, append_zero = self._int4_gather_args()
         src = x2.to(torch.bfloat16)  # the int4 kernel takes bf16 activations
         if append_zero:
@@ -277,9 +324,10 @@ class SinkQuantLinear(nn.Module):
         return self._runtime[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        run = self._runtime.get(("forward", x.dtype, _KERNELS["enabled"]))
+        key = ("forward", x.dtype, _KERNELS["enabled"], _KERNELS["fused"])
+        run = self._runtime.get(key)
         if run is None:
-            run = self._runtime[("forward", x.dtype, _KERNELS["enabled"])] = self._forward_for(x.dtype)
+            run = self._runtime[key] = self._forward_for(x.dtype)
         return run(x)
 
     def _forward_for(self, dtype: torch.dtype):
@@ -314,9 +362,13 @@ class SinkQuantLinear(nn.Module):
         group = self.group_size
         int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         zero = torch.zeros(1, 1, dtype=torch.bfloat16, device=self.weight.device)
+        fused = self._fused_int4()
+        compiling = torch.compiler.is_compiling  # the fused kernel is opaque to torch.compile
 
         def run4(x: torch.Tensor) -> torch.Tensor:
             x2 = x.reshape(-1, in_f)
+            if fused is not None and x2.shape[0] <= FUSED_MAX_ROWS and not compiling():
+                return fused(x2 if x2.is_contiguous() else x2.contiguous()).view(*x.shape[:-1], out_f)
             if append_zero:
                 x2 = torch.cat((x2, zero.expand(x2.shape[0], 1)), dim=1)
             gathered = x2 if index is None else x2.index_select(1, index)

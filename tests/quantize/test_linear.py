@@ -68,3 +68,66 @@ def test_batched_3d_input_and_dtype_follow_activations():
     x = torch.randn(2, 5, 576)
     assert layer(x).shape == (2, 5, 192) and layer(x).dtype == torch.float32
     assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+def _fused_or_skip():
+    from sinkquant.quantize.cpu_kernels import fused_int4
+
+    if fused_int4() is None:
+        pytest.skip("the fused int4 kernel cannot be built here (needs AVX2, a C++ compiler and ninja)")
+
+
+def test_fused_layout_holds_every_code_where_the_kernel_reads_it():
+    from sinkquant.quantize.cpu_kernels import int4_layout
+
+    codes = torch.randint(0, 16, (5, 70), dtype=torch.uint8)  # groups of 32: 32 + 32 + 6
+    packed, stride = int4_layout(codes, 32)
+    assert stride == 32 and packed.shape == (5, 3 * 32 // 2)
+    runs = packed.view(5, -1, 8)
+    unpacked = torch.cat([runs & 15, runs >> 4], dim=-1).reshape(5, 3, 32)
+    for g, (start, stop) in enumerate([(0, 32), (32, 64), (64, 70)]):
+        assert torch.equal(unpacked[:, g, : stop - start], codes[:, start:stop])
+        assert not unpacked[:, g, stop - start :].any()  # padding: zero codes
+
+
+@pytest.mark.parametrize(
+    "group, n_out, rows, bias, out_f",
+    [(128, 6, 1, False, 192), (64, 0, 1, True, 192), (32, 15, 4, True, 48), (128, 6, 2, True, 1536)],
+)
+def test_fused_int4_kernel_matches_the_dequantized_weights(group, n_out, rows, bias, out_f):
+    _fused_or_skip()
+    torch.manual_seed(1)
+    w = torch.randn(out_f, 576)
+    idx = torch.randperm(576)[:n_out]
+    layer = SinkQuantLinear.from_float(w, torch.randn(out_f) if bias else None, 4, group, idx)
+    x = torch.randn(rows, 576)
+    x[:, idx] *= 50
+    x = x.bfloat16()
+    fused = layer(x)
+    assert layer._fused_int4() is not None and fused.dtype == torch.bfloat16
+    assert torch.equal(fused, layer._general_forward(x))
+    reference = F.linear(x.float(), layer.dequantized_weight(), layer.bias)
+    scale = reference.abs().max()
+    assert float((fused.float() - reference).abs().max() / scale) < 8e-3  # bf16 output rounding
+    with use_kernels(False):  # float32 matmul of the dequantized weights, rounded once to bf16
+        assert float((fused.float() - layer(x).float()).abs().max() / scale) < 8e-3
+    from sinkquant.quantize.linear import use_fused_kernel
+
+    with use_fused_kernel(False):
+        assert layer._fused_int4() is None
+        assert float((fused.float() - layer(x).float()).abs().max() / scale) < 2e-2  # PyTorch's kernel
+
+
+def test_fused_kernel_serves_decode_only():
+    _fused_or_skip()
+    from sinkquant.quantize.linear import FUSED_MAX_ROWS
+
+    _, _, _, layer = _layer(4, 128, 6)
+    layer = layer.to(torch.bfloat16)
+    calls = []
+    fused = layer._fused_int4()
+    layer._runtime["fused"] = lambda x2: calls.append(x2.shape[0]) or fused(x2)
+    layer._runtime = {k: v for k, v in layer._runtime.items() if k[0] != "forward"}
+    layer(torch.randn(1, 1, 576, dtype=torch.bfloat16))
+    layer(torch.randn(1, FUSED_MAX_ROWS + 1, 576, dtype=torch.bfloat16))
+    assert calls == [1]
