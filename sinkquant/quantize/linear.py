@@ -206,10 +206,13 @@ class SinkQuantLinear(nn.Module):
             gs, kept = self.group_size, self.in_kept
             padded = math.ceil(kept / gs) * gs
             codes = unpack_bits(self.weight, 4, kept).to(torch.int32)
+            # a constant group (all codes 0, guard scale 1) is its minimum: with scale 0 and zero = min
+            # it stays exact, where min + 8 * 1 rounded to the kernel's bf16 would lose the minimum
+            constant = F.pad(codes, (0, padded - kept)).view(codes.shape[0], -1, gs).amax(-1) == 0
             if padded != kept:
                 codes = F.pad(codes, (0, padded - kept), value=8)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 2)
-            scale = self.weight_scale.float()
+            scale = self.weight_scale.float().masked_fill(constant, 0.0)
             zero = self.weight_min.float() + 8 * scale  # kernel: w = (q - 8) * scale + zero
             scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
             self._runtime["int4"] = (packed, scales_zeros, padded)

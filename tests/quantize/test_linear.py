@@ -131,3 +131,20 @@ def test_fused_kernel_serves_decode_only():
     layer(torch.randn(1, 1, 576, dtype=torch.bfloat16))
     layer(torch.randn(1, FUSED_MAX_ROWS + 1, 576, dtype=torch.bfloat16))
     assert calls == [1]
+
+
+def test_pytorch_int4_kernel_keeps_a_constant_group_exact():
+    """A one-column last group has zero width (guard scale 1): the kernel's bf16 zero point must not
+    swallow its minimum (it did: min + 8 rounded to bf16, up to 15% off on a 100 -> 48 layer)."""
+    if not kernels_available(4):
+        pytest.skip("this torch build has no int4 CPU kernel")
+    from sinkquant.quantize.linear import use_fused_kernel
+
+    torch.manual_seed(0)
+    layer = SinkQuantLinear.from_float(torch.randn(48, 100) * 0.02, None, 4, 32, [0, 33, 66])  # 97 = 3*32 + 1
+    x = torch.randn(6, 100).bfloat16()
+    with use_fused_kernel(False):
+        fast = layer(x).float()
+    with use_kernels(False):
+        slow = layer(x).float()
+    assert float((fast - slow).abs().max() / slow.abs().max()) < 1e-2
