@@ -3,10 +3,11 @@
     python eval/bench_kernels.py [--threads N] [--reps 200] [--out eval/results/kernels.md]
 
 For each shape: a bf16 `F.linear`, `SinkQuantLinear` int8 (per channel) and int4 (g128), both with 1%
-outlier input columns at full precision (int4 on sinkquant's fused kernel, the layer's decode path, and
-again on PyTorch's int4 kernel), and each PyTorch kernel bare (no gather, no outlier columns), all
+outlier input columns at full precision (on sinkquant's fused kernel, the layer's decode path, and
+again on PyTorch's int8 / int4 kernel), and each PyTorch kernel bare (no gather, no outlier columns), all
 timed in the same run (interleaved call by call, median of `reps` calls after a
-warm-up). Reports the time, the ratio to bf16 (>1 = faster) and the effective weight bytes read per
+warm-up). Each method rotates through copies of its layer (256 MiB of weights in all), so every call
+reads its weights from memory, not from a cache that a lone layer would sit in. Reports the time, the ratio to bf16 (>1 = faster) and the effective weight bytes read per
 second (the bytes the call reads / time). The ratio's base is a bf16 `nn.Linear` module, the thing a
 `SinkQuantLinear` replaces in a model (a module call costs a few us more than the bare `F.linear`,
 which is listed too, with a second ratio against it). The gap between a layer and its bare kernel is the fixed
@@ -16,6 +17,8 @@ cost of the full-precision columns and the op dispatch around them.
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import platform
 import statistics
 import time
@@ -37,18 +40,40 @@ SHAPES = [  # (in, out): SmolLM2-135M's projections, then Llama-7B-sized ones
 ]
 
 
+#: bytes of weights each method's copies add up to: well past the last-level cache (32 MiB on the
+#: machines here), so every timed call reads its weights from memory, as in a decode step, where a
+#: layer's weights come back only after all the others' (a lone 4096 x 11008 int4 layer, 23.5 MiB,
+#: sits in such a cache and timed 41 GB/s on a 53 GB/s machine)
+ROTATE_BYTES = 256 * 2**20
+
+
+def copies_needed(nbytes: int, reps: int) -> int:
+    """How many copies of an `nbytes` layer to rotate through: ROTATE_BYTES in all, at most `reps`."""
+    return max(1, min(reps, -(-ROTATE_BYTES // nbytes)))
+
+
 def _median_times(fns: dict, x, reps: int) -> dict[str, float]:
-    """Median seconds per call of each fn, interleaved call by call so load changes hit all alike."""
-    for fn in fns.values():
-        for _ in range(10):
+    """Median seconds per call of each fn (a callable, or a list of copies called in turn so their
+    weights come from memory), interleaved call by call so load changes hit all alike."""
+    fns = {name: fn if isinstance(fn, list) else [fn] for name, fn in fns.items()}
+    for copies in fns.values():
+        for fn in copies[:1] * 10 + copies[1:]:
             fn(x)
     times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    # methods sharing one layer's copies (a layer and its bare kernel) start at different copies, so
+    # one never finds the weights the other has just pulled into the cache
+    starts = {name: j * len(copies) // len(fns) for j, (name, copies) in enumerate(fns.items())}
+    for i in range(reps):
+        for name, copies in fns.items():
+            fn = copies[(i + starts[name]) % len(copies)]
             start = time.perf_counter()
             fn(x)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w)
 
 
 def _kernel_only(module: SinkQuantLinear):
@@ -64,8 +89,8 @@ def _kernel_only(module: SinkQuantLinear):
     return lambda _x: torch.ops.aten._weight_int4pack_mm_for_cpu(act, packed, group, scales_zeros)
 
 
-def _pytorch_int4(module: SinkQuantLinear):
-    """The int4 layer with the fused kernel switched off: PyTorch's int4 kernel plus the gather, pad and
+def _pytorch_kernel(module: SinkQuantLinear):
+    """The layer with the fused kernel switched off: PyTorch's integer kernel plus the gather, pad and
     outlier-column ops around it."""
 
     def call(x):
@@ -84,20 +109,27 @@ def run(reps: int) -> list[dict]:
         bf16 = weight.bfloat16()
         dense = torch.nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16)
         dense.weight.data.copy_(bf16)
+        n_dense = copies_needed(bf16.numel() * 2, reps)
         layers = {
-            "bf16 nn.Linear": (dense, bf16.numel() * 2),
-            "bf16 F.linear": (lambda x, w=bf16: F.linear(x, w), bf16.numel() * 2),
+            "bf16 nn.Linear": ([copy.deepcopy(dense) for _ in range(n_dense)], bf16.numel() * 2),
+            "bf16 F.linear": (
+                [functools.partial(_bf16_linear, w=bf16.clone()) for _ in range(n_dense)],
+                bf16.numel() * 2,
+            ),
         }
         for bits, group in ((8, None), (4, 128)):
             module = SinkQuantLinear.from_float(
                 weight, None, bits, group, outliers, storage_dtype=torch.bfloat16
             )
+            modules = [copy.deepcopy(module) for _ in range(copies_needed(module.nbytes(), reps))]
             name = f"int{bits}" + (f" g{group}" if group else "")
-            layers[f"{name} +1% cols"] = (module, module.nbytes())
-            if bits == 4:
-                layers[f"{name} +1% cols, PyTorch kernel"] = (_pytorch_int4(module), module.nbytes())
+            layers[f"{name} +1% cols"] = (modules, module.nbytes())
+            layers[f"{name} +1% cols, PyTorch kernel"] = (
+                [_pytorch_kernel(m) for m in modules],
+                module.nbytes(),
+            )
             layers[f"{name} kernel alone"] = (
-                _kernel_only(module),
+                [_kernel_only(m) for m in modules],
                 module.weight.numel() + module.weight_scale.numel() * 2 * (1 if bits == 8 else 2),
             )
         x = torch.randn(1, in_f, dtype=torch.bfloat16)

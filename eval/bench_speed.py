@@ -24,8 +24,9 @@ sinkquant W4 (as transformers' own `generate` compiles it: one-token steps only;
 prefill runs eager, so its tokens/s is the eager one and its graph is never compiled). A method that fails or runs past --timeout is a row with the one-line reason.
 
 Also, in the same run: the memory bandwidth (a large float32 sum, reads only, and a copy), and
-sinkquant's int4 layer at batch 1 on the model's shapes and on a 4096 x 11008 layer too large for the
-caches: weight bytes read per second / bandwidth (timing code of eval/bench_kernels.py); a
+sinkquant's int4 layer at batch 1 on the model's shapes and on a 4096 x 11008 layer, each rotating
+through copies of 256 MiB in all so the weights come from memory, as in a decode step: weight bytes
+read per second / bandwidth (timing code of eval/bench_kernels.py); a
 torch.profiler trace of bf16 decode steps (and sinkquant W4's): top ops by self CPU time and the share
 of linear layers, the attention kernel and KV-cache updates.
 """
@@ -33,8 +34,10 @@ of linear layers, the attention kernel and KV-cache updates.
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import fnmatch
+import functools
 import gc
 import json
 import os
@@ -48,8 +51,7 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from bench_kernels import _median_times
+from bench_kernels import _bf16_linear, _median_times, copies_needed
 from common import (
     RECIPES,
     RUNS,
@@ -377,8 +379,14 @@ def kernel_rows(shapes: list[tuple[int, int, int | None]], reps: int, bandwidth:
         module = SinkQuantLinear.from_float(weight, None, 4, group, outliers, storage_dtype=torch.bfloat16)
         bf16 = weight.bfloat16()
         x = torch.randn(1, in_f, dtype=torch.bfloat16)
+        # copies rotated through, so each call reads its weights from memory as a decode step does
+        int4_copies = [copy.deepcopy(module) for _ in range(copies_needed(module.nbytes(), reps))]
+        bf16_copies = [
+            functools.partial(_bf16_linear, w=bf16.clone())
+            for _ in range(copies_needed(bf16.numel() * 2, reps))
+        ]
         with torch.no_grad():
-            timed = _median_times({"int4": module, "bf16": lambda v, w=bf16: F.linear(v, w)}, x, reps)
+            timed = _median_times({"int4": int4_copies, "bf16": bf16_copies}, x, reps)
             t_q, t_b = timed["int4"], timed["bf16"]
         rows.append(
             {

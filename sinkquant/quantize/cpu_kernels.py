@@ -1,26 +1,29 @@
-"""sinkquant's own fused int4 matrix-vector kernel for CPUs with AVX2 + FMA, built on first use.
+"""sinkquant's own fused int4 / int8 matrix-vector kernel for CPUs with AVX2 + FMA, built on first use.
 
-Why: at batch 1 (decode), PyTorch's int4 CPU kernel (`_weight_int4pack_mm_for_cpu`) is compute-bound
-on AVX2 (about 7.6 GB/s of weights on a 4096 x 4096 layer here) and a `SinkQuantLinear` pays three
-more ops around it per call (zero-pad, gather of the kept columns, a thin addmm for the outlier
-columns): about 25 us at SmolLM2's shapes, where the kernel itself takes 28 us, so the layer was
-slower than a bf16 `F.linear`. `Int4Gemv` does all of it in one call: it gathers the kept inputs
-into group-padded float32 rows with their per-group sums, then for each output row sums
-`scale * Σ code·x + minimum * Σ x` over the groups (float32 FMA, two rows at a time) and adds the
-outlier columns and the bias, and writes the output in the input's dtype (float32 or bf16). A
-layer's tensors are bound into one `Int4Gemv` object once, so a call converts a single argument.
-Numbers: float32 accumulation of the exact codes, scales and minima (what
-`SinkQuantLinear.dequantized_kept` holds) against the activations as given.
+Why: at batch 1 (decode), PyTorch's integer CPU kernels are compute-bound on AVX2
+(`_weight_int4pack_mm_for_cpu` read about 7.6 GB/s of weights on a 4096 x 4096 layer here) and a
+`SinkQuantLinear` pays more ops around them per call (zero-pad, gather of the kept columns, a thin addmm
+for the outlier columns): about 25 us at SmolLM2's shapes, where the int4 kernel itself takes 28 us, so
+the layer was slower than a bf16 `F.linear`. `GemvLayer` does all of it in one call: it gathers the kept
+inputs into group-padded float32 rows with their per-group sums, then for each output row sums
+`scale * Σ code·x (+ minimum * Σ x for int4)` over the groups (float32 FMA, two rows at a time), adds the
+outlier columns and the bias, and writes the output in the input's dtype (float32 or bf16). A layer's
+tensors are bound into one `GemvLayer` object once, so a call converts a single argument. Numbers:
+float32 accumulation of the exact codes, scales and minima (what `SinkQuantLinear.dequantized_kept`
+holds) against the activations as given.
 
-Layout (`int4_layout`, built once per layer in memory; the checkpoint format does not change): the
-codes of each group padded with zero codes to `stride` (the group size rounded up to 16), and each
-run of 16 codes packed as 8 bytes, byte j = code[j] | code[j + 8] << 4, so one 8-byte load widened to
-8 int32 lanes gives codes j (low nibbles) and j + 8 (high nibbles).
+Layouts (built once per layer in memory; the checkpoint format does not change):
+- int4 (`int4_layout`): the codes of each group padded with zero codes to `stride` (the group size
+  rounded up to a run: 16 codes for AVX2, 32 for AVX-512), and each run packed in half as many bytes,
+  byte j = code[j] | code[j + run / 2] << 4, so one load widened to run / 2 int32 lanes gives codes j
+  (low nibbles) and j + run / 2 (high nibbles).
+- int8 (`int8_layout`): each row's kept codes padded with zero codes to a whole run, as bytes.
 
 The extension is compiled with `torch.utils.cpp_extension.load_inline` (a C++ compiler and ninja;
-about 30 s once, then cached by torch under ~/.cache/torch_extensions). Where it cannot be built or
-the CPU lacks AVX2, `fused_int4()` returns None once with a warning and `SinkQuantLinear` keeps
-PyTorch's kernel. `SINKQUANT_FUSED_KERNEL=0` switches it off.
+about 30 s once, then cached by torch under ~/.cache/torch_extensions), for AVX-512 where the CPU has it
+(16 float lanes) and AVX2 + FMA otherwise (8 lanes), from one source. Where it cannot be built or the
+CPU lacks AVX2, `fused_kernels()` returns None once with a warning and `SinkQuantLinear` keeps PyTorch's
+kernels. `SINKQUANT_FUSED_KERNEL=0` switches it off, `=avx2` picks the AVX2 build on an AVX-512 CPU.
 """
 
 from __future__ import annotations
@@ -35,7 +38,38 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
-static inline float hsum256(__m256 v) {
+// One vector of W float lanes: AVX-512 (W = 16) where the build targets it, else AVX2 (W = 8).
+// A "run" is 2W codes: int4 runs sit in W bytes (byte j = code[j] | code[j + W] << 4, so one load widened
+// to W int32 lanes gives codes j in the low nibbles and j + W in the high ones), int8 runs in 2W bytes.
+#ifdef __AVX512F__
+constexpr int W = 16;
+using vec = __m512;
+static inline vec vzero() { return _mm512_setzero_ps(); }
+static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline vec vset(float v) { return _mm512_set1_ps(v); }
+static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+template <int BITS>
+static inline void run_codes(const uint8_t* w, int64_t c, vec& lo, vec& hi) {
+  if (BITS == 4) {
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c / 2)));
+    lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15)));
+    hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+  } else {
+    lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c))));
+    hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c + 16))));
+  }
+}
+#else
+constexpr int W = 8;
+using vec = __m256;
+static inline vec vzero() { return _mm256_setzero_ps(); }
+static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec vset(float v) { return _mm256_set1_ps(v); }
+static inline float vsum(vec v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
   lo = _mm_add_ps(lo, hi);
   __m128 sh = _mm_movehdup_ps(lo);
@@ -43,61 +77,82 @@ static inline float hsum256(__m256 v) {
   sh = _mm_movehl_ps(sh, lo);
   return _mm_cvtss_f32(_mm_add_ss(lo, sh));
 }
-
-// sum_j code[j] * x[j] over `len` codes (a multiple of 16) of two rows: shared x loads, four FMA chains
-static inline void dot2(const uint8_t* w0, const uint8_t* w1, const float* x, int64_t len, float& d0, float& d1) {
-  const __m256i low4 = _mm256_set1_epi32(15);
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
-  for (int64_t c = 0; c < len; c += 16) {
-    const __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
-    const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w0 + c / 2)));
-    const __m256i r = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w1 + c / 2)));
-    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q, low4)), x0, a0);
-    a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)), x1, a1);
-    b0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(r, low4)), x0, b0);
-    b1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(r, 4)), x1, b1);
-  }
-  d0 = hsum256(_mm256_add_ps(a0, a1));
-  d1 = hsum256(_mm256_add_ps(b0, b1));
-}
-
-static inline float dot1(const uint8_t* w, const float* x, int64_t len) {
-  const __m256i low4 = _mm256_set1_epi32(15);
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  for (int64_t c = 0; c < len; c += 16) {
+template <int BITS>
+static inline void run_codes(const uint8_t* w, int64_t c, vec& lo, vec& hi) {
+  if (BITS == 4) {
     const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + c / 2)));
-    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q, low4)), _mm256_loadu_ps(x + c), a0);
-    a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)), _mm256_loadu_ps(x + c + 8), a1);
+    lo = _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(15)));
+    hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4));
+  } else {
+    lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + c))));
+    hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + c + 8))));
   }
-  return hsum256(_mm256_add_ps(a0, a1));
+}
+#endif
+
+// lane sums of code[j] * x[j] over `len` codes (a multiple of 2W) of two rows: shared x loads, four chains
+template <int BITS>
+static inline void dot2(const uint8_t* w0, const uint8_t* w1, const float* x, int64_t len, vec& d0, vec& d1) {
+  vec a0 = vzero(), a1 = vzero(), b0 = vzero(), b1 = vzero();
+  for (int64_t c = 0; c < len; c += 2 * W) {
+    const vec x0 = vload(x + c), x1 = vload(x + c + W);
+    vec p0, p1, q0, q1;
+    run_codes<BITS>(w0, c, p0, p1);
+    run_codes<BITS>(w1, c, q0, q1);
+    a0 = vfma(p0, x0, a0);
+    a1 = vfma(p1, x1, a1);
+    b0 = vfma(q0, x0, b0);
+    b1 = vfma(q1, x1, b1);
+  }
+  d0 = vadd(a0, a1);
+  d1 = vadd(b0, b1);
 }
 
-// One layer's int4 weights in the fused layout, bound once; forward(x [rows, in]) -> [rows, out] in x's
-// dtype (float32 or bfloat16), accumulated in float32. A class, so a call converts one tensor argument.
-struct Int4Gemv {
-  torch::Tensor packed, scale, minimum, keep, outlier_idx, outlier_weight, bias;
-  int64_t group, stride;
+template <int BITS>
+static inline vec dot1(const uint8_t* w, const float* x, int64_t len) {
+  vec a0 = vzero(), a1 = vzero();
+  for (int64_t c = 0; c < len; c += 2 * W) {
+    vec p0, p1;
+    run_codes<BITS>(w, c, p0, p1);
+    a0 = vfma(p0, vload(x + c), a0);
+    a1 = vfma(p1, vload(x + c + W), a1);
+  }
+  return vadd(a0, a1);
+}
 
-  Int4Gemv(torch::Tensor packed_, torch::Tensor scale_, torch::Tensor minimum_, torch::Tensor keep_,
-           int64_t group_, int64_t stride_, torch::Tensor outlier_idx_, torch::Tensor outlier_weight_,
-           torch::Tensor bias_)
+// One layer's integer weights in the fused layout, bound once; forward(x [rows, in]) -> [rows, out] in
+// x's dtype (float32 or bfloat16), accumulated in float32. A class, so a call converts one argument.
+// bits 4: `packed` uint8 [out, groups * stride / 2], scale and minimum float32 [out, groups];
+// bits 8: `packed` the int8 codes as uint8 bytes [out, stride] (one group: the whole kept row, padded
+// with zero codes), scale float32 [out, 1], minimum unused (symmetric).
+struct GemvLayer {
+  torch::Tensor packed, scale, minimum, keep, outlier_idx, outlier_weight, bias;
+  int64_t bits, group, stride, parallel_codes, prefetch_rows;
+
+  GemvLayer(int64_t bits_, torch::Tensor packed_, torch::Tensor scale_, torch::Tensor minimum_,
+            torch::Tensor keep_, int64_t group_, int64_t stride_, torch::Tensor outlier_idx_,
+            torch::Tensor outlier_weight_, torch::Tensor bias_, int64_t parallel_codes_,
+            int64_t prefetch_rows_)
       : packed(packed_.contiguous()), scale(scale_.contiguous()), minimum(minimum_.contiguous()),
         keep(keep_.contiguous()), outlier_idx(outlier_idx_.contiguous()),
-        outlier_weight(outlier_weight_.contiguous()), bias(bias_.contiguous()), group(group_), stride(stride_) {
-    TORCH_CHECK(packed.dim() == 2 && scale.dim() == 2 && minimum.sizes() == scale.sizes(),
-                "Int4Gemv: packed [out, bytes], scale/minimum [out, groups]");
+        outlier_weight(outlier_weight_.contiguous()), bias(bias_.contiguous()), bits(bits_), group(group_),
+        stride(stride_), parallel_codes(parallel_codes_), prefetch_rows(prefetch_rows_) {
+    TORCH_CHECK(bits == 4 || bits == 8, "GemvLayer: bits must be 4 or 8");
+    TORCH_CHECK(packed.dim() == 2 && scale.dim() == 2 && scale.size(0) == packed.size(0),
+                "GemvLayer: packed [out, bytes], scale [out, groups]");
+    TORCH_CHECK(bits == 8 || minimum.sizes() == scale.sizes(), "GemvLayer: minimum must match scale");
     TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && scale.scalar_type() == torch::kFloat32 &&
-                minimum.scalar_type() == torch::kFloat32 && keep.scalar_type() == torch::kInt64 &&
-                outlier_idx.scalar_type() == torch::kInt64, "Int4Gemv: unexpected dtypes");
-    TORCH_CHECK(stride % 16 == 0 && group <= stride, "Int4Gemv: stride must be a multiple of 16 >= group");
-    TORCH_CHECK(packed.size(1) == scale.size(1) * stride / 2 && scale.size(0) == packed.size(0),
-                "Int4Gemv: layout mismatch");
+                (bits == 8 || minimum.scalar_type() == torch::kFloat32) && keep.scalar_type() == torch::kInt64 &&
+                outlier_idx.scalar_type() == torch::kInt64, "GemvLayer: unexpected dtypes");
+    TORCH_CHECK(stride % (2 * W) == 0 && group <= stride, "GemvLayer: stride must be a multiple of the run >= group");
+    TORCH_CHECK(packed.size(1) == scale.size(1) * stride * bits / 8, "GemvLayer: layout mismatch");
+    TORCH_CHECK(keep.numel() <= scale.size(1) * group, "GemvLayer: more kept columns than groups hold");
     const int64_t n_o = outlier_idx.size(0);
     TORCH_CHECK(n_o == 0 || (outlier_weight.scalar_type() == torch::kFloat32 &&
                 outlier_weight.size(0) == packed.size(0) && outlier_weight.size(1) == n_o),
-                "Int4Gemv: outlier_weight must be float32 [out, n_outliers]");
+                "GemvLayer: outlier_weight must be float32 [out, n_outliers]");
     TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == torch::kFloat32 && bias.numel() == packed.size(0)),
-                "Int4Gemv: bias must be float32 [out] or empty");
+                "GemvLayer: bias must be float32 [out] or empty");
   }
 
   template <typename T>
@@ -116,28 +171,43 @@ struct Int4Gemv {
     for (int64_t o = 0; o < n_o; ++o) xo[o] = static_cast<float>(xr[op[o]]);
   }
 
-  template <typename T>
+  template <int BITS, typename T>
   void rows_out(const float* xk, const float* xsum, const float* xo, T* yr) const {
     const int64_t n_out = packed.size(0), groups = scale.size(1), n_o = outlier_idx.size(0);
-    const int64_t row_bytes = packed.size(1);
+    const int64_t row_bytes = packed.size(1), group_bytes = stride * BITS / 8;
     const uint8_t* w = packed.data_ptr<uint8_t>();
     const float* s = scale.data_ptr<float>();
-    const float* m = minimum.data_ptr<float>();
+    const float* m = BITS == 4 ? minimum.data_ptr<float>() : nullptr;
     const float* wo = n_o ? outlier_weight.data_ptr<float>() : nullptr;
     const float* b = bias.numel() ? bias.data_ptr<float>() : nullptr;
-    // below ~64k codes a second thread costs more to wake than it saves
-    const int64_t grain = n_out * row_bytes * 2 < 65536 ? n_out : 16;
+    // below `parallel_codes` codes a second thread costs more to wake than it saves
+    const int64_t grain = n_out * groups * stride < parallel_codes ? n_out : 16;
     at::parallel_for(0, n_out, grain, [&](int64_t begin, int64_t end) {
       int64_t n = begin;
       for (; n + 1 < end; n += 2) {
         const uint8_t* w0 = w + n * row_bytes;
+        const float* s0 = s + n * groups;
+        vec v0 = vzero(), v1 = vzero();  // scale * codes . x, summed over the groups lane by lane
         float acc0 = 0.f, acc1 = 0.f;
         for (int64_t g = 0; g < groups; ++g) {
-          float d0, d1;
-          dot2(w0 + g * (stride / 2), w0 + row_bytes + g * (stride / 2), xk + g * stride, stride, d0, d1);
-          acc0 += s[n * groups + g] * d0 + m[n * groups + g] * xsum[g];
-          acc1 += s[(n + 1) * groups + g] * d1 + m[(n + 1) * groups + g] * xsum[g];
+          if (n + prefetch_rows + 1 < n_out) {  // the same group some rows ahead: keep DRAM reads in flight
+            const uint8_t* ahead = w0 + prefetch_rows * row_bytes + g * group_bytes;
+            for (int64_t l = 0; l < group_bytes; l += 64) {
+              _mm_prefetch(reinterpret_cast<const char*>(ahead + l), _MM_HINT_T0);
+              _mm_prefetch(reinterpret_cast<const char*>(ahead + row_bytes + l), _MM_HINT_T0);
+            }
+          }
+          vec d0, d1;
+          dot2<BITS>(w0 + g * group_bytes, w0 + row_bytes + g * group_bytes, xk + g * stride, stride, d0, d1);
+          v0 = vfma(d0, vset(s0[g]), v0);
+          v1 = vfma(d1, vset(s0[groups + g]), v1);
+          if (BITS == 4) {
+            acc0 += m[n * groups + g] * xsum[g];
+            acc1 += m[(n + 1) * groups + g] * xsum[g];
+          }
         }
+        acc0 += vsum(v0);
+        acc1 += vsum(v1);
         for (int64_t o = 0; o < n_o; ++o) {
           acc0 += wo[n * n_o + o] * xo[o];
           acc1 += wo[(n + 1) * n_o + o] * xo[o];
@@ -148,9 +218,13 @@ struct Int4Gemv {
       }
       for (; n < end; ++n) {
         const uint8_t* wr = w + n * row_bytes;
+        vec v = vzero();
         float acc = 0.f;
-        for (int64_t g = 0; g < groups; ++g)
-          acc += s[n * groups + g] * dot1(wr + g * (stride / 2), xk + g * stride, stride) + m[n * groups + g] * xsum[g];
+        for (int64_t g = 0; g < groups; ++g) {
+          v = vfma(dot1<BITS>(wr + g * group_bytes, xk + g * stride, stride), vset(s[n * groups + g]), v);
+          if (BITS == 4) acc += m[n * groups + g] * xsum[g];
+        }
+        acc += vsum(v);
         for (int64_t o = 0; o < n_o; ++o) acc += wo[n * n_o + o] * xo[o];
         if (b) acc += b[n];
         yr[n] = static_cast<T>(acc);
@@ -158,82 +232,160 @@ struct Int4Gemv {
     });
   }
 
+  template <typename T>
+  void row(const T* xr, float* xk, float* xsum, float* xo, T* yr) const {
+    gather(xr, xk, xsum, xo);
+    if (bits == 4) rows_out<4>(xk, xsum, xo, yr); else rows_out<8>(xk, xsum, xo, yr);
+  }
+
   torch::Tensor forward(torch::Tensor x) const {
-    TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "Int4Gemv: x must be contiguous [rows, in]");
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "GemvLayer: x must be contiguous [rows, in]");
     TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
-                "Int4Gemv: x must be float32 or bfloat16");
+                "GemvLayer: x must be float32 or bfloat16");
     const int64_t rows = x.size(0), in_f = x.size(1), n_out = packed.size(0), groups = scale.size(1);
     auto y = torch::empty({rows, n_out}, x.options());
     std::vector<float> xk(groups * stride), xsum(groups), xo(outlier_idx.size(0) + 1);
     for (int64_t r = 0; r < rows; ++r) {
-      if (x.scalar_type() == torch::kBFloat16) {
-        gather(x.data_ptr<at::BFloat16>() + r * in_f, xk.data(), xsum.data(), xo.data());
-        rows_out(xk.data(), xsum.data(), xo.data(), y.data_ptr<at::BFloat16>() + r * n_out);
-      } else {
-        gather(x.data_ptr<float>() + r * in_f, xk.data(), xsum.data(), xo.data());
-        rows_out(xk.data(), xsum.data(), xo.data(), y.data_ptr<float>() + r * n_out);
-      }
+      if (x.scalar_type() == torch::kBFloat16)
+        row(x.data_ptr<at::BFloat16>() + r * in_f, xk.data(), xsum.data(), xo.data(),
+            y.data_ptr<at::BFloat16>() + r * n_out);
+      else
+        row(x.data_ptr<float>() + r * in_f, xk.data(), xsum.data(), xo.data(), y.data_ptr<float>() + r * n_out);
     }
     return y;
   }
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  pybind11::class_<Int4Gemv>(mod, "Int4Gemv")
-      .def(pybind11::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t,
-                          torch::Tensor, torch::Tensor, torch::Tensor>())
-      .def("__call__", &Int4Gemv::forward);
+  pybind11::class_<GemvLayer>(mod, "GemvLayer", pybind11::module_local())  // one per ISA build
+      .def(pybind11::init<int64_t, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t,
+                          torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t>())
+      .def("__call__", &GemvLayer::forward);
+  mod.attr("CODES_PER_RUN") = 2 * W;
 }
 """
 
-_STATE: dict = {"built": False, "module": None}
+#: codes per call below which the kernel runs on one thread (waking a second one costs more than it saves)
+PARALLEL_CODES = 65536
+#: rows ahead whose codes are prefetched while a row pair is summed: without it one core's loop kept too
+#: few DRAM reads in flight (a 4096 x 11008 int4 layer read 19 GB/s with 0, 35-36 GB/s with 16, 30-33
+#: with 32; PyTorch's kernel 33 GB/s, on a 53 GB/s machine)
+PREFETCH_ROWS = 16
+_ISA_FLAGS = {
+    "avx2": ["-mavx2", "-mfma"],
+    "avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw"],
+}
+_BUILT: dict[str, object] = {}
 
 
-def fused_int4():
-    """The compiled extension (with the `Int4Gemv` class), or None where it cannot run here (said once)."""
-    if not _STATE["built"]:
-        _STATE["built"] = True
-        _STATE["module"] = _build()
-    return _STATE["module"]
-
-
-def _build():
-    if os.environ.get("SINKQUANT_FUSED_KERNEL", "1") == "0":
+def best_isa() -> str | None:
+    """The instruction set the fused kernel is built for on this CPU ("avx512", "avx2"), or None.
+    `SINKQUANT_FUSED_KERNEL=0` switches the kernel off, `=avx2` keeps an AVX-512 CPU on the AVX2 build."""
+    choice = os.environ.get("SINKQUANT_FUSED_KERNEL", "1").lower()
+    if choice == "0":
         return None
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in ("AVX2", "AVX512"):
-        warnings.warn(
-            f"sinkquant: the fused int4 kernel needs AVX2 (this CPU: {capability}); using PyTorch's",
-            stacklevel=3,
-        )
+    if capability == "AVX512" and choice != "avx2":
+        return "avx512"
+    return "avx2" if capability in ("AVX2", "AVX512") else None
+
+
+def fused_kernels(isa: str | None = None):
+    """The compiled extension for `isa` (default: `best_isa()`), with the `GemvLayer` class and
+    `CODES_PER_RUN`, or None where it cannot run here (said once)."""
+    isa = isa or best_isa()
+    if isa is None:
+        if "none" not in _BUILT and os.environ.get("SINKQUANT_FUSED_KERNEL", "1") != "0":
+            warnings.warn(
+                "sinkquant: the fused integer kernel needs AVX2 "
+                f"(this CPU: {torch.backends.cpu.get_cpu_capability()}); using PyTorch's kernels",
+                stacklevel=2,
+            )
+        _BUILT["none"] = None
         return None
+    if isa not in _BUILT:
+        _BUILT[isa] = _build(isa)
+    return _BUILT[isa]
+
+
+def _build(isa: str):
     try:
         from torch.utils.cpp_extension import load_inline
 
         return load_inline(
-            name="sinkquant_cpu_int4_v2",
+            name=f"sinkquant_cpu_gemv_v4_{isa}",
             cpp_sources=_SOURCE,
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            extra_cflags=["-O3", *_ISA_FLAGS[isa], "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as exc:  # no compiler, no ninja, a build error: PyTorch's kernel still works
         reason = " ".join(str(exc).split())[:200]
         warnings.warn(
-            f"sinkquant: could not build the fused int4 kernel ({reason}); using PyTorch's", stacklevel=3
+            f"sinkquant: could not build the fused integer kernel ({reason}); using PyTorch's", stacklevel=3
         )
         return None
 
 
-def int4_layout(codes: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
+def bind_layer(
+    module,
+    bits: int,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor | None,
+    keep: torch.Tensor,
+    group_size: int,
+    outlier_idx: torch.Tensor,
+    outlier_weight: torch.Tensor,
+    bias: torch.Tensor | None,
+):
+    """One layer's numbers in the kernel's layout, bound into a `GemvLayer` of the extension `module`.
+    codes: int8 [out, kept] (bits 8, scale [out]) or uint8 [out, kept] (bits 4, scale and minimum
+    [out, groups])."""
+    run = int(module.CODES_PER_RUN)
+    if bits == 4:
+        packed, stride = int4_layout(codes, group_size, run)
+        scale, minimum, group = scale.float(), minimum.float(), group_size
+    else:
+        packed, stride = int8_layout(codes, run)
+        scale, minimum, group = scale.float().view(-1, 1), torch.empty(0), stride
+    return module.GemvLayer(
+        bits,
+        packed,
+        scale.contiguous(),
+        minimum.contiguous(),
+        keep.long().contiguous(),
+        group,
+        stride,
+        outlier_idx.long().contiguous(),
+        outlier_weight.float().contiguous(),
+        bias.float().contiguous() if bias is not None else torch.empty(0),
+        PARALLEL_CODES,
+        PREFETCH_ROWS,
+    )
+
+
+def int4_layout(codes: torch.Tensor, group_size: int, run: int = 16) -> tuple[torch.Tensor, int]:
     """codes uint8 [out, kept] (kept columns in order, groups of `group_size`, the last may be shorter)
-    -> (packed uint8 [out, groups * stride / 2], stride): see the module docstring."""
+    -> (packed uint8 [out, groups * stride / 2], stride): each group padded with zero codes to `stride`
+    (the group size rounded up to a whole `run`), each run of codes packed in run / 2 bytes, byte j =
+    code[j] | code[j + run / 2] << 4."""
     out, kept = codes.shape
     groups = -(-kept // group_size)
-    stride = -(-group_size // 16) * 16
+    stride = -(-group_size // run) * run
     full = torch.zeros(out, groups * stride, dtype=torch.uint8, device=codes.device)
     columns = torch.arange(kept, device=codes.device)
     full[:, (columns // group_size) * stride + columns % group_size] = codes.to(torch.uint8)
-    runs = full.view(out, groups * stride // 16, 2, 8)
+    runs = full.view(out, groups * stride // run, 2, run // 2)
     packed = (runs[:, :, 0, :] | (runs[:, :, 1, :] << 4)).reshape(out, groups * stride // 2).contiguous()
     return packed, stride
+
+
+def int8_layout(codes: torch.Tensor, run: int = 16) -> tuple[torch.Tensor, int]:
+    """codes int8 [out, kept] -> (bytes uint8 [out, stride], stride): each row padded with zero codes to
+    a whole number of runs (a zero code adds nothing), reinterpreted as bytes for the kernel."""
+    out, kept = codes.shape
+    stride = max(run, -(-kept // run) * run)
+    padded = torch.zeros(out, stride, dtype=torch.int8, device=codes.device)
+    padded[:, :kept] = codes
+    return padded.view(torch.uint8), stride

@@ -18,10 +18,10 @@ Buffers (the checkpoint keys, written by `from_float` and read back by `empty`):
 
 Kernels on CPU: `torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu` (bf16 activations);
 where a kernel is missing (or `use_kernels(False)`), the weight is dequantized and multiplied, giving
-the same numbers up to the activation precision the kernel uses. int4 with bf16 activations and at most
-`FUSED_MAX_ROWS` rows (decode) takes sinkquant's own fused kernel (`cpu_kernels.Int4Gemv`: gather,
-int4 matmul, outlier columns and bias in one call, float32 accumulation) where it could be built;
-`use_fused_kernel(False)` keeps PyTorch's.
+the same numbers up to the activation precision the kernel uses. bf16 activations with at most
+`FUSED_MAX_ROWS` rows (decode) take sinkquant's own fused kernel (`cpu_kernels.GemvLayer`, int4 and int8:
+gather, integer matmul, outlier columns and bias in one call, float32 accumulation) where it could be
+built; `use_fused_kernel(False)` keeps PyTorch's.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from .primitives import (
 )
 
 _KERNELS = {"enabled": True, "fused": True}
-#: input rows up to which int4 bf16 calls take the fused kernel: it reads the weights once per row,
+#: input rows up to which bf16 calls take the fused kernel: it reads the weights once per row,
 #: so it serves decode; PyTorch's kernel is better with many rows (prefill)
 FUSED_MAX_ROWS = 4
 _INT4_KERNEL_GROUPS = (32, 64, 128, 256)
@@ -72,7 +72,7 @@ def use_kernels(enabled: bool):
 
 @contextlib.contextmanager
 def use_fused_kernel(enabled: bool):
-    """Switch sinkquant's fused int4 kernel off (PyTorch's int4 kernel then serves decode) or on."""
+    """Switch sinkquant's fused kernel off (PyTorch's integer kernels then serve decode) or on."""
     before = _KERNELS["fused"]
     _KERNELS["fused"] = enabled
     try:
@@ -220,12 +220,13 @@ class SinkQuantLinear(nn.Module):
 
     def _int8_kernel_args(self):
         """The int8 weight spread back to the layer's full input width, zero codes at the outlier
-        columns, padded with zero columns to a multiple of 8 inputs (the kernel reads K in blocks of 8
-        and crashes on other widths), and bf16 scales. A zero code contributes exactly nothing, so the
-        kernel takes the input row as it is: no gather and no padding of activations per call. Built
-        once, in memory only (the checkpoint keeps [out, in_kept])."""
+        columns, padded with zero columns to a multiple of 16 inputs (torch 2.13's AVX2 kernel reads K
+        in blocks of 16: K = 104, 120, 136 or 1000 segfaulted or gave wrong rows here), and bf16 scales.
+        A zero code contributes exactly nothing, so the kernel takes the input row as it is: no gather
+        and no padding of activations per call. Built once, in memory only (the checkpoint keeps
+        [out, in_kept])."""
         if "int8" not in self._runtime:
-            padded = math.ceil(self.in_features / 8) * 8
+            padded = math.ceil(self.in_features / 16) * 16
             weight = torch.zeros(self.out_features, padded, dtype=torch.int8, device=self.weight.device)
             weight[:, self._keep_idx()] = self.weight
             self._runtime["int8"] = (weight, self.weight_scale.to(torch.bfloat16), padded)
@@ -265,34 +266,39 @@ class SinkQuantLinear(nn.Module):
             self._runtime["gather"] = (None if identity else index.to(self.weight.device), padded, n_pad > 0)
         return self._runtime["gather"]
 
-    def _fused_int4(self):
+    def _fused(self):
         """A callable x2 [rows, in] (contiguous, float32 or bf16) -> [rows, out] in x2's dtype: the fused
-        int4 kernel with this layer's layout bound (built once), or None where it does not apply (not
-        int4, not on CPU, switched off, not built here)."""
-        if not _KERNELS["fused"] or self.bits != 4 or self.weight.device.type != "cpu":
+        integer kernel with this layer's layout bound (built once), or None where it does not apply (not
+        on CPU, switched off, not built here)."""
+        if not _KERNELS["fused"] or self.weight.device.type != "cpu":
             return None
         if "fused" not in self._runtime:
-            from .cpu_kernels import fused_int4, int4_layout
+            from . import cpu_kernels
 
-            module, run = fused_int4(), None
+            module, run = cpu_kernels.fused_kernels(), None
             if module is not None:
-                packed, stride = int4_layout(unpack_bits(self.weight, 4, self.in_kept), self.group_size)
-                run = module.Int4Gemv(
-                    packed,
-                    self.weight_scale.float().contiguous(),
-                    self.weight_min.float().contiguous(),
-                    self._keep_idx().contiguous(),
+                four = self.bits == 4
+                run = cpu_kernels.bind_layer(
+                    module,
+                    self.bits,
+                    unpack_bits(self.weight, 4, self.in_kept) if four else self.weight,
+                    self.weight_scale,
+                    self.weight_min if four else None,
+                    self._keep_idx(),
                     self.group_size,
-                    stride,
-                    self.outlier_idx.long().contiguous(),
-                    self.outlier_weight.float().contiguous(),
-                    self.bias.float() if self.bias is not None else torch.empty(0),
+                    self.outlier_idx,
+                    self.outlier_weight,
+                    self.bias,
                 )
             self._runtime["fused"] = run
         return self._runtime["fused"]
 
     def _kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
         """The integer kernel, plus the dense part; the result in bf16 (bf16 inputs) or float32."""
+        if x2.dtype == torch.bfloat16 and x2.shape[0] <= FUSED_MAX_ROWS and not torch.compiler.is_compiling():
+            fused = self._fused()
+            if fused is not None:
+                return fused(x2.contiguous())
         if self.bits == 8:  # bf16 inputs only (see _kernel_ok)
             weight, scale, padded = self._int8_kernel_args()
             act = x2 if padded == self.in_features else F.pad(x2, (0, padded - self.in_features))
@@ -300,10 +306,6 @@ class SinkQuantLinear(nn.Module):
             if not self.n_outliers and self.bias is None:
                 return y
             return self._add_dense_part(y, self._outlier_inputs(x2))
-        if x2.dtype == torch.bfloat16 and x2.shape[0] <= FUSED_MAX_ROWS and not torch.compiler.is_compiling():
-            fused = self._fused_int4()
-            if fused is not None:
-                return fused(x2.contiguous())
         index, padded, append_zero = self._int4_gather_args()
         src = x2.to(torch.bfloat16)  # the int4 kernel takes bf16 activations
         if append_zero:
@@ -345,6 +347,8 @@ class SinkQuantLinear(nn.Module):
     def _bf16_kernel_closure(self):
         in_f, out_f = self.in_features, self.out_features
         add_dense = self._dense_closure(torch.bfloat16)
+        fused = self._fused()
+        compiling = torch.compiler.is_compiling  # the fused kernel is opaque to torch.compile
         if self.bits == 8:
             weight, scale, padded = self._int8_kernel_args()
             int8_mm = torch.ops.aten._weight_int8pack_mm
@@ -353,6 +357,8 @@ class SinkQuantLinear(nn.Module):
 
             def run8(x: torch.Tensor) -> torch.Tensor:
                 x2 = x.reshape(-1, in_f)
+                if fused is not None and x2.shape[0] <= FUSED_MAX_ROWS and not compiling():
+                    return fused(x2 if x2.is_contiguous() else x2.contiguous()).view(*x.shape[:-1], out_f)
                 act = F.pad(x2, (0, pad)) if pad else x2
                 y = int8_mm(act.contiguous(), weight, scale)
                 if add_dense is not None:
@@ -365,8 +371,6 @@ class SinkQuantLinear(nn.Module):
         group = self.group_size
         int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         zero = torch.zeros(1, 1, dtype=torch.bfloat16, device=self.weight.device)
-        fused = self._fused_int4()
-        compiling = torch.compiler.is_compiling  # the fused kernel is opaque to torch.compile
 
         def run4(x: torch.Tensor) -> torch.Tensor:
             x2 = x.reshape(-1, in_f)

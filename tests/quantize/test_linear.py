@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from sinkquant.quantize.linear import SinkQuantLinear, kernels_available, use_kernels
+from sinkquant.quantize.primitives import unpack_bits
 
 
 def _layer(bits, group, n_out, out_f=192, in_f=576, seed=0):
@@ -71,40 +72,60 @@ def test_batched_3d_input_and_dtype_follow_activations():
 
 
 def _fused_or_skip():
-    from sinkquant.quantize.cpu_kernels import fused_int4
+    from sinkquant.quantize.cpu_kernels import fused_kernels
 
-    if fused_int4() is None:
-        pytest.skip("the fused int4 kernel cannot be built here (needs AVX2, a C++ compiler and ninja)")
+    if fused_kernels() is None:
+        pytest.skip("the fused integer kernel cannot be built here (needs AVX2, a C++ compiler and ninja)")
 
 
-def test_fused_layout_holds_every_code_where_the_kernel_reads_it():
+@pytest.mark.parametrize("run, group, stride", [(16, 32, 32), (32, 32, 32), (16, 24, 32), (32, 24, 32)])
+def test_fused_layout_holds_every_code_where_the_kernel_reads_it(run, group, stride):
     from sinkquant.quantize.cpu_kernels import int4_layout
 
-    codes = torch.randint(0, 16, (5, 70), dtype=torch.uint8)  # groups of 32: 32 + 32 + 6
-    packed, stride = int4_layout(codes, 32)
-    assert stride == 32 and packed.shape == (5, 3 * 32 // 2)
-    runs = packed.view(5, -1, 8)
-    unpacked = torch.cat([runs & 15, runs >> 4], dim=-1).reshape(5, 3, 32)
-    for g, (start, stop) in enumerate([(0, 32), (32, 64), (64, 70)]):
+    codes = torch.randint(0, 16, (5, 70), dtype=torch.uint8)  # the last group shorter
+    bounds = [(start, min(start + group, 70)) for start in range(0, 70, group)]
+    packed, got_stride = int4_layout(codes, group, run)
+    assert got_stride == stride and packed.shape == (5, len(bounds) * stride // 2)
+    runs = packed.view(5, -1, run // 2)
+    unpacked = torch.cat([runs & 15, runs >> 4], dim=-1).reshape(5, len(bounds), stride)
+    for g, (start, stop) in enumerate(bounds):
         assert torch.equal(unpacked[:, g, : stop - start], codes[:, start:stop])
         assert not unpacked[:, g, stop - start :].any()  # padding: zero codes
 
 
+def test_int8_layout_pads_each_row_with_zero_codes():
+    from sinkquant.quantize.cpu_kernels import int8_layout
+
+    codes = torch.randint(-127, 128, (3, 37), dtype=torch.int8)
+    for run, stride in ((16, 48), (32, 64)):
+        packed, got_stride = int8_layout(codes, run)
+        assert got_stride == stride and packed.dtype == torch.uint8 and packed.shape == (3, stride)
+        assert torch.equal(packed.view(torch.int8)[:, :37], codes) and not packed[:, 37:].any()
+
+
 @pytest.mark.parametrize(
-    "group, n_out, rows, bias, out_f",
-    [(128, 6, 1, False, 192), (64, 0, 1, True, 192), (32, 15, 4, True, 48), (128, 6, 2, True, 1536)],
+    "bits, group, n_out, rows, bias, out_f, in_f",
+    [
+        (4, 128, 6, 1, False, 192, 576),
+        (4, 64, 0, 1, True, 192, 576),
+        (4, 32, 15, 4, True, 48, 576),
+        (4, 128, 6, 2, True, 1536, 576),
+        (8, None, 6, 1, False, 192, 576),
+        (8, None, 0, 3, True, 47, 576),
+        (8, None, 6, 1, True, 64, 101),  # 95 kept columns: the kernel reads one zero code of padding
+    ],
 )
-def test_fused_int4_kernel_matches_the_dequantized_weights(group, n_out, rows, bias, out_f):
+def test_fused_kernel_matches_the_dequantized_weights(bits, group, n_out, rows, bias, out_f, in_f):
     _fused_or_skip()
     torch.manual_seed(1)
-    w = torch.randn(out_f, 576)
-    idx = torch.randperm(576)[:n_out]
-    layer = SinkQuantLinear.from_float(w, torch.randn(out_f) if bias else None, 4, group, idx)
-    x = torch.randn(rows, 576)
+    w = torch.randn(out_f, in_f)
+    idx = torch.randperm(in_f)[:n_out]
+    layer = SinkQuantLinear.from_float(w, torch.randn(out_f) if bias else None, bits, group, idx)
+    x = torch.randn(rows, in_f)
     x[:, idx] *= 50
     x = x.bfloat16()
     fused = layer(x)
-    assert layer._fused_int4() is not None and fused.dtype == torch.bfloat16
+    assert layer._fused() is not None and fused.dtype == torch.bfloat16
     assert torch.equal(fused, layer._general_forward(x))
     reference = F.linear(x.float(), layer.dequantized_weight(), layer.bias)
     scale = reference.abs().max()
@@ -114,18 +135,19 @@ def test_fused_int4_kernel_matches_the_dequantized_weights(group, n_out, rows, b
     from sinkquant.quantize.linear import use_fused_kernel
 
     with use_fused_kernel(False):
-        assert layer._fused_int4() is None
+        assert layer._fused() is None
         assert float((fused.float() - layer(x).float()).abs().max() / scale) < 2e-2  # PyTorch's kernel
 
 
-def test_fused_kernel_serves_decode_only():
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fused_kernel_serves_decode_only(bits):
     _fused_or_skip()
     from sinkquant.quantize.linear import FUSED_MAX_ROWS
 
-    _, _, _, layer = _layer(4, 128, 6)
+    _, _, _, layer = _layer(bits, 128, 6)
     layer = layer.to(torch.bfloat16)
     calls = []
-    fused = layer._fused_int4()
+    fused = layer._fused()
     layer._runtime["fused"] = lambda x2: calls.append(x2.shape[0]) or fused(x2)
     layer._runtime = {k: v for k, v in layer._runtime.items() if k[0] != "forward"}
     layer(torch.randn(1, 1, 576, dtype=torch.bfloat16))
@@ -148,3 +170,61 @@ def test_pytorch_int4_kernel_keeps_a_constant_group_exact():
     with use_kernels(False):
         slow = layer(x).float()
     assert float((fast - slow).abs().max() / slow.abs().max()) < 1e-2
+
+
+@pytest.mark.parametrize("in_f", [104, 1000])
+def test_pytorch_int8_kernel_takes_widths_that_are_not_a_multiple_of_16(in_f):
+    """torch 2.13's int8 CPU kernel reads the input in blocks of 16: a width padded only to a multiple
+    of 8 segfaulted or gave wrong rows (in 104, 3 rows: 10x off)."""
+    if not kernels_available(8):
+        pytest.skip("this torch build has no int8 CPU kernel")
+    from sinkquant.quantize.linear import use_fused_kernel
+
+    torch.manual_seed(0)
+    layer = SinkQuantLinear.from_float(torch.randn(48, in_f), None, 8, None, [1, 7])
+    x = torch.randn(3, in_f).bfloat16()
+    with use_fused_kernel(False):
+        fast = layer(x).float()
+    with use_kernels(False):
+        slow = layer(x).float()
+    assert float((fast - slow).abs().max() / slow.abs().max()) < 1e-2
+
+
+def _buildable_isas():
+    from sinkquant.quantize.cpu_kernels import best_isa
+
+    best = best_isa()
+    return ["avx2", "avx512"] if best == "avx512" else ["avx2"]
+
+
+@pytest.mark.parametrize("bits, group", [(4, 128), (4, 32), (4, 48), (8, None)])
+def test_every_instruction_set_build_computes_the_same_layer(bits, group):
+    """The AVX2 and AVX-512 builds (whichever this CPU runs) against the dequantized weights."""
+    _fused_or_skip()
+    from sinkquant.quantize import cpu_kernels
+
+    torch.manual_seed(3)
+    idx = torch.randperm(300)[:4]
+    layer = SinkQuantLinear.from_float(torch.randn(70, 300), torch.randn(70), bits, group, idx)
+    x = torch.randn(2, 300)
+    x[:, idx] *= 30
+    reference = F.linear(x.bfloat16().float(), layer.dequantized_weight(), layer.bias.float())
+    for isa in _buildable_isas():
+        module = cpu_kernels.fused_kernels(isa)
+        four = bits == 4
+        bound = cpu_kernels.bind_layer(
+            module,
+            bits,
+            unpack_bits(layer.weight, 4, layer.in_kept) if four else layer.weight,
+            layer.weight_scale,
+            layer.weight_min if four else None,
+            layer._keep_idx(),
+            layer.group_size,
+            layer.outlier_idx,
+            layer.outlier_weight,
+            layer.bias,
+        )
+        y = bound(x.bfloat16().contiguous())
+        assert float((y.float() - reference).abs().max() / reference.abs().max()) < 8e-3, isa
+        y32 = bound(x.bfloat16().float().contiguous())  # float32 activations: no output rounding
+        assert float((y32 - reference).abs().max() / reference.abs().max()) < 1e-5, isa
