@@ -19,14 +19,15 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import machine
 
+from sinkquant.quantize.cpu_kernels import best_isa
 from sinkquant.quantize.linear import SinkQuantLinear, use_fused_kernel
 
 SHAPES = [  # (in, out): SmolLM2-135M's projections, then Llama-7B-sized ones
@@ -161,10 +162,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = run(args.reps)
+    info = machine()
     lines = [
         f"# Linear layer at batch 1: quantized vs bf16 ({time.strftime('%Y-%m-%d')})",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}. "
+        f"Machine: {info['cpu']} ({info['cpu_capability']}), {args.threads} threads, torch {torch.__version__}; "
+        f"sinkquant's fused kernel: {best_isa() or 'off'} build. "
         f"Median of {args.reps} calls after warm-up; all rows measured in one run. speedup = bf16 nn.Linear time / time.",
         "",
         "| shape (in->out) | method | time (us) | speedup vs bf16 nn.Linear | vs bf16 F.linear | weight bytes | effective GB/s |",
