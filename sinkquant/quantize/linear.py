@@ -18,16 +18,19 @@ Buffers (the checkpoint keys, written by `from_float` and read back by `empty`):
 
 Kernels on CPU: `torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu` (bf16 activations);
 where a kernel is missing (or `use_kernels(False)`), the weight is dequantized and multiplied, giving
-the same numbers up to the activation precision the kernel uses. bf16 activations with at most
-`FUSED_MAX_ROWS` rows (decode) take sinkquant's own fused kernel (`cpu_kernels.GemvLayer`, int4 and int8:
-gather, integer matmul, outlier columns and bias in one call, float32 accumulation) where it could be
-built; `use_fused_kernel(False)` keeps PyTorch's.
+the same numbers up to the activation precision the kernel uses. Where sinkquant's own kernel could be
+built (`cpu_kernels.GemvLayer`, int4 and int8), bf16 activations with at most `FUSED_MAX_ROWS` rows
+(decode) take its fused matrix-vector product (gather, integer matmul, outlier columns and bias in one
+call, float32 accumulation), and calls with `DENSE_MIN_ROWS` rows or more (prefill) have it dequantize
+the layer into one reused dense buffer for a BLAS matmul (bf16 where the CPU has bf16 dot products,
+float32 elsewhere) plus the outlier part; `use_fused_kernel(False)` keeps PyTorch's kernels for all.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +50,39 @@ from .primitives import (
 _KERNELS = {"enabled": True, "fused": True}
 #: input rows up to which bf16 calls take the fused kernel: it reads the weights once per row,
 #: so it serves decode; PyTorch's kernel is better with many rows (prefill)
-FUSED_MAX_ROWS = 4
+FUSED_MAX_ROWS = 2
+#: input rows from which bf16 calls dequantize the layer into a reused dense buffer and take one BLAS
+#: matmul (prefill); between the two, PyTorch's integer kernels. Measured on one layer at 1-512 rows
+#: (AVX-512 with bf16 dot products): the fused kernel wins at 1-2 rows, PyTorch's kernels at 3-32,
+#: the dense matmul from 64 (2-3x PyTorch's int4 kernel at 512 rows)
+DENSE_MIN_ROWS = 64
 _INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 _SMALL_DENSE = 3072  # outlier columns x outputs up to which a bf16 addmm beats float32 (measured)
+
+
+def _fast_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX-512 BF16 or AMX): there a bf16 matmul
+    beats float32; elsewhere bf16 is converted on the fly and float32 is faster."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """A reused buffer of `shape` (per thread, per dtype; grown to the largest layer seen): the dense
+    weight a many-row call dequantizes into. One buffer serves every layer, so the working memory is
+    one layer's dense weight, not a dense copy of the model."""
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
+    numel = shape[0] * shape[1]
+    flat = buffers.get(dtype)
+    if flat is None or flat.numel() < numel:
+        flat = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return flat[:numel].view(shape)
 
 
 def kernels_available(bits: int) -> bool:
@@ -72,7 +105,7 @@ def use_kernels(enabled: bool):
 
 @contextlib.contextmanager
 def use_fused_kernel(enabled: bool):
-    """Switch sinkquant's fused kernel off (PyTorch's integer kernels then serve decode) or on."""
+    """Switch sinkquant's own kernel off (PyTorch's integer kernels then serve every call) or on."""
     before = _KERNELS["fused"]
     _KERNELS["fused"] = enabled
     try:
@@ -293,12 +326,42 @@ class SinkQuantLinear(nn.Module):
             self._runtime["fused"] = run
         return self._runtime["fused"]
 
+    def _many_rows(self):
+        """A callable x2 [rows, in] (bf16) -> [rows, out] bf16 for calls with more than FUSED_MAX_ROWS
+        rows (prefill): the fused kernel's build dequantizes the weight into one dense [out, in] matrix
+        per call (outlier columns 0), in bf16 where the CPU has bf16 dot products and float32
+        elsewhere, then one BLAS matmul and the outlier part. None where the fused kernel does not apply."""
+        fused = self._fused()
+        if fused is None:
+            return None
+        if "many_rows" not in self._runtime:
+            bf16 = _fast_bf16_matmul()
+            dtype = torch.bfloat16 if bf16 else torch.float32
+            outlier_idx = self.outlier_idx.long()
+            add_dense = self._add_dense_part if (self.n_outliers or self.bias is not None) else None
+            n_outliers = self.n_outliers
+
+            shape = (self.out_features, self.in_features)
+
+            def run(x2: torch.Tensor) -> torch.Tensor:
+                weight = _scratch(shape, dtype)
+                fused.dequantize_into(weight)
+                y = F.linear(x2.to(dtype), weight)
+                if add_dense is not None:
+                    y = add_dense(y, x2.index_select(1, outlier_idx) if n_outliers else None)
+                return y.to(x2.dtype)
+
+            self._runtime["many_rows"] = run
+        return self._runtime["many_rows"]
+
     def _kernel_forward(self, x2: torch.Tensor) -> torch.Tensor:
         """The integer kernel, plus the dense part; the result in bf16 (bf16 inputs) or float32."""
-        if x2.dtype == torch.bfloat16 and x2.shape[0] <= FUSED_MAX_ROWS and not torch.compiler.is_compiling():
-            fused = self._fused()
-            if fused is not None:
-                return fused(x2.contiguous())
+        rows = x2.shape[0]
+        if x2.dtype == torch.bfloat16 and not torch.compiler.is_compiling():
+            if rows <= FUSED_MAX_ROWS and self._fused() is not None:
+                return self._fused()(x2.contiguous())
+            if rows >= DENSE_MIN_ROWS and self._many_rows() is not None:
+                return self._many_rows()(x2)
         if self.bits == 8:  # bf16 inputs only (see _kernel_ok)
             weight, scale, padded = self._int8_kernel_args()
             act = x2 if padded == self.in_features else F.pad(x2, (0, padded - self.in_features))
@@ -347,8 +410,8 @@ class SinkQuantLinear(nn.Module):
     def _bf16_kernel_closure(self):
         in_f, out_f = self.in_features, self.out_features
         add_dense = self._dense_closure(torch.bfloat16)
-        fused = self._fused()
-        compiling = torch.compiler.is_compiling  # the fused kernel is opaque to torch.compile
+        fused, many = self._fused(), self._many_rows()
+        compiling = torch.compiler.is_compiling  # sinkquant's kernels are opaque to torch.compile
         if self.bits == 8:
             weight, scale, padded = self._int8_kernel_args()
             int8_mm = torch.ops.aten._weight_int8pack_mm
@@ -357,8 +420,11 @@ class SinkQuantLinear(nn.Module):
 
             def run8(x: torch.Tensor) -> torch.Tensor:
                 x2 = x.reshape(-1, in_f)
-                if fused is not None and x2.shape[0] <= FUSED_MAX_ROWS and not compiling():
-                    return fused(x2 if x2.is_contiguous() else x2.contiguous()).view(*x.shape[:-1], out_f)
+                if fused is not None and not compiling():
+                    if x2.shape[0] <= FUSED_MAX_ROWS:
+                        return fused(x2 if x2.is_contiguous() else x2.contiguous()).view(*x.shape[:-1], out_f)
+                    if x2.shape[0] >= DENSE_MIN_ROWS:
+                        return many(x2).view(*x.shape[:-1], out_f)
                 act = F.pad(x2, (0, pad)) if pad else x2
                 y = int8_mm(act.contiguous(), weight, scale)
                 if add_dense is not None:
@@ -374,8 +440,11 @@ class SinkQuantLinear(nn.Module):
 
         def run4(x: torch.Tensor) -> torch.Tensor:
             x2 = x.reshape(-1, in_f)
-            if fused is not None and x2.shape[0] <= FUSED_MAX_ROWS and not compiling():
-                return fused(x2 if x2.is_contiguous() else x2.contiguous()).view(*x.shape[:-1], out_f)
+            if fused is not None and not compiling():
+                if x2.shape[0] <= FUSED_MAX_ROWS:
+                    return fused(x2 if x2.is_contiguous() else x2.contiguous()).view(*x.shape[:-1], out_f)
+                if x2.shape[0] >= DENSE_MIN_ROWS:
+                    return many(x2).view(*x.shape[:-1], out_f)
             if append_zero:
                 x2 = torch.cat((x2, zero.expand(x2.shape[0], 1)), dim=1)
             gathered = x2 if index is None else x2.index_select(1, index)

@@ -228,3 +228,46 @@ def test_every_instruction_set_build_computes_the_same_layer(bits, group):
         assert float((y.float() - reference).abs().max() / reference.abs().max()) < 8e-3, isa
         y32 = bound(x.bfloat16().float().contiguous())  # float32 activations: no output rounding
         assert float((y32 - reference).abs().max() / reference.abs().max()) < 1e-5, isa
+
+
+@pytest.mark.parametrize("bits, group, n_out", [(4, 128, 6), (4, 48, 0), (8, None, 5)])
+def test_dense_buffer_holds_the_dequantized_weight(bits, group, n_out):
+    _fused_or_skip()
+    torch.manual_seed(4)
+    layer = SinkQuantLinear.from_float(torch.randn(40, 300), None, bits, group, torch.randperm(300)[:n_out])
+    expected = layer.dequantized_weight()
+    expected[:, layer.outlier_idx.long()] = 0  # the outlier part is added apart
+    fused = layer._fused()
+    assert torch.equal(fused.dequantized(False), expected)
+    assert torch.equal(fused.dequantized(True), expected.bfloat16())
+    into = torch.full((40, 300), 7.0)
+    fused.dequantize_into(into)
+    assert torch.equal(into, expected)
+
+
+@pytest.mark.parametrize("bits, group", [(4, 128), (8, None)])
+@pytest.mark.parametrize("bf16_matmul", [True, False])
+def test_many_rows_take_one_dense_matmul(bits, group, bf16_matmul, monkeypatch):
+    """Prefill-sized calls dequantize into the shared buffer and run one matmul (bf16 where the CPU
+    has bf16 dot products, float32 elsewhere); the numbers stay those of the quantized weights."""
+    _fused_or_skip()
+    from sinkquant.quantize import linear
+
+    monkeypatch.setattr(linear, "_fast_bf16_matmul", lambda: bf16_matmul)
+    torch.manual_seed(5)
+    idx = torch.randperm(576)[:6]
+    layer = SinkQuantLinear.from_float(torch.randn(192, 576), torch.randn(192), bits, group, idx)
+    layer = layer.to(torch.bfloat16)
+    x = torch.randn(1, linear.DENSE_MIN_ROWS, 576)
+    x[..., idx] *= 40
+    x = x.bfloat16()
+    calls = []
+    many = layer._many_rows()
+    layer._runtime["many_rows"] = lambda x2: calls.append(x2.shape[0]) or many(x2)
+    layer._runtime = {k: v for k, v in layer._runtime.items() if k[0] != "forward"}
+    y = layer(x)
+    assert calls == [linear.DENSE_MIN_ROWS] and y.dtype == torch.bfloat16
+    reference = F.linear(x.float(), layer.dequantized_weight(), layer.bias.float())
+    err = float((y.float() - reference).abs().max() / reference.abs().max())
+    assert err < (1.5e-2 if bf16_matmul else 8e-3)  # bf16 weights and sums / bf16 output rounding
+    assert torch.equal(layer._general_forward(x), y)
