@@ -308,23 +308,26 @@ class SinkQuantLinear(nn.Module):
         if "fused" not in self._runtime:
             from . import cpu_kernels
 
-            module, run = cpu_kernels.fused_kernels(), None
-            if module is not None:
-                four = self.bits == 4
-                run = cpu_kernels.bind_layer(
-                    module,
-                    self.bits,
-                    unpack_bits(self.weight, 4, self.in_kept) if four else self.weight,
-                    self.weight_scale,
-                    self.weight_min if four else None,
-                    self._keep_idx(),
-                    self.group_size,
-                    self.outlier_idx,
-                    self.outlier_weight,
-                    self.bias,
-                )
+            module = cpu_kernels.fused_kernels()
+            run = None if module is None else cpu_kernels.bind_layer(module, *self._fused_numbers())
             self._runtime["fused"] = run
         return self._runtime["fused"]
+
+    def _fused_numbers(self) -> tuple:
+        """What `cpu_kernels.bind_layer` takes after the extension: bits, codes (unpacked for int4),
+        scale, minimum, kept column indices, group size, outlier indices and weights, bias."""
+        four = self.bits == 4
+        return (
+            self.bits,
+            unpack_bits(self.weight, 4, self.in_kept) if four else self.weight,
+            self.weight_scale,
+            self.weight_min if four else None,
+            self._keep_idx(),
+            self.group_size,
+            self.outlier_idx,
+            self.outlier_weight,
+            self.bias,
+        )
 
     def _many_rows(self):
         """A callable x2 [rows, in] (bf16) -> [rows, out] bf16 for calls with more than FUSED_MAX_ROWS
@@ -344,8 +347,11 @@ class SinkQuantLinear(nn.Module):
             shape = (self.out_features, self.in_features)
 
             def run(x2: torch.Tensor) -> torch.Tensor:
-                weight = _scratch(shape, dtype)
-                fused.dequantize_into(weight)
+                if x2.requires_grad:  # autograd keeps the weight for backward: it must not be reused
+                    weight = fused.dequantized(bf16)
+                else:
+                    weight = _scratch(shape, dtype)
+                    fused.dequantize_into(weight)
                 y = F.linear(x2.to(dtype), weight)
                 if add_dense is not None:
                     y = add_dense(y, x2.index_select(1, outlier_idx) if n_outliers else None)
@@ -358,10 +364,11 @@ class SinkQuantLinear(nn.Module):
         """The integer kernel, plus the dense part; the result in bf16 (bf16 inputs) or float32."""
         rows = x2.shape[0]
         if x2.dtype == torch.bfloat16 and not torch.compiler.is_compiling():
-            if rows <= FUSED_MAX_ROWS and self._fused() is not None:
-                return self._fused()(x2.contiguous())
-            if rows >= DENSE_MIN_ROWS and self._many_rows() is not None:
-                return self._many_rows()(x2)
+            own = self._fused() if rows <= FUSED_MAX_ROWS else None
+            if own is None and rows >= DENSE_MIN_ROWS:
+                own = self._many_rows()
+            if own is not None:
+                return own(x2.contiguous())
         if self.bits == 8:  # bf16 inputs only (see _kernel_ok)
             weight, scale, padded = self._int8_kernel_args()
             act = x2 if padded == self.in_features else F.pad(x2, (0, padded - self.in_features))

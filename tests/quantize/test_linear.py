@@ -3,7 +3,6 @@ import torch
 import torch.nn.functional as F
 
 from sinkquant.quantize.linear import SinkQuantLinear, kernels_available, use_kernels
-from sinkquant.quantize.primitives import unpack_bits
 
 
 def _layer(bits, group, n_out, out_f=192, in_f=576, seed=0):
@@ -210,20 +209,7 @@ def test_every_instruction_set_build_computes_the_same_layer(bits, group):
     x[:, idx] *= 30
     reference = F.linear(x.bfloat16().float(), layer.dequantized_weight(), layer.bias.float())
     for isa in _buildable_isas():
-        module = cpu_kernels.fused_kernels(isa)
-        four = bits == 4
-        bound = cpu_kernels.bind_layer(
-            module,
-            bits,
-            unpack_bits(layer.weight, 4, layer.in_kept) if four else layer.weight,
-            layer.weight_scale,
-            layer.weight_min if four else None,
-            layer._keep_idx(),
-            layer.group_size,
-            layer.outlier_idx,
-            layer.outlier_weight,
-            layer.bias,
-        )
+        bound = cpu_kernels.bind_layer(cpu_kernels.fused_kernels(isa), *layer._fused_numbers())
         y = bound(x.bfloat16().contiguous())
         assert float((y.float() - reference).abs().max() / reference.abs().max()) < 8e-3, isa
         y32 = bound(x.bfloat16().float().contiguous())  # float32 activations: no output rounding
@@ -271,3 +257,22 @@ def test_many_rows_take_one_dense_matmul(bits, group, bf16_matmul, monkeypatch):
     err = float((y.float() - reference).abs().max() / reference.abs().max())
     assert err < (1.5e-2 if bf16_matmul else 8e-3)  # bf16 weights and sums / bf16 output rounding
     assert torch.equal(layer._general_forward(x), y)
+
+
+def test_many_rows_input_gradients_survive_the_next_call():
+    """The shared dense buffer is refilled by every layer; an input that needs gradients gets its own
+    weight, so the next call cannot overwrite what backward reads."""
+    _fused_or_skip()
+    from sinkquant.quantize.linear import DENSE_MIN_ROWS
+
+    torch.manual_seed(6)
+    a = SinkQuantLinear.from_float(torch.randn(64, 96), None, 4, 32, [1]).to(torch.bfloat16)
+    b = SinkQuantLinear.from_float(torch.randn(64, 96), None, 4, 32, [2]).to(torch.bfloat16)
+    x = torch.randn(DENSE_MIN_ROWS, 96, dtype=torch.bfloat16, requires_grad=True)
+    a(x).float().sum().backward()
+    expected = x.grad.clone()
+    x.grad = None
+    y = a(x)
+    b(torch.randn(DENSE_MIN_ROWS, 96, dtype=torch.bfloat16))  # refills the shared buffer
+    y.float().sum().backward()
+    assert torch.equal(x.grad, expected)
