@@ -36,6 +36,13 @@ def neutralize(x: torch.Tensor, exclude: torch.Tensor, group: int) -> torch.Tens
     return torch.where(keep.bool(), g, mean).reshape(b, h, n, d)
 
 
+def _cpu_kernels():
+    """sinkquant's compiled CPU kernels (`cpu_kernels.fused_kernels()`), or None where they cannot run."""
+    from .cpu_kernels import fused_kernels
+
+    return fused_kernels()
+
+
 class PackedTokens:
     """Quantized states [B, H, N, D], appended and dropped from the front in whole groups of tokens.
 
@@ -93,6 +100,14 @@ class PackedTokens:
         """-> [B, H, N, D] in `dtype`, or None when empty."""
         if self.codes is None or self.length == 0:
             return None
+        kernels = _cpu_kernels() if dtype in (torch.float32, torch.bfloat16) else None
+        if kernels is not None and self.codes.device.type == "cpu":  # one call, the same numbers
+            n = self.length if self.per_channel else self.dim
+            group = self.group_size if self.per_channel else min(self.group_size, self.dim)
+            out = kernels.unpack_dequantize(
+                self.codes, self.scale, self.minimum, self.bits, n, group, dtype == torch.bfloat16
+            )
+            return out.transpose(-1, -2) if self.per_channel else out
         if self.per_channel:
             codes = unpack_bits(self.codes, self.bits, self.length)
             return (

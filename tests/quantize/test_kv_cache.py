@@ -360,3 +360,28 @@ def test_smollm2_detection_separates_the_sink(smollm2, c4_path):
         cache.detach()
     assert cache.flags.sink.nonzero().flatten().tolist() == report.sinks.positions == [0]
     assert hook_counts() == before
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("param_dtype", [torch.float16, torch.float32])
+def test_compiled_kv_dequantization_equals_the_torch_ops(bits, per_channel, param_dtype, monkeypatch):
+    """The one-call C++ unpack + dequantize gives the torch ops' numbers bit for bit, strides included
+    (after a front drop too)."""
+    from sinkquant.quantize import kv_store
+    from sinkquant.quantize.cpu_kernels import fused_kernels
+
+    if fused_kernels() is None:
+        pytest.skip("sinkquant's CPU kernels cannot be built here (needs AVX2, a C++ compiler and ninja)")
+    torch.manual_seed(0)
+    store = kv_store.PackedTokens(bits, 32 if per_channel else 48, False, per_channel)
+    store.param_dtype = param_dtype
+    for _ in range(3):
+        store.append(torch.randn(2, 3, 64, 40) * 3)
+    store.drop_front(32 if per_channel else 5)
+    for dtype in (torch.float32, torch.bfloat16):
+        fast = store.dequantize(dtype)
+        with monkeypatch.context() as patch:
+            patch.setattr(kv_store, "_cpu_kernels", lambda: None)
+            slow = store.dequantize(dtype)
+        assert torch.equal(fast, slow) and fast.stride() == slow.stride() and fast.dtype == dtype
