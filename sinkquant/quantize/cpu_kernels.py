@@ -19,6 +19,12 @@ Layouts (built once per layer in memory; the checkpoint format does not change):
   (low nibbles) and j + run / 2 (high nibbles).
 - int8 (`int8_layout`): each row's kept codes padded with zero codes to a whole run, as bytes.
 
+The same extension serves two more calls that were many small torch ops: `GemvLayer.dequantize_into`
+writes a layer's dense weight (bf16 or float32, outlier columns 0) for calls with many input rows
+(prefill: one BLAS matmul instead of reading the codes once per row), and `unpack_dequantize` unpacks
+and dequantizes a packed KV-cache tensor with the torch ops' numbers bit for bit (the file is compiled
+with -ffp-contract=off for that).
+
 The extension is compiled with `torch.utils.cpp_extension.load_inline` (a C++ compiler and ninja;
 about 30 s once, then cached by torch under ~/.cache/torch_extensions), for AVX-512 where the CPU has it
 (16 float lanes) and AVX2 + FMA otherwise (8 lanes), from one source. Where it cannot be built or the
@@ -132,6 +138,9 @@ static inline vec dot1(const uint8_t* w, const float* x, int64_t len) {
 struct GemvLayer {
   torch::Tensor packed, scale, minimum, keep, outlier_idx, outlier_weight, bias;
   int64_t bits, group, stride, parallel_codes, prefetch_rows;
+  // the kept columns as runs of consecutive input columns (first kept index, length): where a dense
+  // dequantization writes them
+  std::vector<std::pair<int64_t, int64_t>> kept_runs;
 
   GemvLayer(int64_t bits_, torch::Tensor packed_, torch::Tensor scale_, torch::Tensor minimum_,
             torch::Tensor keep_, int64_t group_, int64_t stride_, torch::Tensor outlier_idx_,
@@ -157,6 +166,11 @@ struct GemvLayer {
                 "GemvLayer: outlier_weight must be float32 [out, n_outliers]");
     TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == torch::kFloat32 && bias.numel() == packed.size(0)),
                 "GemvLayer: bias must be float32 [out] or empty");
+    const int64_t* kp = keep.data_ptr<int64_t>();
+    for (int64_t k = 0; k < keep.numel(); ++k) {
+      if (k == 0 || kp[k] != kp[k - 1] + 1) kept_runs.emplace_back(k, 0);
+      kept_runs.back().second += 1;
+    }
   }
 
   template <typename T>
@@ -275,12 +289,6 @@ struct GemvLayer {
     const float* m = BITS == 4 ? minimum.data_ptr<float>() : nullptr;
     const int64_t* kp = keep.data_ptr<int64_t>();
     const int64_t* op = outlier_idx.data_ptr<int64_t>();
-    // the kept columns as runs of consecutive input columns: (first kept index, length)
-    std::vector<std::pair<int64_t, int64_t>> runs;
-    for (int64_t k = 0; k < kept; ++k) {
-      if (k == 0 || kp[k] != kp[k - 1] + 1) runs.emplace_back(k, 0);
-      runs.back().second += 1;
-    }
     float* out_f = to_bf16 ? nullptr : out.data_ptr<float>();
     uint16_t* out_h = to_bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
     at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
@@ -298,7 +306,7 @@ struct GemvLayer {
           const int64_t start = g * group, len = std::min(group, kept - start);
           std::copy(buf.data(), buf.data() + len, row.data() + start);
         }
-        for (const auto& r : runs) {
+        for (const auto& r : kept_runs) {
           if (out_f) std::copy(row.data() + r.first, row.data() + r.first + r.second, out_f + n * in_f + kp[r.first]);
           else to_bf16_span(row.data() + r.first, out_h + n * in_f + kp[r.first], r.second);
         }
@@ -463,7 +471,7 @@ def _build(isa: str):
         from torch.utils.cpp_extension import load_inline
 
         return load_inline(
-            name=f"sinkquant_cpu_gemv_v7_{isa}",
+            name=f"sinkquant_cpu_gemv_v8_{isa}",
             cpp_sources=_SOURCE,
             extra_cflags=["-O3", *_ISA_FLAGS[isa], "-ffp-contract=off", "-fopenmp"],
             extra_ldflags=["-fopenmp"],

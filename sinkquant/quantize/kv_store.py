@@ -15,6 +15,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from ..errors import InputError
+from .cpu_kernels import fused_kernels
 from .primitives import dequantize_grouped, pack_bits, packed_size, quantize_grouped, unpack_bits
 
 if TYPE_CHECKING:
@@ -36,11 +37,9 @@ def neutralize(x: torch.Tensor, exclude: torch.Tensor, group: int) -> torch.Tens
     return torch.where(keep.bool(), g, mean).reshape(b, h, n, d)
 
 
-def _cpu_kernels():
-    """sinkquant's compiled CPU kernels (`cpu_kernels.fused_kernels()`), or None where they cannot run."""
-    from .cpu_kernels import fused_kernels
-
-    return fused_kernels()
+#: sinkquant's compiled CPU kernels (or None where they cannot run); a name of its own so tests can
+#: compare against the torch ops
+_cpu_kernels = fused_kernels
 
 
 class PackedTokens:

@@ -53,8 +53,8 @@ _KERNELS = {"enabled": True, "fused": True}
 FUSED_MAX_ROWS = 2
 #: input rows from which bf16 calls dequantize the layer into a reused dense buffer and take one BLAS
 #: matmul (prefill); between the two, PyTorch's integer kernels. Measured on one layer at 1-512 rows
-#: (AVX-512 with bf16 dot products): the fused kernel wins at 1-2 rows, PyTorch's kernels at 3-32,
-#: the dense matmul from 64 (2-3x PyTorch's int4 kernel at 512 rows)
+#: (AVX-512 with bf16 dot products): the fused kernel wins at 1-2 rows, PyTorch's kernels at 3-16,
+#: the two are close at 32, the dense matmul wins from 64 (2.4-3.8x PyTorch's int4 kernel at 512 rows)
 DENSE_MIN_ROWS = 64
 _INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 _SMALL_DENSE = 3072  # outlier columns x outputs up to which a bf16 addmm beats float32 (measured)
