@@ -31,7 +31,9 @@ from common import CachedReference, default_model
 from torch import nn
 
 from sinkquant import calibrate, evaluate
-from sinkquant.modeling import prepare_model
+from sinkquant.calibrate import Calibration
+from sinkquant.data import calibration_samples
+from sinkquant.loading import prepare_model
 from sinkquant.quantize.gptq import gptq_quantize_
 from sinkquant.quantize.weights import quantize_
 from sinkquant.recipe import Recipe
@@ -55,9 +57,14 @@ ROWS = {
     "gptq-damp": ("W4 g128 GPTQ + 1% cols, damping 0.1", {"weights.gptq.damping": 0.1}, {}),
     "gptq-no-clip": ("W4 g128 GPTQ + 1% cols, min/max grid (no clip search)", {"weights.gptq.clip_search": False}, {}),
     "gptq-two-pass": ("W4 g128 GPTQ + 1% cols, two passes per layer (not true sequential)", {}, {"one_pass": False}),
-    "gptq-absorb": ("W4 g128 GPTQ + 1% cols, error pushed into the cols", {}, {"absorb_into_outliers": True}),
     "gptq-g64": ("W4 g64 GPTQ + 1% cols (llm-compressor's group size)", {"weights.group_size": 64}, {}),
 }  # fmt: skip
+
+
+def _calibration(tok, recipe, report) -> Calibration:
+    """The samples a run of `recipe` draws, with the report measured once for every row."""
+    c = recipe.calibration
+    return Calibration(calibration_samples(tok, c.dataset, c.samples, c.seq_len, c.seed), report)
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -120,7 +127,7 @@ def run(args) -> tuple[list[dict], dict]:
         model = copy.deepcopy(fp32)
         t = time.perf_counter()
         if extras is not None:
-            gptq_quantize_(model, tok, recipe, report, progress=False, **extras)
+            gptq_quantize_(model, recipe.weights, _calibration(tok, recipe, report), progress=False, **extras)
         else:
             quantize_(model, recipe.weights, report, progress=False)
         seconds = time.perf_counter() - t
@@ -129,7 +136,7 @@ def run(args) -> tuple[list[dict], dict]:
             first = _tensors(model)
             again = copy.deepcopy(fp32)
             t = time.perf_counter()
-            gptq_quantize_(again, tok, recipe, report, progress=False)
+            gptq_quantize_(again, recipe.weights, _calibration(tok, recipe, report), progress=False)
             info["repeat_s"] = time.perf_counter() - t
             info["identical"] = _identical(first, _tensors(again))
             note = f"2nd run {info['repeat_s']:.0f} s, byte-identical: {info['identical']}"

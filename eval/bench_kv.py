@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 
 from sinkquant import calibrate
+from sinkquant.architecture import decoder_layers, hidden_of
 from sinkquant.calibrate.keys import key_channel_stats, top_key_channels
 from sinkquant.data import calibration_samples, load_documents, tokenize_text
 from sinkquant.evaluate import evaluate
-from sinkquant.modeling import decoder_layers, hidden_of, prepare_model
-from sinkquant.quantize.kv_cache import KVCacheConfig, SinkDetection, SinkQuantizedCache, build_cache
+from sinkquant.kv import KVCacheConfig, SinkDetection, SinkQuantizedCache, build_cache
+from sinkquant.loading import prepare_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -67,7 +68,7 @@ class Recorder:
             sinks = cache.flags.sink.nonzero().flatten().tolist()
             self.windows.append(
                 {
-                    "qbytes": mem["codes"] + mem["scales"] + mem["key_outliers"],
+                    "qbytes": mem["codes"] + mem["scales"] + mem["key_outlier_channels"],
                     "qtok": qtok,
                     "sinks": sinks,
                     "total": mem["total"],

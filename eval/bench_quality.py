@@ -43,7 +43,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -73,10 +73,11 @@ from common import (
 )
 
 from sinkquant import calibrate, evaluate, load_recipe, quantize_
+from sinkquant.calibrate import Calibration
+from sinkquant.calibrate.keys import measure_key_outlier_idx
 from sinkquant.data import calibration_samples
-from sinkquant.modeling import prepare_model
-from sinkquant.quantize.generation import calibrated_key_channels, kv_config
-from sinkquant.quantize.kv_cache import SinkQuantizedCache, build_cache
+from sinkquant.kv import SinkQuantizedCache, build_cache
+from sinkquant.loading import prepare_model
 from sinkquant.recipe import Recipe
 
 SEQ_LEN = 1024
@@ -173,7 +174,7 @@ class Bench:
         """2 post-RoPE key channels per KV head (kv2 recipe), from 8 of the calibration samples."""
         a = self.args
         ids = calibration_samples(self.tok, None, min(8, a.calib_samples), a.calib_seq_len, 0).input_ids
-        return calibrated_key_channels(self.fp32, ids, 2, self.report.sink_positions)
+        return measure_key_outlier_idx(self.fp32, ids, 2, self.report.sink_positions)
 
     def gptq_ids(self) -> torch.Tensor:
         a = self.args
@@ -184,7 +185,7 @@ class Bench:
         recipe = load_recipe(RECIPES / name)
         fields = dict(overrides)
         w = recipe.weights
-        if w is not None and w.bits == 4 and w.group_size == 128 and self.group != 128:
+        if w is not None and w.bits == 4 and w.group == 128 and self.group != 128:
             fields.setdefault("weights.group_size", self.group)
         if w is not None and w.algorithm == "gptq":
             fields.setdefault("calibration.samples", self.args.gptq_samples)
@@ -210,7 +211,9 @@ def _quantized(b: Bench, recipe: Recipe) -> torch.nn.Module:
         if recipe.weights.algorithm == "gptq":
             from sinkquant.quantize.gptq import gptq_quantize_
 
-            gptq_quantize_(model, b.tok, recipe, b.report, progress=False)
+            c = recipe.calibration
+            samples = calibration_samples(b.tok, c.dataset, c.samples, c.seq_len, c.seed)
+            gptq_quantize_(model, recipe.weights, Calibration(samples, b.report), progress=False)
         else:
             quantize_(model, recipe.weights, b.report, progress=False)
     b.uses[key] -= 1
@@ -236,7 +239,7 @@ def sq_weights(recipe_file: str, **overrides) -> Callable[[Bench], Built]:
 def sq_kv(recipe_file: str, weights: bool = False, **changes) -> Callable[[Bench], Built]:
     def build(b: Bench) -> Built:
         recipe = b.recipe(recipe_file)
-        config = replace(kv_config(recipe.kv_cache), **changes)
+        config = recipe.kv_cache.model_copy(update=changes)
         outliers = b.key_channels if config.key_outlier_channels else None
         report = b.report
 

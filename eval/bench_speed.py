@@ -144,7 +144,7 @@ def prompt_ids(tok) -> torch.Tensor:
 
 
 def load_method(how: str, spec: dict):
-    from sinkquant.modeling import prepare_model
+    from sinkquant.loading import prepare_model
 
     path = spec["model"]
     if how in ("fp32", "bf16"):
@@ -410,7 +410,7 @@ def make_checkpoints(
 ) -> tuple[dict, dict]:
     """sinkquant checkpoints for the methods that load one (quantize_model, the recipes, fitted group)."""
     from sinkquant import load_recipe, quantize_model
-    from sinkquant.modeling import prepare_model
+    from sinkquant.loading import prepare_model
 
     report = calibration
     if report is None and names:
@@ -638,7 +638,7 @@ def main(argv=None) -> int:
         "rows": [],
     }
 
-    from sinkquant.modeling import prepare_model
+    from sinkquant.loading import prepare_model
 
     fp32, _ = prepare_model(args.model, "float32")
     linears = quantizable_linears(fp32)

@@ -41,7 +41,7 @@ def main() -> None:
     from common import CachedReference, bnb_nf4, default_model
 
     from sinkquant import calibrate, evaluate
-    from sinkquant.modeling import prepare_model
+    from sinkquant.loading import prepare_model
     from sinkquant.quantize.weights import quantize_
     from sinkquant.recipe import Recipe
 

@@ -11,17 +11,22 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
-from .calibrate import CalibrationReport, CalibrationSettings, calibrate
+from .calibrate import Calibration, CalibrationReport, CalibrationSettings, calibrate
 from .checkpoint import SinkQuantConfig, load, save
 from .errors import InputError, SinkQuantError
 from .evaluate import evaluate
-from .pipeline import quantize_model
+from .kv import KVCacheConfig, SinkQuantizedCache
+from .pipeline import calibrate_model, evaluate_model, quantize_model
+from .quantize.algorithms import quantize_weights
 from .quantize.linear import SinkQuantLinear
 from .quantize.weights import quantize_
 from .recipe import Recipe, load_recipe, parse_recipe
 
 __all__ = [
+    "Calibration",
     "CalibrationReport",
+    "KVCacheConfig",
+    "SinkQuantizedCache",
     "CalibrationSettings",
     "InputError",
     "Recipe",
@@ -30,11 +35,14 @@ __all__ = [
     "SinkQuantLinear",
     "__version__",
     "calibrate",
+    "calibrate_model",
+    "evaluate_model",
     "evaluate",
     "load",
     "load_recipe",
     "parse_recipe",
     "quantize_",
     "quantize_model",
+    "quantize_weights",
     "save",
 ]

@@ -28,11 +28,15 @@ from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .architecture import replace_module
 from .errors import InputError, SinkQuantError
+from .kv.config import KVCacheConfig
+from .kv.wiring import install_default_cache
 from .quantize.linear import SinkQuantLinear
 from .quantize.weights import empty_from_spec
 
-FORMAT_VERSION = 1
+#: 2: the KV cache's key outlier channels are stored as `key_outlier_idx` (format 1: `kv_key_channels`)
+FORMAT_VERSION = 2
 MANIFEST = "sinkquant-manifest.json"
 
 
@@ -48,13 +52,15 @@ class SinkQuantConfig(QuantizationConfigMixin):
         symmetric: bool = False,
         algorithm: str = "rtn",
         modules_to_not_convert: list[str] | None = None,
-        kv_cache: dict | None = None,
+        kv_cache: KVCacheConfig | dict | None = None,
         calibration: dict | None = None,
-        kv_key_channels: dict | None = None,
+        key_outlier_idx: dict | None = None,
         format_version: int = FORMAT_VERSION,
         quant_method: str = "sinkquant",
         **kwargs: Any,
     ) -> None:
+        if format_version == 1 and "kv_key_channels" in kwargs:  # the field's name in format 1
+            key_outlier_idx = kwargs.pop("kv_key_channels")
         if kwargs:
             raise InputError(f"unknown sinkquant quantization_config fields: {', '.join(sorted(kwargs))}")
         if format_version > FORMAT_VERSION:
@@ -67,9 +73,9 @@ class SinkQuantConfig(QuantizationConfigMixin):
         self.layers = dict(layers or {})
         self.bits, self.group_size, self.symmetric, self.algorithm = bits, group_size, symmetric, algorithm
         self.modules_to_not_convert = list(modules_to_not_convert or [])
-        self.kv_cache = kv_cache
+        self.kv_cache = KVCacheConfig.from_dict(kv_cache) if isinstance(kv_cache, dict) else kv_cache
         self.calibration = calibration
-        self.kv_key_channels = kv_key_channels  # {layer: [[channel, ...] per KV head]} when kept
+        self.key_outlier_idx = key_outlier_idx  # {layer: [[channel, ...] per KV head]} when kept
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,9 +86,9 @@ class SinkQuantConfig(QuantizationConfigMixin):
             "symmetric": self.symmetric,
             "algorithm": self.algorithm,
             "modules_to_not_convert": list(self.modules_to_not_convert),
-            "kv_cache": self.kv_cache,
+            "kv_cache": self.kv_cache.to_dict() if self.kv_cache is not None else None,
             "calibration": self.calibration,
-            "kv_key_channels": self.kv_key_channels,
+            "key_outlier_idx": self.key_outlier_idx,
             "layers": self.layers,
         }
 
@@ -100,8 +106,7 @@ def replace_with_empty_modules(model: nn.Module, layers: dict[str, dict], device
                 f"checkpoint quantizes {name}, which this model architecture does not have"
             ) from exc
         dev = device or (old.weight.device if getattr(old, "weight", None) is not None else None)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, empty_from_spec(spec, device=dev))
+        replace_module(model, name, empty_from_spec(spec, device=dev))
 
 
 @register_quantizer("sinkquant")
@@ -132,10 +137,8 @@ def attach_generation_cache(model: nn.Module) -> None:
     qc = getattr(model.config, "quantization_config", None)
     if isinstance(qc, dict):
         qc = SinkQuantConfig.from_dict(qc)
-    if isinstance(qc, SinkQuantConfig) and qc.kv_cache:
-        from .quantize.generation import install_default_cache
-
-        install_default_cache(model, qc.kv_cache, qc.calibration, qc.kv_key_channels)
+    if isinstance(qc, SinkQuantConfig) and qc.kv_cache is not None:
+        install_default_cache(model, qc.kv_cache, qc.calibration, qc.key_outlier_idx)
 
 
 # -- saving ---------------------------------------------------------------------------------------------
@@ -179,6 +182,35 @@ def prepare_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
 
 
 @contextlib.contextmanager
+def out_dir_lock(out_dir: Path):
+    """Hold the right to write `out_dir` for the block: a second run writing the same folder at the
+    same time is refused at once instead of racing the first to the final rename. The lock is an
+    advisory lock on a small file in the nearest existing folder above `out_dir` (released by the
+    kernel if the process dies) and the file is removed at the end."""
+    import fcntl
+
+    target = out_dir.expanduser().absolute()
+    name = hashlib.sha256(str(target).encode()).hexdigest()[:16]
+    path = _existing_ancestor(target) / f".sinkquant-lock-{name}"
+    handle = open(path, "a+")  # noqa: SIM115  (held open for the whole block)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise InputError(
+                f"another sinkquant run is writing {out_dir} right now; wait for it to finish or choose "
+                "another output folder"
+            ) from exc
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    finally:
+        handle.close()
+
+
+@contextlib.contextmanager
 def atomic_dir(out_dir: Path, overwrite: bool):
     """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir`, on any failure
     (including Ctrl-C) it is removed, parent folders made for it are removed again, and `out_dir` is
@@ -194,6 +226,7 @@ def atomic_dir(out_dir: Path, overwrite: bool):
             folder.mkdir()
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         yield tmp
+        _apply_umask(tmp)
         if out_dir.exists():
             if not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
                 raise InputError(f"output folder {out_dir} appeared while saving; pass --overwrite")
@@ -207,7 +240,6 @@ def atomic_dir(out_dir: Path, overwrite: bool):
             shutil.rmtree(backup, ignore_errors=True)
         else:
             tmp.rename(out_dir)
-        os.chmod(out_dir, 0o755)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -215,6 +247,17 @@ def atomic_dir(out_dir: Path, overwrite: bool):
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give the folder and its files the permissions a plain `open()` would (as `save_pretrained`
+    does): `mkdtemp` and some writers create 0700/0600, which a serving process running as another
+    user could not read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def check_finite(model: nn.Module) -> None:
@@ -313,7 +356,7 @@ def verify_manifest(path: Path) -> None:
             )
 
 
-def _stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+def stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes from the safetensors headers (no tensor data is read)."""
     from safetensors import SafetensorError, safe_open
 
@@ -338,7 +381,7 @@ def check_tensors(path: Path, config, qc: SinkQuantConfig) -> None:
     """Missing, extra or mis-shaped tensors are an error before anything is loaded."""
     from transformers import AutoModelForCausalLM
 
-    stored = _stored_shapes(path)
+    stored = stored_shapes(path)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     replace_with_empty_modules(skeleton, qc.layers, device="meta")

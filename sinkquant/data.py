@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, SinkQuantError
 
 #: Short names a user may type instead of a hub id, and where each lives on the hub.
 HUB_DATASETS: dict[str, dict] = {
@@ -50,16 +50,49 @@ def embedded_calibration_path() -> Path:
     return Path(str(resources.files("sinkquant") / "assets" / "c4_calibration_128.jsonl"))
 
 
-def hub_is_offline() -> bool:
-    """True when the Hugging Face hub must not or cannot be reached (offline variables, no network)."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return True
-    try:  # a quick look rather than the hub client's long retry loop
-        with socket.create_connection(("huggingface.co", 443), timeout=3):
-            return False
-    except OSError:
-        return True
+HUB = "huggingface.co"
+
+
+class HubUnreachable(SinkQuantError):
+    """The hub could not be reached (timeout, refused connection): a failed step, not bad input."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        super().__init__(
+            f"cannot reach the Hugging Face hub ({HUB}: {reason}) to fetch {what}; pass a local file or folder "
+            "instead, or set HF_HUB_OFFLINE=1 to work offline"
+        )
+
+
+def hub_set_offline() -> bool:
+    """True when the user told the libraries not to use the hub (HF_HUB_OFFLINE and its kin)."""
+    return any(
+        os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def check_hub_reachable(what: str) -> None:
+    """Raise `HubUnreachable` when the hub does not answer (a quick look rather than the hub client's
+    long retry loop); `what` names the thing about to be fetched."""
+    try:
+        with socket.create_connection((HUB, 443), timeout=3):
+            return
+    except OSError as exc:
+        raise HubUnreachable(what, exc.strerror or type(exc).__name__) from exc
+
+
+def network_failure(exc: BaseException) -> str | None:
+    """The reason, when `exc` (or an error it wraps) is a timeout or a failed connection."""
+    for _ in range(16):
+        names = {cls.__name__ for cls in type(exc).__mro__}
+        if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)) or names & {
+            "ConnectionError", "Timeout", "ConnectTimeout", "ReadTimeout", "ConnectError", "TimeoutException",
+        }:  # fmt: skip
+            return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        exc = exc.__cause__ or exc.__context__
+        if exc is None:
+            return None
+    return None
 
 
 def _quiet_datasets() -> None:
@@ -117,15 +150,19 @@ def _load_hub(name: str, text_field: str) -> list[str]:
     import datasets
 
     spec = HUB_DATASETS.get(name, {"path": name, "split": "train", "join": False})
-    if hub_is_offline():
+    if hub_set_offline():
         raise InputError(
-            f"dataset {name!r} is a hub name but the Hugging Face hub cannot be reached (offline); "
-            "pass a local .txt/.jsonl/.parquet file instead"
+            f"dataset {name!r} is a hub name but the Hugging Face hub is set offline (HF_HUB_OFFLINE or "
+            "HF_DATASETS_OFFLINE); pass a local .txt/.jsonl/.parquet file instead"
         )
+    check_hub_reachable(f"dataset {name!r}")
     load_kwargs = {k: v for k, v in spec.items() if k in ("name", "data_files")}
     try:
         table = datasets.load_dataset(spec["path"], split=spec["split"], **load_kwargs)
     except Exception as exc:
+        reason = network_failure(exc)
+        if reason is not None:
+            raise HubUnreachable(f"dataset {name!r}", reason) from exc
         raise InputError(
             f"dataset {name!r} could not be loaded from the hub: {str(exc).splitlines()[0]}"
         ) from exc

@@ -1,8 +1,8 @@
-"""Loading models and tokenizers, and finding the parts of a model that sinkquant looks at.
+"""Loading plain (not yet quantized) models and tokenizers, with every check a bad source needs.
 
-Architectures differ in attribute names (`model.layers`, `transformer.h`, ...); everything here finds
-parts by structure (the module list with `num_hidden_layers` entries, modules that act as linear
-layers), so Llama, Qwen2, Gemma 3 and GPT-2 share one path.
+Each mistake in a model source (a missing folder, a broken config.json, a non-causal model, truncated
+or pickled weights, code shipped in the folder) gets one clear message before any library error can.
+`sinkquant.loading` decides whether a folder is a sinkquant checkpoint or a plain model.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import InputError, SinkQuantError
+from .architecture import decoder_layers, hidden_of
+from .errors import InputError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FP16_MAX = 65504.0
@@ -84,17 +85,20 @@ def check_model_source(model_id: str | os.PathLike, trust_remote_code: bool = Fa
     mistake gets one clear message instead of whichever library error comes first.
 
     Returns the local folder, or None for a hub id (left to transformers, cache first)."""
-    from .data import hub_is_offline
+    from .data import check_hub_reachable, hub_set_offline
 
     path = Path(model_id).expanduser()
     if not path.exists():
         if _looks_like_path(str(model_id)):
             raise InputError(f"model folder {model_id} does not exist; check the path")
-        if not _cached_on_hub(str(model_id)) and hub_is_offline():
-            raise InputError(
-                f"{model_id} is not a local folder, and as a hub name it cannot be fetched: the Hugging Face "
-                "hub is offline; check the path, or download the model and pass its folder"
-            )
+        if not _cached_on_hub(str(model_id)):
+            if hub_set_offline():
+                raise InputError(
+                    f"{model_id} is not a local folder, and as a hub name it cannot be fetched: the Hugging "
+                    "Face hub is set offline (HF_HUB_OFFLINE); check the path, or download the model and pass "
+                    "its folder"
+                )
+            check_hub_reachable(f"model {model_id}")
         return None
     if not path.is_dir():
         raise InputError(f"{path} is a file; give the model's folder (with config.json and the weights)")
@@ -140,17 +144,6 @@ def check_weight_files(path: Path) -> None:
         )
 
 
-def is_sinkquant_checkpoint(path: str | os.PathLike) -> bool:
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-    except ValueError:
-        return False
-    return qc.get("quant_method") == "sinkquant"
-
-
 def load_tokenizer(model_id: str | os.PathLike, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -161,31 +154,37 @@ def load_tokenizer(model_id: str | os.PathLike, trust_remote_code: bool = False)
         raise InputError(f"no usable tokenizer in {model_id}: {str(exc).splitlines()[0]}") from exc
 
 
-def load_model(
+def stored_dtype(model_id: str | os.PathLike) -> torch.dtype:
+    """The precision a local model's weights were saved in (config.json's dtype; float32 when it does
+    not say or for a hub id): quantization keeps the full-precision columns in it, bit-identical to
+    the source, whatever precision the model was loaded in."""
+    config = Path(model_id).expanduser() / "config.json"
+    try:
+        cfg = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    stored = cfg.get("dtype") or cfg.get("torch_dtype")
+    return DTYPES.get(stored, torch.float32) if isinstance(stored, str) else torch.float32
+
+
+def load_pretrained(
     model_id: str | os.PathLike,
-    dtype: str | torch.dtype = "auto",
+    local: Path | None,
+    dtype: torch.dtype,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
-    verify: bool = True,
-):
-    """Load a causal LM (plain or a sinkquant checkpoint) for inference, in eval mode.
-
-    A sinkquant checkpoint is verified against its sha256 manifest unless `verify` is False. Weights
-    that do not cover the model (random initialisation would fill the gap) are refused."""
+) -> nn.Module:
+    """Load a plain causal LM for inference, in eval mode (`local`: its folder from
+    `check_model_source`, None for a hub id). Weights that do not cover the model (random
+    initialisation would fill the gap) are refused."""
     import pickle
 
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    local = check_model_source(model_id, trust_remote_code)
-    torch_dtype = resolve_dtype(dtype)
-    if local is not None and is_sinkquant_checkpoint(local):
-        from .checkpoint import load
-
-        return load(local, dtype=torch_dtype, verify=verify)
     if local is not None:
         check_weight_files(local)
-    load_dtype = torch.float32 if torch_dtype == torch.float16 else torch_dtype
+    load_dtype = torch.float32 if dtype == torch.float16 else dtype
     kwargs = {
         "dtype": load_dtype,
         "trust_remote_code": trust_remote_code,
@@ -221,46 +220,7 @@ def load_model(
             f"({', '.join(missing[:3])}); re-download the model or fix config.json"
         )
     model.eval()
-    # the precision the weights were stored in, before `dtype` upcast them: quantization keeps the
-    # full-precision columns in it, bit-identical to the source
-    stored = None
-    if local is not None:
-        cfg = json.loads((local / "config.json").read_text())
-        stored = cfg.get("dtype") or cfg.get("torch_dtype")
-    model._sinkquant_source_dtype = (
-        DTYPES.get(stored, torch.float32) if isinstance(stored, str) else torch.float32
-    )
     return model
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of decoder blocks: the ModuleList holding `num_hidden_layers` blocks."""
-    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n and n:
-            return module
-    raise SinkQuantError(f"could not find the {n} decoder layers of {type(model).__name__}")
-
-
-def is_linear(module: nn.Module) -> bool:
-    """nn.Linear or GPT-2's Conv1D (a linear layer with a transposed weight)."""
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, (nn.Linear, Conv1D))
-
-
-def linear_in_features(module: nn.Module) -> int:
-    return module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
-
-
-def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every linear layer by qualified name (lm_head included; the weights step decides what to skip)."""
-    return {name: m for name, m in model.named_modules() if is_linear(m)}
-
-
-def hidden_of(output) -> torch.Tensor:
-    """The hidden-state tensor of a decoder layer's output (a tensor or a tuple starting with one)."""
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 @torch.no_grad()
@@ -288,22 +248,3 @@ def check_fp16_range(model: nn.Module, input_ids: torch.Tensor) -> None:
                 f"float16 cannot hold this model's activations: decoder layer {i} reaches |h| = {peak:,.0f} "
                 f"(> {FP16_MAX:,.0f}); use --dtype float32 or bfloat16"
             )
-
-
-def prepare_model(
-    model_id,
-    dtype="auto",
-    trust_remote_code=False,
-    attn_implementation=None,
-    probe_ids=None,
-    verify: bool = True,
-):
-    """Load model and tokenizer; for float16, check the activation range first on `probe_ids`."""
-    torch_dtype = resolve_dtype(dtype)
-    tokenizer = load_tokenizer(model_id, trust_remote_code)
-    model = load_model(model_id, torch_dtype, trust_remote_code, attn_implementation, verify)
-    if torch_dtype == torch.float16 and next(model.parameters()).dtype != torch.float16:
-        if probe_ids is not None:
-            check_fp16_range(model, probe_ids)
-        model = model.to(torch.float16)
-    return model, tokenizer

@@ -1,24 +1,42 @@
-"""The main job end to end: calibrate (or reuse a report), quantize, save, optionally evaluate.
+"""The jobs the CLI runs, end to end, as Python functions: quantize, calibrate, evaluate, inspect.
 
-The CLI's `quantize` command and Python pipelines call `quantize_model`; each step is also public on
-its own (`calibrate`, `quantize_`, `save`, `evaluate`).
+`quantize_model` reads top to bottom as the data path: load, calibrate (samples drawn once for the
+run, or a saved report reused), quantize the weights with the recipe's algorithm, measure what the
+KV cache needs, save, and optionally evaluate before and after. Each step is also public on its own
+(`calibrate`, `quantize_weights`, `save`, `evaluate`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
+from transformers.cache_utils import get_layer_types_and_kwargs
 
-from .calibrate import CalibrationReport, calibrate
-from .checkpoint import SinkQuantConfig, check_finite, prepare_out_dir, save
+from .calibrate import CalibrationReport, CalibrationSettings, calibrate
+from .calibrate.report import Calibration
+from .checkpoint import SinkQuantConfig, check_finite, out_dir_lock, prepare_out_dir, save
+from .data import calibration_samples, load_documents
 from .errors import InputError
-from .modeling import prepare_model
-from .quantize.weights import QuantizeSummary, quantize_
-from .recipe import Recipe
+from .evaluate import EvalResult, evaluate, evaluation_windows
+from .kv.cache import check_has_full_attention
+from .kv.config import KVCacheConfig
+from .kv.wiring import KVCalibration, cache_factory, calibrate_kv, needs_report
+from .loading import is_sinkquant_checkpoint, prepare_model
+from .modeling import load_tokenizer, stored_dtype
+from .quantize.algorithms import NEEDS_SAMPLES, quantize_weights
+from .quantize.weights import QuantizeSummary, targets
+from .recipe import CalibrationSection, Recipe, WeightsSection, load_recipe
+
+#: window length of `--eval` in `quantize` (the evaluation protocol's)
+EVAL_SEQ_LEN = 1024
 
 
 @dataclass
@@ -34,7 +52,7 @@ class QuantizeResult:
     perplexity: dict[str, float] = field(default_factory=dict)
 
 
-def _param_bytes(model) -> tuple[int, int]:
+def _param_bytes(model: nn.Module) -> tuple[int, int]:
     seen, total, embeddings = set(), 0, 0
     for name, p in model.named_parameters():
         if id(p) in seen:
@@ -47,10 +65,7 @@ def _param_bytes(model) -> tuple[int, int]:
 
 
 def quantization_config(
-    recipe: Recipe,
-    summary: QuantizeSummary,
-    report: CalibrationReport | None,
-    key_channels: dict | None = None,
+    recipe: Recipe, summary: QuantizeSummary, report: CalibrationReport | None, kv: KVCalibration | None
 ) -> SinkQuantConfig:
     w = recipe.weights
     return SinkQuantConfig(
@@ -60,10 +75,83 @@ def quantization_config(
         symmetric=w.symmetric if w else False,
         algorithm=w.algorithm if w else "rtn",
         modules_to_not_convert=summary.skipped,
-        kv_cache=recipe.kv_cache.model_dump(mode="json") if recipe.kv_cache else None,
+        kv_cache=recipe.kv_cache,
         calibration=report.summary_dict() if report else None,
-        kv_key_channels=key_channels,
+        key_outlier_idx=kv.key_outlier_idx_json() if kv else None,
     )
+
+
+def refuse_quantized_source(model_id: str | os.PathLike) -> None:
+    """A sinkquant checkpoint is not a source: its linear layers are already quantized, so nothing
+    would be quantized again and the folder written would not load. Re-quantizing from its dequantized
+    weights is refused too, not offered behind a flag: it rounds twice and picks outlier columns from
+    weights that already lost them, so the result is always worse than quantizing the original."""
+    if is_sinkquant_checkpoint(model_id):
+        info = json.loads((Path(model_id) / "config.json").read_text())["quantization_config"]
+        scheme = f"int{info.get('bits')}" + (f" g{info['group_size']}" if info.get("group_size") else "")
+        raise InputError(
+            f"{model_id} is already a sinkquant checkpoint ({scheme}, {len(info.get('layers', {}))} quantized "
+            "layers); quantize the original model it was made from instead"
+        )
+
+
+def refuse_overlap(model_id: str | os.PathLike, out: Path) -> None:
+    """The output may not be the source folder, nor a folder holding it: writing it would replace the
+    model being read."""
+    source = Path(model_id).expanduser()
+    if not source.exists():
+        return
+    source, target = source.resolve(), out.resolve()
+    if target == source or source.is_relative_to(target):
+        raise InputError(
+            f"the output folder {out} {'is' if target == source else 'holds'} the model folder {model_id}; "
+            "writing it would replace the model being read: choose another output folder"
+        )
+
+
+def refuse_empty_selection(model: nn.Module, weights: WeightsSection) -> None:
+    """A weights section that selects no linear layer would write a checkpoint that quantizes nothing."""
+    with warnings.catch_warnings():  # the algorithm warns about unused patterns itself, once
+        warnings.simplefilter("ignore")
+        chosen, skipped = targets(model, weights.ignore)
+    if not chosen:
+        listed = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "") or "none"
+        raise InputError(
+            f"the recipe quantizes no linear layer: weights.ignore ({', '.join(weights.ignore)}) covers all "
+            f"{len(skipped)} of them ({listed}); narrow weights.ignore, or drop the weights section to "
+            "quantize only the KV cache"
+        )
+
+
+def calibrate_for(
+    model: nn.Module,
+    tokenizer,
+    recipe: Recipe,
+    report: CalibrationReport | str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Calibration:
+    """The run's calibration: samples drawn once from `recipe.calibration` when any step reads them,
+    and the report (`report` reused when given: a report or its JSON file) when any step needs one."""
+    if isinstance(report, (str, os.PathLike)):
+        report = CalibrationReport.load(report)
+    w, kv = recipe.weights, recipe.kv_cache
+    wants_report = w is not None and w.bits is not None and (w.outliers is not None or w.algorithm == "gptq")
+    wants_report = wants_report or needs_report(kv)
+    wants_samples = (w is not None and w.algorithm in NEEDS_SAMPLES) or (
+        kv is not None and kv.key_outlier_channels > 0
+    )
+    c = recipe.calibration
+    samples = None
+    if wants_samples or (wants_report and report is None):
+        samples = calibration_samples(tokenizer, c.dataset, c.samples, c.seq_len, c.seed)
+    if report is None and wants_report:
+        report = calibrate(model, tokenizer, settings=None, progress=progress, data=samples)
+    if report is not None and report.num_layers != model.config.num_hidden_layers:
+        raise InputError(
+            f"the calibration report was made for a model with {report.num_layers} layers, not this one "
+            f"({model.config.num_hidden_layers}); calibrate this model instead"
+        )
+    return Calibration(samples, report)
 
 
 def quantize_model(
@@ -81,83 +169,63 @@ def quantize_model(
 
     With `eval_dataset`, perplexity before and after is measured (seq-len 1024, first `eval_tokens`)."""
     recipe = recipe or Recipe()
+    refuse_quantized_source(model_id)
     out = prepare_out_dir(out_dir, overwrite)  # refuse early, before minutes of work
-    times: dict[str, float] = {}
-    start = time.perf_counter()
-    if recipe.kv_cache is not None:
-        from .quantize.generation import kv_config
+    refuse_overlap(model_id, out)
+    with out_dir_lock(out):
+        return _quantize_into(model_id, out, recipe, calibration, overwrite, eval_dataset, eval_tokens,
+                              trust_remote_code, progress)  # fmt: skip
 
-        kv_config(recipe.kv_cache)  # the cache's own rules, so no checkpoint stores settings it refuses
+
+def _quantize_into(
+    model_id, out: Path, recipe: Recipe, calibration, overwrite: bool, eval_dataset, eval_tokens,
+    trust_remote_code: bool, progress: bool,
+) -> QuantizeResult:  # fmt: skip
+    times: dict[str, float] = {}
+    clock = time.perf_counter
+    start = clock()
     model, tokenizer = prepare_model(model_id, "float32", trust_remote_code)
     check_finite(model)  # name the broken source tensor, before NaN spreads into calibration and scales
-    times["load"] = time.perf_counter() - start
+    times["load"] = clock() - start
     total_bytes, embedding_bytes = _param_bytes(model)
+    if recipe.weights is not None and recipe.weights.bits is not None:
+        refuse_empty_selection(model, recipe.weights)
+    if recipe.kv_cache is not None:
+        check_has_full_attention(get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))[0])
 
-    report = calibration
-    if isinstance(calibration, (str, os.PathLike)):
-        report = CalibrationReport.load(calibration)
-    needs_report = recipe.weights is not None and (
-        recipe.weights.outliers is not None or recipe.weights.algorithm == "gptq"
-    )
-    needs_report = needs_report or (recipe.kv_cache is not None and recipe.kv_cache.sinks == "auto")
-    if report is None and needs_report:
-        t = time.perf_counter()
-        c = recipe.calibration
-        report = calibrate(model, tokenizer, c.dataset, c.samples, c.seq_len, c.seed, progress=progress)
-        report.model = str(model_id)
-        times["calibrate"] = time.perf_counter() - t
-    if report is not None and report.num_layers != model.config.num_hidden_layers:
-        raise InputError(
-            f"the calibration report was made for a model with {report.num_layers} layers, not {model_id}"
-        )
+    t = clock()
+    run = calibrate_for(model, tokenizer, recipe, calibration, progress)
+    if run.report is not None and calibration is None:
+        run.report.model = str(model_id)
+        times["calibrate"] = clock() - t
 
     perplexity: dict[str, float] = {}
 
     def measure(stage: str) -> None:
-        if eval_dataset is None:
-            return
-        from .evaluate import evaluate
-
-        t = time.perf_counter()
-        perplexity[stage] = evaluate(
-            model, tokenizer, eval_dataset, 1024, eval_tokens, progress=progress
-        ).perplexity
-        times[f"eval_{stage}"] = time.perf_counter() - t
+        if eval_dataset is not None:
+            t = clock()
+            result = evaluate(model, tokenizer, eval_dataset, EVAL_SEQ_LEN, eval_tokens, progress=progress)
+            perplexity[stage] = result.perplexity
+            times[f"eval_{stage}"] = clock() - t
 
     measure("before")
-
-    t = time.perf_counter()
-    if recipe.weights is not None and recipe.weights.algorithm == "gptq":
-        from .quantize.gptq import gptq_quantize_
-
-        summary = gptq_quantize_(model, tokenizer, recipe, report, progress=progress)
-    elif recipe.weights is not None:
-        summary = quantize_(model, recipe.weights, report, progress=progress)
-    else:
-        summary = QuantizeSummary()
-    times["quantize"] = time.perf_counter() - t
-
-    key_channels = None
-    if recipe.kv_cache is not None and recipe.kv_cache.key_outlier_channels > 0:
-        from .data import calibration_samples
-        from .quantize.generation import calibrated_key_channels
-
-        c = recipe.calibration
-        ids = calibration_samples(tokenizer, c.dataset, min(c.samples, 16), c.seq_len, c.seed).input_ids
-        sinks = report.sink_positions if report is not None else [0]
-        chosen = calibrated_key_channels(model, ids, recipe.kv_cache.key_outlier_channels, sinks)
-        key_channels = {str(layer): idx.tolist() for layer, idx in chosen.items()}
-    model.config.quantization_config = quantization_config(recipe, summary, report, key_channels)
-    t = time.perf_counter()
-    save(model, out, tokenizer, recipe, report, overwrite=overwrite)
-    times["save"] = time.perf_counter() - t
-
+    t = clock()
+    summary = QuantizeSummary()
+    if recipe.weights is not None:
+        storage = stored_dtype(model_id)  # full-precision columns stay bit-identical to the source
+        summary = quantize_weights(model, recipe.weights, run, storage_dtype=storage, progress=progress)
+    times["quantize"] = clock() - t
+    kv = calibrate_kv(model, recipe.kv_cache, run.input_ids, run.report) if recipe.kv_cache else None
+    model.config.quantization_config = quantization_config(recipe, summary, run.report, kv)
+    t = clock()
+    save(model, out, tokenizer, recipe, run.report, overwrite=overwrite)
+    times["save"] = clock() - t
     measure("after")
-    times["total"] = time.perf_counter() - start
+    times["total"] = clock() - start
     return QuantizeResult(
         out_dir=out,
         summary=summary,
-        report=report,
+        report=run.report,
         params_bytes_fp16=total_bytes,
         embedding_bytes_fp16=embedding_bytes,
         checkpoint_bytes=sum(p.stat().st_size for p in out.glob("*.safetensors")),
@@ -167,11 +235,110 @@ def quantize_model(
     )
 
 
+def _load_checked(model_id, dtype: str, trust_remote_code: bool, verify: bool, probe: Callable):
+    """Model and tokenizer; float16 is refused first where the model's activations leave its range,
+    measured on `probe(tokenizer)` (real tokens of the run's own text)."""
+    ids = probe(load_tokenizer(model_id, trust_remote_code)) if dtype == "float16" else None
+    return prepare_model(model_id, dtype, trust_remote_code, probe_ids=ids, verify=verify)
+
+
+def calibrate_model(
+    model_id: str | os.PathLike,
+    calibration: CalibrationSection | None = None,
+    settings: CalibrationSettings | None = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    verify: bool = True,
+    progress: bool = True,
+) -> CalibrationReport:
+    """`sinkquant calibrate`: measure sinks, massive activations and outlier channels of a model."""
+    c = calibration or CalibrationSection()
+
+    def probe(tok):
+        return calibration_samples(tok, c.dataset, 1, min(c.seq_len, 128), c.seed).input_ids
+
+    model, tokenizer = _load_checked(model_id, dtype, trust_remote_code, verify, probe)
+    data = calibration_samples(tokenizer, c.dataset, c.samples, c.seq_len, c.seed)
+    report = calibrate(model, tokenizer, settings=settings, progress=progress, data=data)
+    report.model = str(model_id)
+    return report
+
+
+@dataclass
+class KVRequest:
+    """The KV cache an evaluation asks for: a recipe file, `kv_cache.*` overrides (flags), a saved
+    calibration report. Nothing asked: the cache the checkpoint stored, if any."""
+
+    recipe_path: str | os.PathLike | None = None
+    overrides: dict = field(default_factory=dict)
+    calibration: str | os.PathLike | None = None
+
+    def config(self) -> KVCacheConfig | None:
+        """Flags over the recipe's kv_cache section over the default int4 cache (None: none asked)."""
+        recipe = load_recipe(self.recipe_path) if self.recipe_path else None
+        given = {f"kv_cache.{k}": v for k, v in self.overrides.items() if v is not None}
+        if not given and (recipe is None or recipe.kv_cache is None):
+            return None
+        base = recipe if recipe is not None and recipe.kv_cache is not None else Recipe()
+        base = base if base.kv_cache is not None else base.with_overrides(**{"kv_cache.bits": 4})
+        return base.with_overrides(**given).kv_cache
+
+    def calibration_section(self) -> CalibrationSection:
+        return load_recipe(self.recipe_path).calibration if self.recipe_path else CalibrationSection()
+
+
+def evaluate_model(
+    model_id: str | os.PathLike,
+    dataset: str | os.PathLike,
+    seq_len: int = EVAL_SEQ_LEN,
+    max_tokens: int | None = None,
+    reference: str | os.PathLike | None = None,
+    chunk_size: int | None = None,
+    kv: KVRequest | None = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    verify: bool = True,
+    progress: bool = True,
+) -> EvalResult:
+    """`sinkquant eval`: perplexity (and KL against `reference`) under the fixed protocol, with the
+    KV cache `kv` asks for (what the cache needs measured is measured on the recipe's calibration)."""
+
+    def probe(tok):
+        return evaluation_windows(tok, "\n\n".join(load_documents(dataset)), min(seq_len, 128), None)[:1]
+
+    model, tokenizer = _load_checked(model_id, dtype, trust_remote_code, verify, probe)
+    kv = kv or KVRequest()
+    config = kv.config()
+    factory, described = getattr(model, "sinkquant_cache_factory", None), "as stored in the checkpoint"
+    if config is not None or kv.recipe_path is not None:
+        factory, described = None, None
+    if config is not None:
+        recipe = Recipe(calibration=kv.calibration_section(), weights=None, kv_cache=config)
+        run = calibrate_for(model, tokenizer, recipe, kv.calibration, progress)
+        factory = cache_factory(config, calibrate_kv(model, config, run.input_ids, run.report))
+        described = config.describe()
+    if factory is None:
+        described = None
+    elif chunk_size is None:
+        chunk_size = 64  # a cache only matters when tokens arrive in chunks
+    ref = prepare_model(reference, "auto", trust_remote_code, verify=verify)[0] if reference else None
+    if ref is not None:
+        ours, theirs = (m.get_output_embeddings().weight.shape[0] for m in (model, ref))
+        if ours != theirs:
+            raise InputError(
+                f"the reference {reference} predicts {theirs} tokens and {model_id} {ours}: KL and top-1 "
+                "agreement need one vocabulary; give the model this one was quantized from"
+            )
+    result = evaluate(model, tokenizer, dataset, seq_len, max_tokens, ref, chunk_size, factory, progress)
+    result.extra = {"model": str(model_id), "reference": reference, "dtype": dtype, "kv_cache": described}
+    return result
+
+
 def inspect_checkpoint(path: str | os.PathLike) -> dict:
     """What a checkpoint holds, from its config and safetensors headers (no weights loaded)."""
     import json
 
-    from .checkpoint import MANIFEST, _stored_shapes
+    from .checkpoint import MANIFEST, stored_shapes
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -183,7 +350,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
             f"{path} is not a sinkquant checkpoint (its config.json has no sinkquant quantization_config); "
             "give a folder written by `sinkquant quantize`"
         )
-    shapes = _stored_shapes(path)
+    shapes = stored_shapes(path)
     layers = qc.get("layers", {})
     by_bits: dict[str, int] = {}
     for spec in layers.values():

@@ -3,7 +3,7 @@
     calibration: {dataset, samples, seq_len, seed}
     weights:     {bits, group_size, symmetric, algorithm, outliers: {select, fraction, threshold}, ignore, gptq}
     kv_cache:    {bits, key_granularity, value_granularity, group_size, symmetric, sinks, residual,
-                  max_tokens, key_outlier_channels}
+                  max_tokens, key_outlier_channels}    (`sinkquant.kv.KVCacheConfig`)
 
 Validation is strict (pydantic, extra="forbid"): an unknown key, a wrong type or an impossible value
 is an `InputError` naming the file, the line, the key and, for a typo, the nearest valid key.
@@ -17,28 +17,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .errors import InputError
+from .kv.config import KVCacheConfig
+from .schema import StrictModel, error_path
 
 RECIPE_VERSION = 1
 DEFAULT_IGNORE = ["lm_head", "re:.*embed.*", "re:.*wte$", "re:.*wpe$"]
+DEFAULT_GROUP = 128  # int4 group size when a recipe gives none
 
 
-class _Strict(BaseModel):
-    # allow_inf_nan=False: `.nan` or `.inf` in a float field is a typo, never a setting
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-class CalibrationSection(_Strict):
+class CalibrationSection(StrictModel):
     """Text the model is measured on (None = the C4 slice embedded in the package)."""
 
     dataset: str | None = None
@@ -47,7 +37,7 @@ class CalibrationSection(_Strict):
     seed: int = 0
 
 
-class OutlierSection(_Strict):
+class OutlierSection(StrictModel):
     """Which input columns of each linear layer stay at full precision.
 
     select=max|mean: the top `fraction` of input channels by max |x| (or mean |x|) over the calibration
@@ -80,7 +70,7 @@ class OutlierSection(_Strict):
         return self
 
 
-class GPTQSection(_Strict):
+class GPTQSection(StrictModel):
     """Options of the error-compensating GPTQ algorithm (weights.algorithm: gptq)."""
 
     block_size: int = Field(128, ge=1)
@@ -92,9 +82,12 @@ class GPTQSection(_Strict):
     clip_search: bool = False
 
 
-class WeightsSection(_Strict):
+class WeightsSection(StrictModel):
+    """bits: 4 (groups along the input) or 8 (one scale per output channel). group_size: the int4
+    group (null: 128), or "channel" for one group per output row; int8 takes none."""
+
     bits: Literal[4, 8] | None = 4
-    group_size: int | Literal["channel"] = 128
+    group_size: int | Literal["channel"] | None = None
     symmetric: bool = False
     algorithm: Literal["rtn", "gptq"] = "rtn"
     # int4 RTN: pick each group's range among shrunk min/max ranges by activation-weighted error
@@ -106,9 +99,18 @@ class WeightsSection(_Strict):
     @field_validator("group_size")
     @classmethod
     def _group_size(cls, value):
-        if value != "channel" and value not in (32, 64, 128, 256):
+        if value is not None and value != "channel" and value not in (32, 64, 128, 256):
             raise ValueError("group_size must be 32, 64, 128, 256 or 'channel'")
         return value
+
+    @model_validator(mode="after")
+    def _int8_has_no_groups(self) -> WeightsSection:
+        if self.bits == 8 and self.group_size not in (None, "channel"):
+            raise ValueError(
+                f"int8 (bits: 8) is always one scale per output channel, so group_size {self.group_size} "
+                "would be ignored; drop group_size (--group-size), or use bits 4 (--wbits 4) for groups"
+            )
+        return self
 
     @field_validator("ignore", mode="before")
     @classmethod
@@ -118,58 +120,21 @@ class WeightsSection(_Strict):
     @property
     def group(self) -> int | None:
         """Group size as a number, or None for one group per output channel."""
-        return None if self.group_size == "channel" or self.bits == 8 else int(self.group_size)
+        if self.group_size == "channel" or self.bits == 8:
+            return None
+        return DEFAULT_GROUP if self.group_size is None else int(self.group_size)
 
 
-class KVCacheSection(_Strict):
-    bits: Literal[2, 4, 8] = 4
-    key_granularity: Literal["channel", "token"] = "channel"
-    value_granularity: Literal["token"] = "token"
-    group_size: int = Field(64, ge=8, le=1024)
-    symmetric: bool = False
-    sinks: Literal["auto", "none"] | list[int] = "auto"
-    residual: int = Field(64, ge=0)
-    max_tokens: int | None = Field(None, ge=16)
-    key_outlier_channels: int = Field(0, ge=0, le=32)
-
-    @field_validator("group_size")
-    @classmethod
-    def _whole_bytes(cls, value, info: ValidationInfo):
-        bits = info.data.get("bits")
-        if bits is not None and (value * bits) % 8:
-            raise ValueError(
-                f"group_size * bits must fill whole bytes (a multiple of 8) at {bits} bits; use e.g. 32 or 64"
-            )
-        return value
-
-    @field_validator("sinks")
-    @classmethod
-    def _positions(cls, value):
-        if isinstance(value, list) and any(p < 0 for p in value):
-            raise ValueError("sink positions must be >= 0")
-        return value
-
-    @model_validator(mode="after")
-    def _window_fits(self) -> KVCacheSection:
-        # the cache needs room for the sinks, one quantized group and the residual window
-        sinks = len(self.sinks) if isinstance(self.sinks, list) else int(self.sinks == "auto")
-        floor = sinks + self.group_size + self.residual
-        if self.max_tokens is not None and self.max_tokens < floor:
-            raise ValueError(
-                f"max_tokens ({self.max_tokens}) must be at least sinks + group_size + residual ({floor})"
-            )
-        return self
-
-
-class Recipe(_Strict):
+class Recipe(StrictModel):
     """A whole sinkquant run. `Recipe()` is the documented default: W4 g128 RTN with clipping search,
-    1% outlier columns by mean |x| (measured better than max |x| on SmolLM2), no KV-cache quantization, 32 x 512 calibration tokens of the embedded C4 slice."""
+    1% outlier columns by mean |x| (see docs/weights.md for why), no KV-cache quantization, 32 x 512
+    calibration tokens of the embedded C4 slice."""
 
     version: int = RECIPE_VERSION
     name: str | None = None
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
     weights: WeightsSection | None = Field(default_factory=WeightsSection)
-    kv_cache: KVCacheSection | None = None
+    kv_cache: KVCacheConfig | None = None
 
     @field_validator("version")
     @classmethod
@@ -188,7 +153,7 @@ class Recipe(_Strict):
 
         A value of None sets that field or section to null ({"weights.outliers": None} keeps no outlier
         columns); callers with "not given" options (the CLI) drop those before calling."""
-        data = self.model_dump(mode="json")
+        data = self.model_dump(mode="json", exclude_unset=True)  # keeps "not given" apart from a default
         for dotted, value in fields.items():
             node = data
             *parents, leaf = dotted.split(".")
@@ -252,14 +217,7 @@ def _validate(data: Any, source: str, lines: dict[tuple, int]) -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = tuple(
-            p
-            for p in err["loc"]
-            if not (
-                isinstance(p, str)
-                and p in ("literal['channel']", "int", "list[int]", "literal['auto','none']")
-            )
-        )
+        loc = error_path(err)
         key = ".".join(str(p) for p in loc) or "(top level)"
         line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
         where = f"{source}, line {line}" if line else source
@@ -270,7 +228,8 @@ def _validate(data: Any, source: str, lines: dict[tuple, int]) -> Recipe:
             raise InputError(f"{where}: unknown key {key!r}{hint} (valid here: {', '.join(valid)})") from None
         got = err.get("input")
         msg = err["msg"].removeprefix("Value error, ")
-        raise InputError(f"{where}: {key}: {msg} (got {got!r})") from None
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"  # a rule across fields names them itself
+        raise InputError(f"{where}: {key}: {msg}{shown}") from None
 
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:

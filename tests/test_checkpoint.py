@@ -7,7 +7,7 @@ from tiny_models import save_tiny, tiny_llama
 from transformers import AutoModelForCausalLM
 
 import sinkquant  # noqa: F401  (registers the "sinkquant" quantizer with transformers)
-from sinkquant.checkpoint import MANIFEST, SinkQuantConfig, load, save
+from sinkquant.checkpoint import FORMAT_VERSION, MANIFEST, SinkQuantConfig, load, save
 from sinkquant.cli import main
 from sinkquant.errors import InputError, SinkQuantError
 from sinkquant.pipeline import quantize_model
@@ -47,8 +47,35 @@ def test_checkpoint_layout_is_safetensors_only(quantized):
     } <= names
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "sinkquant" and qc["format_version"] == 1 and qc["bits"] == 4
+    assert qc["quant_method"] == "sinkquant" and qc["format_version"] == FORMAT_VERSION and qc["bits"] == 4
     assert qc["layers"]["model.layers.0.mlp.down_proj"]["outliers"] >= 1
+
+
+def test_files_follow_the_umask(tiny_dir, tmp_path):
+    """Every file gets what the umask allows (as save_pretrained gives), so a serving process running as
+    another user can read the checkpoint."""
+    import os
+    import stat
+
+    recipe = Recipe().with_overrides(**{"weights.group_size": 32, "weights.outliers": None})
+    before = os.umask(0o022)
+    try:
+        out = quantize_model(tiny_dir, tmp_path / "out", recipe, progress=False).out_dir
+    finally:
+        os.umask(before)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+
+
+def test_format_1_checkpoints_still_read():
+    old = {
+        "quant_method": "sinkquant",
+        "format_version": 1,
+        "kv_cache": {"bits": 4},
+        "kv_key_channels": {"0": [[1]]},
+    }
+    assert SinkQuantConfig.from_dict(old).key_outlier_idx == {"0": [[1]]}
 
 
 def test_config_round_trips():
@@ -57,7 +84,7 @@ def test_config_round_trips():
 
 
 def test_reload_both_ways_gives_the_same_logits(quantized, tiny_dir):
-    from sinkquant.modeling import load_model
+    from sinkquant.loading import load_model
     from sinkquant.quantize.weights import quantize_
 
     # the in-memory quantized model, rebuilt the same way (same report -> same checkpoint)
@@ -108,7 +135,7 @@ def test_existing_output_is_refused_without_overwrite(quantized, tiny_dir):
 
 
 def test_failed_save_leaves_nothing_behind(tiny_dir, tmp_path, monkeypatch):
-    from sinkquant.modeling import load_model
+    from sinkquant.loading import load_model
 
     model = load_model(tiny_dir)
 

@@ -80,3 +80,41 @@ def test_too_little_text_for_the_samples_is_an_input_error(stories, tmp_path):
     path.write_text("once upon a time")
     with pytest.raises(InputError, match="fewer than"):
         calibration_samples(tok, path, 2, 128)
+
+
+def test_a_network_failure_is_a_failed_step_not_bad_input(monkeypatch):
+    """No connection to the hub is exit 1 (the step failed), naming the hub and the ways around it."""
+    import socket
+
+    from sinkquant import data
+    from sinkquant.errors import SinkQuantError
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+
+    def refused(*args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refused)
+    with pytest.raises(
+        SinkQuantError, match=r"huggingface.co: Connection refused.*HF_HUB_OFFLINE=1"
+    ) as caught:
+        data.load_documents("c4")
+    assert not isinstance(caught.value, InputError) and caught.value.exit_code == 1
+
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: __import__("contextlib").nullcontext())
+
+    def timeout(*args, **kwargs):
+        raise RuntimeError("builder failed") from TimeoutError("read timed out")
+
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", timeout)
+    with pytest.raises(SinkQuantError, match="read timed out") as caught:
+        data.load_documents("c4")
+    assert caught.value.exit_code == 1
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("no such dataset"))
+    )
+    with pytest.raises(InputError, match="could not be loaded from the hub"):
+        data.load_documents("c4")

@@ -599,6 +599,146 @@ CASES = [
 ]
 
 
+# -- helpers for the cases found by trying sinkquant as a new user ---------------------------------------
+
+
+def _no_tokenizer(env: Env) -> list[str]:
+    folder = env.model()
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    return env.quantize(folder)
+
+
+def _all_sliding(env: Env) -> list[str]:
+    config = json.loads((env.stories / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    folder = _edit_config(env, layer_types=["sliding_attention"] * layers, sliding_window=32)
+    return env.quantize(folder, "--kv-bits", "4")
+
+
+def _hold_out_dir_lock(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another run holding OUT_DIR, as `sinkquant quantize` does while it works."""
+    import contextlib
+
+    from sinkquant.checkpoint import out_dir_lock
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(out_dir_lock(env.out))
+    env.request.addfinalizer(stack.close)
+
+
+def _hub_unreachable(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+
+    def refused(*args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refused)
+
+
+def _other_vocab_reference(env: Env) -> list[str]:
+    folder = env.model("reference")
+    config = json.loads((folder / "config.json").read_text())
+    config["vocab_size"] = config["vocab_size"] * 2
+    (folder / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import load_file as load
+    from safetensors.torch import save_file as save
+
+    state = load(str(folder / "model.safetensors"))
+    for key in [k for k in state if k.endswith(("embed_tokens.weight", "lm_head.weight"))]:
+        state[key] = torch.cat([state[key], state[key]])
+    save(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return env.evaluate(env.checkpoint(), "--reference", str(folder))
+
+
+NEW_CASES = [
+    Case(
+        "checkpoint-as-source",
+        "quantize a sinkquant checkpoint (its layers are quantized already)",
+        lambda e: e.quantize(e.checkpoint()),
+    ),
+    Case(
+        "recipe-ignores-everything",
+        "recipe whose weights.ignore covers every linear layer",
+        lambda e: e.recipe('weights:\n  group_size: 32\n  ignore: ["re:.*"]\n'),
+    ),
+    Case(
+        "out-dir-busy",
+        "two quantize runs writing the same OUT_DIR at once (the first one simulated by holding its lock)",
+        lambda e: e.quantize(e.stories),
+        patch=_hold_out_dir_lock,
+    ),
+    Case(
+        "out-is-model-folder",
+        "OUT_DIR is the model folder itself, with --overwrite",
+        lambda e: ["quantize", str(m := e.model()), str(m), *Q, "--overwrite"],
+    ),
+    Case(
+        "out-holds-model-folder",
+        "OUT_DIR is a folder holding the model folder, with --overwrite",
+        lambda e: ["quantize", str(e.model()), str(e.tmp), *Q, "--overwrite"],
+    ),
+    Case(
+        "encoder-only-config",
+        "model folder of an encoder-only model (model_type bert)",
+        lambda e: e.quantize(_edit_config(e, model_type="bert", architectures=["BertModel"])),
+    ),
+    Case("tokenizer-missing", "model folder with config and weights but no tokenizer files", _no_tokenizer),
+    Case("kv-all-sliding-window", "--kv-bits 4 on a model whose layers are all sliding-window", _all_sliding),
+    Case(
+        "flag-seed-not-int",
+        "calibrate --seed that is not an integer",
+        lambda e: ["calibrate", str(e.stories), "--samples", "2", "--seq-len", "64", "--seed", "abc"],
+    ),
+    Case(
+        "recipe-seed-not-int",
+        "recipe calibration.seed that is not an integer",
+        lambda e: e.recipe("calibration:\n  seed: first\n"),
+    ),
+    Case(
+        "recipe-int8-with-group",
+        "recipe with weights.bits 8 and a group size (int8 is per output channel)",
+        lambda e: e.recipe("weights:\n  bits: 8\n  group_size: 64\n"),
+    ),
+    Case(
+        "recipe-is-folder",
+        "--recipe names a folder",
+        lambda e: e.quantize(e.stories, "--recipe", str(_mkdir(e.tmp / "recipes"))),
+    ),
+    Case(
+        "dataset-hub-unreachable",
+        "hub dataset name, hub not set offline but unreachable (connection refused, simulated)",
+        lambda e: e.quantize(e.stories, "--dataset", "some-user/some-dataset"),
+        exit=1,
+        patch=_hub_unreachable,
+    ),
+    Case(
+        "eval-reference-other-vocab",
+        "eval --reference whose vocabulary differs from the model's",
+        _other_vocab_reference,
+    ),
+    Case(
+        "calibration-report-other-model",
+        "--calibration report made for a model with other layers",
+        lambda e: e.quantize(e.stories, "--calibration", str(_report_for_layers(e, 7))),
+    ),
+]
+CASES.extend(NEW_CASES)
+
+
+def _report_for_layers(env: Env, layers: int) -> Path:
+    from sinkquant.calibrate import calibrate
+    from sinkquant.loading import prepare_model
+
+    model, tok = prepare_model(env.stories, "float32")
+    report = calibrate(model, tok, env.wikitext, samples=1, seq_len=32, progress=False)
+    report.num_layers = layers
+    return report.save(env.tmp / "calib.json")
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir(exist_ok=True)
     return path

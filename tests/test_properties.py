@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
 from sinkquant.errors import InputError
+from sinkquant.kv import KVCacheConfig
 from sinkquant.quantize.primitives import (
     dequantize_grouped,
     dequantize_int8_per_channel,
@@ -27,7 +28,7 @@ from sinkquant.quantize.primitives import (
     quantize_int8_per_channel,
     unpack_bits,
 )
-from sinkquant.recipe import CalibrationSection, KVCacheSection, Recipe, WeightsSection, parse_recipe
+from sinkquant.recipe import CalibrationSection, Recipe, WeightsSection, parse_recipe
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -150,7 +151,7 @@ SECTIONS = {
     "": Recipe,
     "calibration": CalibrationSection,
     "weights": WeightsSection,
-    "kv_cache": KVCacheSection,
+    "kv_cache": KVCacheConfig,
 }
 SECTION_KEYS = [
     (section, key) for section, model in SECTIONS.items() for key in model.model_fields if len(key) >= 6

@@ -1,6 +1,7 @@
 """Calibration: measure attention sinks, massive activations and linear-layer input outliers."""
 
 from .report import (
+    Calibration,
     CalibrationReport,
     CalibrationSettings,
     ContentSink,
@@ -12,6 +13,7 @@ from .report import (
 from .run import calibrate
 
 __all__ = [
+    "Calibration",
     "CalibrationReport",
     "CalibrationSettings",
     "ContentSink",

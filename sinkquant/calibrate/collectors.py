@@ -11,7 +11,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from ..modeling import decoder_layers, hidden_of, linear_in_features, linear_modules
+from ..architecture import decoder_layers, hidden_of, linear_in_features, linear_modules
 
 
 def attention_module(layer: nn.Module) -> nn.Module:

@@ -54,3 +54,11 @@ def top_key_channels(stats: dict[int, torch.Tensor], n: int) -> dict[int, torch.
     if n < 1:
         return {}
     return {layer: torch.topk(peak, min(n, peak.shape[-1]), dim=-1).indices for layer, peak in stats.items()}
+
+
+def measure_key_outlier_idx(
+    model: nn.Module, input_ids: torch.Tensor, n: int, sinks: Sequence[int]
+) -> dict[int, torch.Tensor]:
+    """The `n` largest post-RoPE key channels per KV head and layer, measured on `input_ids` with the
+    sink positions left out: {layer: int64 [kv_heads, n]}."""
+    return top_key_channels(key_channel_stats(model, input_ids, exclude=sinks or (0,)), n)

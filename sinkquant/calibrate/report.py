@@ -10,6 +10,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..data import CalibrationSamples
 from ..errors import InputError
 
 SCHEMA_VERSION = 1
@@ -196,3 +197,18 @@ class CalibrationReport:
             "massive": {"dims": self.massive.dims, "first_layer": self.massive.first_layer},
             "signature": self.massive_signature(),
         }
+
+
+@dataclass
+class Calibration:
+    """One run's calibration, handed to every step that needs it: the samples drawn once for the run
+    (`samples.input_ids` [n, seq_len]) and the report measured on them. Either may be None when no
+    step of the run needs it."""
+
+    samples: CalibrationSamples | None = None
+    report: CalibrationReport | None = None
+
+    @property
+    def input_ids(self):
+        """The samples' token ids [n, seq_len], or None when none were drawn."""
+        return None if self.samples is None else self.samples.input_ids

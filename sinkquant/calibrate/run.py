@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import calibration_samples
-from ..modeling import decoder_layers
+from ..architecture import decoder_layers
+from ..data import CalibrationSamples, calibration_samples
 from .collectors import ActivationCollector, AttentionCollector, LinearInputCollector
 from .report import (
     CalibrationReport,
@@ -43,16 +43,20 @@ def calibrate(
     seed: int = 0,
     settings: CalibrationSettings | None = None,
     progress: bool = True,
+    data: CalibrationSamples | None = None,
 ) -> CalibrationReport:
     """Measure sinks, massive activations and linear-layer input outliers on real text.
 
     `dataset`: a local .txt/.jsonl/.parquet file, a hub name, or None for the embedded C4 slice.
-    Runs one sample at a time with eager attention (switched on for the pass and restored after), so
+    `data`: samples already drawn for this run (then `dataset`, `samples`, `seq_len` and `seed` are
+    not used). Runs one sample at a time with eager attention (switched on for the pass and restored after), so
     memory stays at one sample's activations plus a few vectors per layer.
     """
     settings = settings or CalibrationSettings()
     start = time.perf_counter()
-    data = calibration_samples(tokenizer, dataset, samples, seq_len, seed)
+    if data is None:
+        data = calibration_samples(tokenizer, dataset, samples, seq_len, seed)
+    seed = data.seed
     ids = data.input_ids
     previous_attn = getattr(model.config, "_attn_implementation", None)
     model.set_attn_implementation("eager")

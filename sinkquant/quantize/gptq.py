@@ -40,20 +40,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibrate.report import CalibrationReport
-from ..data import calibration_samples
+from ..architecture import decoder_layers
+from ..calibrate.report import Calibration, CalibrationReport
 from ..errors import InputError, SinkQuantError
-from ..modeling import decoder_layers
-from ..recipe import Recipe, WeightsSection
+from ..recipe import WeightsSection
+from .layerwise import capture_inputs, merge_batches, observe_inputs, run_layer
 from .linear import SinkQuantLinear, _complement
 from .primitives import quantize_grouped, quantize_int8_per_channel
-from .sequential import capture_inputs, merge_batches, observe_inputs, run_layer
-from .weights import QuantizeSummary, float_weight, layer_spec, select_outliers, source_dtype, targets
+from .weights import QuantizeSummary, choose_outliers, float_weight, targets
 
 BATCH_SIZE = 8  # calibration samples per forward pass of one layer (the two-pass route)
 #: the most memory one decoder layer's activations over all calibration tokens may take for the
-#: one-pass route (estimate: see `_one_pass_fits`); SmolLM2 at 128 x 512 tokens needs 1.6 GB,
-#: a Llama-7B-sized layer 11.5 GB (it takes the two-pass route)
+#: one-pass route (estimate: see `_one_pass_fits`); wider layers or more tokens take the two-pass
+#: route, whose memory is one batch's activations
 ONE_PASS_BYTES = 4 << 30
 _RETRIES = 4
 
@@ -116,8 +115,7 @@ class HessianAccumulator:
 def _gram(x: torch.Tensor) -> torch.Tensor:
     """xᵀx for x [tokens, in], float32, from the blocks on and above the diagonal only (the rest is
     their transpose). Each entry is the same BLAS dot product over the tokens as in one `x.T @ x`
-    (bit-identical here: checked on 576- and 1536-wide batches and on whole GPTQ runs), with about 3/8
-    fewer multiplications at 4 blocks: a 4096 x 1536 batch takes 77 ms instead of 110."""
+    (so the result is bit-identical to it), with about 3/8 fewer multiplications at 4 blocks."""
     width = x.shape[1]
     parts = max(1, min(4, width // 128))
     if parts == 1:
@@ -139,8 +137,7 @@ def _upper_factor_of_inverse(h: torch.Tensor) -> torch.Tensor | None:
 
     With J the reversal of rows and columns, JHJ = LLᵀ gives H⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J), and J L⁻¹ J is
     upper triangular with a positive diagonal: U itself. One Cholesky and one triangular solve instead
-    of forming H⁻¹ (cholesky_inverse: 2.4 s of the 3.9 s GPTQ took for a 1536-wide layer on one
-    thread) and factoring it again."""
+    of forming H⁻¹ explicitly and factoring it again, the costliest step of the classic recipe."""
     lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
     if int(info) != 0:
         return None
@@ -250,7 +247,6 @@ def gptq_quantize_weight(
     block_size: int = 128,
     damping: float = 0.01,
     act_order: bool = False,
-    absorb_into_outliers: bool = False,
     name: str = "weight",
     clip_search: bool = False,
     factor_cache: dict | None = None,
@@ -269,8 +265,8 @@ def gptq_quantize_weight(
     gs = n_keep if (bits == 8 or group_size is None) else group_size
     diag = hessian.diagonal()[keep]
     order = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(n_keep)
-    cols = torch.cat([keep[order], idx]) if absorb_into_outliers else keep[order]  # processing order
-    group_of = (order // gs).tolist() + [-1] * (cols.numel() - n_keep)  # -1: not quantized
+    cols = keep[order]  # processing order
+    group_of = (order // gs).tolist()
     quant = _Quantizer(bits, symmetric, out_f, -(-n_keep // gs), clip_search)
     # the factorisation is a few large BLAS calls (all threads); the column sweep is many small ops
     key = (id(hessian), cols.numpy().tobytes(), damping, n_keep)
@@ -329,9 +325,8 @@ def _gptq_columns(
 
 @contextlib.contextmanager
 def _one_thread():
-    """The column loop is thousands of small ops: extra threads only add synchronisation (20x slower
-    on a busy 2-core machine), so it runs on one. (Row slices in parallel Python threads, one op per
-    thread, were measured too: 1.1-1.7x slower, the ops are too small to outweigh the GIL.)"""
+    """The column loop is thousands of small ops, each too small to split: extra threads only add
+    synchronisation, so it runs on one."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -366,8 +361,6 @@ def quantize_module(
     idx: list[int],
     weights: WeightsSection,
     storage: torch.dtype,
-    absorb_into_outliers: bool = False,
-    clip_search: bool = False,
     factor_cache: dict | None = None,
 ) -> SinkQuantLinear:
     """One linear layer -> `SinkQuantLinear` by GPTQ (round-to-nearest if GPTQ gave non-finite numbers)."""
@@ -375,15 +368,13 @@ def quantize_module(
     opts = weights.gptq
     res = gptq_quantize_weight(
         weight, hessian, weights.bits, weights.group, idx, weights.symmetric,
-        opts.block_size, opts.damping, opts.act_order, absorb_into_outliers, name, clip_search,
-        factor_cache,
+        opts.block_size, opts.damping, opts.act_order, name, opts.clip_search, factor_cache,
     )  # fmt: skip
     if not all(bool(torch.isfinite(t.float()).all()) for t in (res.weight, res.scale)):
         warnings.warn(f"GPTQ gave non-finite weights for {name}; using round-to-nearest", stacklevel=2)
         return _rtn(weight, module.bias, weights, idx, storage)
-    source = res.weight if absorb_into_outliers else weight  # from_float copies its outlier columns
     new = SinkQuantLinear.from_float(
-        source, module.bias, weights.bits, weights.group, idx, weights.symmetric,
+        weight, module.bias, weights.bits, weights.group, idx, weights.symmetric,
         codes=res.codes, scale=res.scale, minimum=res.minimum, storage_dtype=storage,
     )  # fmt: skip
     return new.to(weight.device)
@@ -403,16 +394,15 @@ def _sink_positions(report: CalibrationReport | None, sink_tokens: str) -> list[
 @torch.no_grad()
 def gptq_quantize_(
     model: nn.Module,
-    tokenizer,
-    recipe: Recipe,
-    report: CalibrationReport | None = None,
+    weights: WeightsSection,
+    calibration: Calibration,
+    *,
+    storage_dtype: torch.dtype | None = None,
     progress: bool = True,
-    absorb_into_outliers: bool | None = None,
-    clip_search: bool | None = None,
     batch_size: int = BATCH_SIZE,
     one_pass: bool | None = None,
 ) -> QuantizeSummary:
-    """Quantize `model` in place with GPTQ, decoder layer by decoder layer, on `recipe.calibration`.
+    """Quantize `model` in place with GPTQ, decoder layer by decoder layer, on `calibration.samples`.
 
     Each decoder layer runs once over all calibration tokens (batches merged into one call): a linear
     layer is quantized when its input arrives, from the Hessian of that input, and computes with its
@@ -422,21 +412,17 @@ def gptq_quantize_(
     tokens fit `ONE_PASS_BYTES` (else, or with `one_pass=False`, or when the layers' arguments cannot
     be merged: two passes over batches of `batch_size` samples, Hessians from the float layer, then the
     quantized layer re-run). Linear layers outside the decoder layers get round-to-nearest.
-    `clip_search` (see `gptq_quantize_weight`): None reads `recipe.weights.gptq.clip_search`.
-    `absorb_into_outliers` is an experiment with no recipe field (None means False)."""
-    weights = recipe.weights
-    if weights is None or weights.bits is None:
+    `storage_dtype` holds the outlier columns and bias (default: each weight's own dtype)."""
+    if weights.bits is None:
         return QuantizeSummary()
-    absorb_into_outliers = bool(absorb_into_outliers)
-    if clip_search is None:
-        clip_search = weights.gptq.clip_search
+    if calibration.samples is None:
+        raise InputError("GPTQ needs calibration samples (its Hessians come from the layers' inputs)")
     start = time.perf_counter()
+    report = calibration.report
     chosen, skipped = targets(model, weights.ignore)
-    storage = source_dtype(model)
     sinks = _sink_positions(report, weights.gptq.sink_tokens)
     summary = QuantizeSummary(bits=weights.bits, group_size=weights.group, skipped=skipped)
-    c = recipe.calibration
-    ids = calibration_samples(tokenizer, c.dataset, c.samples, c.seq_len, c.seed).input_ids
+    ids = calibration.samples.input_ids
     inputs = capture_inputs(model, ids, batch_size)
     merged = merge_batches(inputs) if _one_pass_fits(ids, chosen, one_pass) else None
     if merged is not None:
@@ -447,42 +433,47 @@ def gptq_quantize_(
     def make_observer(in_features: int) -> HessianAccumulator:
         return HessianAccumulator(in_features, sinks, track_max=weights.gptq.sink_tokens == "cap")
 
-    def quantize(name: str, module: nn.Module, observer: HessianAccumulator | None):
-        idx = _outliers(name, module, weights, report)
+    def quantize(name: str, module: nn.Module, observer: HessianAccumulator | None, factors: dict):
+        idx = choose_outliers(name, float_weight(module), weights, report)
         if observer is None:
             warnings.warn(f"GPTQ: {name} saw no calibration input; using round-to-nearest", stacklevel=3)
-            return _rtn(float_weight(module), module.bias, weights, idx, storage), idx
+            return _rtn(float_weight(module), module.bias, weights, idx, storage_dtype), idx
         hessian = observer.hessian(weights.gptq.sink_tokens)
-        new = quantize_module(
-            name, module, hessian, idx, weights, storage, absorb_into_outliers, clip_search, factors
-        )
-        return new, idx
+        return quantize_module(name, module, hessian, idx, weights, storage_dtype, factors), idx
 
-    bar = tqdm(layers, desc=f"GPTQ int{weights.bits}", unit="layer", disable=not progress)
-    for index, layer in enumerate(bar):
+    for index, layer in enumerate(
+        tqdm(layers, desc=f"GPTQ int{weights.bits}", unit="layer", disable=not progress)
+    ):
         prefix = prefixes[id(layer)] + "."
         mine = {n: m for n, m in chosen.items() if n.startswith(prefix)}
         factors: dict = {}  # this layer's factorisations, shared by linears with one input
+        done: dict[str, tuple[SinkQuantLinear, list[int]]] = {}
         if merged is not None:
-            with _quantize_on_arrival(mine, make_observer, quantize, batch_size) as done:
+
+            def arrive(name, module, observer, done=done, factors=factors):
+                done[name] = quantize(name, module, observer, factors)
+                _compute_with(module, done[name][0])
+
+            with observe_inputs(mine, make_observer, split=batch_size, on_arrival=arrive):
                 inputs.hidden = run_layer(layer, inputs, index)
             for name in mine.keys() - done.keys():  # never called in this layer's forward
-                done[name] = quantize(name, mine[name], None)
+                done[name] = quantize(name, mine[name], None, factors)
         else:
             with observe_inputs(mine, make_observer) as observers:
                 run_layer(layer, inputs, index)
-            done = {name: quantize(name, module, observers.get(name)) for name, module in mine.items()}
+            done = {name: quantize(name, m, observers.get(name), factors) for name, m in mine.items()}
             del observers
             with _effective_weights(mine, {n: new for n, (new, _) in done.items()}):
                 inputs.hidden = run_layer(layer, inputs, index)
         for name, (new, idx) in done.items():
-            _swap(model, name, chosen.pop(name), new, idx, summary)
+            old = chosen.pop(name)
+            summary.swap_in(model, name, float_weight(old), old.bias, new, idx)
     for name, module in chosen.items():  # outside the decoder layers: no calibration inputs
         warnings.warn(f"GPTQ: {name} is outside the decoder layers; using round-to-nearest", stacklevel=2)
-        idx = _outliers(name, module, weights, report)
-        _swap(
-            model, name, module, _rtn(float_weight(module), module.bias, weights, idx, storage), idx, summary
-        )
+        weight = float_weight(module)
+        idx = choose_outliers(name, weight, weights, report)
+        new = _rtn(weight, module.bias, weights, idx, storage_dtype)
+        summary.swap_in(model, name, weight, module.bias, new, idx)
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -494,40 +485,6 @@ def _one_pass_fits(ids: torch.Tensor, chosen: dict[str, nn.Module], one_pass: bo
         return one_pass
     widest = max((float_weight(m).shape[0] for m in chosen.values()), default=0)
     return ids.numel() * widest * 4 * 4 <= ONE_PASS_BYTES
-
-
-@contextlib.contextmanager
-def _quantize_on_arrival(modules: dict[str, nn.Module], make_observer, quantize, batch_size: int):
-    """Forward pre-hooks that quantize each of `modules` when its input arrives (one call holding every
-    calibration token): the Hessian of that input (summed over slices of `batch_size` samples, as the
-    batched route sums it), `quantize(name, module, observer) -> (SinkQuantLinear, outlier idx)`, then
-    the float module computes with the quantized weights. Linear layers fed the very same tensor (q/k/v,
-    gate/up) share one Hessian. Yields name -> (SinkQuantLinear, idx), filled as the block runs."""
-    done: dict[str, tuple[SinkQuantLinear, list[int]]] = {}
-    last: dict = {"x": None, "observer": None}
-
-    def hook(name: str):
-        def pre_hook(module, args):
-            if name in done:  # a second call in the same forward: already quantized
-                return
-            x = args[0]
-            if last["x"] is not x:
-                observer = make_observer(x.shape[-1])
-                for part in x.split(batch_size) if x.dim() >= 3 else (x,):
-                    observer.add(part)
-                last["x"], last["observer"] = x, observer
-            done[name] = quantize(name, module, last["observer"])
-            _compute_with(module, done[name][0])
-
-        return pre_hook
-
-    handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
-    try:
-        yield done
-    finally:
-        for handle in handles:
-            handle.remove()
-        last["x"] = last["observer"] = None
 
 
 @contextlib.contextmanager
@@ -549,24 +506,3 @@ def _compute_with(module: nn.Module, quantized: SinkQuantLinear) -> None:
     quantized replacement, in the float layer's dtype."""
     w = quantized.dequantized_weight().to(module.weight.dtype)
     module.weight.data = w if isinstance(module, nn.Linear) else w.t().contiguous()
-
-
-def _outliers(name: str, module: nn.Module, weights: WeightsSection, report) -> list[int]:
-    in_features = float_weight(module).shape[1]
-    if weights.group and weights.group > in_features:
-        raise InputError(
-            f"group_size {weights.group} exceeds the input width {in_features} of {name}; use a smaller group_size"
-        )
-    return select_outliers(name, in_features, weights, report)
-
-
-def _swap(model: nn.Module, name: str, old: nn.Module, new: SinkQuantLinear, idx, summary) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-    weight = float_weight(old)
-    summary.modules += 1
-    summary.outlier_columns += len(idx)
-    summary.input_columns += weight.shape[1]
-    summary.bytes_before += weight.numel() * 2 + (old.bias.numel() * 2 if old.bias is not None else 0)
-    summary.bytes_after += new.nbytes()
-    summary.layers[name] = layer_spec(new)

@@ -9,16 +9,15 @@ from __future__ import annotations
 import re
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibrate.report import CalibrationReport
+from ..architecture import is_linear, replace_module
+from ..calibrate.report import Calibration, CalibrationReport
 from ..errors import InputError
-from ..modeling import is_linear
 from ..recipe import WeightsSection
 from .linear import SinkQuantLinear
 
@@ -35,6 +34,24 @@ class QuantizeSummary:
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
     layers: dict[str, dict] = field(default_factory=dict)  # name -> spec for the checkpoint config
+
+    def swap_in(
+        self,
+        model: nn.Module,
+        name: str,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        new: SinkQuantLinear,
+        outlier_idx: list[int],
+    ) -> None:
+        """Put `new` in place of the linear layer `name` (float `weight` [out, in], `bias`) and count it."""
+        replace_module(model, name, new)
+        self.modules += 1
+        self.outlier_columns += len(outlier_idx)
+        self.input_columns += weight.shape[1]
+        self.bytes_before += weight.numel() * 2 + (bias.numel() * 2 if bias is not None else 0)
+        self.bytes_after += new.nbytes()
+        self.layers[name] = layer_spec(new)
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -97,68 +114,67 @@ def targets(model: nn.Module, ignore: list[str]) -> tuple[dict[str, nn.Module], 
     return chosen, skipped
 
 
-QuantizeFn = Callable[[str, torch.Tensor, torch.Tensor | None, list[int]], SinkQuantLinear]
-
-
 @torch.no_grad()
 def quantize_(
     model: nn.Module,
     weights: WeightsSection,
     report: CalibrationReport | None = None,
-    quantize_fn: QuantizeFn | None = None,
+    *,
+    storage_dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> QuantizeSummary:
-    """Replace every target linear layer of `model` with a `SinkQuantLinear` (round-to-nearest unless
-    `quantize_fn(name, weight, bias, outlier_idx)` supplies another algorithm). Returns what was done."""
+    """Replace every target linear layer of `model` with a round-to-nearest `SinkQuantLinear`, keeping
+    the outlier columns `report` names. `storage_dtype` holds those columns and the bias (default: each
+    weight's own dtype; give the source checkpoint's so they stay bit-identical to it)."""
     if weights.bits is None:
         return QuantizeSummary()
     start = time.perf_counter()
     chosen, skipped = targets(model, weights.ignore)
-    storage = source_dtype(model)
     summary = QuantizeSummary(bits=weights.bits, group_size=weights.group, skipped=skipped)
     for name, module in tqdm(
         chosen.items(), desc=f"quantizing to int{weights.bits}", unit="layer", disable=not progress
     ):
         weight = float_weight(module)
-        out_features, in_features = weight.shape
-        if weights.group and weights.group > in_features:
-            raise InputError(
-                f"group_size {weights.group} exceeds the input width {in_features} of {name}; use a smaller group_size"
-            )
-        idx = select_outliers(name, in_features, weights, report)
-        bias = module.bias
-        if quantize_fn is not None:
-            new = quantize_fn(name, weight, bias, idx)
-        else:
-            new = SinkQuantLinear.from_float(
-                weight,
-                bias,
-                weights.bits,
-                weights.group,
-                idx,
-                weights.symmetric,
-                storage_dtype=storage,
-                importance=column_importance(name, report),
-                clip_search=weights.clip_search,
-            )
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        summary.modules += 1
-        summary.outlier_columns += len(idx)
-        summary.input_columns += in_features
-        summary.bytes_before += weight.numel() * 2 + (bias.numel() * 2 if bias is not None else 0)
-        summary.bytes_after += new.nbytes()
-        summary.layers[name] = layer_spec(new)
+        idx = choose_outliers(name, weight, weights, report)
+        new = SinkQuantLinear.from_float(
+            weight,
+            module.bias,
+            weights.bits,
+            weights.group,
+            idx,
+            weights.symmetric,
+            storage_dtype=storage_dtype,
+            importance=column_importance(name, report),
+            clip_search=weights.clip_search,
+        )
+        summary.swap_in(model, name, weight, module.bias, new, idx)
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def source_dtype(model: nn.Module) -> torch.dtype:
-    """The float dtype the model's checkpoint was stored in (config `dtype`), float32 if unknown."""
-    dtype = getattr(model, "_sinkquant_source_dtype", None) or getattr(model.config, "dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+def rtn_quantize_(
+    model: nn.Module,
+    weights: WeightsSection,
+    calibration: Calibration,
+    *,
+    storage_dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> QuantizeSummary:
+    """`quantize_` with the signature every weight algorithm shares (see `algorithms.py`)."""
+    return quantize_(model, weights, calibration.report, storage_dtype=storage_dtype, progress=progress)
+
+
+def choose_outliers(
+    name: str, weight: torch.Tensor, weights: WeightsSection, report: CalibrationReport | None
+) -> list[int]:
+    """The input columns of layer `name` (float weight [out, in]) kept at full precision; a group
+    wider than the layer is refused first."""
+    in_features = weight.shape[1]
+    if weights.group and weights.group > in_features:
+        raise InputError(
+            f"group_size {weights.group} exceeds the input width {in_features} of {name}; use a smaller group_size"
+        )
+    return select_outliers(name, in_features, weights, report)
 
 
 def layer_spec(module: SinkQuantLinear) -> dict:

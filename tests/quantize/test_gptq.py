@@ -7,9 +7,11 @@ import torch
 from tiny_models import tiny_llama
 
 from sinkquant import calibrate
+from sinkquant.architecture import decoder_layers
+from sinkquant.calibrate import Calibration
 from sinkquant.checkpoint import load, save
+from sinkquant.data import calibration_samples
 from sinkquant.errors import InputError
-from sinkquant.modeling import decoder_layers
 from sinkquant.pipeline import quantization_config
 from sinkquant.quantize.gptq import (
     HessianAccumulator,
@@ -19,7 +21,6 @@ from sinkquant.quantize.gptq import (
     gptq_quantize_weight,
 )
 from sinkquant.quantize.linear import SinkQuantLinear
-from sinkquant.quantize.sequential import capture_inputs, merge_batches, observe_inputs, run_layer
 from sinkquant.recipe import load_recipe, parse_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -97,15 +98,6 @@ def test_deterministic_bytes():
         assert torch.equal(ta.view(torch.uint8), tb.view(torch.uint8))
 
 
-def test_error_pushed_into_outlier_columns():
-    x, w, idx = _inputs(), _weight(), [3, 77]
-    h = _hessian(x)
-    kept = gptq_quantize_weight(w, h, 4, 32, idx)
-    absorbed = gptq_quantize_weight(w, h, 4, 32, idx, absorb_into_outliers=True)
-    assert not torch.equal(absorbed.weight[:, idx], w[:, idx])  # the columns moved ...
-    assert (x @ (w - absorbed.weight).T).norm() < (x @ (w - kept.weight).T).norm()  # ... to good effect
-
-
 @pytest.mark.parametrize("bits, symmetric", [(4, False), (4, True), (8, True)])
 def test_clip_search_never_raises_the_weighted_rounding_error(bits, symmetric):
     x, w = _inputs(), _weight()
@@ -172,6 +164,13 @@ def _report(model):
     return calibrate(model, _Tok(), None, samples=2, seq_len=32, progress=False)
 
 
+def _gptq(model, recipe, report, **kwargs):
+    """GPTQ on the recipe's calibration samples, drawn as a run draws them."""
+    c = recipe.calibration
+    samples = calibration_samples(_Tok(), c.dataset, c.samples, c.seq_len, c.seed)
+    return gptq_quantize_(model, recipe.weights, Calibration(samples, report), **kwargs)
+
+
 def _recipe(**extra):
     overrides = {
         "weights.algorithm": "gptq",
@@ -182,39 +181,6 @@ def _recipe(**extra):
         **extra,
     }
     return load_recipe(RECIPES / "w4-g128-gptq.yaml").with_overrides(**overrides)
-
-
-def test_layer_by_layer_float_pass_matches_the_model():
-    model = tiny_llama()
-    ids = torch.randint(0, 120, (5, 24))
-    inputs = capture_inputs(model, ids, batch_size=2)
-    assert [h.shape[0] for h in inputs.hidden] == [2, 2, 1]
-    for index, layer in enumerate(decoder_layers(model)):
-        inputs.hidden = run_layer(layer, inputs, index)
-    with torch.no_grad():
-        expected = model(ids, output_hidden_states=True).hidden_states[-1]  # after the final norm
-    final = model.model.norm(torch.cat(inputs.hidden))
-    assert torch.allclose(final, expected, atol=1e-5)
-
-
-def test_merged_batches_give_the_batched_outputs():
-    model = tiny_llama()
-    ids = torch.randint(0, 120, (5, 24))
-    batched = capture_inputs(model, ids, batch_size=2)
-    merged = merge_batches(capture_inputs(model, ids, batch_size=2))
-    assert merged is not None and [h.shape[0] for h in merged.hidden] == [5]
-    for index, layer in enumerate(decoder_layers(model)):
-        batched.hidden = run_layer(layer, batched, index)
-        merged.hidden = run_layer(layer, merged, index)
-        assert torch.allclose(merged.hidden[0], torch.cat(batched.hidden), atol=1e-5)
-
-
-def test_batches_with_arguments_of_other_shapes_stay_apart():
-    inputs = capture_inputs(tiny_llama(), torch.randint(0, 120, (4, 8)), batch_size=2)
-    per_batch = inputs.calls[0][1][1]
-    per_batch["extra"] = torch.ones(3)  # differs from batch 0's and has no batch dimension
-    inputs.calls[0][0][1]["extra"] = torch.zeros(3)
-    assert merge_batches(inputs) is None
 
 
 @pytest.mark.parametrize("one_pass, calls_per_layer", [(True, 1), (False, 2 * 3)])
@@ -232,7 +198,7 @@ def test_one_pass_route_runs_each_layer_once(one_pass, calls_per_layer):
     for layer in decoder_layers(model):
         layer.register_forward_pre_hook(count)
     recipe = _recipe(**{"calibration.samples": 6})
-    summary = gptq_quantize_(model, _Tok(), recipe, report, progress=False, batch_size=2, one_pass=one_pass)
+    summary = _gptq(model, recipe, report, progress=False, batch_size=2, one_pass=one_pass)
     assert summary.modules == 14
     assert len(calls) == calls_per_layer * len(decoder_layers(model))
 
@@ -244,8 +210,8 @@ def test_one_pass_quantizes_later_linears_on_quantized_inputs():
     report = _report(base)
     recipe = _recipe(**{"calibration.samples": 6})
     one, two = copy.deepcopy(base), copy.deepcopy(base)
-    gptq_quantize_(one, _Tok(), recipe, report, progress=False, batch_size=2, one_pass=True)
-    gptq_quantize_(two, _Tok(), recipe, report, progress=False, batch_size=2, one_pass=False)
+    _gptq(one, recipe, report, progress=False, batch_size=2, one_pass=True)
+    _gptq(two, recipe, report, progress=False, batch_size=2, one_pass=False)
     attn_one, attn_two = one.model.layers[0].self_attn, two.model.layers[0].self_attn
     assert torch.equal(attn_one.q_proj.weight, attn_two.q_proj.weight)
     assert not torch.equal(attn_one.o_proj.weight, attn_two.o_proj.weight)
@@ -258,22 +224,9 @@ def test_linears_sharing_an_input_share_one_factorisation(monkeypatch):
     real = gptq.inverse_hessian_factor
     monkeypatch.setattr(gptq, "inverse_hessian_factor", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     model = tiny_llama()
-    gptq_quantize_(model, _Tok(), _recipe(), _report(model), progress=False)
+    _gptq(model, _recipe(), _report(model), progress=False)
     # per layer: q/k/v (one input), o, gate/up (one input), down
     assert len(calls) == 4 * len(decoder_layers(model))
-
-
-def test_observers_are_shared_by_linears_with_one_input():
-    model = tiny_llama()
-    layer = decoder_layers(model)[0]
-    modules = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-    inputs = capture_inputs(model, torch.randint(0, 120, (2, 16)), batch_size=2)
-    with observe_inputs(modules, lambda d: HessianAccumulator(d, [])) as observers:
-        run_layer(layer, inputs, 0)
-    assert observers["self_attn.q_proj"] is observers["self_attn.v_proj"]
-    assert observers["mlp.gate_proj"] is observers["mlp.up_proj"]
-    assert len({id(o) for o in observers.values()}) == 4
-    assert observers["self_attn.k_proj"].count == 32
 
 
 def test_pipeline_quantizes_saves_and_reloads(tmp_path):
@@ -286,7 +239,7 @@ def test_pipeline_quantizes_saves_and_reloads(tmp_path):
     ids = torch.randint(0, 120, (2, 20))
     with torch.no_grad():
         before = model(ids).logits
-    summary = gptq_quantize_(model, _Tok(), recipe, report, progress=False)
+    summary = _gptq(model, recipe, report, progress=False)
     assert summary.modules == 14 and summary.skipped == ["lm_head"] and len(summary.layers) == 14
     assert isinstance(model.lm_head, torch.nn.Linear)
     for name, module in model.named_modules():
@@ -296,7 +249,7 @@ def test_pipeline_quantizes_saves_and_reloads(tmp_path):
     with torch.no_grad():
         after = model(ids).logits
     assert float((after - before).abs().mean() / before.abs().mean()) < 0.2
-    model.config.quantization_config = quantization_config(recipe, summary, report)
+    model.config.quantization_config = quantization_config(recipe, summary, report, None)
     reloaded = load(save(model, tmp_path / "out", recipe=recipe, report=report))
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, after, atol=1e-4)
@@ -311,8 +264,8 @@ def test_pipeline_is_deterministic(sink_tokens):
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no Cholesky retries on a healthy model
-        gptq_quantize_(a, _Tok(), recipe, report, progress=False)
-        gptq_quantize_(b, _Tok(), recipe, report, progress=False)
+        _gptq(a, recipe, report, progress=False)
+        _gptq(b, recipe, report, progress=False)
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     for key in sa:
@@ -321,9 +274,7 @@ def test_pipeline_is_deterministic(sink_tokens):
 
 def test_int8_per_channel_pipeline():
     model = tiny_llama()
-    summary = gptq_quantize_(
-        model, _Tok(), _recipe(**{"weights.bits": 8, "weights.outliers": None}), None, progress=False
-    )
+    summary = _gptq(model, _recipe(**{"weights.bits": 8, "weights.group_size": None, "weights.outliers": None}), None, progress=False)
     layer = model.model.layers[1].mlp.down_proj
     assert summary.modules == 14 and layer.bits == 8 and layer.n_outliers == 0
 
@@ -341,10 +292,4 @@ def test_recipe_options_validate():
 
 def test_sink_modes_need_a_report():
     with pytest.raises(InputError, match="sink_tokens"):
-        gptq_quantize_(
-            tiny_llama(),
-            _Tok(),
-            _recipe(**{"weights.gptq.sink_tokens": "exclude", "weights.outliers": None}),
-            None,
-            progress=False,
-        )
+        _gptq(tiny_llama(), _recipe(**{"weights.gptq.sink_tokens": "exclude", "weights.outliers": None}), None)

@@ -34,7 +34,7 @@ def test_name_and_regex_patterns():
     assert not matches("model.layers.0.mlp.down_proj", "re:mlp")
 
 
-@pytest.mark.parametrize("bits, group", [(8, 128), (4, 32), (4, "channel")])
+@pytest.mark.parametrize("bits, group", [(8, None), (4, 32), (4, "channel")])
 def test_quantize_swaps_linears_keeps_outliers_and_lm_head(bits, group):
     model = tiny_llama()
     report = _report(model)

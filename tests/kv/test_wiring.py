@@ -9,8 +9,8 @@ from tiny_models import save_tiny, tiny_llama
 
 from sinkquant.checkpoint import load
 from sinkquant.cli import main
+from sinkquant.kv import SinkQuantizedCache
 from sinkquant.pipeline import quantize_model
-from sinkquant.quantize.kv_cache import SinkQuantizedCache
 from sinkquant.recipe import Recipe
 
 
@@ -35,8 +35,8 @@ def kv_checkpoint(tmp_path_factory, stories_path):
 def test_kv_settings_and_key_channels_are_stored(kv_checkpoint):
     qc = json.loads((kv_checkpoint.out_dir / "config.json").read_text())["quantization_config"]
     assert qc["kv_cache"]["bits"] == 8 and qc["kv_cache"]["sinks"] == [0]
-    assert set(qc["kv_key_channels"]) == {"0", "1"}  # one channel per KV head, per layer
-    assert len(qc["kv_key_channels"]["0"]) == 2 and len(qc["kv_key_channels"]["0"][0]) == 1
+    assert set(qc["key_outlier_idx"]) == {"0", "1"}  # one channel per KV head, per layer
+    assert len(qc["key_outlier_idx"]["0"]) == 2 and len(qc["key_outlier_idx"]["0"][0]) == 1
 
 
 def test_loaded_checkpoint_generates_with_the_sink_cache_by_default(kv_checkpoint):
@@ -99,3 +99,18 @@ def test_eval_cli_with_kv_flags_and_stream(stories_path, wikitext_path, tmp_path
     assert stream.exit_code == 2 and "--max-kv-tokens" in stream.output
     bad = runner.invoke(main, args + ["--kv-bits", "4", "--kv-sinks", "first"])
     assert bad.exit_code == 2 and "--kv-sinks" in bad.output
+
+
+def test_key_channels_are_measured_on_the_first_samples_of_the_run(monkeypatch):
+    import sinkquant.kv.wiring as wiring
+    from sinkquant.kv import KVCacheConfig, calibrate_kv
+
+    seen = []
+    monkeypatch.setattr(
+        wiring, "measure_key_outlier_idx", lambda m, ids, n, sinks: seen.append((ids, n, sinks)) or {}
+    )
+    ids = torch.arange(20 * 8).view(20, 8)
+    config = KVCacheConfig(sinks=[0, 1], key_outlier_channels=2)
+    calibrate_kv(tiny_llama(), config, ids, None)
+    ((used, n, sinks),) = seen
+    assert torch.equal(used, ids[: wiring.KEY_CHANNEL_SAMPLES]) and n == 2 and sinks == [0, 1]

@@ -35,8 +35,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ..architecture import decoder_layers, hidden_of
 from ..errors import SinkQuantError
-from ..modeling import decoder_layers, hidden_of
 
 
 class _StopForward(Exception):
@@ -161,27 +161,41 @@ class InputObserver(Protocol):
 
 @contextlib.contextmanager
 def observe_inputs(
-    modules: dict[str, nn.Module], make: Callable[[int], InputObserver]
+    modules: dict[str, nn.Module],
+    make: Callable[[int], InputObserver],
+    *,
+    split: int | None = None,
+    on_arrival: Callable[[str, nn.Module, InputObserver], None] | None = None,
 ) -> Iterator[dict[str, InputObserver]]:
     """Attach forward pre-hooks to `modules` (name -> linear layer) for the `with` block.
 
     Yields name -> observer, filled as the block runs forward passes; `make(in_features)` builds an
     observer. A module called with the same tensor object as the module hooked just before it (q/k/v
-    on one normed hidden state) shares that module's observer, decided at the first call."""
+    on one normed hidden state) shares that module's observer, decided at the first call.
+
+    `split`: an input of whole samples [samples, ...] is fed in slices of that many samples, so the
+    sums come out as they do over batches of that size. `on_arrival(name, module, observer)`: called
+    once per module, at its first call, after its input was observed (GPTQ quantizes there, so the
+    module computes with its quantized weights in the same forward); later calls are ignored."""
     observers: dict[str, InputObserver] = {}
     owners: dict[str, bool] = {}  # name -> whether it feeds its observer (False: shares another's)
     last: dict = {"x": None, "name": None}
 
     def hook(name: str):
-        def pre_hook(_module, args):
+        def pre_hook(module, args):
+            if on_arrival is not None and name in observers:
+                return
             x = args[0]
             if name not in observers:
                 shared = last["x"] is x and last["name"] in observers
                 observers[name] = observers[last["name"]] if shared else make(x.shape[-1])
                 owners[name] = not shared
             if owners[name]:
-                observers[name].add(x)
+                for part in x.split(split) if split and x.dim() >= 3 else (x,):
+                    observers[name].add(part)
             last["x"], last["name"] = x, name
+            if on_arrival is not None:
+                on_arrival(name, module, observers[name])
 
         return pre_hook
 

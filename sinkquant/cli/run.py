@@ -1,89 +1,14 @@
-"""The `sinkquant` command: parses options, calls the Python API, prints results. No logic here."""
+"""`sinkquant calibrate`, `eval` and `quantize`: parse the options, call `sinkquant.pipeline`, print."""
 
 from __future__ import annotations
 
 import json
-import os
-import sys
-import traceback
-import warnings
 from pathlib import Path
 
 import click
 
-from . import __version__
-from .errors import SinkQuantError
-
-DTYPE_CHOICE = click.Choice(["auto", "float32", "bfloat16", "float16"])
-NO_VERIFY_HELP = "Load a sinkquant checkpoint even if its files do not match the sha256 manifest."
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-
-
-def _progress() -> bool:
-    """Progress bars only on a terminal: in a log or a pipe they are noise around the lines that matter."""
-    return sys.stderr.isatty()
-
-
-def _one_line(text: str) -> str:
-    """A message as one line: the CLI promises one line per error, whatever a message was built from."""
-    return " ".join(part.strip() for part in text.splitlines() if part.strip())
-
-
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings as `warning: ...`, one line each, like errors (no source file and line of library code)."""
-    text = str(message).strip().splitlines()
-    click.echo(f"warning: {text[0] if text else category.__name__}", err=True)
-
-
-class _Group(click.Group):
-    """Turns every error into one line on stderr (a traceback only with --debug)."""
-
-    def invoke(self, ctx: click.Context):
-        debug = "--debug" in sys.argv[1:] or bool(ctx.params.get("debug"))
-        try:
-            with warnings.catch_warnings():
-                if not debug:
-                    warnings.showwarning = _one_line_warning
-                return super().invoke(ctx)
-        except click.exceptions.NoArgsIsHelpError:
-            raise
-        except click.UsageError as exc:  # a bad option or argument: one line too, not click's usage block
-            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
-            click.echo(f"error: {exc.format_message()} (see '{where} --help')", err=True)
-            ctx.exit(exc.exit_code)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise
-        except SinkQuantError as exc:
-            if debug:
-                traceback.print_exc()
-            click.echo(f"error: {_one_line(str(exc))}", err=True)
-            ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted; nothing was written", err=True)
-            ctx.exit(130)
-        except Exception as exc:  # an unexpected failure: still one line unless --debug
-            if debug:
-                traceback.print_exc()
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            click.echo(
-                f"error: {type(exc).__name__}: {first} (re-run with --debug for the traceback)", err=True
-            )
-            ctx.exit(1)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="sinkquant")
-@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-def main(debug: bool) -> None:
-    """Sink-aware quantization for Hugging Face causal language models."""
-    _quiet_libraries()
+from .app import DTYPE_CHOICE, NO_VERIFY_HELP, main
+from .app import progress as _progress
 
 
 @main.command()
@@ -148,26 +73,25 @@ def calibrate(
     no_verify,
 ):
     """Measure attention sinks, massive activations and outlier input channels of MODEL."""
-    from .calibrate import CalibrationSettings
-    from .calibrate import calibrate as run_calibration
-    from .calibrate.summary import print_summary
-    from .data import calibration_samples
-    from .modeling import load_tokenizer, prepare_model
+    from ..calibrate import CalibrationSettings
+    from ..calibrate.summary import print_summary
+    from ..pipeline import calibrate_model
+    from ..recipe import CalibrationSection
 
-    settings = CalibrationSettings(epsilon=epsilon, massive_abs=massive_abs, massive_ratio=massive_ratio)
-    probe = None
-    if dtype == "float16":
-        probe = calibration_samples(
-            load_tokenizer(model, trust_remote_code), dataset, 1, min(seq_len, 128), seed
-        ).input_ids
-    net, tokenizer = prepare_model(model, dtype, trust_remote_code, probe_ids=probe, verify=not no_verify)
-    report = run_calibration(net, tokenizer, dataset, samples, seq_len, seed, settings, progress=_progress())
-    report.model = str(model)
+    report = calibrate_model(
+        model,
+        CalibrationSection(dataset=dataset, samples=samples, seq_len=seq_len, seed=seed),
+        CalibrationSettings(epsilon=epsilon, massive_abs=massive_abs, massive_ratio=massive_ratio),
+        dtype,
+        trust_remote_code,
+        verify=not no_verify,
+        progress=_progress(),
+    )
     print_summary(report)
     if out:
         click.echo(f"report: {report.save(out)}")
     if plots:
-        from .calibrate.plots import save_plots
+        from ..calibrate.plots import save_plots
 
         for path in save_plots(report, plots):
             click.echo(f"plot: {path}")
@@ -228,7 +152,7 @@ def calibrate(
     "--calibration",
     default=None,
     type=click.Path(dir_okay=False),
-    help="Calibration report for --kv-sinks auto (else calibrate 16 x 512).",
+    help="Calibration report for --kv-sinks auto (else calibrate on the recipe's calibration section).",
 )
 @click.option(
     "--dtype", default="auto", type=DTYPE_CHOICE, show_default=True, help="Precision (auto = float32 on CPU)."
@@ -260,61 +184,40 @@ def eval_command(
     no_verify,
 ):
     """Perplexity of MODEL (a model or a sinkquant checkpoint) under the fixed protocol."""
-    from .data import load_documents
-    from .errors import InputError
-    from .evaluate import evaluate, evaluation_windows
-    from .modeling import load_tokenizer, prepare_model
+    from ..pipeline import KVRequest, evaluate_model
 
-    probe = None
-    if dtype == "float16":
-        tok = load_tokenizer(model, trust_remote_code)
-        probe = evaluation_windows(tok, "\n\n".join(load_documents(dataset)), min(seq_len, 128), None)[:1]
-    net, tokenizer = prepare_model(model, dtype, trust_remote_code, probe_ids=probe, verify=not no_verify)
-    kv_options = {
-        "kv_cache.bits": int(kv_bits) if kv_bits else None,
-        "kv_cache.residual": residual,
-        "kv_cache.key_outlier_channels": key_outlier_channels,
-        "kv_cache.group_size": kv_group_size,
-        "kv_cache.max_tokens": max_kv_tokens,
-    }
-    if kv_sinks is not None:
-        if kv_sinks not in ("auto", "none") and not kv_sinks.isdigit():
-            raise InputError(
-                f"--kv-sinks must be auto, none or a number of leading positions (got {kv_sinks!r})"
-            )
-        kv_options["kv_cache.sinks"] = kv_sinks if not kv_sinks.isdigit() else list(range(int(kv_sinks)))
     if stream and max_kv_tokens is None:
-        raise InputError(
+        raise click.UsageError(
             "--stream needs --max-kv-tokens (the cache size at which the oldest tokens are evicted)"
         )
-    factory, kv_desc = _kv_cache_factory(net, tokenizer, recipe_path, kv_options, calibration)
-    if factory is not None and chunk_size is None:
-        chunk_size = 64
-    ref = prepare_model(reference, "auto", trust_remote_code, verify=not no_verify)[0] if reference else None
-    result = evaluate(
-        net,
-        tokenizer,
+    overrides = {
+        "bits": int(kv_bits) if kv_bits else None,
+        "sinks": _kv_sinks(kv_sinks),
+        "residual": residual,
+        "key_outlier_channels": key_outlier_channels,
+        "group_size": kv_group_size,
+        "max_tokens": max_kv_tokens,
+    }
+    result = evaluate_model(
+        model,
         dataset,
         seq_len,
         max_tokens,
-        reference=ref,
-        chunk_size=chunk_size,
-        cache_factory=factory,
+        reference,
+        chunk_size,
+        KVRequest(recipe_path, overrides, calibration),
+        dtype,
+        trust_remote_code,
+        verify=not no_verify,
         progress=_progress(),
     )
-    result.extra = {
-        "model": str(model),
-        "reference": reference,
-        "dtype": dtype,
-        "kv_cache": kv_desc,
-        "stream": stream,
-    }
+    result.extra["stream"] = stream
     line = f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({result.windows} windows of {seq_len}"
-    line += f", chunks of {chunk_size})" if chunk_size else ")"
+    line += f", chunks of {result.chunk_size})" if result.chunk_size else ")"
     click.echo(line)
-    if kv_desc:
-        click.echo(f"KV cache: {kv_desc}")
-    if ref is not None:
+    if result.extra["kv_cache"]:
+        click.echo(f"KV cache: {result.extra['kv_cache']}")
+    if result.kl is not None:
         click.echo(
             f"KL(ref || model) {result.kl:.6f} nats/token, top-1 agreement {result.top1_agreement:.4f}"
         )
@@ -324,59 +227,15 @@ def eval_command(
         click.echo(f"result: {path}")
 
 
-def _kv_cache_factory(net, tokenizer, recipe_path, kv_options, calibration):
-    """The KV cache an eval asks for: flags over a recipe over the checkpoint's stored settings."""
-    from .quantize.generation import cache_factory, kv_config
-    from .recipe import Recipe, load_recipe
+def _kv_sinks(text: str | None):
+    """--kv-sinks: auto, none, or N (the first N positions)."""
+    if text is None or text in ("auto", "none"):
+        return text
+    if not text.isdigit():
+        from ..errors import InputError
 
-    asked = any(v is not None for v in kv_options.values())
-    recipe = load_recipe(recipe_path) if recipe_path else None
-    if recipe is None and not asked:
-        stored = getattr(net, "sinkquant_cache_factory", None)
-        return (stored, "as stored in the checkpoint") if stored else (None, None)
-    if recipe is not None and recipe.kv_cache is None and not asked:
-        return None, None
-    base = (
-        recipe
-        if recipe is not None and recipe.kv_cache is not None
-        else Recipe().with_overrides(**{"kv_cache.bits": 4})
-    )
-    given = {key: value for key, value in kv_options.items() if value is not None}
-    config = kv_config(base.with_overrides(**given).kv_cache)
-    report = None
-    if config.sinks == "auto":
-        from .calibrate import CalibrationReport, calibrate
-
-        report = (
-            CalibrationReport.load(calibration)
-            if calibration
-            else calibrate(net, tokenizer, None, 16, 512, progress=_progress())
-        )
-    key_outliers = None
-    if config.key_outlier_channels:
-        from .data import calibration_samples
-        from .quantize.generation import calibrated_key_channels
-
-        ids = calibration_samples(tokenizer, None, 8, 512).input_ids
-        sinks = (
-            report.sink_positions
-            if report is not None
-            else (config.sinks if isinstance(config.sinks, list) else [0])
-        )
-        key_outliers = calibrated_key_channels(net, ids, config.key_outlier_channels, sinks)
-    desc = (
-        f"int{config.bits}, keys per {config.key_granularity}, group {config.group_size}, sinks {config.sinks}, "
-        f"residual {config.residual}, key outlier channels {config.key_outlier_channels}, max tokens {config.max_tokens}"
-    )
-    return cache_factory(config, report, key_outliers), desc
-
-
-def _recipe_from(recipe_path: str | None, overrides: dict):
-    from .recipe import Recipe, load_recipe
-
-    recipe = load_recipe(recipe_path) if recipe_path else Recipe()
-    given = {key: value for key, value in overrides.items() if value is not None}
-    return recipe.with_overrides(**given) if given else recipe
+        raise InputError(f"--kv-sinks must be auto, none or a number of leading positions (got {text!r})")
+    return list(range(int(text)))
 
 
 def _mib(n: int) -> str:
@@ -456,8 +315,9 @@ def quantize(
     trust_remote_code,
 ):
     """Quantize MODEL_DIR into a checkpoint in OUT_DIR."""
-    from .errors import InputError
-    from .pipeline import quantize_model
+    from ..errors import InputError
+    from ..pipeline import quantize_model
+    from ..recipe import Recipe, load_recipe
 
     if group_size is not None and group_size != "channel":
         if not group_size.isdigit():
@@ -477,15 +337,11 @@ def quantize(
         "weights.algorithm": algorithm,
         "kv_cache.bits": int(kv_bits) if kv_bits else None,
     }
-    recipe = _recipe_from(recipe_path, overrides)
+    given = {key: value for key, value in overrides.items() if value is not None}
+    recipe = load_recipe(recipe_path) if recipe_path else Recipe()
+    recipe = recipe.with_overrides(**given) if given else recipe
     if no_outliers and recipe.weights is not None:
         recipe = recipe.with_overrides(**{"weights.outliers": None})
-    if group_size is not None and recipe.weights is not None and recipe.weights.bits == 8:
-        # int8 is one scale per output channel: the group size would be dropped without a word
-        source = "--wbits 8" if wbits else f"weights.bits is 8 in {recipe_path}, and int8"
-        raise InputError(
-            f"{source} is always per output channel; drop --group-size, or use --wbits 4 for groups"
-        )
     result = quantize_model(
         model_dir,
         out_dir,
@@ -520,10 +376,7 @@ def quantize(
         f"{_mib(max(0, result.checkpoint_bytes - result.embedding_bytes_fp16))}"
     )
     if recipe.kv_cache is not None:
-        kv = recipe.kv_cache
-        click.echo(
-            f"KV cache: int{kv.bits}, keys per {kv.key_granularity}, sinks {kv.sinks}, residual {kv.residual}"
-        )
+        click.echo(f"KV cache: {recipe.kv_cache.describe()}")
     if result.perplexity:
         click.echo(
             f"perplexity: {result.perplexity['before']:.4f} -> {result.perplexity['after']:.4f} "
@@ -532,47 +385,3 @@ def quantize(
     times = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     click.echo(f"time: {times}")
     click.echo(f"checkpoint: {result.out_dir} ({_mib(result.folder_bytes)} in all)")
-
-
-@main.group()
-def recipe():
-    """Check and show recipe files."""
-
-
-@recipe.command("validate")
-@click.argument("file")
-def recipe_validate(file):
-    """Validate FILE; errors name the line and key."""
-    from .recipe import load_recipe
-
-    load_recipe(file)
-    click.echo(f"{file}: ok")
-
-
-@recipe.command("show")
-@click.argument("file")
-def recipe_show(file):
-    """Print FILE with every default filled in."""
-    from .recipe import load_recipe
-
-    click.echo(load_recipe(file).to_yaml(), nl=False)
-
-
-@main.command()
-@click.argument("checkpoint")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def inspect(checkpoint, as_json):
-    """Show what a sinkquant CHECKPOINT holds."""
-    from .pipeline import inspect_checkpoint
-
-    info = inspect_checkpoint(checkpoint)
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
-        return
-    width = max(len(k) for k in info)
-    for key, value in info.items():
-        click.echo(f"{key.ljust(width)}  {value}")
-
-
-if __name__ == "__main__":
-    main()

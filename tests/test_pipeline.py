@@ -1,0 +1,73 @@
+"""The jobs as functions: one calibration draw per run, reused by every step; the KV cache an eval
+asks for, by precedence (flags over a recipe over what the checkpoint stored)."""
+
+import pytest
+import torch
+from tiny_models import save_tiny, tiny_llama
+
+import sinkquant.pipeline as pipeline
+from sinkquant.kv import KVCacheConfig
+from sinkquant.pipeline import KVRequest, calibrate_for, quantize_model
+from sinkquant.recipe import Recipe
+
+RECIPES = __import__("pathlib").Path(__file__).resolve().parent.parent / "recipes"
+
+
+class _Tok:
+    bos_token_id = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) % 120 for c in text]}
+
+    def decode(self, ids):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def _recipe(**extra):
+    base = {"weights.group_size": 32, "calibration.samples": 3, "calibration.seq_len": 32}
+    return Recipe().with_overrides(**{**base, **extra})
+
+
+def test_samples_are_drawn_once_and_shared(monkeypatch):
+    draws = []
+    real = pipeline.calibration_samples
+    monkeypatch.setattr(
+        pipeline, "calibration_samples", lambda *a, **k: draws.append(a[2:4]) or real(*a, **k)
+    )
+    run = calibrate_for(tiny_llama(), _Tok(), _recipe(**{"weights.algorithm": "gptq"}), progress=False)
+    assert draws == [(3, 32)]  # one draw feeds both the report and GPTQ
+    assert run.report is not None and run.report.samples == 3
+    assert torch.equal(run.input_ids, real(_Tok(), None, 3, 32).input_ids)
+
+
+def test_nothing_is_drawn_when_no_step_needs_it(monkeypatch):
+    monkeypatch.setattr(pipeline, "calibration_samples", lambda *a, **k: pytest.fail("drew samples"))
+    run = calibrate_for(tiny_llama(), _Tok(), _recipe(**{"weights.outliers": None}), progress=False)
+    assert run.samples is None and run.report is None
+
+
+def test_a_given_report_is_reused_and_checked(monkeypatch):
+    model = tiny_llama()
+    report = calibrate_for(model, _Tok(), _recipe(), progress=False).report
+    monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: pytest.fail("calibrated again"))
+    assert calibrate_for(model, _Tok(), _recipe(), report, progress=False).report is report
+    with pytest.raises(Exception, match="layers"):
+        calibrate_for(tiny_llama(layers=3), _Tok(), _recipe(), report, progress=False)
+
+
+def test_kv_request_precedence(tmp_path):
+    assert KVRequest().config() is None  # nothing asked: the checkpoint's own cache, if any
+    assert KVRequest(RECIPES / "w4-g128.yaml").config() is None  # a recipe without a KV cache
+    from_recipe = KVRequest(RECIPES / "kv2-sinks.yaml").config()
+    assert isinstance(from_recipe, KVCacheConfig) and from_recipe.bits == 2
+    flagged = KVRequest(RECIPES / "kv2-sinks.yaml", {"bits": 8, "residual": None}).config()
+    assert flagged.bits == 8 and flagged.residual == from_recipe.residual
+    assert KVRequest(overrides={"sinks": "none"}).config().bits == 4  # flags alone: the default int4 cache
+
+
+def test_quantize_keeps_the_source_dtype_for_full_precision_columns(tmp_path, stories_path):
+    model = tiny_llama(vocab=512).to(torch.bfloat16)
+    source = save_tiny(model, tmp_path / "model", stories_path)
+    result = quantize_model(source, tmp_path / "out", _recipe(**{"calibration.seq_len": 64}), progress=False)
+    spec = next(iter(result.summary.layers.values()))
+    assert spec["dtype"] == "bfloat16" and spec["outliers"] > 0
