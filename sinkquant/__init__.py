@@ -11,16 +11,19 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
-from .calibrate import Calibration, CalibrationReport, CalibrationSettings, calibrate
-from .checkpoint import SinkQuantConfig, load, save
-from .errors import InputError, SinkQuantError
-from .evaluate import evaluate
-from .kv import KVCacheConfig, SinkQuantizedCache
-from .pipeline import calibrate_model, evaluate_model, quantize_model
-from .quantize.algorithms import quantize_weights
-from .quantize.linear import SinkQuantLinear
-from .quantize.weights import quantize_
-from .recipe import Recipe, load_recipe, parse_recipe
+from .quiet import quiet_third_party
+
+with quiet_third_party():  # optional backends transformers imports may log about their builds
+    from .calibrate import Calibration, CalibrationReport, CalibrationSettings, calibrate
+    from .checkpoint import SinkQuantConfig, load, save
+    from .errors import InputError, SinkQuantError
+    from .evaluate import evaluate
+    from .kv import KVCacheConfig, SinkQuantizedCache
+    from .pipeline import calibrate_model, evaluate_model, quantize_model
+    from .quantize.algorithms import quantize_weights
+    from .quantize.linear import SinkQuantLinear
+    from .quantize.weights import quantize_
+    from .recipe import Recipe, load_recipe, parse_recipe
 
 __all__ = [
     "Calibration",
