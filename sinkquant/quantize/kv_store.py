@@ -15,7 +15,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from ..errors import InputError
-from .cpu_kernels import fused_kernels
+from ..kernels import fused_kernels
 from .primitives import dequantize_grouped, pack_bits, packed_size, quantize_grouped, unpack_bits
 
 if TYPE_CHECKING:
@@ -35,11 +35,6 @@ def neutralize(x: torch.Tensor, exclude: torch.Tensor, group: int) -> torch.Tens
     g = x.reshape(b, h, n // group, group, d)
     mean = (g * keep).sum(dim=3, keepdim=True) / keep.sum(dim=3, keepdim=True).clamp(min=1)
     return torch.where(keep.bool(), g, mean).reshape(b, h, n, d)
-
-
-#: sinkquant's compiled CPU kernels (or None where they cannot run); a name of its own so tests can
-#: compare against the torch ops
-_cpu_kernels = fused_kernels
 
 
 class PackedTokens:
@@ -99,7 +94,7 @@ class PackedTokens:
         """-> [B, H, N, D] in `dtype`, or None when empty."""
         if self.codes is None or self.length == 0:
             return None
-        kernels = _cpu_kernels() if dtype in (torch.float32, torch.bfloat16) else None
+        kernels = fused_kernels() if dtype in (torch.float32, torch.bfloat16) else None
         if kernels is not None and self.codes.device.type == "cpu":  # one call, the same numbers
             n = self.length if self.per_channel else self.dim
             group = self.group_size if self.per_channel else min(self.group_size, self.dim)

@@ -368,8 +368,8 @@ def test_smollm2_detection_separates_the_sink(smollm2, c4_path):
 def test_compiled_kv_dequantization_equals_the_torch_ops(bits, per_channel, param_dtype, monkeypatch):
     """The one-call C++ unpack + dequantize gives the torch ops' numbers bit for bit, strides included
     (after a front drop too)."""
+    from sinkquant.kernels import fused_kernels
     from sinkquant.quantize import kv_store
-    from sinkquant.quantize.cpu_kernels import fused_kernels
 
     if fused_kernels() is None:
         pytest.skip("sinkquant's CPU kernels cannot be built here (needs AVX2, a C++ compiler and ninja)")
@@ -382,6 +382,6 @@ def test_compiled_kv_dequantization_equals_the_torch_ops(bits, per_channel, para
     for dtype in (torch.float32, torch.bfloat16):
         fast = store.dequantize(dtype)
         with monkeypatch.context() as patch:
-            patch.setattr(kv_store, "_cpu_kernels", lambda: None)
+            patch.setattr(kv_store, "fused_kernels", lambda: None)
             slow = store.dequantize(dtype)
         assert torch.equal(fast, slow) and fast.stride() == slow.stride() and fast.dtype == dtype
