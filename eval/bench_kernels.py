@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from common import machine
 
-from sinkquant.quantize.cpu_kernels import best_isa
+from sinkquant.kernels import best_isa
 from sinkquant.quantize.linear import SinkQuantLinear, use_fused_kernel
 
 SHAPES = [  # (in, out): SmolLM2-135M's projections, then Llama-7B-sized ones

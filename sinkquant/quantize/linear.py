@@ -306,7 +306,7 @@ class SinkQuantLinear(nn.Module):
         if not _KERNELS["fused"] or self.weight.device.type != "cpu":
             return None
         if "fused" not in self._runtime:
-            from . import cpu_kernels
+            from .. import kernels as cpu_kernels
 
             module = cpu_kernels.fused_kernels()
             run = None if module is None else cpu_kernels.bind_layer(module, *self._fused_numbers())

@@ -71,35 +71,10 @@ def test_batched_3d_input_and_dtype_follow_activations():
 
 
 def _fused_or_skip():
-    from sinkquant.quantize.cpu_kernels import fused_kernels
+    from sinkquant.kernels import fused_kernels
 
     if fused_kernels() is None:
         pytest.skip("the fused integer kernel cannot be built here (needs AVX2, a C++ compiler and ninja)")
-
-
-@pytest.mark.parametrize("run, group, stride", [(16, 32, 32), (32, 32, 32), (16, 24, 32), (32, 24, 32)])
-def test_fused_layout_holds_every_code_where_the_kernel_reads_it(run, group, stride):
-    from sinkquant.quantize.cpu_kernels import int4_layout
-
-    codes = torch.randint(0, 16, (5, 70), dtype=torch.uint8)  # the last group shorter
-    bounds = [(start, min(start + group, 70)) for start in range(0, 70, group)]
-    packed, got_stride = int4_layout(codes, group, run)
-    assert got_stride == stride and packed.shape == (5, len(bounds) * stride // 2)
-    runs = packed.view(5, -1, run // 2)
-    unpacked = torch.cat([runs & 15, runs >> 4], dim=-1).reshape(5, len(bounds), stride)
-    for g, (start, stop) in enumerate(bounds):
-        assert torch.equal(unpacked[:, g, : stop - start], codes[:, start:stop])
-        assert not unpacked[:, g, stop - start :].any()  # padding: zero codes
-
-
-def test_int8_layout_pads_each_row_with_zero_codes():
-    from sinkquant.quantize.cpu_kernels import int8_layout
-
-    codes = torch.randint(-127, 128, (3, 37), dtype=torch.int8)
-    for run, stride in ((16, 48), (32, 64)):
-        packed, got_stride = int8_layout(codes, run)
-        assert got_stride == stride and packed.dtype == torch.uint8 and packed.shape == (3, stride)
-        assert torch.equal(packed.view(torch.int8)[:, :37], codes) and not packed[:, 37:].any()
 
 
 @pytest.mark.parametrize(
@@ -187,33 +162,6 @@ def test_pytorch_int8_kernel_takes_widths_that_are_not_a_multiple_of_16(in_f):
     with use_kernels(False):
         slow = layer(x).float()
     assert float((fast - slow).abs().max() / slow.abs().max()) < 1e-2
-
-
-def _buildable_isas():
-    from sinkquant.quantize.cpu_kernels import best_isa
-
-    best = best_isa()
-    return ["avx2", "avx512"] if best == "avx512" else ["avx2"]
-
-
-@pytest.mark.parametrize("bits, group", [(4, 128), (4, 32), (4, 48), (8, None)])
-def test_every_instruction_set_build_computes_the_same_layer(bits, group):
-    """The AVX2 and AVX-512 builds (whichever this CPU runs) against the dequantized weights."""
-    _fused_or_skip()
-    from sinkquant.quantize import cpu_kernels
-
-    torch.manual_seed(3)
-    idx = torch.randperm(300)[:4]
-    layer = SinkQuantLinear.from_float(torch.randn(70, 300), torch.randn(70), bits, group, idx)
-    x = torch.randn(2, 300)
-    x[:, idx] *= 30
-    reference = F.linear(x.bfloat16().float(), layer.dequantized_weight(), layer.bias.float())
-    for isa in _buildable_isas():
-        bound = cpu_kernels.bind_layer(cpu_kernels.fused_kernels(isa), *layer._fused_numbers())
-        y = bound(x.bfloat16().contiguous())
-        assert float((y.float() - reference).abs().max() / reference.abs().max()) < 8e-3, isa
-        y32 = bound(x.bfloat16().float().contiguous())  # float32 activations: no output rounding
-        assert float((y32 - reference).abs().max() / reference.abs().max()) < 1e-5, isa
 
 
 @pytest.mark.parametrize("bits, group, n_out", [(4, 128, 6), (4, 48, 0), (8, None, 5)])

@@ -1,50 +1,17 @@
-"""sinkquant's own fused int4 / int8 matrix-vector kernel for CPUs with AVX2 + FMA, built on first use.
+// sinkquant's fused int4 / int8 matrix-vector product (decode) and dense dequantization (prefill) of
+// one layer's weights, for AVX2 + FMA or AVX-512 (whichever flags the build passes). Header-only: the
+// class and its templates are compiled once, in extension.cpp.
+#pragma once
 
-Why: at batch 1 (decode), PyTorch's integer CPU kernels are compute-bound on AVX2
-(`_weight_int4pack_mm_for_cpu` read about 7.6 GB/s of weights on a 4096 x 4096 layer here) and a
-`SinkQuantLinear` pays more ops around them per call (zero-pad, gather of the kept columns, a thin addmm
-for the outlier columns): about 25 us at SmolLM2's shapes, where the int4 kernel itself takes 28 us, so
-the layer was slower than a bf16 `F.linear`. `GemvLayer` does all of it in one call: it gathers the kept
-inputs into group-padded float32 rows with their per-group sums, then for each output row sums
-`scale * Σ code·x (+ minimum * Σ x for int4)` over the groups (float32 FMA, two rows at a time), adds the
-outlier columns and the bias, and writes the output in the input's dtype (float32 or bf16). A layer's
-tensors are bound into one `GemvLayer` object once, so a call converts a single argument. Numbers:
-float32 accumulation of the exact codes, scales and minima (what `SinkQuantLinear.dequantized_kept`
-holds) against the activations as given.
-
-Layouts (built once per layer in memory; the checkpoint format does not change):
-- int4 (`int4_layout`): the codes of each group padded with zero codes to `stride` (the group size
-  rounded up to a run: 16 codes for AVX2, 32 for AVX-512), and each run packed in half as many bytes,
-  byte j = code[j] | code[j + run / 2] << 4, so one load widened to run / 2 int32 lanes gives codes j
-  (low nibbles) and j + run / 2 (high nibbles).
-- int8 (`int8_layout`): each row's kept codes padded with zero codes to a whole run, as bytes.
-
-The same extension serves two more calls that were many small torch ops: `GemvLayer.dequantize_into`
-writes a layer's dense weight (bf16 or float32, outlier columns 0) for calls with many input rows
-(prefill: one BLAS matmul instead of reading the codes once per row), and `unpack_dequantize` unpacks
-and dequantizes a packed KV-cache tensor with the torch ops' numbers bit for bit (the file is compiled
-with -ffp-contract=off for that).
-
-The extension is compiled with `torch.utils.cpp_extension.load_inline` (a C++ compiler and ninja;
-about 30 s once, then cached by torch under ~/.cache/torch_extensions), for AVX-512 where the CPU has it
-(16 float lanes) and AVX2 + FMA otherwise (8 lanes), from one source. Where it cannot be built or the
-CPU lacks AVX2, `fused_kernels()` returns None once with a warning and `SinkQuantLinear` keeps PyTorch's
-kernels. `SINKQUANT_FUSED_KERNEL=0` switches it off, `=avx2` picks the AVX2 build on an AVX-512 CPU.
-"""
-
-from __future__ import annotations
-
-import os
-import warnings
-
-import torch
-
-_SOURCE = r"""
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <torch/extension.h>
+
 #include <algorithm>
-#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "bf16.h"
 
 // One vector of W float lanes: AVX-512 (W = 16) where the build targets it, else AVX2 (W = 8).
 // A "run" is 2W codes: int4 runs sit in W bytes (byte j = code[j] | code[j + W] << 4, so one load widened
@@ -258,9 +225,9 @@ struct GemvLayer {
 
   // The weight as real numbers, [out, in] float32 or bfloat16 (round to nearest even), the outlier
   // columns 0: for calls with many rows (prefill), where one BLAS matmul over a dense weight beats
-  // reading the codes once per row, and the input goes in as it is (no gather: index_select of the
-  // kept columns of a 512 x 576 bf16 input took 0.4 ms, the dequantization 26 us). Same numbers as the
-  // codes, scales and minima hold (bf16: rounded once).
+  // reading the codes once per row, and the input goes in as it is (no gather: selecting the kept
+  // columns of a many-row input costs more than dequantizing the weight). Same numbers as the codes,
+  // scales and minima hold (bf16: rounded once).
   torch::Tensor dequantized(bool to_bf16) const {
     const int64_t in_f = keep.size(0) + outlier_idx.size(0);
     auto out = torch::empty({packed.size(0), in_f}, to_bf16 ? torch::kBFloat16 : torch::kFloat32);
@@ -268,8 +235,8 @@ struct GemvLayer {
     return out;
   }
 
-  // The same into `out` (a reused buffer: a fresh 32 MiB tensor per call spent most of its time in
-  // page faults, 10.5 ms for a 4096 x 4096 layer)
+  // The same into `out`: a buffer reused across calls, since a fresh weight-sized tensor per call spends
+  // most of its time in page faults
   void dequantize_into(torch::Tensor out) const {
     TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == packed.size(0) &&
                 out.size(1) == keep.size(0) + outlier_idx.size(0) &&
@@ -317,14 +284,6 @@ struct GemvLayer {
     });
   }
 
-  static void to_bf16_span(const float* __restrict__ src, uint16_t* __restrict__ dst, int64_t n) {
-    for (int64_t k = 0; k < n; ++k) {  // round to nearest even (finite values)
-      uint32_t b;
-      std::memcpy(&b, src + k, 4);
-      dst[k] = static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-    }
-  }
-
   torch::Tensor forward(torch::Tensor x) const {
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "GemvLayer: x must be contiguous [rows, in]");
     TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
@@ -342,208 +301,3 @@ struct GemvLayer {
     return y;
   }
 };
-
-// Packed codes [rows, bytes] (2, 4 or 8 bits, lowest bits first) -> [rows, n] float32 or bfloat16:
-// code * scale[group] + minimum[group], the float32 multiply and add rounded one at a time as torch
-// does them (this file is compiled with -ffp-contract=off), so the numbers equal
-// `dequantize_grouped(unpack_bits(...))` bit for bit. One call for what took about ten small torch ops
-// per KV-cache tensor per layer and decode step.
-template <int BITS, typename P>
-static void unpack_dequantize_rows(const uint8_t* codes, const P* scale, const P* minimum, int64_t rows,
-                                   int64_t bytes, int64_t groups, int64_t n, int64_t group, float* out_f,
-                                   uint16_t* out_h) {
-  constexpr int PER_BYTE = 8 / BITS;
-  constexpr unsigned MASK = (1u << BITS) - 1u;
-  const int64_t grain = rows * n < 65536 ? rows : 16;  // small caches: one thread, no wake-up cost
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(n);
-    for (int64_t r = begin; r < end; ++r) {
-      const uint8_t* c = codes + r * bytes;
-      for (int64_t g = 0; g < groups; ++g) {
-        const float s = static_cast<float>(scale[r * groups + g]), m = static_cast<float>(minimum[r * groups + g]);
-        const int64_t stop = std::min(n, (g + 1) * group);
-        for (int64_t j = g * group; j < stop; ++j) {
-          const float code = static_cast<float>((c[j / PER_BYTE] >> (BITS * (j % PER_BYTE))) & MASK);
-          const float product = code * s;
-          row[j] = product + m;
-        }
-      }
-      if (out_f) std::copy(row.begin(), row.end(), out_f + r * n);
-      else GemvLayer::to_bf16_span(row.data(), out_h + r * n, n);
-    }
-  });
-}
-
-template <int BITS>
-static void unpack_dequantize_bits(const torch::Tensor& codes, const torch::Tensor& scale,
-                                   const torch::Tensor& minimum, int64_t rows, int64_t n, int64_t group,
-                                   float* out_f, uint16_t* out_h) {
-  const int64_t bytes = codes.size(-1), groups = scale.size(-1);
-  if (scale.scalar_type() == torch::kFloat32)
-    unpack_dequantize_rows<BITS>(codes.data_ptr<uint8_t>(), scale.data_ptr<float>(), minimum.data_ptr<float>(),
-                                 rows, bytes, groups, n, group, out_f, out_h);
-  else
-    unpack_dequantize_rows<BITS>(codes.data_ptr<uint8_t>(), scale.data_ptr<at::Half>(),
-                                 minimum.data_ptr<at::Half>(), rows, bytes, groups, n, group, out_f, out_h);
-}
-
-torch::Tensor unpack_dequantize(torch::Tensor codes, torch::Tensor scale, torch::Tensor minimum, int64_t bits,
-                                int64_t n, int64_t group, bool to_bf16) {
-  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "unpack_dequantize: bits must be 2, 4 or 8");
-  TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && scale.scalar_type() == minimum.scalar_type() &&
-              (scale.scalar_type() == torch::kFloat32 || scale.scalar_type() == torch::kHalf),
-              "unpack_dequantize: uint8 codes, float32 or float16 scale and minimum");
-  codes = codes.contiguous();
-  scale = scale.contiguous();
-  minimum = minimum.contiguous();
-  const int64_t bytes = codes.size(-1), groups = scale.size(-1);
-  const int64_t rows = bytes ? codes.numel() / bytes : 0;
-  TORCH_CHECK(scale.sizes() == minimum.sizes() && scale.numel() == rows * groups &&
-              bytes * (8 / bits) >= n && groups * group >= n, "unpack_dequantize: shapes do not match");
-  auto sizes = codes.sizes().vec();
-  sizes.back() = n;
-  auto out = torch::empty(sizes, to_bf16 ? torch::kBFloat16 : torch::kFloat32);
-  float* out_f = to_bf16 ? nullptr : out.data_ptr<float>();
-  uint16_t* out_h = to_bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
-  if (bits == 2) unpack_dequantize_bits<2>(codes, scale, minimum, rows, n, group, out_f, out_h);
-  else if (bits == 4) unpack_dequantize_bits<4>(codes, scale, minimum, rows, n, group, out_f, out_h);
-  else unpack_dequantize_bits<8>(codes, scale, minimum, rows, n, group, out_f, out_h);
-  return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("unpack_dequantize", &unpack_dequantize);
-  pybind11::class_<GemvLayer>(mod, "GemvLayer", pybind11::module_local())  // one per ISA build
-      .def(pybind11::init<int64_t, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t,
-                          torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t>())
-      .def("__call__", &GemvLayer::forward)
-      .def("dequantized", &GemvLayer::dequantized)
-      .def("dequantize_into", &GemvLayer::dequantize_into);
-  mod.attr("CODES_PER_RUN") = 2 * W;
-}
-"""
-
-#: codes per call below which the kernel runs on one thread (waking a second one costs more than it saves)
-PARALLEL_CODES = 65536
-#: rows ahead whose codes are prefetched while a row pair is summed: without it one core's loop kept too
-#: few DRAM reads in flight (a 4096 x 11008 int4 layer read 19 GB/s with 0, 35-36 GB/s with 16, 30-33
-#: with 32; PyTorch's kernel 33 GB/s, on a 53 GB/s machine)
-PREFETCH_ROWS = 16
-_ISA_FLAGS = {
-    "avx2": ["-mavx2", "-mfma"],
-    "avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw"],
-}
-_BUILT: dict[str, object] = {}
-
-
-def best_isa() -> str | None:
-    """The instruction set the fused kernel is built for on this CPU ("avx512", "avx2"), or None.
-    `SINKQUANT_FUSED_KERNEL=0` switches the kernel off, `=avx2` keeps an AVX-512 CPU on the AVX2 build."""
-    choice = os.environ.get("SINKQUANT_FUSED_KERNEL", "1").lower()
-    if choice == "0":
-        return None
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability == "AVX512" and choice != "avx2":
-        return "avx512"
-    return "avx2" if capability in ("AVX2", "AVX512") else None
-
-
-def fused_kernels(isa: str | None = None):
-    """The compiled extension for `isa` (default: `best_isa()`), with the `GemvLayer` class and
-    `CODES_PER_RUN`, or None where it cannot run here (said once)."""
-    isa = isa or best_isa()
-    if isa is None:
-        if "none" not in _BUILT and os.environ.get("SINKQUANT_FUSED_KERNEL", "1") != "0":
-            warnings.warn(
-                "sinkquant: the fused integer kernel needs AVX2 "
-                f"(this CPU: {torch.backends.cpu.get_cpu_capability()}); using PyTorch's kernels",
-                stacklevel=2,
-            )
-        _BUILT["none"] = None
-        return None
-    if isa not in _BUILT:
-        _BUILT[isa] = _build(isa)
-    return _BUILT[isa]
-
-
-def _build(isa: str):
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        return load_inline(
-            name=f"sinkquant_cpu_gemv_v8_{isa}",
-            cpp_sources=_SOURCE,
-            extra_cflags=["-O3", *_ISA_FLAGS[isa], "-ffp-contract=off", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as exc:  # no compiler, no ninja, a build error: PyTorch's kernel still works
-        reason = " ".join(str(exc).split())[:200]
-        warnings.warn(
-            f"sinkquant: could not build the fused integer kernel ({reason}); using PyTorch's", stacklevel=3
-        )
-        return None
-
-
-def bind_layer(
-    module,
-    bits: int,
-    codes: torch.Tensor,
-    scale: torch.Tensor,
-    minimum: torch.Tensor | None,
-    keep: torch.Tensor,
-    group_size: int,
-    outlier_idx: torch.Tensor,
-    outlier_weight: torch.Tensor,
-    bias: torch.Tensor | None,
-):
-    """One layer's numbers in the kernel's layout, bound into a `GemvLayer` of the extension `module`.
-    codes: int8 [out, kept] (bits 8, scale [out]) or uint8 [out, kept] (bits 4, scale and minimum
-    [out, groups])."""
-    run = int(module.CODES_PER_RUN)
-    if bits == 4:
-        packed, stride = int4_layout(codes, group_size, run)
-        scale, minimum, group = scale.float(), minimum.float(), group_size
-    else:
-        packed, stride = int8_layout(codes, run)
-        scale, minimum, group = scale.float().view(-1, 1), torch.empty(0), stride
-    return module.GemvLayer(
-        bits,
-        packed,
-        scale.contiguous(),
-        minimum.contiguous(),
-        keep.long().contiguous(),
-        group,
-        stride,
-        outlier_idx.long().contiguous(),
-        outlier_weight.float().contiguous(),
-        bias.float().contiguous() if bias is not None else torch.empty(0),
-        PARALLEL_CODES,
-        PREFETCH_ROWS,
-    )
-
-
-def int4_layout(codes: torch.Tensor, group_size: int, run: int = 16) -> tuple[torch.Tensor, int]:
-    """codes uint8 [out, kept] (kept columns in order, groups of `group_size`, the last may be shorter)
-    -> (packed uint8 [out, groups * stride / 2], stride): each group padded with zero codes to `stride`
-    (the group size rounded up to a whole `run`), each run of codes packed in run / 2 bytes, byte j =
-    code[j] | code[j + run / 2] << 4."""
-    out, kept = codes.shape
-    groups = -(-kept // group_size)
-    stride = -(-group_size // run) * run
-    full = torch.zeros(out, groups * stride, dtype=torch.uint8, device=codes.device)
-    columns = torch.arange(kept, device=codes.device)
-    full[:, (columns // group_size) * stride + columns % group_size] = codes.to(torch.uint8)
-    runs = full.view(out, groups * stride // run, 2, run // 2)
-    packed = (runs[:, :, 0, :] | (runs[:, :, 1, :] << 4)).reshape(out, groups * stride // 2).contiguous()
-    return packed, stride
-
-
-def int8_layout(codes: torch.Tensor, run: int = 16) -> tuple[torch.Tensor, int]:
-    """codes int8 [out, kept] -> (bytes uint8 [out, stride], stride): each row padded with zero codes to
-    a whole number of runs (a zero code adds nothing), reinterpreted as bytes for the kernel."""
-    out, kept = codes.shape
-    stride = max(run, -(-kept // run) * run)
-    padded = torch.zeros(out, stride, dtype=torch.int8, device=codes.device)
-    padded[:, :kept] = codes
-    return padded.view(torch.uint8), stride
