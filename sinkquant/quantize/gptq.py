@@ -45,8 +45,8 @@ from ..data import calibration_samples
 from ..errors import InputError, SinkQuantError
 from ..modeling import decoder_layers
 from ..recipe import Recipe, WeightsSection
-from .linear import SinkQuantLinear, _complement
-from .primitives import quantize_grouped, quantize_int8_per_channel
+from .linear import SinkQuantLinear
+from .primitives import complement_indices, quantize_grouped, quantize_int8_per_channel
 from .sequential import capture_inputs, merge_batches, observe_inputs, run_layer
 from .weights import QuantizeSummary, float_weight, layer_spec, select_outliers, source_dtype, targets
 
@@ -264,7 +264,7 @@ def gptq_quantize_weight(
     min/max or `symmetric`; bits 8: symmetric per row (`group_size` ignored)."""
     out_f, in_f = weight.shape
     idx = torch.as_tensor(outlier_idx, dtype=torch.long).sort().values
-    keep = _complement(idx, in_f)
+    keep = complement_indices(idx, in_f)
     n_keep = keep.numel()
     gs = n_keep if (bits == 8 or group_size is None) else group_size
     diag = hessian.diagonal()[keep]
