@@ -80,14 +80,9 @@ def _bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def _kernel_only(module: SinkQuantLinear):
     """The bare integer kernel on an input already gathered and padded: what the layer costs without
     the gather, the outlier columns and the bookkeeping around them."""
-    if module.bits == 8:
-        weight, scale, padded = module._int8_kernel_args()
-        act = torch.randn(1, padded, dtype=torch.bfloat16)
-        return lambda _x: torch.ops.aten._weight_int8pack_mm(act, weight, scale)
-    packed, scales_zeros, padded = module._int4_kernel_args()
-    group = module.group_size
-    act = torch.randn(1, padded, dtype=torch.bfloat16)
-    return lambda _x: torch.ops.aten._weight_int4pack_mm_for_cpu(act, packed, group, scales_zeros)
+    kernel = module._pytorch_kernel()
+    act = torch.randn(1, kernel.width, dtype=torch.bfloat16)
+    return lambda _x: kernel.matmul(act)
 
 
 def _pytorch_kernel(module: SinkQuantLinear):

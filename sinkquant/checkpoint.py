@@ -414,7 +414,7 @@ def restore_buffer_dtypes(model: nn.Module) -> None:
             )
             if module.weight_min is not None:
                 module.weight_min.data = module.weight_min.data.to(torch.bfloat16)
-            module._runtime = {}
+            module.reset_layouts()
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verify: bool = True) -> nn.Module:

@@ -45,8 +45,8 @@ from ..calibrate.report import Calibration, CalibrationReport
 from ..errors import InputError, SinkQuantError
 from ..recipe import WeightsSection
 from .layerwise import capture_inputs, merge_batches, observe_inputs, run_layer
-from .linear import SinkQuantLinear, _complement
-from .primitives import quantize_grouped, quantize_int8_per_channel
+from .linear import SinkQuantLinear
+from .primitives import complement_indices, quantize_grouped, quantize_int8_per_channel
 from .weights import QuantizeSummary, choose_outliers, float_weight, targets
 
 BATCH_SIZE = 8  # calibration samples per forward pass of one layer (the two-pass route)
@@ -260,7 +260,7 @@ def gptq_quantize_weight(
     min/max or `symmetric`; bits 8: symmetric per row (`group_size` ignored)."""
     out_f, in_f = weight.shape
     idx = torch.as_tensor(outlier_idx, dtype=torch.long).sort().values
-    keep = _complement(idx, in_f)
+    keep = complement_indices(idx, in_f)
     n_keep = keep.numel()
     gs = n_keep if (bits == 8 or group_size is None) else group_size
     diag = hessian.diagonal()[keep]

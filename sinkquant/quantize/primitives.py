@@ -32,6 +32,14 @@ def dequantize_int8_per_channel(q: torch.Tensor, scale: torch.Tensor) -> torch.T
     return q.float() * scale.float()[:, None]
 
 
+def complement_indices(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """The positions in [0, n) that are not in `idx`, ascending (long): the kept columns of a layer whose
+    outlier columns are `idx`."""
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[idx.long()] = False
+    return torch.nonzero(mask).flatten()
+
+
 def num_groups(n: int, group_size: int) -> int:
     return math.ceil(n / group_size)
 

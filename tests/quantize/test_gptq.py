@@ -274,7 +274,12 @@ def test_pipeline_is_deterministic(sink_tokens):
 
 def test_int8_per_channel_pipeline():
     model = tiny_llama()
-    summary = _gptq(model, _recipe(**{"weights.bits": 8, "weights.group_size": None, "weights.outliers": None}), None, progress=False)
+    summary = _gptq(
+        model,
+        _recipe(**{"weights.bits": 8, "weights.group_size": None, "weights.outliers": None}),
+        None,
+        progress=False,
+    )
     layer = model.model.layers[1].mlp.down_proj
     assert summary.modules == 14 and layer.bits == 8 and layer.n_outliers == 0
 
@@ -292,4 +297,6 @@ def test_recipe_options_validate():
 
 def test_sink_modes_need_a_report():
     with pytest.raises(InputError, match="sink_tokens"):
-        _gptq(tiny_llama(), _recipe(**{"weights.gptq.sink_tokens": "exclude", "weights.outliers": None}), None)
+        _gptq(
+            tiny_llama(), _recipe(**{"weights.gptq.sink_tokens": "exclude", "weights.outliers": None}), None
+        )

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from sinkquant.quantize.primitives import (
+    complement_indices,
     dequantize_grouped,
     dequantize_int8_per_channel,
     pack_bits,
@@ -68,3 +69,9 @@ def test_clip_search_never_increases_the_weighted_error():
     clipped = dequantize_grouped(*quantize_grouped_clipped(x, 4, 128, importance), 128)
     weighted = lambda d: float(((x - d) ** 2 * importance).sum())  # noqa: E731
     assert weighted(clipped) < weighted(plain)
+
+
+def test_complement_indices_are_the_other_columns_ascending():
+    kept = complement_indices(torch.tensor([7, 0, 3], dtype=torch.int32), 9)
+    assert kept.dtype == torch.long and kept.tolist() == [1, 2, 4, 5, 6, 8]
+    assert complement_indices(torch.tensor([], dtype=torch.long), 3).tolist() == [0, 1, 2]

@@ -1,0 +1,354 @@
+"""Weight schemes: how a `SinkQuantLinear` stores its kept columns as integers, one registry entry each.
+
+A scheme is stateless. It supplies the quantization (round-to-nearest, or integers chosen elsewhere,
+e.g. by GPTQ), the storage layout (which buffers, with which shapes and dtypes), the dequantization,
+and what PyTorch's integer CPU kernel and sinkquant's fused kernel need. The layer owns the buffers,
+the outlier columns and the bias, and picks the forward path.
+
+Registered schemes:
+
+* `Int8PerChannel` (bits 8): symmetric int8, one scale per output channel.
+      weight int8 [out, kept], weight_scale float32 [out]
+* `Int4Grouped` (bits 4): min/max in groups of `group_size` consecutive kept columns (the last may be
+  shorter), codes packed two to a byte, low nibble first.
+      weight uint8 [out, ceil(kept / 2)], weight_scale bf16 [out, groups], weight_min bf16 [out, groups]
+
+`SCHEMES` is keyed by bits because bits alone name a storage format everywhere else: the recipe's
+`weights.bits`, the checkpoint's layer spec and `SinkQuantLinear(bits=...)`. A second scheme at the same
+bit width would need a name in all three first.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import ClassVar, NamedTuple, TypeVar
+
+import torch
+import torch.nn.functional as F
+
+from .primitives import (
+    dequantize_grouped,
+    dequantize_int8_per_channel,
+    pack_bits,
+    packed_size,
+    quantize_grouped,
+    quantize_grouped_clipped,
+    quantize_int8_per_channel,
+    unpack_bits,
+)
+
+#: buffer name -> (shape, dtype), in the order the layer registers them (the checkpoint's key order)
+BufferSpecs = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+class Stored(NamedTuple):
+    """The integer part as the buffers hold it (`weight`, `weight_scale`, `weight_min`)."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    minimum: torch.Tensor | None = None
+
+
+class PytorchKernel(ABC):
+    """PyTorch's integer kernel with one layer's weights in the kernel's layout, built once per layer."""
+
+    __slots__ = ()
+    #: columns of the activation `matmul` takes (the kept columns as the kernel orders and pads them)
+    width: int
+
+    @abstractmethod
+    def matmul(self, act: torch.Tensor) -> torch.Tensor:
+        """The bare kernel: act [rows, width] bf16, already in the kernel's column order -> [rows, out]."""
+
+    @abstractmethod
+    def __call__(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x2 [rows, in] -> (y [rows, out] bf16, x2's outlier columns where the kernel's gather has them
+        in x2's dtype already, else None)."""
+
+
+class WeightScheme(ABC):
+    """One storage format for the kept columns; see the module docstring."""
+
+    bits: ClassVar[int]
+    name: ClassVar[str]
+
+    @abstractmethod
+    def group_size(self, kept: int, requested: int | None) -> int:
+        """The group size the layer stores for `kept` columns when `requested` was asked for."""
+
+    @abstractmethod
+    def storage(self, out_features: int, kept: int, group_size: int) -> BufferSpecs:
+        """The buffers of the integer part."""
+
+    @abstractmethod
+    def quantize(
+        self,
+        weight: torch.Tensor,
+        group_size: int,
+        *,
+        symmetric: bool = False,
+        importance: torch.Tensor | None = None,
+        clip_search: bool = False,
+    ) -> Stored:
+        """Round-to-nearest of weight [out, kept] float32; `importance` [kept] weighs a clip search."""
+
+    @abstractmethod
+    def store(self, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> Stored:
+        """Integers chosen elsewhere (GPTQ), in the format `quantize` returns them before storage."""
+
+    @abstractmethod
+    def dequantize(self, stored: Stored, kept: int, group_size: int) -> torch.Tensor:
+        """float32 [out, kept]: the integer part as real numbers."""
+
+    @abstractmethod
+    def fused_args(self, stored: Stored, kept: int) -> tuple:
+        """(bits, codes, scale, minimum): the scheme's part of what `kernels.bind_layer` takes."""
+
+    @abstractmethod
+    def kernel_available(self) -> bool:
+        """Whether this torch build has the scheme's PyTorch CPU kernel."""
+
+    @abstractmethod
+    def kernel_applies(self, act_dtype: torch.dtype, out_features: int, group_size: int) -> bool:
+        """Whether the PyTorch kernel serves activations of `act_dtype` at this shape."""
+
+    @abstractmethod
+    def fallback_rounds_to_bf16(self, act_dtype: torch.dtype) -> bool:
+        """Whether the dequantizing fallback rounds activations to bf16 first, as the kernel would for
+        `act_dtype`, so that switching the kernels off keeps the activation precision."""
+
+    @abstractmethod
+    def pytorch_kernel(
+        self,
+        stored: Stored,
+        keep: torch.Tensor,
+        outlier_idx: torch.Tensor,
+        in_features: int,
+        group_size: int,
+    ) -> PytorchKernel:
+        """The PyTorch kernel bound to these weights; `keep` [kept] and `outlier_idx` say where the
+        kept and the outlier columns sit in an input row of `in_features`."""
+
+
+#: bits -> the scheme that stores them
+SCHEMES: dict[int, WeightScheme] = {}
+_S = TypeVar("_S", bound=type[WeightScheme])
+
+
+def register_scheme(cls: _S) -> _S:
+    """Class decorator: put one instance of `cls` in `SCHEMES` under `cls.bits`."""
+    if cls.bits in SCHEMES:
+        raise ValueError(f"bits {cls.bits} already has a weight scheme ({SCHEMES[cls.bits].name})")
+    SCHEMES[cls.bits] = cls()
+    return cls
+
+
+def scheme_for(bits: int) -> WeightScheme:
+    """The scheme registered for `bits`; a clear ValueError for any other value."""
+    scheme = SCHEMES.get(bits)
+    if scheme is None:
+        known = ", ".join(str(b) for b in sorted(SCHEMES))
+        raise ValueError(f"SinkQuantLinear has no weight scheme for {bits!r} bits (it supports {known})")
+    return scheme
+
+
+@register_scheme
+class Int8PerChannel(WeightScheme):
+    bits = 8
+    name = "int8 per output channel"
+
+    def group_size(self, kept: int, requested: int | None) -> int:
+        return kept  # one scale per row: the group is the whole row
+
+    def storage(self, out_features: int, kept: int, group_size: int) -> BufferSpecs:
+        return {
+            "weight": ((out_features, kept), torch.int8),
+            "weight_scale": ((out_features,), torch.float32),
+        }
+
+    def quantize(
+        self,
+        weight: torch.Tensor,
+        group_size: int,
+        *,
+        symmetric: bool = False,
+        importance: torch.Tensor | None = None,
+        clip_search: bool = False,
+    ) -> Stored:
+        return self.store(*quantize_int8_per_channel(weight), None)  # always symmetric, no search
+
+    def store(self, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None = None) -> Stored:
+        return Stored(codes, scale, None)
+
+    def dequantize(self, stored: Stored, kept: int, group_size: int) -> torch.Tensor:
+        return dequantize_int8_per_channel(stored.weight, stored.scale)
+
+    def fused_args(self, stored: Stored, kept: int) -> tuple:
+        return (self.bits, stored.weight, stored.scale, None)
+
+    def kernel_available(self) -> bool:
+        return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+    def kernel_applies(self, act_dtype: torch.dtype, out_features: int, group_size: int) -> bool:
+        # bf16 only: for float32 activations the kernel's float32 variant is far slower on CPU than a
+        # float32 matmul of the dequantized weight, which gives the same numbers
+        return act_dtype == torch.bfloat16
+
+    def fallback_rounds_to_bf16(self, act_dtype: torch.dtype) -> bool:
+        return act_dtype == torch.bfloat16
+
+    def pytorch_kernel(
+        self,
+        stored: Stored,
+        keep: torch.Tensor,
+        outlier_idx: torch.Tensor,
+        in_features: int,
+        group_size: int,
+    ) -> PytorchKernel:
+        return _Int8PackKernel(stored, keep, in_features)
+
+
+class _Int8PackKernel(PytorchKernel):
+    """`torch._weight_int8pack_mm` on the int8 weight spread back to the layer's full input width: zero
+    codes at the outlier columns, then zero columns up to a multiple of 16 inputs, because torch 2.13's
+    AVX2 kernel reads K in blocks of 16 and reads past a row of any other width. A zero code adds
+    exactly nothing, so the kernel takes the input row as it is: no gather and no padding of
+    activations per call. In memory only (the checkpoint keeps [out, kept]); scales in bf16."""
+
+    __slots__ = ("weight", "scale", "width", "pad")
+
+    def __init__(self, stored: Stored, keep: torch.Tensor, in_features: int) -> None:
+        self.width = math.ceil(in_features / 16) * 16
+        self.pad = self.width - in_features
+        out_features = stored.weight.shape[0]
+        self.weight = torch.zeros(out_features, self.width, dtype=torch.int8, device=stored.weight.device)
+        self.weight[:, keep] = stored.weight
+        self.scale = stored.scale.to(torch.bfloat16)
+
+    def matmul(self, act: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(act, self.weight, self.scale)
+
+    def __call__(self, x2: torch.Tensor) -> tuple[torch.Tensor, None]:
+        act = F.pad(x2, (0, self.pad)) if self.pad else x2
+        return self.matmul(act.contiguous()), None
+
+
+#: the group sizes torch's int4 CPU kernel takes
+_INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+
+
+@register_scheme
+class Int4Grouped(WeightScheme):
+    bits = 4
+    name = "int4 in groups"
+
+    def group_size(self, kept: int, requested: int | None) -> int:
+        return kept if requested is None else requested
+
+    def storage(self, out_features: int, kept: int, group_size: int) -> BufferSpecs:
+        groups = math.ceil(kept / group_size) if kept else 0
+        return {
+            "weight": ((out_features, packed_size(kept, 4)), torch.uint8),
+            "weight_scale": ((out_features, groups), torch.bfloat16),
+            "weight_min": ((out_features, groups), torch.bfloat16),
+        }
+
+    def quantize(
+        self,
+        weight: torch.Tensor,
+        group_size: int,
+        *,
+        symmetric: bool = False,
+        importance: torch.Tensor | None = None,
+        clip_search: bool = False,
+    ) -> Stored:
+        if clip_search:
+            found = quantize_grouped_clipped(
+                weight, 4, group_size, importance, symmetric=symmetric, param_dtype=torch.bfloat16
+            )
+        else:
+            found = quantize_grouped(weight, 4, group_size, symmetric, torch.bfloat16)
+        return self.store(*found)
+
+    def store(self, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> Stored:
+        return Stored(pack_bits(codes, 4), scale, minimum)
+
+    def dequantize(self, stored: Stored, kept: int, group_size: int) -> torch.Tensor:
+        codes = unpack_bits(stored.weight, 4, kept)
+        return dequantize_grouped(codes, stored.scale, stored.minimum, group_size)
+
+    def fused_args(self, stored: Stored, kept: int) -> tuple:
+        return (self.bits, unpack_bits(stored.weight, 4, kept), stored.scale, stored.minimum)
+
+    def kernel_available(self) -> bool:
+        ops = torch.ops.aten
+        return all(
+            hasattr(ops, op) for op in ("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu")
+        )
+
+    def kernel_applies(self, act_dtype: torch.dtype, out_features: int, group_size: int) -> bool:
+        # any activation dtype (they go through bf16 either way); the kernel packs the weight in
+        # blocks of 16 output rows and takes only the group sizes in _INT4_KERNEL_GROUPS
+        return group_size in _INT4_KERNEL_GROUPS and out_features % 16 == 0
+
+    def fallback_rounds_to_bf16(self, act_dtype: torch.dtype) -> bool:
+        return True
+
+    def pytorch_kernel(
+        self,
+        stored: Stored,
+        keep: torch.Tensor,
+        outlier_idx: torch.Tensor,
+        in_features: int,
+        group_size: int,
+    ) -> PytorchKernel:
+        return _Int4PackKernel(stored, keep, outlier_idx, in_features, group_size)
+
+
+class _Int4PackKernel(PytorchKernel):
+    """`torch._weight_int4pack_mm_for_cpu` (bf16 activations, w = (q - 8) * scale + zero per group) on
+    the codes padded to whole groups, with one gather index for the activations."""
+
+    __slots__ = ("packed", "scales_zeros", "group_size", "width", "index", "append_zero", "zero")
+
+    def __init__(
+        self, stored: Stored, keep: torch.Tensor, outlier_idx: torch.Tensor, in_features: int, group_size: int
+    ) -> None:
+        kept = keep.numel()
+        padded = math.ceil(kept / group_size) * group_size
+        codes = unpack_bits(stored.weight, 4, kept).to(torch.int32)
+        # a constant group (all codes 0, guard scale 1) is its minimum: with scale 0 and zero = min it
+        # stays exact, where min + 8 * 1 rounded to the kernel's bf16 would lose the minimum
+        constant = F.pad(codes, (0, padded - kept)).view(codes.shape[0], -1, group_size).amax(-1) == 0
+        if padded != kept:
+            codes = F.pad(codes, (0, padded - kept), value=8)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 2)
+        scale = stored.scale.float().masked_fill(constant, 0.0)
+        zero = stored.minimum.float() + 8 * scale
+        self.scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self.group_size, self.width = group_size, padded
+        # one index that takes, from an input row with a 0 appended, the kept columns, then the padding
+        # to whole groups (the appended 0: a padded position meets its group's zero point, so its
+        # activation must be exactly 0), then the outlier columns: one index_select per call
+        n_pad = padded - kept
+        index = torch.cat([keep, torch.full((n_pad,), in_features, dtype=torch.long), outlier_idx.long()])
+        identity = n_pad == 0 and outlier_idx.numel() == 0
+        self.index = None if identity else index.to(stored.weight.device)
+        self.append_zero = n_pad > 0
+        self.zero = torch.zeros(1, 1, dtype=torch.bfloat16, device=stored.weight.device)
+
+    def matmul(self, act: torch.Tensor) -> torch.Tensor:
+        int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        return int4_mm(act, self.packed, self.group_size, self.scales_zeros)
+
+    def __call__(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        src = x2.to(torch.bfloat16)
+        if self.append_zero:
+            src = torch.cat((src, self.zero.expand(src.shape[0], 1)), dim=1)
+        gathered = src if self.index is None else src.index_select(1, self.index)
+        act = gathered[:, : self.width]  # a view already when there is one row (decode)
+        y = self.matmul(act if act.is_contiguous() else act.contiguous())
+        # the outlier inputs at their own precision: bf16 inputs have them in the gather already; others
+        # must not lose digits of a massive activation to a bf16 round trip
+        return y, (gathered[:, self.width :] if x2.dtype == torch.bfloat16 else None)
