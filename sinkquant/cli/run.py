@@ -353,6 +353,11 @@ def quantize(
         trust_remote_code,
         progress=_progress(),
     )
+    _print_summary(result, recipe)
+
+
+def _print_summary(result, recipe) -> None:
+    """What `quantize` did, as lines a person reads: modules, columns, bytes, KV cache, time."""
     s = result.summary
     w = recipe.weights
     if w is not None:

@@ -7,9 +7,7 @@ in blocks of `block_size` columns with the updates to later blocks applied lazil
 
 sinkquant's choices:
 * Outlier columns (`select_outliers`) are never quantized; GPTQ runs on the kept columns with H
-  restricted to them, so the outlier columns come out bit-identical. `absorb_into_outliers=True` (an
-  experiment) instead processes the outlier columns last, without rounding: they absorb the error of
-  all kept columns and are stored updated (no longer equal to the originals).
+  restricted to them, so the outlier columns come out bit-identical.
 * Groups are the static groups of `SinkQuantLinear`: `group_size` consecutive kept columns. A group's
   scale/minimum are computed when the first of its columns is reached in processing order, from the
   group's *current* weights (every error update so far included, pending block updates too). Without
@@ -24,9 +22,9 @@ sinkquant's choices:
   (`exclude`), or clipped per channel to the largest |x| of the other tokens (`cap`).
 * Damping adds `damping * mean(diag H)` to the diagonal; a dead input (diag 0) then has only that and
   passes no error on (its weights are kept, not zeroed). The mean is over the quantized columns
-  only: outlier columns absorbing error would otherwise, with their huge diag(H), inflate it. A failed Cholesky is retried with 10x the
-  damping (up to 4 times) with a warning naming the layer; a non-finite result falls back to
-  round-to-nearest with a warning, so no NaN weight is ever stored.
+  only: the outlier columns' huge diag(H) would otherwise inflate it. A failed Cholesky is retried
+  with 10x the damping (up to 4 times) with a warning naming the layer; a non-finite result falls
+  back to round-to-nearest with a warning, so no NaN weight is ever stored (see `hessian.py`).
 """
 
 from __future__ import annotations
@@ -35,6 +33,7 @@ import contextlib
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -42,8 +41,9 @@ from tqdm.auto import tqdm
 
 from ..architecture import decoder_layers
 from ..calibrate.report import Calibration, CalibrationReport
-from ..errors import InputError, SinkQuantError
+from ..errors import InputError
 from ..recipe import WeightsSection
+from .hessian import HessianAccumulator, inverse_hessian_factor
 from .layerwise import capture_inputs, merge_batches, observe_inputs, run_layer
 from .linear import SinkQuantLinear
 from .primitives import complement_indices, quantize_grouped, quantize_int8_per_channel
@@ -54,96 +54,6 @@ BATCH_SIZE = 8  # calibration samples per forward pass of one layer (the two-pas
 #: one-pass route (estimate: see `_one_pass_fits`); wider layers or more tokens take the two-pass
 #: route, whose memory is one batch's activations
 ONE_PASS_BYTES = 4 << 30
-_RETRIES = 4
-
-
-class HessianAccumulator:
-    """Σ x xᵀ of one linear layer's input, with the rows at sink positions kept apart.
-
-    `add(x)` takes x [batch, seq, in] (or [tokens, in], then positions are not known and every row is
-    a body row). The body sum is float64 (each batch's product in float32); the sink rows are few (one
-    or two per sample) and stored as they are, so `hessian(mode)` can include, drop or cap them.
-    `track_max=False` skips the per-channel max |x| of the body rows that only `cap` needs (an extra
-    pass over every batch: about 4% of a GPTQ run)."""
-
-    def __init__(self, in_features: int, sink_positions: list[int], track_max: bool = True) -> None:
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
-        self.count = 0
-        self.sink_positions = sorted(set(sink_positions))
-        self.sink_rows: list[torch.Tensor] = []
-        self.body_max = torch.zeros(in_features) if track_max else None
-        self._hessians: dict[str, torch.Tensor] = {}
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().float()
-        x = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x[None]
-        sinks = [p for p in self.sink_positions if p < x.shape[1]] if x.dim() == 3 else []
-        if sinks:
-            body_mask = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
-            body_mask[sinks] = False
-            self.sink_rows.append(x[:, sinks].reshape(-1, x.shape[-1]).cpu())
-            x = x[:, body_mask]
-        body = x.reshape(-1, x.shape[-1])
-        self.sum += _gram(body).double().cpu()
-        self.count += body.shape[0]
-        if body.shape[0] and self.body_max is not None:
-            low, high = torch.aminmax(body, dim=0)  # max |x| without an |x| copy of the batch
-            self.body_max = torch.maximum(self.body_max, torch.maximum(high, -low).cpu())
-        self._hessians.clear()
-
-    def hessian(self, sink_tokens: str = "include") -> torch.Tensor:
-        """float64 [in, in]: 2/n Σ x xᵀ with the sink rows included, excluded or capped. The same
-        tensor for every call until the next `add` (linear layers sharing an input share it, and
-        `gptq_quantize_weight` can reuse its factorisation); callers must not modify it."""
-        if sink_tokens not in self._hessians:
-            self._hessians[sink_tokens] = self._hessian(sink_tokens)
-        return self._hessians[sink_tokens]
-
-    def _hessian(self, sink_tokens: str) -> torch.Tensor:
-        h, n = self.sum.clone(), self.count
-        if sink_tokens != "exclude" and self.sink_rows:
-            rows = torch.cat(self.sink_rows)
-            if sink_tokens == "cap":
-                if self.body_max is None:
-                    raise ValueError("sink_tokens 'cap' needs an accumulator made with track_max=True")
-                rows = torch.minimum(torch.maximum(rows, -self.body_max), self.body_max)
-            h += (rows.T @ rows).double()
-            n += rows.shape[0]
-        return h * (2.0 / max(n, 1))
-
-
-def _gram(x: torch.Tensor) -> torch.Tensor:
-    """xᵀx for x [tokens, in], float32, from the blocks on and above the diagonal only (the rest is
-    their transpose). Each entry is the same BLAS dot product over the tokens as in one `x.T @ x`
-    (so the result is bit-identical to it), with about 3/8 fewer multiplications at 4 blocks."""
-    width = x.shape[1]
-    parts = max(1, min(4, width // 128))
-    if parts == 1:
-        return x.T @ x
-    step = -(-width // parts)
-    out = torch.empty(width, width, dtype=x.dtype, device=x.device)
-    xt = x.T
-    for i in range(0, width, step):
-        for j in range(i, width, step):
-            block = xt[i : i + step] @ x[:, j : j + step]
-            out[i : i + step, j : j + step] = block
-            if j != i:
-                out[j : j + step, i : i + step] = block.T
-    return out
-
-
-def _upper_factor_of_inverse(h: torch.Tensor) -> torch.Tensor | None:
-    """The upper Cholesky factor U of H⁻¹ (UᵀU = H⁻¹), or None when H is not positive definite.
-
-    With J the reversal of rows and columns, JHJ = LLᵀ gives H⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J), and J L⁻¹ J is
-    upper triangular with a positive diagonal: U itself. One Cholesky and one triangular solve instead
-    of forming H⁻¹ explicitly and factoring it again, the costliest step of the classic recipe."""
-    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
-    if int(info) != 0:
-        return None
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
-    return upper if bool(torch.isfinite(upper).all()) else None
 
 
 @dataclass
@@ -156,32 +66,6 @@ class GPTQResult:
     minimum: torch.Tensor | None  # bf16 [out, groups] (bits 4)
     weight: torch.Tensor
     damping: float  # the damping fraction that was used (after retries)
-
-
-def inverse_hessian_factor(
-    hessian: torch.Tensor, damping: float, name: str, mean_over: int | None = None
-) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damping * mean(diag H) I)⁻¹, float64; retried with 10x damping.
-    The mean is over the live (diag > 0) entries among the first `mean_over` columns (default all)."""
-    if not bool(torch.isfinite(hessian).all()):
-        raise SinkQuantError(f"the calibration inputs of {name} hold NaN or Inf; the model overflows")
-    diag = hessian.diagonal()[:mean_over]
-    live = diag > 0
-    mean = float(diag[live].mean()) if bool(live.any()) else 1.0
-    for attempt in range(_RETRIES + 1):
-        fraction = damping * 10**attempt
-        damped = hessian.clone()
-        damped.diagonal().add_(fraction * mean)
-        upper = _upper_factor_of_inverse(damped)
-        if upper is not None:
-            return upper, fraction
-        if attempt < _RETRIES:
-            warnings.warn(
-                f"GPTQ: the Hessian of {name} is not positive definite at damping {fraction:g}; "
-                f"retrying with {fraction * 10:g}",
-                stacklevel=2,
-            )
-    raise SinkQuantError(f"GPTQ could not factor the Hessian of {name} even at damping {fraction:g}")
 
 
 _CLIP_GRID = [1.0 - 0.025 * k for k in range(9)]  # shrink factors of the range tried by clip search
@@ -447,24 +331,8 @@ def gptq_quantize_(
         prefix = prefixes[id(layer)] + "."
         mine = {n: m for n, m in chosen.items() if n.startswith(prefix)}
         factors: dict = {}  # this layer's factorisations, shared by linears with one input
-        done: dict[str, tuple[SinkQuantLinear, list[int]]] = {}
-        if merged is not None:
-
-            def arrive(name, module, observer, done=done, factors=factors):
-                done[name] = quantize(name, module, observer, factors)
-                _compute_with(module, done[name][0])
-
-            with observe_inputs(mine, make_observer, split=batch_size, on_arrival=arrive):
-                inputs.hidden = run_layer(layer, inputs, index)
-            for name in mine.keys() - done.keys():  # never called in this layer's forward
-                done[name] = quantize(name, mine[name], None, factors)
-        else:
-            with observe_inputs(mine, make_observer) as observers:
-                run_layer(layer, inputs, index)
-            done = {name: quantize(name, m, observers.get(name), factors) for name, m in mine.items()}
-            del observers
-            with _effective_weights(mine, {n: new for n, (new, _) in done.items()}):
-                inputs.hidden = run_layer(layer, inputs, index)
+        step = _one_pass_layer if merged is not None else _two_pass_layer
+        done = step(layer, index, inputs, mine, make_observer, partial(quantize, factors=factors), batch_size)
         for name, (new, idx) in done.items():
             old = chosen.pop(name)
             summary.swap_in(model, name, float_weight(old), old.bias, new, idx)
@@ -476,6 +344,33 @@ def gptq_quantize_(
         summary.swap_in(model, name, weight, module.bias, new, idx)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _one_pass_layer(layer, index, inputs, mine, make_observer, quantize, batch_size) -> dict:
+    """One call over all tokens: each linear is quantized as its input arrives and computes with its
+    quantized weights in the same forward, whose output is the next layer's input."""
+    done: dict[str, tuple[SinkQuantLinear, list[int]]] = {}
+
+    def arrive(name, module, observer):
+        done[name] = quantize(name, module, observer)
+        _compute_with(module, done[name][0])
+
+    with observe_inputs(mine, make_observer, split=batch_size, on_arrival=arrive):
+        inputs.hidden = run_layer(layer, inputs, index)
+    for name in mine.keys() - done.keys():  # never called in this layer's forward
+        done[name] = quantize(name, mine[name], None)
+    return done
+
+
+def _two_pass_layer(layer, index, inputs, mine, make_observer, quantize, batch_size) -> dict:
+    """Batch by batch: Hessians from the float layer, then the layer re-run with quantized weights."""
+    with observe_inputs(mine, make_observer) as observers:
+        run_layer(layer, inputs, index)
+    done = {name: quantize(name, m, observers.get(name)) for name, m in mine.items()}
+    del observers
+    with _effective_weights(mine, {n: new for n, (new, _) in done.items()}):
+        inputs.hidden = run_layer(layer, inputs, index)
+    return done
 
 
 def _one_pass_fits(ids: torch.Tensor, chosen: dict[str, nn.Module], one_pass: bool | None) -> bool:

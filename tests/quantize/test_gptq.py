@@ -13,13 +13,8 @@ from sinkquant.checkpoint import load, save
 from sinkquant.data import calibration_samples
 from sinkquant.errors import InputError
 from sinkquant.pipeline import quantization_config
-from sinkquant.quantize.gptq import (
-    HessianAccumulator,
-    _gram,
-    _upper_factor_of_inverse,
-    gptq_quantize_,
-    gptq_quantize_weight,
-)
+from sinkquant.quantize.gptq import gptq_quantize_, gptq_quantize_weight
+from sinkquant.quantize.hessian import HessianAccumulator
 from sinkquant.quantize.linear import SinkQuantLinear
 from sinkquant.recipe import load_recipe, parse_recipe
 
@@ -109,55 +104,12 @@ def test_clip_search_never_raises_the_weighted_rounding_error(bits, symmetric):
     assert torch.equal(_module(w, clipped, bits, 32, [3], symmetric).dequantized_weight(), clipped.weight)
 
 
-def test_upper_factor_of_the_inverse_is_the_cholesky_factor_of_the_inverse():
-    torch.manual_seed(0)
-    x = torch.randn(512, 40, dtype=torch.float64)
-    h = x.T @ x / 512
-    upper = _upper_factor_of_inverse(h)
-    assert torch.equal(upper, upper.triu()) and bool((upper.diagonal() > 0).all())
-    assert torch.allclose(upper.T @ upper, torch.linalg.inv(h), atol=1e-10)
-    assert _upper_factor_of_inverse(-h) is None  # not positive definite
-
-
 def test_cholesky_failure_retries_with_more_damping_and_warns():
     h = torch.eye(8, dtype=torch.float64)
     h[0, 1] = h[1, 0] = 1.5  # indefinite: an eigenvalue of -0.5
     with pytest.warns(UserWarning, match="layers.7.mlp"):
         res = gptq_quantize_weight(_weight(d=8), h, 4, None, name="layers.7.mlp")
     assert res.damping == pytest.approx(1.0) and torch.isfinite(res.weight).all()
-
-
-def test_sink_rows_included_excluded_or_capped():
-    x = torch.randn(2, 6, 4)
-    x[:, 0, 1] = 50.0  # a massive activation at the sink position
-    body = x[:, 1:].reshape(-1, 4)
-    sink = x[:, 0]
-    capped = torch.minimum(torch.maximum(sink, -body.abs().amax(0)), body.abs().amax(0))
-    expect = {
-        "include": (body.T @ body + sink.T @ sink) * 2 / 12,
-        "exclude": body.T @ body * 2 / 10,
-        "cap": (body.T @ body + capped.T @ capped) * 2 / 12,
-    }
-    for mode, h in expect.items():
-        assert torch.allclose(_hessian(x, [0], mode).float(), h, rtol=1e-5, atol=1e-5), mode
-
-
-def test_max_is_tracked_only_when_cap_needs_it():
-    x = torch.randn(2, 6, 4)
-    acc = HessianAccumulator(4, [0], track_max=False)
-    acc.add(x)
-    assert torch.equal(acc.hessian("include"), _hessian(x, [0], "include"))
-    with pytest.raises(ValueError, match="track_max"):
-        acc.hessian("cap")
-
-
-@pytest.mark.parametrize("width", [100, 300, 576, 1000])
-def test_gram_from_upper_blocks_is_the_full_product(width):
-    x = torch.randn(700, width)
-    x[:, 7] *= 300
-    h = _gram(x)
-    assert torch.equal(h, h.T)
-    assert torch.allclose(h, x.T @ x, rtol=1e-5, atol=1e-2)
 
 
 def _report(model):

@@ -5,7 +5,7 @@ import torch
 from tiny_models import tiny_llama
 
 from sinkquant.architecture import decoder_layers
-from sinkquant.quantize.gptq import HessianAccumulator
+from sinkquant.quantize.hessian import HessianAccumulator
 from sinkquant.quantize.layerwise import capture_inputs, merge_batches, observe_inputs, run_layer
 
 
