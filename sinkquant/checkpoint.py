@@ -409,12 +409,7 @@ def restore_buffer_dtypes(model: nn.Module) -> None:
     outlier columns go back to the dtypes they were stored in (the casts are exact both ways)."""
     for module in model.modules():
         if isinstance(module, SinkQuantLinear):
-            module.weight_scale.data = module.weight_scale.data.to(
-                torch.float32 if module.bits == 8 else torch.bfloat16
-            )
-            if module.weight_min is not None:
-                module.weight_min.data = module.weight_min.data.to(torch.bfloat16)
-            module.reset_layouts()
+            module.restore_storage_dtypes()
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verify: bool = True) -> nn.Module:

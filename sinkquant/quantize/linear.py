@@ -352,6 +352,14 @@ class SinkQuantLinear(nn.Module):
         return run(x)
 
     # -- module plumbing ----------------------------------------------------------------------------
+    def restore_storage_dtypes(self) -> None:
+        """Put the scheme's buffers back in the dtypes its storage declares (a loader that casts every
+        float tensor to one dtype changes the scales; the casts are exact both ways)."""
+        for name, (_, dtype) in self.scheme.storage(self.out_features, self.in_kept, self.group_size).items():
+            buffer = getattr(self, name)
+            buffer.data = buffer.data.to(dtype)
+        self.reset_layouts()
+
     def reset_layouts(self) -> None:
         """Drop what was built from the buffers; `to()` and `load_state_dict` do this themselves, code that
         replaces a buffer's `.data` calls it."""
