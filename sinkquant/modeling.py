@@ -110,15 +110,32 @@ def check_model_source(model_id: str | os.PathLike, trust_remote_code: bool = Fa
             "folder unless you pass --trust-remote-code (read that code first)"
         )
     if not shipped:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        model_type = json.loads((path / "config.json").read_text())["model_type"]
-        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            raise InputError(
-                f"{path} holds a {model_type!r} model, which is not a causal language model transformers can "
-                "load (no AutoModelForCausalLM for it); give a decoder-only LM such as Llama, Qwen2 or GPT-2"
-            )
+        _check_decoder_only(path)
     return path
+
+
+def _check_decoder_only(path: Path) -> None:
+    """A causal LM transformers can build. Encoder models (BERT, RoBERTa, ...) have an
+    AutoModelForCausalLM class too, but only as a decoder added for seq2seq training: their checkpoints
+    are masked-language models, and loading one as causal leaves its weights unused."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    config = json.loads((path / "config.json").read_text())
+    model_type = config["model_type"]
+    fix = "give a decoder-only LM such as Llama, Qwen2, Gemma 3 or GPT-2"
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise InputError(
+            f"{path} holds a {model_type!r} model, which is not a causal language model transformers can "
+            f"load (no AutoModelForCausalLM for it); {fix}"
+        )
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and config.get("is_decoder") is not True:
+        raise InputError(
+            f"{path} holds a {model_type!r} model, an encoder (masked-language model), not a decoder-only "
+            f"causal LM; {fix}"
+        )
 
 
 def check_weight_files(path: Path) -> None:
@@ -144,10 +161,19 @@ def check_weight_files(path: Path) -> None:
         )
 
 
+#: files one of which a tokenizer folder holds (fast, sentencepiece, BPE, WordPiece)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tokenizer_config.json")
+
+
 def load_tokenizer(model_id: str | os.PathLike, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    check_model_source(model_id, trust_remote_code)
+    local = check_model_source(model_id, trust_remote_code)
+    if local is not None and not any((local / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(
+            f"{local} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer files of "
+            "the model into the folder"
+        )
     try:
         return AutoTokenizer.from_pretrained(str(model_id), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

@@ -248,6 +248,8 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Load and validate a recipe file (a missing path is an error, never parsed as YAML text)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"recipe {path} is a folder; give a recipe YAML file (see recipes/ for examples)")
     if not path.is_file():
         raise InputError(f"recipe file {path} does not exist; see recipes/ for examples")
     try:

@@ -711,7 +711,7 @@ NEW_CASES = [
     Case(
         "dataset-hub-unreachable",
         "hub dataset name, hub not set offline but unreachable (connection refused, simulated)",
-        lambda e: e.quantize(e.stories, "--dataset", "some-user/some-dataset"),
+        lambda e: e.quantize(e.stories, "--dataset", "c4"),
         exit=1,
         patch=_hub_unreachable,
     ),

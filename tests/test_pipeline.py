@@ -3,7 +3,7 @@ asks for, by precedence (flags over a recipe over what the checkpoint stored).""
 
 import pytest
 import torch
-from tiny_models import save_tiny, tiny_llama
+from tiny_models import CharTokenizer, save_tiny, tiny_llama
 
 import sinkquant.pipeline as pipeline
 from sinkquant.kv import KVCacheConfig
@@ -11,16 +11,6 @@ from sinkquant.pipeline import KVRequest, calibrate_for, quantize_model
 from sinkquant.recipe import Recipe
 
 RECIPES = __import__("pathlib").Path(__file__).resolve().parent.parent / "recipes"
-
-
-class _Tok:
-    bos_token_id = None
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [ord(c) % 120 for c in text]}
-
-    def decode(self, ids):
-        return "".join(chr(97 + i % 26) for i in ids)
 
 
 def _recipe(**extra):
@@ -34,25 +24,27 @@ def test_samples_are_drawn_once_and_shared(monkeypatch):
     monkeypatch.setattr(
         pipeline, "calibration_samples", lambda *a, **k: draws.append(a[2:4]) or real(*a, **k)
     )
-    run = calibrate_for(tiny_llama(), _Tok(), _recipe(**{"weights.algorithm": "gptq"}), progress=False)
+    run = calibrate_for(
+        tiny_llama(), CharTokenizer(), _recipe(**{"weights.algorithm": "gptq"}), progress=False
+    )
     assert draws == [(3, 32)]  # one draw feeds both the report and GPTQ
     assert run.report is not None and run.report.samples == 3
-    assert torch.equal(run.input_ids, real(_Tok(), None, 3, 32).input_ids)
+    assert torch.equal(run.input_ids, real(CharTokenizer(), None, 3, 32).input_ids)
 
 
 def test_nothing_is_drawn_when_no_step_needs_it(monkeypatch):
     monkeypatch.setattr(pipeline, "calibration_samples", lambda *a, **k: pytest.fail("drew samples"))
-    run = calibrate_for(tiny_llama(), _Tok(), _recipe(**{"weights.outliers": None}), progress=False)
+    run = calibrate_for(tiny_llama(), CharTokenizer(), _recipe(**{"weights.outliers": None}), progress=False)
     assert run.samples is None and run.report is None
 
 
 def test_a_given_report_is_reused_and_checked(monkeypatch):
     model = tiny_llama()
-    report = calibrate_for(model, _Tok(), _recipe(), progress=False).report
+    report = calibrate_for(model, CharTokenizer(), _recipe(), progress=False).report
     monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: pytest.fail("calibrated again"))
-    assert calibrate_for(model, _Tok(), _recipe(), report, progress=False).report is report
+    assert calibrate_for(model, CharTokenizer(), _recipe(), report, progress=False).report is report
     with pytest.raises(Exception, match="layers"):
-        calibrate_for(tiny_llama(layers=3), _Tok(), _recipe(), report, progress=False)
+        calibrate_for(tiny_llama(layers=3), CharTokenizer(), _recipe(), report, progress=False)
 
 
 def test_kv_request_precedence(tmp_path):

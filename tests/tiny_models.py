@@ -24,6 +24,18 @@ def tiny_llama(hidden: int = 64, layers: int = 2, vocab: int = 128, seed: int = 
     return LlamaForCausalLM(config).eval()
 
 
+class CharTokenizer:
+    """Just enough tokenizer for calibration on a random model: one id per character."""
+
+    bos_token_id = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) % 120 for c in text]}
+
+    def decode(self, ids):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
 def tiny_gpt2(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 

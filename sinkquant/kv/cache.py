@@ -195,9 +195,9 @@ class SinkQuantizedCache(BatchMapping, Cache):
 def check_has_full_attention(layer_types: list[str]) -> None:
     if "full_attention" not in layer_types:
         raise InputError(
-            f"every one of this model's {len(layer_types)} layers uses {layer_types[0] if layer_types else 'no'} "
-            "attention, whose short window the KV cache keeps at full precision: a quantized KV cache would "
-            "change nothing; drop --kv-bits (the kv_cache section)"
+            f"every one of this model's {len(layer_types)} layers is a {'/'.join(sorted(set(layer_types)))} layer, whose "
+            "short window the KV cache keeps at full precision: a quantized KV cache would change nothing; drop "
+            "--kv-bits (the kv_cache section)"
         )
 
 

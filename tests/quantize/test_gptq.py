@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_llama
+from tiny_models import CharTokenizer, tiny_llama
 
 from sinkquant import calibrate
 from sinkquant.architecture import decoder_layers
@@ -19,18 +19,6 @@ from sinkquant.quantize.linear import SinkQuantLinear
 from sinkquant.recipe import load_recipe, parse_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-
-
-class _Tok:
-    """Just enough tokenizer for calibration on a random model."""
-
-    bos_token_id = None
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [ord(c) % 120 for c in text]}
-
-    def decode(self, ids):
-        return "".join(chr(97 + i % 26) for i in ids)
 
 
 def _inputs(n=2048, d=256, seed=0):
@@ -113,13 +101,13 @@ def test_cholesky_failure_retries_with_more_damping_and_warns():
 
 
 def _report(model):
-    return calibrate(model, _Tok(), None, samples=2, seq_len=32, progress=False)
+    return calibrate(model, CharTokenizer(), None, samples=2, seq_len=32, progress=False)
 
 
 def _gptq(model, recipe, report, **kwargs):
     """GPTQ on the recipe's calibration samples, drawn as a run draws them."""
     c = recipe.calibration
-    samples = calibration_samples(_Tok(), c.dataset, c.samples, c.seq_len, c.seed)
+    samples = calibration_samples(CharTokenizer(), c.dataset, c.samples, c.seq_len, c.seed)
     return gptq_quantize_(model, recipe.weights, Calibration(samples, report), **kwargs)
 
 

@@ -2,7 +2,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import tiny_gpt2, tiny_llama
+from tiny_models import CharTokenizer, tiny_gpt2, tiny_llama
 
 from sinkquant import calibrate
 from sinkquant.errors import InputError
@@ -11,20 +11,8 @@ from sinkquant.quantize.weights import matches, quantize_
 from sinkquant.recipe import Recipe
 
 
-class _Tok:
-    """Just enough tokenizer for calibration on a random model (ids from a seeded generator)."""
-
-    bos_token_id = None
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [ord(c) % 120 for c in text]}
-
-    def decode(self, ids):
-        return "".join(chr(97 + i % 26) for i in ids)
-
-
 def _report(model, samples=2, seq_len=64):
-    return calibrate(model, _Tok(), None, samples=samples, seq_len=seq_len, progress=False)
+    return calibrate(model, CharTokenizer(), None, samples=samples, seq_len=seq_len, progress=False)
 
 
 def test_name_and_regex_patterns():
