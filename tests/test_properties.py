@@ -67,9 +67,11 @@ def weight_sections(draw) -> dict:
         outliers["threshold"] = draw(st.floats(1e-3, 1e6))
     if draw(st.booleans()):
         outliers = None  # keep no outlier columns
+    bits = draw(st.sampled_from([4, 8, None]))
+    groups = [None, "channel"] if bits == 8 else [None, 32, 64, 128, 256, "channel"]  # int8 takes no group
     return {
-        "bits": draw(st.sampled_from([4, 8, None])),
-        "group_size": draw(st.sampled_from([32, 64, 128, 256, "channel"])),
+        "bits": bits,
+        "group_size": draw(st.sampled_from(groups)),
         "symmetric": draw(st.booleans()),
         "algorithm": draw(st.sampled_from(["rtn", "gptq"])),
         "clip_search": draw(st.booleans()),
@@ -235,3 +237,10 @@ def test_int8_per_channel_is_within_half_a_step(w):
     assert q.dtype == torch.int8 and int(q.abs().max()) <= 127
     back = dequantize_int8_per_channel(q, scale)
     assert bool(((back - w).abs() <= scale[:, None] * 0.5001 + 1e-4 * (w.abs() + 1)).all())
+
+
+def test_int8_with_a_group_is_refused_and_null_means_128_for_int4():
+    with pytest.raises(InputError, match="int8"):
+        parse_recipe("weights: {bits: 8, group_size: 64}")
+    assert parse_recipe("weights: {bits: 8}").weights.group is None
+    assert parse_recipe("weights: {bits: 4}").weights.group == 128
