@@ -7,6 +7,7 @@ and the chunk being attended). Tokens move into the body only once their flags a
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
@@ -18,12 +19,13 @@ from .flags import TokenFlags
 from .packed import PackedTokens, neutralize
 
 
-class BatchMapping:
+class BatchMapping(ABC):
     """transformers' three batch operations of a cache (beam reordering, repetition, selection) as one
     `map_batch(fn)` applied to every stored tensor."""
 
+    @abstractmethod
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        raise NotImplementedError  # abstract: each store says which tensors it holds
+        """Apply `fn` to every tensor with a batch dimension that this store holds."""
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
