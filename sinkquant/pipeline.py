@@ -273,18 +273,23 @@ class KVRequest:
     overrides: dict = field(default_factory=dict)
     calibration: str | os.PathLike | None = None
 
-    def config(self) -> KVCacheConfig | None:
-        """Flags over the recipe's kv_cache section over the default int4 cache (None: none asked)."""
+    def resolve(self) -> Recipe | None:
+        """The recipe the evaluation's cache comes from, the flags applied (its kv_cache None: no
+        cache); None when nothing was asked (then the checkpoint's own cache, if any). A flag without
+        a recipe kv_cache section starts from the default int4 cache."""
         recipe = load_recipe(self.recipe_path) if self.recipe_path else None
         given = {f"kv_cache.{k}": v for k, v in self.overrides.items() if v is not None}
-        if not given and (recipe is None or recipe.kv_cache is None):
-            return None
-        base = recipe if recipe is not None and recipe.kv_cache is not None else Recipe()
-        base = base if base.kv_cache is not None else base.with_overrides(**{"kv_cache.bits": 4})
-        return base.with_overrides(**given).kv_cache
+        if not given:
+            return recipe
+        base = recipe or Recipe()
+        if base.kv_cache is None:
+            base = base.with_overrides(**{"kv_cache.bits": 4})
+        return base.with_overrides(**given)
 
-    def calibration_section(self) -> CalibrationSection:
-        return load_recipe(self.recipe_path).calibration if self.recipe_path else CalibrationSection()
+    def config(self) -> KVCacheConfig | None:
+        """The cache asked for (None: none asked, or a recipe without one)."""
+        recipe = self.resolve()
+        return None if recipe is None else recipe.kv_cache
 
 
 def evaluate_model(
@@ -308,18 +313,17 @@ def evaluate_model(
 
     model, tokenizer = _load_checked(model_id, dtype, trust_remote_code, verify, probe)
     kv = kv or KVRequest()
-    config = kv.config()
-    factory, described = getattr(model, "sinkquant_cache_factory", None), "as stored in the checkpoint"
-    if config is not None or kv.recipe_path is not None:
-        factory, described = None, None
-    if config is not None:
-        recipe = Recipe(calibration=kv.calibration_section(), weights=None, kv_cache=config)
-        run = calibrate_for(model, tokenizer, recipe, kv.calibration, progress)
+    asked = kv.resolve()
+    factory = getattr(model, "sinkquant_cache_factory", None) if asked is None else None
+    described = "as stored in the checkpoint" if factory is not None else None
+    if asked is not None and asked.kv_cache is not None:
+        config = asked.kv_cache
+        run = calibrate_for(
+            model, tokenizer, asked.model_copy(update={"weights": None}), kv.calibration, progress
+        )
         factory = cache_factory(config, calibrate_kv(model, config, run.input_ids, run.report))
         described = config.describe()
-    if factory is None:
-        described = None
-    elif chunk_size is None:
+    if factory is not None and chunk_size is None:
         chunk_size = 64  # a cache only matters when tokens arrive in chunks
     ref = prepare_model(reference, "auto", trust_remote_code, verify=verify)[0] if reference else None
     if ref is not None:

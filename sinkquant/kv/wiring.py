@@ -45,6 +45,13 @@ def needs_report(config: KVCacheConfig | None) -> bool:
     return config is not None and config.sinks == "auto"
 
 
+def _check_report(config: KVCacheConfig, report: CalibrationReport | None) -> None:
+    if needs_report(config) and report is None:
+        raise InputError(
+            "kv_cache sinks: auto needs a calibration report; pass --calibration or use --kv-sinks 0"
+        )
+
+
 def calibrate_kv(
     model: nn.Module,
     config: KVCacheConfig,
@@ -53,10 +60,7 @@ def calibrate_kv(
 ) -> KVCalibration:
     """Measure what `config` needs on the run's calibration samples `input_ids` [n, seq]; `report` is
     the run's calibration report (required for sinks: auto, which reads its sink positions)."""
-    if needs_report(config) and report is None:
-        raise InputError(
-            "kv_cache sinks: auto needs a calibration report; pass --calibration or use --kv-sinks 0"
-        )
+    _check_report(config, report)
     key_outlier_idx = None
     if config.key_outlier_channels:
         if input_ids is None:
@@ -73,10 +77,7 @@ def cache_factory(
 ) -> Callable[[nn.Module], SinkQuantizedCache]:
     """`factory(model)` building a fresh, attached cache per call (one per evaluation window)."""
     calibration = calibration or KVCalibration()
-    if needs_report(config) and calibration.report is None:
-        raise InputError(
-            "kv_cache sinks: auto needs a calibration report; pass --calibration or use --kv-sinks 0"
-        )
+    _check_report(config, calibration.report)
 
     def factory(model: nn.Module) -> SinkQuantizedCache:
         return build_cache(model, config, calibration.report, calibration.key_outlier_idx)
