@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ from .kv.config import KVCacheConfig
 from .kv.wiring import install_default_cache
 from .quantize.linear import SinkQuantLinear
 from .quantize.weights import empty_from_spec
+from .stream.host import ModelHost, ResidentModel
+from .stream.writer import SHARD_BYTES, ShardWriter
 
 #: 2: the KV cache's key outlier channels are stored as `key_outlier_idx` (format 1: `kv_key_channels`)
 FORMAT_VERSION = 2
@@ -270,32 +273,98 @@ def check_finite(model: nn.Module) -> None:
             )
 
 
-def save(
-    model: nn.Module,
-    out_dir: str | os.PathLike,
-    tokenizer=None,
-    recipe=None,
-    report=None,
-    overwrite: bool = False,
-) -> Path:
-    """Save a quantized model (safetensors only) atomically; returns the folder."""
+class CheckpointWriter:
+    """Writes a checkpoint into `folder` as its tensors become final (a `LayerWriter`): each decoder
+    layer as soon as a job finishes it, then everything outside the layers, then the files around the
+    tensors (`finish`). Tensors that are not part of a quantized layer are written in the dtype their
+    source stored them in (a bf16 model's norms and embeddings stay bf16, whatever dtype the job
+    computed in); tied weights are written once, as transformers writes them."""
+
+    def __init__(self, folder: Path, shard_bytes: int = SHARD_BYTES) -> None:
+        self.folder = folder
+        self.shards = ShardWriter(folder, shard_bytes)
+        self.written: set[str] = set()
+
+    def write_layer(self, host: ModelHost, index: int, layer: nn.Module) -> None:
+        self._write(host, host.prefix(index), layer.state_dict())
+
+    def write_outside(self, host: ModelHost) -> None:
+        inside = host.prefix(0)[: -len("0.")]
+        state = {k: v for k, v in host.model.state_dict().items() if not k.startswith(inside)}
+        self._write(host, "", state)
+
+    def write_all(self, host: ModelHost) -> None:
+        """Every tensor of a model already final (nothing left to compute)."""
+        for index in range(len(host.layers)):
+            with host.layer(index) as layer:
+                self.write_layer(host, index, layer)
+        with host.outside():
+            self.write_outside(host)
+
+    def _write(self, host: ModelHost, prefix: str, state: dict[str, torch.Tensor]) -> None:
+        model = host.model
+        quantized = {n + "." for n, m in model.named_modules() if isinstance(m, SinkQuantLinear)}
+        for key, tensor in state.items():
+            name = prefix + key
+            if _is_tied_copy(model, name):
+                continue
+            if tensor.is_meta:
+                raise SinkQuantError(f"tensor {name} was never computed; the checkpoint would be incomplete")
+            if tensor.is_floating_point() and not any(name.startswith(q) for q in quantized):
+                stored = host.storage_dtype(name)
+                tensor = tensor.to(stored) if stored is not None else tensor
+            self.shards.add(name, tensor)
+            self.written.add(name)
+
+    def finish(self, config, tokenizer=None, recipe=None, report=None, generation_config=None) -> None:
+        """The shards' final names and index, config.json (its dtype the one most tensors are stored
+        in), the generation config, tokenizer, recipe, calibration summary and the sha256 manifest."""
+        files = self.shards.finish()
+        config.dtype = _main_float_dtype(self.folder, files)
+        config.save_pretrained(self.folder)
+        if generation_config is not None:
+            generation_config.save_pretrained(self.folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.folder)
+        if recipe is not None:
+            (self.folder / "recipe.yaml").write_text(recipe.to_yaml())
+        if report is not None:
+            (self.folder / "calibration.json").write_text(json.dumps(report.summary_dict(), indent=1))
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "files": {n: _sha256(self.folder / n) for n in sorted(files)},
+        }
+        (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def _is_tied_copy(model: nn.Module, name: str) -> bool:
+    """Whether `name` is the second name of a tied weight (the LM head sharing the embedding)."""
+    source = (getattr(model, "all_tied_weights_keys", None) or {}).get(name)
+    if source is None:
+        return False
+    try:
+        return model.get_parameter(name) is model.get_parameter(source)
+    except AttributeError:  # the tied module was replaced (a quantized LM head): written on its own
+        return False
+
+
+def _main_float_dtype(folder: Path, files: list[str]) -> torch.dtype:
+    from .stream.source import SafetensorsSource
+
+    return SafetensorsSource(folder).float_dtype() if files else torch.float32
+
+
+@contextlib.contextmanager
+def checkpoint_writer(
+    out_dir: str | os.PathLike, overwrite: bool = False, shard_bytes: int = SHARD_BYTES
+) -> Iterator[CheckpointWriter]:
+    """A `CheckpointWriter` into a temporary folder beside `out_dir`, renamed to `out_dir` when the
+    block succeeds; on any failure (Ctrl-C, a full disk) nothing is left behind and `out_dir` is as it
+    was."""
     out = prepare_out_dir(out_dir, overwrite)
-    check_finite(model)
     try:
         with atomic_dir(out, overwrite) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            if recipe is not None:
-                (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-            if report is not None:
-                (tmp / "calibration.json").write_text(json.dumps(report.summary_dict(), indent=1))
-            files = sorted(p.name for p in tmp.glob("*.safetensors"))
-            manifest = {
-                "format_version": FORMAT_VERSION,
-                "files": {name: _sha256(tmp / name) for name in files},
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            yield CheckpointWriter(tmp, shard_bytes)
     except OSError as exc:
         kept = "left as it was" if out.exists() else "not created"
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -312,7 +381,24 @@ def save(
             f"writing the checkpoint failed ({exc.strerror or exc}); {out} was {kept} and the partial files "
             "were removed"
         ) from exc
-    return out
+
+
+def save(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    tokenizer=None,
+    recipe=None,
+    report=None,
+    overwrite: bool = False,
+    storage_dtype: torch.dtype | None = None,
+) -> Path:
+    """Save a quantized model in memory (safetensors only) atomically; returns the folder.
+    `storage_dtype`: the dtype of the tensors outside the quantized layers (default: as held)."""
+    check_finite(model)
+    with checkpoint_writer(out_dir, overwrite) as writer:
+        writer.write_all(ResidentModel(model, storage_dtype=storage_dtype))
+        writer.finish(model.config, tokenizer, recipe, report, getattr(model, "generation_config", None))
+    return Path(out_dir).expanduser()
 
 
 # -- loading --------------------------------------------------------------------------------------------

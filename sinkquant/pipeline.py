@@ -8,6 +8,7 @@ KV cache needs, save, and optionally evaluate before and after. Each step is als
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -22,18 +23,19 @@ from transformers.cache_utils import get_layer_types_and_kwargs
 
 from .calibrate import CalibrationReport, CalibrationSettings, calibrate
 from .calibrate.report import Calibration
-from .checkpoint import SinkQuantConfig, check_finite, out_dir_lock, prepare_out_dir, save
+from .checkpoint import SinkQuantConfig, check_finite, checkpoint_writer, out_dir_lock, prepare_out_dir
 from .data import calibration_samples, load_documents
 from .errors import InputError
 from .evaluate import EvalResult, evaluate, evaluation_windows
 from .kv.cache import check_has_full_attention
 from .kv.config import KVCacheConfig
 from .kv.wiring import KVCalibration, cache_factory, calibrate_kv, needs_report
-from .loading import is_sinkquant_checkpoint, prepare_model
-from .modeling import load_tokenizer, stored_dtype
+from .loading import is_sinkquant_checkpoint, open_model, prepare_model
+from .modeling import load_tokenizer
 from .quantize.algorithms import NEEDS_SAMPLES, quantize_weights
 from .quantize.weights import QuantizeSummary, targets
 from .recipe import CalibrationSection, Recipe, WeightsSection, load_recipe
+from .stream.host import Execution, ModelHost, as_host
 
 #: window length of `--eval` in `quantize` (the evaluation protocol's)
 EVAL_SEQ_LEN = 1024
@@ -124,7 +126,7 @@ def refuse_empty_selection(model: nn.Module, weights: WeightsSection) -> None:
 
 
 def calibrate_for(
-    model: nn.Module,
+    model: nn.Module | ModelHost,
     tokenizer,
     recipe: Recipe,
     report: CalibrationReport | str | os.PathLike | None = None,
@@ -134,6 +136,7 @@ def calibrate_for(
     and the report (`report` reused when given: a report or its JSON file) when any step needs one."""
     if isinstance(report, (str, os.PathLike)):
         report = CalibrationReport.load(report)
+    host = as_host(model)
     w, kv = recipe.weights, recipe.kv_cache
     wants_report = w is not None and w.bits is not None and (w.outliers is not None or w.algorithm == "gptq")
     wants_report = wants_report or needs_report(kv)
@@ -145,11 +148,12 @@ def calibrate_for(
     if wants_samples or (wants_report and report is None):
         samples = calibration_samples(tokenizer, c.dataset, c.samples, c.seq_len, c.seed)
     if report is None and wants_report:
-        report = calibrate(model, tokenizer, settings=None, progress=progress, data=samples)
-    if report is not None and report.num_layers != model.config.num_hidden_layers:
+        report = calibrate(host, tokenizer, settings=None, progress=progress, data=samples)
+    layers = len(host.layers)
+    if report is not None and report.num_layers != layers:
         raise InputError(
             f"the calibration report was made for a model with {report.num_layers} layers, not this one "
-            f"({model.config.num_hidden_layers}); calibrate this model instead"
+            f"({layers}); calibrate this model instead"
         )
     return Calibration(samples, report)
 
@@ -164,63 +168,78 @@ def quantize_model(
     eval_tokens: int | None = 16384,
     trust_remote_code: bool = False,
     progress: bool = True,
+    execution: Execution | None = None,
 ) -> QuantizeResult:
     """Calibrate (or reuse `calibration`), quantize with `recipe`, save to `out_dir` atomically.
 
-    With `eval_dataset`, perplexity before and after is measured (seq-len 1024, first `eval_tokens`)."""
+    A local model folder is streamed from disk one decoder layer at a time (see `stream/host.py`);
+    `execution` picks the device and the memory the hidden states may take. With `eval_dataset`,
+    perplexity before and after is measured (seq-len 1024, first `eval_tokens`)."""
     recipe = recipe or Recipe()
     refuse_quantized_source(model_id)
     out = prepare_out_dir(out_dir, overwrite)  # refuse early, before minutes of work
     refuse_overlap(model_id, out)
     with out_dir_lock(out):
         return _quantize_into(model_id, out, recipe, calibration, overwrite, eval_dataset, eval_tokens,
-                              trust_remote_code, progress)  # fmt: skip
+                              trust_remote_code, progress, execution or Execution())  # fmt: skip
 
 
 def _quantize_into(
     model_id, out: Path, recipe: Recipe, calibration, overwrite: bool, eval_dataset, eval_tokens,
-    trust_remote_code: bool, progress: bool,
+    trust_remote_code: bool, progress: bool, execution: Execution,
 ) -> QuantizeResult:  # fmt: skip
     times: dict[str, float] = {}
     clock = time.perf_counter
     start = clock()
-    model, tokenizer = prepare_model(model_id, "float32", trust_remote_code)
-    check_finite(model)  # name the broken source tensor, before NaN spreads into calibration and scales
+    kv = recipe.kv_cache
+    # the KV cache's key channels are measured by prefills through the whole quantized model
+    whole = kv is not None and kv.key_outlier_channels > 0
+    host, tokenizer = open_model(
+        model_id, "float32", trust_remote_code, stream=not whole, **execution.kwargs()
+    )
+    model = host.model
+    if not host.streamed:
+        check_finite(model)  # name the broken source tensor, before NaN spreads into calibration and scales
     times["load"] = clock() - start
     total_bytes, embedding_bytes = _param_bytes(model)
     if recipe.weights is not None and recipe.weights.bits is not None:
         refuse_empty_selection(model, recipe.weights)
-    if recipe.kv_cache is not None:
+    if kv is not None:
         check_has_full_attention(get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))[0])
 
     t = clock()
-    run = calibrate_for(model, tokenizer, recipe, calibration, progress)
+    run = calibrate_for(host, tokenizer, recipe, calibration, progress)
     if run.report is not None and calibration is None:
         run.report.model = str(model_id)
         times["calibrate"] = clock() - t
 
     perplexity: dict[str, float] = {}
 
-    def measure(stage: str) -> None:
+    def measure(stage: str, scored: ModelHost) -> None:
         if eval_dataset is not None:
             t = clock()
-            result = evaluate(model, tokenizer, eval_dataset, EVAL_SEQ_LEN, eval_tokens, progress=progress)
+            result = evaluate(scored, tokenizer, eval_dataset, EVAL_SEQ_LEN, eval_tokens, progress=progress)
             perplexity[stage] = result.perplexity
             times[f"eval_{stage}"] = clock() - t
 
-    measure("before")
+    measure("before", host)
     t = clock()
     summary = QuantizeSummary()
-    if recipe.weights is not None:
-        storage = stored_dtype(model_id)  # full-precision columns stay bit-identical to the source
-        summary = quantize_weights(model, recipe.weights, run, storage_dtype=storage, progress=progress)
-    times["quantize"] = clock() - t
-    kv = calibrate_kv(model, recipe.kv_cache, run.input_ids, run.report) if recipe.kv_cache else None
-    model.config.quantization_config = quantization_config(recipe, summary, run.report, kv)
-    t = clock()
-    save(model, out, tokenizer, recipe, run.report, overwrite=overwrite)
-    times["save"] = clock() - t
-    measure("after")
+    with checkpoint_writer(out, overwrite, execution.shard_bytes(host)) as writer:
+        if recipe.weights is not None:
+            summary = quantize_weights(host, recipe.weights, run, progress=progress, writer=writer)
+        else:
+            writer.write_all(host)
+        times["quantize"] = clock() - t
+        measured_kv = calibrate_kv(model, kv, run.input_ids, run.report) if kv else None
+        config = copy.deepcopy(model.config)
+        config.quantization_config = quantization_config(recipe, summary, run.report, measured_kv)
+        t = clock()
+        writer.finish(config, tokenizer, recipe, run.report, _generation_config(model_id, model))
+        times["save"] = clock() - t
+    if eval_dataset is not None:
+        scored = host if not host.streamed else open_model(out, "float32", **execution.kwargs())[0]
+        measure("after", scored)
     times["total"] = clock() - start
     return QuantizeResult(
         out_dir=out,
@@ -235,11 +254,25 @@ def _quantize_into(
     )
 
 
-def _load_checked(model_id, dtype: str, trust_remote_code: bool, verify: bool, probe: Callable):
-    """Model and tokenizer; float16 is refused first where the model's activations leave its range,
-    measured on `probe(tokenizer)` (real tokens of the run's own text)."""
-    ids = probe(load_tokenizer(model_id, trust_remote_code)) if dtype == "float16" else None
-    return prepare_model(model_id, dtype, trust_remote_code, probe_ids=ids, verify=verify)
+def _generation_config(model_id, model: nn.Module):
+    """The source's generation config (a streamed skeleton has only the defaults from its config)."""
+    from transformers import GenerationConfig
+
+    folder = Path(model_id).expanduser()
+    if (folder / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(str(folder))
+    return getattr(model, "generation_config", None)
+
+
+def _open_checked(model_id, dtype: str, trust_remote_code: bool, verify: bool, probe: Callable,
+                  execution: Execution, stream: bool = True):  # fmt: skip
+    """The model (streamed when it can be) and tokenizer; float16 is refused first where the model's
+    activations leave its range, measured on `probe(tokenizer)` (real tokens of the run's own text)."""
+    if dtype == "float16":
+        ids = probe(load_tokenizer(model_id, trust_remote_code))
+        model, tokenizer = prepare_model(model_id, dtype, trust_remote_code, probe_ids=ids, verify=verify)
+        return as_host(model), tokenizer
+    return open_model(model_id, dtype, trust_remote_code, stream=stream, verify=verify, **execution.kwargs())
 
 
 def calibrate_model(
@@ -250,6 +283,7 @@ def calibrate_model(
     trust_remote_code: bool = False,
     verify: bool = True,
     progress: bool = True,
+    execution: Execution | None = None,
 ) -> CalibrationReport:
     """`sinkquant calibrate`: measure sinks, massive activations and outlier channels of a model."""
     c = calibration or CalibrationSection()
@@ -257,9 +291,11 @@ def calibrate_model(
     def probe(tok):
         return calibration_samples(tok, c.dataset, 1, min(c.seq_len, 128), c.seed).input_ids
 
-    model, tokenizer = _load_checked(model_id, dtype, trust_remote_code, verify, probe)
+    host, tokenizer = _open_checked(
+        model_id, dtype, trust_remote_code, verify, probe, execution or Execution()
+    )
     data = calibration_samples(tokenizer, c.dataset, c.samples, c.seq_len, c.seed)
-    report = calibrate(model, tokenizer, settings=settings, progress=progress, data=data)
+    report = calibrate(host, tokenizer, settings=settings, progress=progress, data=data)
     report.model = str(model_id)
     return report
 
@@ -304,16 +340,25 @@ def evaluate_model(
     trust_remote_code: bool = False,
     verify: bool = True,
     progress: bool = True,
+    execution: Execution | None = None,
 ) -> EvalResult:
     """`sinkquant eval`: perplexity (and KL against `reference`) under the fixed protocol, with the
-    KV cache `kv` asks for (what the cache needs measured is measured on the recipe's calibration)."""
+    KV cache `kv` asks for (what the cache needs measured is measured on the recipe's calibration).
+    Without a KV cache or chunks, local folders are streamed layer by layer (see `stream/host.py`)."""
 
     def probe(tok):
         return evaluation_windows(tok, "\n\n".join(load_documents(dataset)), min(seq_len, 128), None)[:1]
 
-    model, tokenizer = _load_checked(model_id, dtype, trust_remote_code, verify, probe)
+    execution = execution or Execution()
     kv = kv or KVRequest()
     asked = kv.resolve()
+    whole = (
+        chunk_size is not None
+        or (asked is not None and asked.kv_cache is not None)
+        or (asked is None and _stores_kv_cache(model_id))
+    )
+    host, tokenizer = _open_checked(model_id, dtype, trust_remote_code, verify, probe, execution, not whole)
+    model = host.model
     factory = getattr(model, "sinkquant_cache_factory", None) if asked is None else None
     described = "as stored in the checkpoint" if factory is not None else None
     if asked is not None and asked.kv_cache is not None:
@@ -325,17 +370,33 @@ def evaluate_model(
         described = config.describe()
     if factory is not None and chunk_size is None:
         chunk_size = 64  # a cache only matters when tokens arrive in chunks
-    ref = prepare_model(reference, "auto", trust_remote_code, verify=verify)[0] if reference else None
+    ref = None
+    if reference:
+        ref = open_model(reference, "auto", trust_remote_code, stream=not whole, verify=verify,
+                         **execution.kwargs())[0]  # fmt: skip
     if ref is not None:
-        ours, theirs = (m.get_output_embeddings().weight.shape[0] for m in (model, ref))
+        ours, theirs = (_vocab(m.model) for m in (host, ref))
         if ours != theirs:
             raise InputError(
                 f"the reference {reference} predicts {theirs} tokens and {model_id} {ours}: KL and top-1 "
                 "agreement need one vocabulary; give the model this one was quantized from"
             )
-    result = evaluate(model, tokenizer, dataset, seq_len, max_tokens, ref, chunk_size, factory, progress)
+    result = evaluate(host, tokenizer, dataset, seq_len, max_tokens, ref, chunk_size, factory, progress)
     result.extra = {"model": str(model_id), "reference": reference, "dtype": dtype, "kv_cache": described}
     return result
+
+
+def _stores_kv_cache(model_id) -> bool:
+    """Whether a sinkquant checkpoint carries a KV cache of its own (its evaluation then uses it)."""
+    if not is_sinkquant_checkpoint(model_id):
+        return False
+    qc = json.loads((Path(model_id) / "config.json").read_text())["quantization_config"]
+    return qc.get("kv_cache") is not None
+
+
+def _vocab(model: nn.Module) -> int:
+    head = model.get_output_embeddings()
+    return head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict:

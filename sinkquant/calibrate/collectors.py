@@ -49,7 +49,8 @@ class AttentionCollector(_Hooks):
         self.layers = decoder_layers(model)
         self.position_sums: torch.Tensor | None = None  # [layers, heads, track]
         self.samples = 0
-        self.batch_counts: torch.Tensor | None = None  # [batch, seq] pairs above epsilon
+        self.counts: torch.Tensor | None = None  # [samples, seq] pairs above epsilon
+        self.sample = 0  # the sample the next attention call belongs to
         self.num_heads = 0
         self.missing_layers: list[int] = []
         for idx, layer in enumerate(self.layers):
@@ -58,16 +59,16 @@ class AttentionCollector(_Hooks):
                 attn.register_forward_hook(lambda _m, _i, out, idx=idx: self._on_attention(idx, out))
             )
 
-    def start_batch(self, batch: int, seq: int) -> None:
-        self.batch_counts = torch.zeros(batch, seq, dtype=torch.int32)
-        self._seen = set()
+    def begin(self, samples: int, seq: int) -> None:
+        """Make room for `samples` samples of `seq` tokens (layers may visit them in any order)."""
+        self.counts = torch.zeros(samples, seq, dtype=torch.int32)
+        self.samples = samples
 
     def _on_attention(self, idx: int, out) -> None:
         probs = out[1] if isinstance(out, tuple) and len(out) > 1 else None
         if probs is None or probs.dim() != 4:
             self.missing_layers.append(idx)
             return
-        self._seen.add(idx)
         probs = probs.float()
         b, h, q, k = probs.shape
         self.num_heads = h
@@ -81,13 +82,12 @@ class AttentionCollector(_Hooks):
         self.position_sums[idx, :, :t] += mean_after[:, :, :t].sum(dim=0)
         scorable = later >= self.min_queries
         above = (mean_after > self.epsilon) & scorable
-        self.batch_counts += above.sum(dim=1).to(torch.int32)
+        self.counts[self.sample : self.sample + b] += above.sum(dim=1).to(torch.int32)
 
-    def end_batch(self, batch: int) -> torch.Tensor:
-        """Share of (layer, head) pairs sinking on each position of the batch [batch, seq]."""
-        self.samples += batch
+    def shares(self) -> torch.Tensor:
+        """Share of (layer, head) pairs sinking on each position of each sample [samples, seq]."""
         pairs = max(1, len(self.layers) * self.num_heads)
-        return self.batch_counts.float() / pairs
+        return self.counts.float() / pairs
 
     def scorable_positions(self, seq: int) -> torch.Tensor:
         return torch.arange(seq - 1, -1, -1) >= self.min_queries

@@ -12,6 +12,9 @@ from tqdm.auto import tqdm
 
 from ..architecture import decoder_layers
 from ..data import CalibrationSamples, calibration_samples
+from ..stream.host import ModelHost, ResidentModel
+from ..stream.layerwise import capture_inputs, head_logits, run_layer
+from ..stream.store import HiddenStore
 from .collectors import ActivationCollector, AttentionCollector, LinearInputCollector
 from .report import (
     CalibrationReport,
@@ -35,7 +38,7 @@ def has_learned_sink_logits(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def calibrate(
-    model: nn.Module,
+    model: nn.Module | ModelHost,
     tokenizer,
     dataset: str | os.PathLike | None = None,
     samples: int = 16,
@@ -44,15 +47,21 @@ def calibrate(
     settings: CalibrationSettings | None = None,
     progress: bool = True,
     data: CalibrationSamples | None = None,
+    memory_budget: int | None = None,
 ) -> CalibrationReport:
     """Measure sinks, massive activations and linear-layer input outliers on real text.
 
+    `model`: a model in memory, or a `ModelHost` (a model streamed from disk layer by layer).
     `dataset`: a local .txt/.jsonl/.parquet file, a hub name, or None for the embedded C4 slice.
     `data`: samples already drawn for this run (then `dataset`, `samples`, `seq_len` and `seed` are
-    not used). Runs one sample at a time with eager attention (switched on for the pass and restored after), so
-    memory stays at one sample's activations plus a few vectors per layer.
+    not used). The samples walk the decoder layers together, one layer at a time and one sample at a
+    time within it, with eager attention (switched on for the pass and restored after): memory is one
+    layer, every sample's hidden state (spilled to disk past `memory_budget` bytes) and one sample's
+    attention map.
     """
     settings = settings or CalibrationSettings()
+    host = model if isinstance(model, ModelHost) else ResidentModel(model)
+    model = host.model
     start = time.perf_counter()
     if data is None:
         data = calibration_samples(tokenizer, dataset, samples, seq_len, seed)
@@ -63,30 +72,46 @@ def calibrate(
     attention = AttentionCollector(model, settings.epsilon, settings.track_positions, settings.min_queries)
     activations = ActivationCollector(model)
     linears = LinearInputCollector(model)
-    flagged: dict[int, list[float]] = defaultdict(list)
-    occurrences: dict[int, int] = defaultdict(int)
-    max_later_share = 0.0
+    attention.begin(ids.shape[0], ids.shape[1])
+
+    def before(sample: int) -> None:
+        attention.sample = sample
+        activations.input_ids, activations.sample_offset = ids[sample : sample + 1], sample
+
     try:
-        for i in tqdm(range(ids.shape[0]), desc="calibrating", unit="sample", disable=not progress):
-            batch = ids[i : i + 1]
-            attention.start_batch(1, batch.shape[1])
-            activations.input_ids, activations.sample_offset = batch, i
-            model(input_ids=batch, use_cache=False, logits_to_keep=1)  # no full-vocab logits needed
-            share = attention.end_batch(1)[0]
-            scorable = attention.scorable_positions(batch.shape[1])
-            for pos in range(1 if not data.bos else 2, batch.shape[1]):
-                if not scorable[pos]:
-                    break
-                token = int(batch[0, pos])
-                occurrences[token] += 1
-                max_later_share = max(max_later_share, float(share[pos]))
-                if share[pos] >= settings.content_share:
-                    flagged[token].append(float(share[pos]))
+        with host.outside():
+            inputs = capture_inputs(model, ids, 1, host.device)
+        with HiddenStore(inputs.hidden, memory_budget) as store:
+            inputs.hidden = store
+            for index in tqdm(
+                range(len(host.layers)), desc="calibrating", unit="layer", disable=not progress
+            ):
+                with host.layer(index) as layer:
+                    run_layer(layer, inputs, index, before=before)
+            with host.outside():  # the LM head's input statistics, on the last token as generation sees it
+                for sample in range(ids.shape[0]):
+                    head_logits(model, ids[sample : sample + 1], store[sample], logits_to_keep=1)
     finally:
         for collector in (attention, activations, linears):
             collector.remove()
         if previous_attn:
             model.set_attn_implementation(previous_attn)
+
+    flagged: dict[int, list[float]] = defaultdict(list)
+    occurrences: dict[int, int] = defaultdict(int)
+    max_later_share = 0.0
+    shares = attention.shares()
+    scorable = attention.scorable_positions(ids.shape[1])
+    for sample in range(ids.shape[0]):
+        share = shares[sample]
+        for pos in range(1 if not data.bos else 2, ids.shape[1]):
+            if not scorable[pos]:
+                break
+            token = int(ids[sample, pos])
+            occurrences[token] += 1
+            max_later_share = max(max_later_share, float(share[pos]))
+            if share[pos] >= settings.content_share:
+                flagged[token].append(float(share[pos]))
 
     sinks = _sink_report(model, tokenizer, attention, flagged, occurrences, settings)
     sinks.max_later_share = _sig(max_later_share, 4)
@@ -103,7 +128,7 @@ def calibrate(
         dataset=data.source,
         seed=seed,
         bos=data.bos,
-        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        dtype=str(host.dtype).replace("torch.", ""),
         sinks=sinks,
         massive=massive,
         linear=linear,

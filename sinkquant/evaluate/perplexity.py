@@ -15,6 +15,7 @@ Protocol (every figure sinkquant reports uses it):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -27,7 +28,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import adds_bos, load_documents, tokenize_text
-from ..errors import InputError
+from ..errors import InputError, SinkQuantError
+from ..stream.host import ModelHost, as_host
+from ..stream.layerwise import capture_inputs, head_logits, run_layer
+from ..stream.store import HiddenStore
 
 PROTOCOL = "normalise line ends; tokenize once without special tokens; non-overlapping windows (BOS + seq_len-1 tokens when the tokenizer adds BOS); mean NLL over every predicted token"
 
@@ -103,36 +107,38 @@ def window_logits(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
+    model: nn.Module | ModelHost,
     tokenizer,
     dataset: str | os.PathLike,
     seq_len: int = 1024,
     max_tokens: int | None = None,
-    reference: nn.Module | None = None,
+    reference: nn.Module | ModelHost | None = None,
     chunk_size: int | None = None,
     cache_factory: Callable[[nn.Module], object] | None = None,
     progress: bool = True,
 ) -> EvalResult:
     """Perplexity of `model` on `dataset` under the fixed protocol (see the module docstring); with
-    `reference`, also KL(p_ref || p_model) and top-1 agreement on the same windows."""
+    `reference`, also KL(p_ref || p_model) and top-1 agreement on the same windows.
+
+    Without a chunk size or cache, every window walks the decoder layers together, one layer at a time
+    (so `model` may be a `ModelHost` streaming a model larger than memory); with one, each window runs
+    through the whole model in memory."""
     if chunk_size is not None and chunk_size < 1:
         raise InputError(f"--chunk-size must be a positive number of tokens (got {chunk_size})")
     start = time.perf_counter()
     text = "\n\n".join(load_documents(dataset))
     windows = evaluation_windows(tokenizer, text, seq_len, max_tokens)
-    nll_sum, kl_sum, agree, count = 0.0, 0.0, 0, 0
-    for i in tqdm(range(windows.shape[0]), desc="evaluating", unit="window", disable=not progress):
-        ids = windows[i : i + 1]
-        logits = window_logits(model, ids, chunk_size, cache_factory)[0, :-1]
-        targets = ids[0, 1:]
-        logp = F.log_softmax(logits, dim=-1)
-        nll_sum += float(-logp.gather(1, targets[:, None]).sum(dtype=torch.float64))
-        count += targets.numel()
-        if reference is not None:
-            ref_logp = F.log_softmax(window_logits(reference, ids)[0, :-1], dim=-1)
-            kl_sum += float((ref_logp.exp() * (ref_logp - logp)).sum(dtype=torch.float64))
-            agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
-        del logits, logp
+    host, ref = as_host(model), (as_host(reference) if reference is not None else None)
+    if chunk_size or cache_factory is not None:
+        if host.streamed:
+            raise InputError(
+                "a KV cache or --chunk-size needs the whole model in memory; it cannot be streamed"
+            )
+        scores = _whole_model_scores(host.model, windows, ref.model if ref else None, chunk_size, cache_factory,
+                                     progress)  # fmt: skip
+    else:
+        scores = _layerwise_scores(host, windows, ref, progress)
+    nll_sum, kl_sum, agree, count = scores
     nll = nll_sum / count
     if not math.isfinite(nll):
         raise InputError(
@@ -154,3 +160,61 @@ def evaluate(
         top1_agreement=agree / count if reference is not None else None,
         elapsed_s=round(time.perf_counter() - start, 2),
     )
+
+
+def _score(logits: torch.Tensor, ids: torch.Tensor, ref_logits: torch.Tensor | None, totals: list) -> None:
+    """Add one window's NLL (and KL / top-1 against the reference) to `totals`."""
+    targets = ids[0, 1:].to(logits.device)
+    logp = F.log_softmax(logits[0, :-1].float(), dim=-1)
+    totals[0] += float(-logp.gather(1, targets[:, None]).sum(dtype=torch.float64))
+    totals[3] += targets.numel()
+    if ref_logits is not None:
+        ref_logp = F.log_softmax(ref_logits[0, :-1].float(), dim=-1)
+        totals[1] += float((ref_logp.exp() * (ref_logp - logp)).sum(dtype=torch.float64))
+        totals[2] += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
+
+
+def _whole_model_scores(model, windows, reference, chunk_size, cache_factory, progress) -> list:
+    totals = [0.0, 0.0, 0, 0]  # nll, kl, top-1 agreements, predicted tokens
+    for i in tqdm(range(windows.shape[0]), desc="evaluating", unit="window", disable=not progress):
+        ids = windows[i : i + 1]
+        ref = window_logits(reference, ids) if reference is not None else None
+        _score(window_logits(model, ids, chunk_size, cache_factory), ids, ref, totals)
+    return totals
+
+
+def _final_hidden(host: ModelHost, windows: torch.Tensor, progress: bool, desc: str) -> HiddenStore:
+    """Every window's output of the last decoder layer, the windows walking the layers together."""
+    with host.outside():
+        inputs = capture_inputs(host.model, windows, 1, host.device)
+    store = HiddenStore(inputs.hidden, host.memory_budget)
+    inputs.hidden = store
+    try:
+        for index in tqdm(range(len(host.layers)), desc=desc, unit="layer", disable=not progress):
+            with host.layer(index) as layer:
+                run_layer(layer, inputs, index)
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def _layerwise_scores(host: ModelHost, windows, ref: ModelHost | None, progress: bool) -> list:
+    try:
+        mine = _final_hidden(host, windows, progress, "evaluating")
+    except SinkQuantError:  # layers not called one after another: whole windows, in memory
+        if host.streamed:
+            raise
+        return _whole_model_scores(host.model, windows, ref.model if ref else None, None, None, progress)
+    totals = [0.0, 0.0, 0, 0]
+    with mine, contextlib.ExitStack() as stack:
+        theirs = stack.enter_context(_final_hidden(ref, windows, progress, "reference")) if ref else None
+        stack.enter_context(host.outside())
+        if ref is not None:
+            stack.enter_context(ref.outside())
+        for w in range(windows.shape[0]):
+            ids = windows[w : w + 1]
+            logits = head_logits(host.model, ids, mine[w]).logits
+            ref_logits = head_logits(ref.model, ids, theirs[w]).logits if ref is not None else None
+            _score(logits, ids, ref_logits, totals)
+    return totals

@@ -39,12 +39,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..architecture import decoder_layers
 from ..calibrate.report import Calibration, CalibrationReport
 from ..errors import InputError
 from ..recipe import WeightsSection
+from ..stream.host import LayerWriter, ModelHost, as_host
+from ..stream.layerwise import capture_inputs, merge_batches, observe_inputs, run_layer
+from ..stream.store import HiddenStore
 from .hessian import HessianAccumulator, inverse_hessian_factor
-from .layerwise import capture_inputs, merge_batches, observe_inputs, run_layer
 from .linear import SinkQuantLinear
 from .primitives import complement_indices, quantize_grouped, quantize_int8_per_channel
 from .weights import QuantizeSummary, choose_outliers, float_weight, targets
@@ -277,71 +278,85 @@ def _sink_positions(report: CalibrationReport | None, sink_tokens: str) -> list[
 
 @torch.no_grad()
 def gptq_quantize_(
-    model: nn.Module,
+    model: nn.Module | ModelHost,
     weights: WeightsSection,
     calibration: Calibration,
     *,
     storage_dtype: torch.dtype | None = None,
     progress: bool = True,
+    writer: LayerWriter | None = None,
     batch_size: int = BATCH_SIZE,
     one_pass: bool | None = None,
 ) -> QuantizeSummary:
-    """Quantize `model` in place with GPTQ, decoder layer by decoder layer, on `calibration.samples`.
+    """Quantize `model` (in memory, or a `ModelHost` streaming it) with GPTQ, decoder layer by
+    decoder layer, on `calibration.samples`; `writer` receives each layer once it is final.
 
     Each decoder layer runs once over all calibration tokens (batches merged into one call): a linear
     layer is quantized when its input arrives, from the Hessian of that input, and computes with its
     quantized weights from then on, so later linear layers of the same layer see the quantized
     outputs ("true sequential") and the layer's output is already the next layer's input. That is one
     forward pass per layer instead of two. `one_pass=None` does so while the layer's activations for all
-    tokens fit `ONE_PASS_BYTES` (else, or with `one_pass=False`, or when the layers' arguments cannot
-    be merged: two passes over batches of `batch_size` samples, Hessians from the float layer, then the
-    quantized layer re-run). Linear layers outside the decoder layers get round-to-nearest.
-    `storage_dtype` holds the outlier columns and bias (default: each weight's own dtype)."""
+    tokens fit `ONE_PASS_BYTES` and the host's memory budget (else, or with `one_pass=False`, or when
+    the layers' arguments cannot be merged: two passes over batches of `batch_size` samples, Hessians
+    from the float layer, then the quantized layer re-run). Linear layers outside the decoder layers
+    get round-to-nearest. `storage_dtype` holds the outlier columns and bias (default: the dtype the
+    source stored each weight in)."""
     if weights.bits is None:
         return QuantizeSummary()
     if calibration.samples is None:
         raise InputError("GPTQ needs calibration samples (its Hessians come from the layers' inputs)")
     start = time.perf_counter()
+    host = as_host(model)
     report = calibration.report
-    chosen, skipped = targets(model, weights.ignore)
+    chosen, skipped = targets(host.model, weights.ignore)
     sinks = _sink_positions(report, weights.gptq.sink_tokens)
     summary = QuantizeSummary(bits=weights.bits, group_size=weights.group, skipped=skipped)
     ids = calibration.samples.input_ids
-    inputs = capture_inputs(model, ids, batch_size)
-    merged = merge_batches(inputs) if _one_pass_fits(ids, chosen, one_pass) else None
+    with host.outside():
+        inputs = capture_inputs(host.model, ids, batch_size, host.device)
+    merged = merge_batches(inputs) if _one_pass_fits(ids, chosen, one_pass, host) else None
     if merged is not None:
         inputs = merged
-    layers = decoder_layers(model)
-    prefixes = {id(m): n for n, m in model.named_modules()}
 
     def make_observer(in_features: int) -> HessianAccumulator:
         return HessianAccumulator(in_features, sinks, track_max=weights.gptq.sink_tokens == "cap")
 
     def quantize(name: str, module: nn.Module, observer: HessianAccumulator | None, factors: dict):
         idx = choose_outliers(name, float_weight(module), weights, report)
+        storage = storage_dtype or host.storage_dtype(name + ".weight")
         if observer is None:
             warnings.warn(f"GPTQ: {name} saw no calibration input; using round-to-nearest", stacklevel=3)
-            return _rtn(float_weight(module), module.bias, weights, idx, storage_dtype), idx
+            return _rtn(float_weight(module), module.bias, weights, idx, storage), idx
         hessian = observer.hessian(weights.gptq.sink_tokens)
-        return quantize_module(name, module, hessian, idx, weights, storage_dtype, factors), idx
+        return quantize_module(name, module, hessian, idx, weights, storage, factors), idx
 
-    for index, layer in enumerate(
-        tqdm(layers, desc=f"GPTQ int{weights.bits}", unit="layer", disable=not progress)
-    ):
-        prefix = prefixes[id(layer)] + "."
-        mine = {n: m for n, m in chosen.items() if n.startswith(prefix)}
-        factors: dict = {}  # this layer's factorisations, shared by linears with one input
-        step = _one_pass_layer if merged is not None else _two_pass_layer
-        done = step(layer, index, inputs, mine, make_observer, partial(quantize, factors=factors), batch_size)
-        for name, (new, idx) in done.items():
-            old = chosen.pop(name)
-            summary.swap_in(model, name, float_weight(old), old.bias, new, idx)
-    for name, module in chosen.items():  # outside the decoder layers: no calibration inputs
-        warnings.warn(f"GPTQ: {name} is outside the decoder layers; using round-to-nearest", stacklevel=2)
-        weight = float_weight(module)
-        idx = choose_outliers(name, weight, weights, report)
-        new = _rtn(weight, module.bias, weights, idx, storage_dtype)
-        summary.swap_in(model, name, weight, module.bias, new, idx)
+    with HiddenStore(inputs.hidden, host.memory_budget) as store:
+        inputs.hidden = store
+        for index in tqdm(range(len(host.layers)), desc=f"GPTQ int{weights.bits}", unit="layer",
+                          disable=not progress):  # fmt: skip
+            prefix = host.prefix(index)
+            mine = {n: m for n, m in chosen.items() if n.startswith(prefix)}
+            factors: dict = {}  # this layer's factorisations, shared by linears with one input
+            step = _one_pass_layer if merged is not None else _two_pass_layer
+            with host.layer(index) as layer:
+                done = step(layer, index, inputs, mine, make_observer, partial(quantize, factors=factors),
+                            batch_size)  # fmt: skip
+                for name, (new, idx) in done.items():
+                    old = chosen.pop(name)
+                    summary.swap_in(host.model, name, float_weight(old), old.bias, new, idx)
+                if writer is not None:
+                    writer.write_layer(host, index, layer)
+    with host.outside():
+        for name, module in chosen.items():  # outside the decoder layers: no calibration inputs
+            warnings.warn(f"GPTQ: {name} is outside the decoder layers; using round-to-nearest", stacklevel=2)
+            weight = float_weight(module)
+            idx = choose_outliers(name, weight, weights, report)
+            new = _rtn(
+                weight, module.bias, weights, idx, storage_dtype or host.storage_dtype(name + ".weight")
+            )
+            summary.swap_in(host.model, name, weight, module.bias, new, idx)
+        if writer is not None:
+            writer.write_outside(host)
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -356,7 +371,7 @@ def _one_pass_layer(layer, index, inputs, mine, make_observer, quantize, batch_s
         _compute_with(module, done[name][0])
 
     with observe_inputs(mine, make_observer, split=batch_size, on_arrival=arrive):
-        inputs.hidden = run_layer(layer, inputs, index)
+        run_layer(layer, inputs, index)
     for name in mine.keys() - done.keys():  # never called in this layer's forward
         done[name] = quantize(name, mine[name], None)
     return done
@@ -365,21 +380,25 @@ def _one_pass_layer(layer, index, inputs, mine, make_observer, quantize, batch_s
 def _two_pass_layer(layer, index, inputs, mine, make_observer, quantize, batch_size) -> dict:
     """Batch by batch: Hessians from the float layer, then the layer re-run with quantized weights."""
     with observe_inputs(mine, make_observer) as observers:
-        run_layer(layer, inputs, index)
+        run_layer(layer, inputs, index, keep=False)
     done = {name: quantize(name, m, observers.get(name)) for name, m in mine.items()}
     del observers
     with _effective_weights(mine, {n: new for n, (new, _) in done.items()}):
-        inputs.hidden = run_layer(layer, inputs, index)
+        run_layer(layer, inputs, index)
     return done
 
 
-def _one_pass_fits(ids: torch.Tensor, chosen: dict[str, nn.Module], one_pass: bool | None) -> bool:
+def _one_pass_fits(
+    ids: torch.Tensor, chosen: dict[str, nn.Module], one_pass: bool | None, host: ModelHost
+) -> bool:
     """Whether to merge the calibration batches: one layer's activations for every token at once,
-    estimated as 4 float32 copies of the widest linear output per token, must fit ONE_PASS_BYTES."""
+    estimated as 4 float32 copies of the widest linear output per token, must fit ONE_PASS_BYTES and
+    the host's memory budget."""
     if one_pass is not None:
         return one_pass
-    widest = max((float_weight(m).shape[0] for m in chosen.values()), default=0)
-    return ids.numel() * widest * 4 * 4 <= ONE_PASS_BYTES
+    widest = max((m.out_features if isinstance(m, nn.Linear) else m.weight.shape[1] for m in chosen.values()),
+                 default=0)  # fmt: skip
+    return ids.numel() * widest * 4 * 4 <= min(ONE_PASS_BYTES, host.memory_budget)
 
 
 @contextlib.contextmanager

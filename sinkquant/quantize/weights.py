@@ -19,6 +19,7 @@ from ..architecture import is_linear, replace_module
 from ..calibrate.report import Calibration, CalibrationReport
 from ..errors import InputError
 from ..recipe import WeightsSection
+from ..stream.host import LayerWriter, ModelHost, as_host
 from .linear import SinkQuantLinear
 
 
@@ -116,24 +117,30 @@ def targets(model: nn.Module, ignore: list[str]) -> tuple[dict[str, nn.Module], 
 
 @torch.no_grad()
 def quantize_(
-    model: nn.Module,
+    model: nn.Module | ModelHost,
     weights: WeightsSection,
     report: CalibrationReport | None = None,
     *,
     storage_dtype: torch.dtype | None = None,
     progress: bool = True,
+    writer: LayerWriter | None = None,
 ) -> QuantizeSummary:
-    """Replace every target linear layer of `model` with a round-to-nearest `SinkQuantLinear`, keeping
-    the outlier columns `report` names. `storage_dtype` holds those columns and the bias (default: each
-    weight's own dtype; give the source checkpoint's so they stay bit-identical to it)."""
+    """Replace every target linear layer of `model` (in memory, or a `ModelHost` streaming it) with a
+    round-to-nearest `SinkQuantLinear`, keeping the outlier columns `report` names, decoder layer by
+    decoder layer; `writer` receives each layer once it is final. `storage_dtype` holds those columns
+    and the bias (default: the dtype the source stored each weight in, so they stay bit-identical)."""
     if weights.bits is None:
         return QuantizeSummary()
     start = time.perf_counter()
-    chosen, skipped = targets(model, weights.ignore)
+    host = as_host(model)
+    chosen, skipped = targets(host.model, weights.ignore)
     summary = QuantizeSummary(bits=weights.bits, group_size=weights.group, skipped=skipped)
-    for name, module in tqdm(
-        chosen.items(), desc=f"quantizing to int{weights.bits}", unit="layer", disable=not progress
-    ):
+    bar = tqdm(
+        total=len(chosen), desc=f"quantizing to int{weights.bits}", unit="linear", disable=not progress
+    )
+
+    def quantize_one(name: str) -> None:
+        module = chosen.pop(name)
         weight = float_weight(module)
         idx = choose_outliers(name, weight, weights, report)
         new = SinkQuantLinear.from_float(
@@ -143,25 +150,43 @@ def quantize_(
             weights.group,
             idx,
             weights.symmetric,
-            storage_dtype=storage_dtype,
+            storage_dtype=storage_dtype or host.storage_dtype(name + ".weight"),
             importance=column_importance(name, report),
             clip_search=weights.clip_search,
         )
-        summary.swap_in(model, name, weight, module.bias, new, idx)
+        summary.swap_in(host.model, name, weight, module.bias, new, idx)
+        bar.update()
+
+    with bar:
+        for index in range(len(host.layers)):
+            prefix = host.prefix(index)
+            with host.layer(index) as layer:
+                for name in [n for n in chosen if n.startswith(prefix)]:
+                    quantize_one(name)
+                if writer is not None:
+                    writer.write_layer(host, index, layer)
+        with host.outside():
+            for name in list(chosen):
+                quantize_one(name)
+            if writer is not None:
+                writer.write_outside(host)
     summary.seconds = time.perf_counter() - start
     return summary
 
 
 def rtn_quantize_(
-    model: nn.Module,
+    model: nn.Module | ModelHost,
     weights: WeightsSection,
     calibration: Calibration,
     *,
     storage_dtype: torch.dtype | None = None,
     progress: bool = True,
+    writer: LayerWriter | None = None,
 ) -> QuantizeSummary:
     """`quantize_` with the signature every weight algorithm shares (see `algorithms.py`)."""
-    return quantize_(model, weights, calibration.report, storage_dtype=storage_dtype, progress=progress)
+    return quantize_(
+        model, weights, calibration.report, storage_dtype=storage_dtype, progress=progress, writer=writer
+    )
 
 
 def choose_outliers(

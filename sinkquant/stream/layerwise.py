@@ -1,8 +1,10 @@
-"""Run calibration samples through a model one decoder layer at a time.
+"""Run many sequences (calibration samples, evaluation windows) through a model one decoder layer at a
+time.
 
-A layer-by-layer algorithm (GPTQ) needs, for each decoder layer in turn, the inputs of its linear
-layers *as the already-quantized layers before it produce them*. This module owns that plumbing and
-knows nothing about how weights are quantized:
+Calibration, GPTQ and perplexity all walk the layers in order over every sequence at once, so only one
+layer's weights need to be in memory (see `host.py`); GPTQ also needs each layer's inputs *as the
+already-quantized layers before it produce them*. This module owns that plumbing and knows nothing
+about what is measured or how weights are quantized:
 
 1. `capture_inputs`: the hidden states entering decoder layer 0, and the other arguments every layer
    is called with (position embeddings, attention mask, position ids, cache position, ...), batch by
@@ -13,14 +15,16 @@ knows nothing about how weights are quantized:
 2. `observe_inputs`: forward pre-hooks that hand every linear layer's input to an observer; linear
    layers fed the very same tensor (q/k/v, gate/up) share one observer, so its statistics are computed
    once.
-3. `run_layer`: one decoder layer over all batches; run once with the float weights (observers
-   attached) and once after quantization, whose outputs become the next layer's inputs.
+3. `run_layer`: one decoder layer over all batches, its outputs replacing its inputs; GPTQ runs it once
+   with the float weights (observers attached) and once after quantization.
 4. `merge_batches`: the recorded batches as one batch, so a layer can run over every calibration
    token in a single call. GPTQ then quantizes each linear layer inside that call, as its input
    arrives (one pass per layer instead of two, and every linear layer sees the outputs of the
    quantized ones before it in the same layer).
+5. `head_logits`: what the model computes after its last decoder layer (final norm, LM head, soft-capping)
+   on given final hidden states, by the model's own forward with the layers standing aside.
 
-Peak memory is the model, the calibration hidden states (inputs and outputs of one layer) and the
+Peak memory is the layer in use, the hidden states (inputs and outputs of one layer) and the
 observers of one layer; with merged batches, also one layer's intermediate activations for all
 calibration tokens at once.
 """
@@ -53,8 +57,12 @@ class LayerInputs:
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> LayerInputs:
-    """Embed `input_ids` [n, seq] in batches of `batch_size` and record what each decoder layer gets."""
+def capture_inputs(
+    model: nn.Module, input_ids: torch.Tensor, batch_size: int, device: torch.device | None = None
+) -> LayerInputs:
+    """Embed `input_ids` [n, seq] in batches of `batch_size` on `device` (default: the embedding's)
+    and record what each decoder layer gets. Only the modules before the first decoder layer need to
+    hold weights."""
     layers = decoder_layers(model)
     hidden: list[torch.Tensor] = []
     calls: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
@@ -74,16 +82,12 @@ def capture_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -
 
         return forward
 
-    device = next(model.parameters()).device
-    try:
-        for i, layer in enumerate(layers):
-            layer.forward = stand_in(i)  # an instance attribute shadows the class's forward
+    if device is None:
+        device = model.get_input_embeddings().weight.device
+    with _standing_aside(layers, stand_in):
         for start in range(0, input_ids.shape[0], batch_size):
             with contextlib.suppress(_StopForward):
                 model(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False)
-    finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
     batches = len(hidden)
     if batches == 0 or any(len(c) != batches for c in calls):
         raise SinkQuantError(
@@ -94,12 +98,65 @@ def capture_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs: LayerInputs, index: int) -> list[torch.Tensor]:
-    """Decoder layer `index` over every batch of `inputs.hidden`; returns the output hidden states."""
-    return [
-        hidden_of(layer(h, *args, **kwargs))
-        for h, (args, kwargs) in zip(inputs.hidden, inputs.calls[index], strict=True)
-    ]
+def run_layer(
+    layer: nn.Module,
+    inputs: LayerInputs,
+    index: int,
+    keep: bool = True,
+    before: Callable[[int], None] | None = None,
+) -> None:
+    """Decoder layer `index` over every batch of `inputs.hidden` (a list or a `HiddenStore`); with
+    `keep`, each batch's output replaces its input. `before(b)` runs before batch b (collectors that
+    need to know which sample they see)."""
+    for b, (args, kwargs) in enumerate(inputs.calls[index]):
+        if before is not None:
+            before(b)
+        out = hidden_of(layer(inputs.hidden[b], *args, **kwargs))
+        if keep:
+            inputs.hidden[b] = out
+
+
+@torch.no_grad()
+def head_logits(model: nn.Module, input_ids: torch.Tensor, final_hidden: torch.Tensor, **kwargs):
+    """The model's output for `input_ids` [b, seq] given the last decoder layer's output
+    `final_hidden` [b, seq, hidden]: the model's own forward runs with every decoder layer standing
+    aside (the first returns `final_hidden`), so whatever follows the layers in that model (final norm,
+    LM head, logit soft-capping, `logits_to_keep`) is applied exactly. Needs only the modules outside
+    the decoder layers to hold weights."""
+    layers = decoder_layers(model)
+
+    def stand_in(index: int):
+        def forward(*args, **kw):
+            return final_hidden if index == 0 else (args[0] if args else kw["hidden_states"])
+
+        return forward
+
+    with _standing_aside(layers, stand_in):
+        return model(input_ids=input_ids.to(final_hidden.device), use_cache=False, **kwargs)
+
+
+_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+          "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _standing_aside(layers: nn.ModuleList, make_forward: Callable[[int], Callable]):
+    """Each layer's forward replaced by `make_forward(index)` for the block (an instance attribute
+    shadows the class's), and the hooks others attached to the layers held back meanwhile (a
+    collector measuring layer outputs must not see a stand-in's)."""
+    saved = []
+    try:
+        for i, layer in enumerate(layers):
+            saved.append({name: getattr(layer, name) for name in _HOOKS})
+            for name in _HOOKS:
+                setattr(layer, name, type(saved[-1][name])())
+            layer.forward = make_forward(i)
+        yield
+    finally:
+        for layer, hooks in zip(layers, saved, strict=False):
+            layer.__dict__.pop("forward", None)
+            for name, value in hooks.items():
+                setattr(layer, name, value)
 
 
 def merge_batches(inputs: LayerInputs) -> LayerInputs | None:

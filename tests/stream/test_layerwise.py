@@ -6,7 +6,7 @@ from tiny_models import tiny_llama
 
 from sinkquant.architecture import decoder_layers
 from sinkquant.quantize.hessian import HessianAccumulator
-from sinkquant.quantize.layerwise import capture_inputs, merge_batches, observe_inputs, run_layer
+from sinkquant.stream.layerwise import capture_inputs, merge_batches, observe_inputs, run_layer
 
 
 def test_layer_by_layer_float_pass_matches_the_model():
@@ -15,7 +15,7 @@ def test_layer_by_layer_float_pass_matches_the_model():
     inputs = capture_inputs(model, ids, batch_size=2)
     assert [h.shape[0] for h in inputs.hidden] == [2, 2, 1]
     for index, layer in enumerate(decoder_layers(model)):
-        inputs.hidden = run_layer(layer, inputs, index)
+        run_layer(layer, inputs, index)
     with torch.no_grad():
         expected = model(ids, output_hidden_states=True).hidden_states[-1]  # after the final norm
     final = model.model.norm(torch.cat(inputs.hidden))
@@ -29,8 +29,8 @@ def test_merged_batches_give_the_batched_outputs():
     merged = merge_batches(capture_inputs(model, ids, batch_size=2))
     assert merged is not None and [h.shape[0] for h in merged.hidden] == [5]
     for index, layer in enumerate(decoder_layers(model)):
-        batched.hidden = run_layer(layer, batched, index)
-        merged.hidden = run_layer(layer, merged, index)
+        run_layer(layer, batched, index)
+        run_layer(layer, merged, index)
         assert torch.allclose(merged.hidden[0], torch.cat(batched.hidden), atol=1e-5)
 
 
