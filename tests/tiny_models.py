@@ -50,3 +50,29 @@ def save_tiny(model, folder: Path, tokenizer_from: Path | None = None) -> Path:
 
         AutoTokenizer.from_pretrained(str(tokenizer_from)).save_pretrained(folder)
     return folder
+
+
+def tiny_qwen2(seed: int = 0, vocab: int = 512):
+    """Qwen2's shape of a decoder: q/k/v biases, untied LM head, no BOS."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+    )  # fmt: skip
+    return Qwen2ForCausalLM(config).eval()
+
+
+def tiny_gemma3(seed: int = 0, vocab: int = 512):
+    """Gemma 3's text decoder: sliding-window and global layers, scaled embeddings, soft-capping."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=32, max_position_embeddings=512,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        final_logit_softcapping=30.0,
+    )  # fmt: skip
+    return Gemma3ForCausalLM(config).eval()
