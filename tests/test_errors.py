@@ -217,16 +217,16 @@ def _refuse_writes(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _fail_mid_write(error: BaseException) -> Callable[[Env, pytest.MonkeyPatch], None]:
-    """Write half of model.safetensors, then fail the way a full disk or a Ctrl-C would."""
+    """Write half of a safetensors shard, then fail the way a full disk or a Ctrl-C would."""
 
     def patch(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-        import transformers.modeling_utils
+        import safetensors.torch
 
         def save_file_then_fail(tensors, filename, metadata=None):
             Path(filename).write_bytes(b"\0" * 4096)
             raise error
 
-        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file_then_fail)
+        monkeypatch.setattr(safetensors.torch, "save_file", save_file_then_fail)
 
     return patch
 

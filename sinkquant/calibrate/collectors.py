@@ -74,15 +74,17 @@ class AttentionCollector(_Hooks):
         self.num_heads = h
         # Only the last k queries/keys align when q == k (no cache during calibration).
         received = probs.sum(dim=2) - torch.diagonal(probs, dim1=2, dim2=3)  # [b, h, k]: from queries after k
-        later = torch.arange(k - 1, -1, -1, dtype=torch.float32)  # queries after position j: k-1-j
+        later = torch.arange(
+            k - 1, -1, -1, dtype=torch.float32, device=probs.device
+        )  # queries after j: k-1-j
         mean_after = received / later.clamp(min=1)
         if self.position_sums is None:
             self.position_sums = torch.zeros(len(self.layers), h, self.track)
         t = min(self.track, k)
-        self.position_sums[idx, :, :t] += mean_after[:, :, :t].sum(dim=0)
+        self.position_sums[idx, :, :t] += mean_after[:, :, :t].sum(dim=0).cpu()
         scorable = later >= self.min_queries
         above = (mean_after > self.epsilon) & scorable
-        self.counts[self.sample : self.sample + b] += above.sum(dim=1).to(torch.int32)
+        self.counts[self.sample : self.sample + b] += above.sum(dim=1).to(torch.int32).cpu()
 
     def shares(self) -> torch.Tensor:
         """Share of (layer, head) pairs sinking on each position of each sample [samples, seq]."""
@@ -128,7 +130,7 @@ class ActivationCollector(_Hooks):
                 token = int(self.input_ids[i, pos]) if self.input_ids is not None else -1
                 self.best[idx] = (v, dim, pos, self.sample_offset + i, token)
             self.medians[idx].append(float(h[i].median()))
-        per_dim = h.amax(dim=(0, 1))
+        per_dim = h.amax(dim=(0, 1)).cpu()
         self.dim_max[idx] = (
             per_dim if self.dim_max[idx] is None else torch.maximum(self.dim_max[idx], per_dim)
         )
@@ -156,7 +158,7 @@ class LinearInputCollector(_Hooks):
     def _on_input(self, name: str, args) -> None:
         x = args[0].detach()
         x = x.reshape(-1, x.shape[-1]).float().abs()
-        peak = x.amax(dim=0)
+        peak = x.amax(dim=0).cpu()
         self.max_abs[name] = peak if name not in self.max_abs else torch.maximum(self.max_abs[name], peak)
-        self.sum_abs[name] = self.sum_abs[name] + x.sum(dim=0, dtype=torch.float64)
+        self.sum_abs[name] = self.sum_abs[name] + x.sum(dim=0, dtype=torch.float64).cpu()
         self.tokens[name] += x.shape[0]

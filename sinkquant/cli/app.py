@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -38,6 +39,39 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     """Warnings as `warning: ...`, one line each, like errors (no source file and line of library code)."""
     text = str(message).strip().splitlines()
     click.echo(f"warning: {text[0] if text else category.__name__}", err=True)
+
+
+def execution_options(command):
+    """`--device` and `--memory-budget`, shared by the commands that run a model."""
+    command = click.option(
+        "--memory-budget",
+        default=None,
+        type=click.IntRange(min=0),
+        metavar="MIB",
+        help="Memory the hidden states of all sequences may hold before they spill to a temporary folder "
+        "(default: a quarter of the memory limit).",
+    )(command)
+    return click.option(
+        "--device",
+        default="auto",
+        show_default=True,
+        help="Where each decoder layer computes: cpu, cuda, cuda:N or auto (CUDA when there is a GPU).",
+    )(command)
+
+
+def execution(device: str, memory_budget: int | None):
+    from ..stream.host import Execution
+
+    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
+        from ..errors import InputError
+
+        raise InputError(f"--device must be cpu, cuda, cuda:N or auto (got {device!r})")
+    return Execution(device=device, memory_budget=None if memory_budget is None else memory_budget << 20)
+
+
+def _terminated(signum, frame) -> None:
+    """SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C: temporary folders and spill files go."""
+    raise KeyboardInterrupt
 
 
 class _Group(click.Group):
@@ -82,3 +116,4 @@ class _Group(click.Group):
 def main(debug: bool) -> None:
     """Sink-aware quantization for Hugging Face causal language models."""
     _quiet_libraries()
+    signal.signal(signal.SIGTERM, _terminated)

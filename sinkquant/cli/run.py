@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .app import DTYPE_CHOICE, NO_VERIFY_HELP, main
+from .app import DTYPE_CHOICE, NO_VERIFY_HELP, execution, execution_options, main
 from .app import progress as _progress
 
 
@@ -57,6 +57,7 @@ from .app import progress as _progress
 )
 @click.option("--trust-remote-code", is_flag=True, help="Allow code shipped inside the model folder to run.")
 @click.option("--no-verify", is_flag=True, help=NO_VERIFY_HELP)
+@execution_options
 def calibrate(
     model,
     dataset,
@@ -71,6 +72,8 @@ def calibrate(
     plots,
     trust_remote_code,
     no_verify,
+    device,
+    memory_budget,
 ):
     """Measure attention sinks, massive activations and outlier input channels of MODEL."""
     from ..calibrate import CalibrationSettings
@@ -86,6 +89,7 @@ def calibrate(
         trust_remote_code,
         verify=not no_verify,
         progress=_progress(),
+        execution=execution(device, memory_budget),
     )
     print_summary(report)
     if out:
@@ -162,6 +166,7 @@ def calibrate(
 )
 @click.option("--trust-remote-code", is_flag=True, help="Allow code shipped inside the model folder to run.")
 @click.option("--no-verify", is_flag=True, help=NO_VERIFY_HELP)
+@execution_options
 def eval_command(
     model,
     dataset,
@@ -182,6 +187,8 @@ def eval_command(
     json_out,
     trust_remote_code,
     no_verify,
+    device,
+    memory_budget,
 ):
     """Perplexity of MODEL (a model or a sinkquant checkpoint) under the fixed protocol."""
     from ..pipeline import KVRequest, evaluate_model
@@ -210,6 +217,7 @@ def eval_command(
         trust_remote_code,
         verify=not no_verify,
         progress=_progress(),
+        execution=execution(device, memory_budget),
     )
     result.extra["stream"] = stream
     line = f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({result.windows} windows of {seq_len}"
@@ -294,6 +302,7 @@ def _mib(n: int) -> str:
 )
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow code shipped inside the model folder to run.")
+@execution_options
 def quantize(
     model_dir,
     out_dir,
@@ -313,6 +322,8 @@ def quantize(
     eval_tokens,
     overwrite,
     trust_remote_code,
+    device,
+    memory_budget,
 ):
     """Quantize MODEL_DIR into a checkpoint in OUT_DIR."""
     from ..errors import InputError
@@ -352,6 +363,7 @@ def quantize(
         eval_tokens,
         trust_remote_code,
         progress=_progress(),
+        execution=execution(device, memory_budget),
     )
     _print_summary(result, recipe)
 

@@ -248,8 +248,12 @@ def quantize_module(
     storage: torch.dtype,
     factor_cache: dict | None = None,
 ) -> SinkQuantLinear:
-    """One linear layer -> `SinkQuantLinear` by GPTQ (round-to-nearest if GPTQ gave non-finite numbers)."""
-    weight = float_weight(module).detach()
+    """One linear layer -> `SinkQuantLinear` by GPTQ (round-to-nearest if GPTQ gave non-finite numbers).
+    The column sweep runs on the CPU, beside the Hessian (thousands of small dependent steps); the
+    result goes back to the module's device."""
+    device = module.weight.device
+    weight = float_weight(module).detach().cpu()
+    bias = module.bias.detach().cpu() if module.bias is not None else None
     opts = weights.gptq
     res = gptq_quantize_weight(
         weight, hessian, weights.bits, weights.group, idx, weights.symmetric,
@@ -257,12 +261,12 @@ def quantize_module(
     )  # fmt: skip
     if not all(bool(torch.isfinite(t.float()).all()) for t in (res.weight, res.scale)):
         warnings.warn(f"GPTQ gave non-finite weights for {name}; using round-to-nearest", stacklevel=2)
-        return _rtn(weight, module.bias, weights, idx, storage)
+        return _rtn(weight, bias, weights, idx, storage).to(device)
     new = SinkQuantLinear.from_float(
-        weight, module.bias, weights.bits, weights.group, idx, weights.symmetric,
+        weight, bias, weights.bits, weights.group, idx, weights.symmetric,
         codes=res.codes, scale=res.scale, minimum=res.minimum, storage_dtype=storage,
     )  # fmt: skip
-    return new.to(weight.device)
+    return new.to(device)
 
 
 def _sink_positions(report: CalibrationReport | None, sink_tokens: str) -> list[int]:

@@ -9,9 +9,14 @@ from sinkquant.stream.source import INDEX, SafetensorsSource
 
 
 def _sharded(folder):
-    save_file({"a": torch.ones(2, dtype=torch.bfloat16), "b": torch.zeros(3)}, str(folder / "one.safetensors"))
+    save_file(
+        {"a": torch.ones(2, dtype=torch.bfloat16), "b": torch.zeros(3)}, str(folder / "one.safetensors")
+    )
     save_file({"c": torch.arange(4)}, str(folder / "two.safetensors"))
-    index = {"metadata": {}, "weight_map": {"a": "one.safetensors", "b": "one.safetensors", "c": "two.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": {"a": "one.safetensors", "b": "one.safetensors", "c": "two.safetensors"},
+    }
     (folder / INDEX).write_text(json.dumps(index))
 
 

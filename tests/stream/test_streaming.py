@@ -18,7 +18,9 @@ from sinkquant.recipe import Recipe
 from sinkquant.stream.host import Execution, StreamedModel
 from tests.tiny_models import save_tiny, tiny_gemma3, tiny_qwen2
 
-RTN = Recipe().with_overrides(**{"weights.group_size": 32, "calibration.samples": 3, "calibration.seq_len": 96})
+RTN = Recipe().with_overrides(
+    **{"weights.group_size": 32, "calibration.samples": 3, "calibration.seq_len": 96}
+)
 GPTQ = RTN.with_overrides(**{"weights.algorithm": "gptq"})
 
 
@@ -31,7 +33,9 @@ def tensors(folder):
 
 def same_tensors(a, b) -> bool:
     ta, tb = tensors(a), tensors(b)
-    return ta.keys() == tb.keys() and all(ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]) for k in ta)
+    return ta.keys() == tb.keys() and all(
+        ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]) for k in ta
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +50,9 @@ def sharded_stories(stories_path, tmp_path_factory):
 
 
 @pytest.mark.parametrize("recipe", [RTN, GPTQ], ids=["rtn", "gptq"])
-def test_a_sharded_model_quantizes_to_the_tensors_of_the_unsharded_one(recipe, stories_path, sharded_stories, tmp_path):
+def test_a_sharded_model_quantizes_to_the_tensors_of_the_unsharded_one(
+    recipe, stories_path, sharded_stories, tmp_path
+):
     quantize_model(stories_path, tmp_path / "one", recipe, progress=False)
     quantize_model(sharded_stories, tmp_path / "many", recipe, progress=False)
     assert same_tensors(tmp_path / "one", tmp_path / "many")
@@ -66,7 +72,9 @@ def test_the_model_in_memory_gives_the_tensors_of_the_streamed_one(recipe, stori
     assert same_tensors(tmp_path / "streamed", tmp_path / "memory")
 
 
-def test_hidden_states_spilled_to_disk_give_the_same_tensors_and_perplexity(stories_path, wikitext_path, tmp_path):
+def test_hidden_states_spilled_to_disk_give_the_same_tensors_and_perplexity(
+    stories_path, wikitext_path, tmp_path
+):
     spill = Execution(memory_budget=0)
     a = quantize_model(stories_path, tmp_path / "memory", RTN, progress=False, eval_dataset=wikitext_path,
                        eval_tokens=1024)  # fmt: skip
