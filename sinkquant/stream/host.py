@@ -164,6 +164,10 @@ class StreamedModel(ModelHost):
         self.device = resolve_device(device)
         self.memory_budget = default_budget_bytes() if memory_budget is None else memory_budget
         self.model = build_skeleton(config, dtype, prepare, attn_implementation)
+        for module in self.model.modules():  # computed buffers (rotary frequencies) live where layers compute
+            for name in module._non_persistent_buffers_set:
+                if module._buffers.get(name) is not None:
+                    module._buffers[name] = module._buffers[name].to(self.device)
         self._tied = dict(getattr(self.model, "all_tied_weights_keys", None) or {})
         self._check_coverage()
 
