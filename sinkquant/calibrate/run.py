@@ -79,7 +79,7 @@ def calibrate(
         activations.input_ids, activations.sample_offset = ids[sample : sample + 1], sample
 
     try:
-        with host.outside():
+        with host.outside("input"):
             inputs = capture_inputs(model, ids, 1, host.device)
         with HiddenStore(inputs.hidden, memory_budget) as store:
             inputs.hidden = store
@@ -88,9 +88,9 @@ def calibrate(
             ):
                 with host.layer(index) as layer:
                     run_layer(layer, inputs, index, before=before)
-            with host.outside():  # the LM head's input statistics, on the last token as generation sees it
+            with host.outside("output"):  # the LM head's input statistics, on the last token as generation sees it
                 for sample in range(ids.shape[0]):
-                    head_logits(model, ids[sample : sample + 1], store[sample], logits_to_keep=1)
+                    head_logits(model, store[sample], logits_to_keep=1)
     finally:
         for collector in (attention, activations, linears):
             collector.remove()

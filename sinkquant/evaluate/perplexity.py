@@ -185,7 +185,7 @@ def _whole_model_scores(model, windows, reference, chunk_size, cache_factory, pr
 
 def _final_hidden(host: ModelHost, windows: torch.Tensor, progress: bool, desc: str) -> HiddenStore:
     """Every window's output of the last decoder layer, the windows walking the layers together."""
-    with host.outside():
+    with host.outside("input"):
         inputs = capture_inputs(host.model, windows, 1, host.device)
     store = HiddenStore(inputs.hidden, host.memory_budget)
     inputs.hidden = store
@@ -209,12 +209,12 @@ def _layerwise_scores(host: ModelHost, windows, ref: ModelHost | None, progress:
     totals = [0.0, 0.0, 0, 0]
     with mine, contextlib.ExitStack() as stack:
         theirs = stack.enter_context(_final_hidden(ref, windows, progress, "reference")) if ref else None
-        stack.enter_context(host.outside())
+        stack.enter_context(host.outside("output"))
         if ref is not None:
-            stack.enter_context(ref.outside())
+            stack.enter_context(ref.outside("output"))
         for w in range(windows.shape[0]):
             ids = windows[w : w + 1]
-            logits = head_logits(host.model, ids, mine[w]).logits
-            ref_logits = head_logits(ref.model, ids, theirs[w]).logits if ref is not None else None
+            logits = head_logits(host.model, mine[w]).logits
+            ref_logits = head_logits(ref.model, theirs[w]).logits if ref is not None else None
             _score(logits, ids, ref_logits, totals)
     return totals

@@ -316,7 +316,7 @@ def gptq_quantize_(
     sinks = _sink_positions(report, weights.gptq.sink_tokens)
     summary = QuantizeSummary(bits=weights.bits, group_size=weights.group, skipped=skipped)
     ids = calibration.samples.input_ids
-    with host.outside():
+    with host.outside("input"):
         inputs = capture_inputs(host.model, ids, batch_size, host.device)
     merged = merge_batches(inputs) if _one_pass_fits(ids, chosen, one_pass, host) else None
     if merged is not None:

@@ -135,6 +135,9 @@ def packed_size(n: int, bits: int) -> int:
     return math.ceil(n * bits / 8)
 
 
+_CLIP_BLOCK_ELEMENTS = 1 << 22  # weights per block of rows in the clipping search
+
+
 def quantize_grouped_clipped(
     x: torch.Tensor,
     bits: int,
@@ -149,7 +152,14 @@ def quantize_grouped_clipped(
     dequant_j)^2 is kept. `importance` [n] weighs input columns (e.g. mean x_j^2 from calibration), so
     the search trades error on rarely-active columns for precision where activations are large.
 
-    x [..., n] -> (codes, scale, minimum) exactly as `quantize_grouped` returns them."""
+    x [..., n] -> (codes, scale, minimum) exactly as `quantize_grouped` returns them. Rows are
+    independent, so a large x is searched a block of rows at a time (the same numbers; the search's
+    temporaries are a few copies of one block, not of the whole weight)."""
+    rows = max(1, _CLIP_BLOCK_ELEMENTS // max(1, x.shape[-1]))
+    if x.dim() == 2 and x.shape[0] > rows:
+        parts = [quantize_grouped_clipped(x[i : i + rows], bits, group_size, importance, ratios, symmetric,
+                                          param_dtype) for i in range(0, x.shape[0], rows)]  # fmt: skip
+        return tuple(torch.cat(p) for p in zip(*parts, strict=True))
     n = x.shape[-1]
     weight = torch.ones(n) if importance is None else importance.float().clamp(min=0)
     best = None

@@ -40,7 +40,7 @@ class Execution:
 
     def shard_bytes(self, host: ModelHost) -> int:
         """Shards small enough that the one waiting in memory stays within the budget."""
-        return max(64 << 20, min(SHARD_BYTES, host.memory_budget))
+        return max(64 << 20, min(SHARD_BYTES, host.memory_budget // 2))
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -81,7 +81,10 @@ class ModelHost:
     def layer(self, index: int) -> contextlib.AbstractContextManager[nn.Module]:
         raise NotImplementedError
 
-    def outside(self) -> contextlib.AbstractContextManager[nn.Module]:
+    def outside(self, part: str = "all") -> contextlib.AbstractContextManager[nn.Module]:
+        """The modules outside the decoder layers, usable for the block. `part`: "input" (what runs
+        before the first layer: the LM head is left out unless tied), "output" (what runs after the
+        last: the input embedding is left out unless tied) or "all"."""
         raise NotImplementedError
 
     def storage_dtype(self, name: str) -> torch.dtype | None:
@@ -122,8 +125,8 @@ class ResidentModel(ModelHost):
                 layer.to(self.home)
 
     @contextlib.contextmanager
-    def outside(self) -> Iterator[nn.Module]:
-        outer = _outer_modules(self.model)
+    def outside(self, part: str = "all") -> Iterator[nn.Module]:
+        outer = _outer_modules(self.model, part)
         if self.device != self.home:
             for module in outer:
                 module.to(self.device)
@@ -192,8 +195,9 @@ class StreamedModel(ModelHost):
             release(layer)
 
     @contextlib.contextmanager
-    def outside(self) -> Iterator[nn.Module]:
-        outer = _outer_modules(self.model)
+    def outside(self, part: str = "all") -> Iterator[nn.Module]:
+        tied = any(target not in self.source for target in self._tied)
+        outer = _outer_modules(self.model, part, tied)
         names = {id(m): n for n, m in self.model.named_modules()}
         for module in outer:
             self._materialize(module, names[id(module)] + ".")
@@ -202,7 +206,8 @@ class StreamedModel(ModelHost):
             yield self.model
         finally:
             for module in outer:
-                release(module)
+                _release(module)
+            return_freed_memory()
 
     def _materialize(self, module: nn.Module, prefix: str) -> None:
         """Read `module`'s tensors (qualified names under `prefix`) into it, on the device, floats in
@@ -247,11 +252,19 @@ class LayerWriter(Protocol):
         """Everything outside the decoder layers is final (called inside `host.outside()`)."""
 
 
-def _outer_modules(model: nn.Module) -> list[nn.Module]:
+def _outer_modules(model: nn.Module, part: str = "all", tied: bool | None = None) -> list[nn.Module]:
     """The smallest modules that hold every tensor outside the decoder layers (the embedding, the final
-    norm, the LM head, ...), each holding tensors itself."""
+    norm, the LM head, ...), each holding tensors itself; `part` as in `ModelHost.outside`. `tied`:
+    whether the LM head shares the embedding's weight (default: whether it holds the same tensor)."""
     layers = decoder_layers(model)
     inside = {id(m) for m in layers.modules()}
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if tied is None:
+        tied = head is not None and getattr(head, "weight", None) is getattr(embedding, "weight", 0)
+    if not tied and part == "input" and head is not None:
+        inside |= {id(m) for m in head.modules()}
+    if not tied and part == "output" and embedding is not None:
+        inside |= {id(m) for m in embedding.modules()}
     outer = []
     for module in model.modules():
         if id(module) in inside:
@@ -269,6 +282,11 @@ def _outer_modules(model: nn.Module) -> list[nn.Module]:
 def release(module: nn.Module) -> None:
     """Give back the memory of `module`'s parameters and persistent buffers (they go to the meta
     device; the module keeps its structure and hooks, and is filled again by the next read)."""
+    _release(module)
+    return_freed_memory()
+
+
+def _release(module: nn.Module) -> None:
     for sub in module.modules():
         for name, param in list(sub._parameters.items()):
             if param is not None:
@@ -278,6 +296,27 @@ def release(module: nn.Module) -> None:
                 sub._buffers[name] = buffer.to("meta")
         if hasattr(sub, "reset_layouts"):
             sub.reset_layouts()
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed by the allocator back to the system (glibc keeps freed blocks of a layer's
+    size in its heap, where the next layer's differently sized tensors fragment it: without this the
+    resident size creeps up layer after layer)."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def build_skeleton(config, dtype: torch.dtype, prepare: Callable[[nn.Module], None] | None = None,

@@ -117,12 +117,11 @@ def run_layer(
 
 
 @torch.no_grad()
-def head_logits(model: nn.Module, input_ids: torch.Tensor, final_hidden: torch.Tensor, **kwargs):
-    """The model's output for `input_ids` [b, seq] given the last decoder layer's output
-    `final_hidden` [b, seq, hidden]: the model's own forward runs with every decoder layer standing
-    aside (the first returns `final_hidden`), so whatever follows the layers in that model (final norm,
-    LM head, logit soft-capping, `logits_to_keep`) is applied exactly. Needs only the modules outside
-    the decoder layers to hold weights."""
+def head_logits(model: nn.Module, final_hidden: torch.Tensor, **kwargs):
+    """The model's output given the last decoder layer's output `final_hidden` [b, seq, hidden]: the
+    model's own forward runs on it as `inputs_embeds` with every decoder layer standing aside (the first
+    returns `final_hidden`), so whatever follows the layers in that model (final norm, LM head, logit
+    soft-capping, `logits_to_keep`) is applied exactly. Needs only those modules to hold weights."""
     layers = decoder_layers(model)
 
     def stand_in(index: int):
@@ -131,8 +130,8 @@ def head_logits(model: nn.Module, input_ids: torch.Tensor, final_hidden: torch.T
 
         return forward
 
-    with _standing_aside(layers, stand_in):
-        return model(input_ids=input_ids.to(final_hidden.device), use_cache=False, **kwargs)
+    with _standing_aside(layers, stand_in):  # the input embedding is not run (it may hold no weights)
+        return model(inputs_embeds=final_hidden, use_cache=False, **kwargs)
 
 
 _HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",

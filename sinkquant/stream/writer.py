@@ -38,12 +38,13 @@ class ShardWriter:
         tensor = tensor.detach().to("cpu").contiguous()
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.shard_bytes:
-            self._flush()
+            self.flush()
         self._pending[name] = tensor.clone() if _is_view(tensor) else tensor
         self._pending_bytes += size
         self.total_size += size
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write the tensors waiting in memory as a shard now."""
         from safetensors.torch import save_file
 
         if not self._pending:
@@ -56,7 +57,7 @@ class ShardWriter:
     def finish(self) -> list[str]:
         """Write what is left, give the shards their final names and write the index; returns the
         safetensors file names."""
-        self._flush()
+        self.flush()
         count = len(self._written)
         weight_map: dict[str, str] = {}
         for i, (temporary, names) in enumerate(self._written, start=1):

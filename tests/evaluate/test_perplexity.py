@@ -19,26 +19,31 @@ def _independent_perplexity(model, tok, path, seq_len, max_tokens):
     return math.exp(sum(losses) / len(losses))
 
 
+#: four windows of the protocol's 1024 tokens: enough to tell a wrong window, shift or loss from the
+#: plain transformers computation (the full 16,384-token figure is the benchmarks' job)
+WINDOWS = 4
+
+
 @pytest.fixture(scope="module")
 def smollm2_eval(smollm2, wikitext_path):
     model, tok = smollm2
-    return evaluate(model, tok, wikitext_path, seq_len=1024, max_tokens=16384, progress=False)
+    return evaluate(model, tok, wikitext_path, seq_len=1024, max_tokens=WINDOWS * 1024, progress=False)
 
 
 def test_smollm2_perplexity_matches_plain_transformers(smollm2, smollm2_eval, wikitext_path):
     model, tok = smollm2
-    reference = _independent_perplexity(model, tok, wikitext_path, 1024, 16384)
-    assert smollm2_eval.windows == 16 and smollm2_eval.tokens == 16 * 1023
+    reference = _independent_perplexity(model, tok, wikitext_path, 1024, WINDOWS * 1024)
+    assert smollm2_eval.windows == WINDOWS and smollm2_eval.tokens == WINDOWS * 1023
     assert abs(smollm2_eval.perplexity / reference - 1) < 0.01
-    assert 20 < smollm2_eval.perplexity < 25  # the documented fp32 figure is 22.55
+    assert 15 < smollm2_eval.perplexity < 30  # a sane fp32 figure (22.55 on the full protocol)
 
 
-def test_smollm2_chunked_matches_single_pass(smollm2, smollm2_eval, wikitext_path):
+def test_smollm2_chunked_matches_single_pass(smollm2, wikitext_path):
+    """Two windows fed 64 tokens at a time through the KV cache score what one pass scores."""
     model, tok = smollm2
-    chunked = evaluate(
-        model, tok, wikitext_path, seq_len=1024, max_tokens=16384, chunk_size=64, progress=False
-    )
-    assert abs(chunked.perplexity / smollm2_eval.perplexity - 1) < 1e-3
+    single = evaluate(model, tok, wikitext_path, seq_len=1024, max_tokens=2048, progress=False)
+    chunked = evaluate(model, tok, wikitext_path, seq_len=1024, max_tokens=2048, chunk_size=64, progress=False)
+    assert chunked.windows == 2 and abs(chunked.perplexity / single.perplexity - 1) < 1e-3
 
 
 def test_kl_of_a_model_against_itself_is_zero(smollm2, wikitext_path):
