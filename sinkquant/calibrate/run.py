@@ -88,7 +88,9 @@ def calibrate(
             ):
                 with host.layer(index) as layer:
                     run_layer(layer, inputs, index, before=before)
-            with host.outside("output"):  # the LM head's input statistics, on the last token as generation sees it
+            with host.outside(
+                "output"
+            ):  # the LM head's input statistics, on the last token as generation sees it
                 for sample in range(ids.shape[0]):
                     head_logits(model, store[sample], logits_to_keep=1)
     finally:

@@ -158,7 +158,9 @@ def gptq_quantize_weight(
     if factor_cache is not None and key in factor_cache:
         upper, used = factor_cache[key][1:]
     else:
-        upper, used = inverse_hessian_factor(hessian.double()[cols][:, cols], damping, name, n_keep)
+        restricted = hessian.double()[cols[:, None], cols]  # one copy (two chained indexings make two)
+        upper, used = inverse_hessian_factor(restricted, damping, name, n_keep)
+        del restricted
         if factor_cache is not None:
             factor_cache[key] = (hessian, upper, used)  # holds `hessian`, so its id stays its own
     with _one_thread():

@@ -35,6 +35,8 @@ class HessianAccumulator:
         self._hessians: dict[str, torch.Tensor] = {}
 
     def add(self, x: torch.Tensor) -> None:
+        if self.sum is None:
+            raise ValueError("inputs added after the Hessian was taken")
         x = x.detach().float()
         x = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x[None]
         sinks = [p for p in self.sink_positions if p < x.shape[1]] if x.dim() == 3 else []
@@ -49,18 +51,24 @@ class HessianAccumulator:
         if body.shape[0] and self.body_max is not None:
             low, high = torch.aminmax(body, dim=0)  # max |x| without an |x| copy of the batch
             self.body_max = torch.maximum(self.body_max, torch.maximum(high, -low).cpu())
-        self._hessians.clear()
 
     def hessian(self, sink_tokens: str = "include") -> torch.Tensor:
         """float64 [in, in]: 2/n Σ x xᵀ with the sink rows included, excluded or capped. The same
-        tensor for every call until the next `add` (linear layers sharing an input share it, and
-        `gptq_quantize_weight` can reuse its factorisation); callers must not modify it."""
+        tensor for every call (linear layers sharing an input share it, and `gptq_quantize_weight` can
+        reuse its factorisation); callers must not modify it. The sum is turned into the Hessian in
+        place (a wide layer's sum is as big as its Hessian, and only one is needed), so nothing can be
+        added afterwards and one accumulator gives one `sink_tokens` mode."""
         if sink_tokens not in self._hessians:
+            if sink_tokens == "cap" and self.body_max is None:
+                raise ValueError("sink_tokens 'cap' needs an accumulator made with track_max=True")
+            if self.sum is None:
+                raise ValueError(f"this accumulator already gave its Hessian for {', '.join(self._hessians)}")
             self._hessians[sink_tokens] = self._hessian(sink_tokens)
         return self._hessians[sink_tokens]
 
     def _hessian(self, sink_tokens: str) -> torch.Tensor:
-        h, n = self.sum.clone(), self.count
+        h, n = self.sum, self.count
+        self.sum = None
         if sink_tokens != "exclude" and self.sink_rows:
             rows = torch.cat(self.sink_rows)
             if sink_tokens == "cap":
@@ -69,7 +77,7 @@ class HessianAccumulator:
                 rows = torch.minimum(torch.maximum(rows, -self.body_max), self.body_max)
             h += (rows.T @ rows).double()
             n += rows.shape[0]
-        return h * (2.0 / max(n, 1))
+        return h.mul_(2.0 / max(n, 1))
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
@@ -98,11 +106,14 @@ def _upper_factor_of_inverse(h: torch.Tensor) -> torch.Tensor | None:
     With J the reversal of rows and columns, JHJ = LLᵀ gives H⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J), and J L⁻¹ J is
     upper triangular with a positive diagonal: U itself. One Cholesky and one triangular solve instead
     of forming H⁻¹ explicitly and factoring it again, the costliest step of the classic recipe."""
+    n, dtype, device = h.shape[0], h.dtype, h.device
     lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
     if int(info) != 0:
         return None
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+    inverse = torch.linalg.solve_triangular(lower, torch.eye(n, dtype=dtype, device=device), upper=False)
+    del lower
+    upper = inverse.flip(0, 1)
+    del inverse
     return upper if bool(torch.isfinite(upper).all()) else None
 
 
@@ -121,6 +132,7 @@ def inverse_hessian_factor(
         damped = hessian.clone()
         damped.diagonal().add_(fraction * mean)
         upper = _upper_factor_of_inverse(damped)
+        del damped
         if upper is not None:
             return upper, fraction
         if attempt < _RETRIES:

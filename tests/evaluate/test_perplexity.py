@@ -42,7 +42,9 @@ def test_smollm2_chunked_matches_single_pass(smollm2, wikitext_path):
     """Two windows fed 64 tokens at a time through the KV cache score what one pass scores."""
     model, tok = smollm2
     single = evaluate(model, tok, wikitext_path, seq_len=1024, max_tokens=2048, progress=False)
-    chunked = evaluate(model, tok, wikitext_path, seq_len=1024, max_tokens=2048, chunk_size=64, progress=False)
+    chunked = evaluate(
+        model, tok, wikitext_path, seq_len=1024, max_tokens=2048, chunk_size=64, progress=False
+    )
     assert chunked.windows == 2 and abs(chunked.perplexity / single.perplexity - 1) < 1e-3
 
 

@@ -8,7 +8,9 @@ from sinkquant.recipe import Recipe
 from sinkquant.stream.host import Execution
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-RECIPE = Recipe().with_overrides(**{"weights.group_size": 32, "calibration.samples": 3, "calibration.seq_len": 96})
+RECIPE = Recipe().with_overrides(
+    **{"weights.group_size": 32, "calibration.samples": 3, "calibration.seq_len": 96}
+)
 
 
 @needs_cuda
