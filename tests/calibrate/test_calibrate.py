@@ -4,7 +4,6 @@ import torch
 from sinkquant import CalibrationReport, calibrate
 from sinkquant.data import calibration_samples
 
-
 SAMPLES = 8  # of 512 tokens: half of SmolLM2's (layer, head) pairs sink on token 0 in every sample
 
 
