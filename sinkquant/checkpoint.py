@@ -392,11 +392,12 @@ def save(
     report=None,
     overwrite: bool = False,
     storage_dtype: torch.dtype | None = None,
+    shard_bytes: int = SHARD_BYTES,
 ) -> Path:
     """Save a quantized model in memory (safetensors only) atomically; returns the folder.
     `storage_dtype`: the dtype of the tensors outside the quantized layers (default: as held)."""
     check_finite(model)
-    with checkpoint_writer(out_dir, overwrite) as writer:
+    with checkpoint_writer(out_dir, overwrite, shard_bytes) as writer:
         writer.write_all(ResidentModel(model, storage_dtype=storage_dtype))
         writer.finish(model.config, tokenizer, recipe, report, getattr(model, "generation_config", None))
     return Path(out_dir).expanduser()

@@ -131,3 +131,31 @@ def test_other_architectures_stream_to_the_tensors_in_memory(make, stories_path,
     quantize_weights(model, recipe.weights, Calibration(samples, report), progress=False)
     save(model, tmp_path / "memory", tokenizer)
     assert same_tensors(tmp_path / "streamed", tmp_path / "memory")
+
+
+def test_a_sharded_checkpoint_loads_every_way_and_scores_the_same(stories_path, wikitext_path, tmp_path):
+    import sinkquant
+    from transformers import AutoModelForCausalLM
+
+    from sinkquant.pipeline import inspect_checkpoint, quantization_config
+
+    model, tokenizer = prepare_model(stories_path, "float32")
+    c = RTN.calibration
+    samples = calibration_samples(tokenizer, c.dataset, c.samples, c.seq_len, c.seed)
+    report = calibrate(model, tokenizer, data=samples, progress=False)
+    summary = quantize_weights(model, RTN.weights, Calibration(samples, report), progress=False)
+    model.config.quantization_config = quantization_config(RTN, summary, report, None)
+    out = save(model, tmp_path / "ckpt", tokenizer, shard_bytes=100_000)
+    assert (
+        len(list(out.glob("model-*-of-*.safetensors"))) > 2
+        and (out / "model.safetensors.index.json").is_file()
+    )
+    assert inspect_checkpoint(out)["quantized_modules"] == 35
+    ids = torch.randint(0, 500, (1, 40))
+    with torch.no_grad():
+        expect = model(input_ids=ids).logits
+        for loaded in (sinkquant.load(out), AutoModelForCausalLM.from_pretrained(str(out))):
+            assert torch.equal(loaded(input_ids=ids).logits, expect)
+    streamed = evaluate_model(out, wikitext_path, seq_len=128, max_tokens=1024, progress=False)
+    whole = evaluate(model, tokenizer, wikitext_path, 128, 1024, progress=False)
+    assert streamed.perplexity == whole.perplexity
