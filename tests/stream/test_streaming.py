@@ -134,9 +134,9 @@ def test_other_architectures_stream_to_the_tensors_in_memory(make, stories_path,
 
 
 def test_a_sharded_checkpoint_loads_every_way_and_scores_the_same(stories_path, wikitext_path, tmp_path):
-    import sinkquant
     from transformers import AutoModelForCausalLM
 
+    import sinkquant
     from sinkquant.pipeline import inspect_checkpoint, quantization_config
 
     model, tokenizer = prepare_model(stories_path, "float32")
