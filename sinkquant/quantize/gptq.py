@@ -158,9 +158,7 @@ def gptq_quantize_weight(
     if factor_cache is not None and key in factor_cache:
         upper, used = factor_cache[key][1:]
     else:
-        restricted = hessian.double()[cols[:, None], cols]  # one copy (two chained indexings make two)
-        upper, used = inverse_hessian_factor(restricted, damping, name, n_keep)
-        del restricted
+        upper, used = inverse_hessian_factor(hessian, damping, name, n_keep, columns=cols)
         if factor_cache is not None:
             factor_cache[key] = (hessian, upper, used)  # holds `hessian`, so its id stays its own
     with _one_thread():

@@ -100,41 +100,44 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _upper_factor_of_inverse(h: torch.Tensor) -> torch.Tensor | None:
-    """The upper Cholesky factor U of H⁻¹ (UᵀU = H⁻¹), or None when H is not positive definite.
+def inverse_hessian_factor(
+    hessian: torch.Tensor,
+    damping: float,
+    name: str,
+    mean_over: int | None = None,
+    columns: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + damping * mean(diag H) I)⁻¹ (UᵀU = the inverse), float64,
+    for H restricted to `columns` (in that order; default all); retried with 10x damping. The mean is
+    over the live (diag > 0) entries among the first `mean_over` of those columns (default all).
 
     With J the reversal of rows and columns, JHJ = LLᵀ gives H⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J), and J L⁻¹ J is
     upper triangular with a positive diagonal: U itself. One Cholesky and one triangular solve instead
-    of forming H⁻¹ explicitly and factoring it again, the costliest step of the classic recipe."""
-    n, dtype, device = h.shape[0], h.dtype, h.device
-    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
-    if int(info) != 0:
-        return None
-    inverse = torch.linalg.solve_triangular(lower, torch.eye(n, dtype=dtype, device=device), upper=False)
-    del lower
-    upper = inverse.flip(0, 1)
-    del inverse
-    return upper if bool(torch.isfinite(upper).all()) else None
-
-
-def inverse_hessian_factor(
-    hessian: torch.Tensor, damping: float, name: str, mean_over: int | None = None
-) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damping * mean(diag H) I)⁻¹, float64; retried with 10x damping.
-    The mean is over the live (diag > 0) entries among the first `mean_over` columns (default all)."""
-    if not bool(torch.isfinite(hessian).all()):
-        raise SinkQuantError(f"the calibration inputs of {name} hold NaN or Inf; the model overflows")
-    diag = hessian.diagonal()[:mean_over]
+    of forming H⁻¹ explicitly and factoring it again, the costliest step of the classic recipe. Both
+    run in place on one reversed copy of the restricted H, so a wide layer (8192 columns: 512 MiB a
+    matrix) needs two matrices besides H, not five."""
+    columns = torch.arange(hessian.shape[0]) if columns is None else columns
+    diag = hessian.diagonal()[columns][:mean_over]
     live = diag > 0
     mean = float(diag[live].mean()) if bool(live.any()) else 1.0
+    reverse = columns.flip(0)
+    info = torch.empty((), dtype=torch.int32)
     for attempt in range(_RETRIES + 1):
         fraction = damping * 10**attempt
-        damped = hessian.clone()
-        damped.diagonal().add_(fraction * mean)
-        upper = _upper_factor_of_inverse(damped)
-        del damped
-        if upper is not None:
-            return upper, fraction
+        work = hessian.double()[reverse[:, None], reverse]  # J H J on the kept columns: one copy
+        if attempt == 0 and not bool(torch.isfinite(work).all()):
+            raise SinkQuantError(f"the calibration inputs of {name} hold NaN or Inf; the model overflows")
+        work.diagonal().add_(fraction * mean)
+        torch.linalg.cholesky_ex(work, out=(work, info))  # work is now L
+        if int(info) == 0:
+            inverse = torch.eye(work.shape[0], dtype=work.dtype, device=work.device)
+            torch.linalg.solve_triangular(work, inverse, upper=False, out=inverse)  # L⁻¹
+            del work
+            upper = inverse.flip(0, 1)
+            del inverse
+            if bool(torch.isfinite(upper).all()):
+                return upper, fraction
+        del work
         if attempt < _RETRIES:
             warnings.warn(
                 f"GPTQ: the Hessian of {name} is not positive definite at damping {fraction:g}; "

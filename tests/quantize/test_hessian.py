@@ -4,7 +4,8 @@ to the full product; the upper factor of H⁻¹ from one Cholesky."""
 import pytest
 import torch
 
-from sinkquant.quantize.hessian import HessianAccumulator, _gram, _upper_factor_of_inverse
+from sinkquant.errors import SinkQuantError
+from sinkquant.quantize.hessian import HessianAccumulator, _gram, inverse_hessian_factor
 
 
 def _hessian(x, sinks=(), mode="include"):
@@ -17,10 +18,17 @@ def test_upper_factor_of_the_inverse_is_the_cholesky_factor_of_the_inverse():
     torch.manual_seed(0)
     x = torch.randn(512, 40, dtype=torch.float64)
     h = x.T @ x / 512
-    upper = _upper_factor_of_inverse(h)
-    assert torch.equal(upper, upper.triu()) and bool((upper.diagonal() > 0).all())
+    upper, used = inverse_hessian_factor(h, 0.0, "layer")
+    assert used == 0.0 and torch.equal(upper, upper.triu()) and bool((upper.diagonal() > 0).all())
     assert torch.allclose(upper.T @ upper, torch.linalg.inv(h), atol=1e-10)
-    assert _upper_factor_of_inverse(-h) is None  # not positive definite
+    cols = torch.tensor([5, 1, 30, 7])  # restricted to columns, in that order
+    sub, _ = inverse_hessian_factor(h, 0.0, "layer", columns=cols)
+    assert torch.allclose(sub.T @ sub, torch.linalg.inv(h[cols][:, cols]), atol=1e-10)
+    with (
+        pytest.warns(UserWarning, match="not positive definite"),
+        pytest.raises(SinkQuantError, match="could not"),
+    ):
+        inverse_hessian_factor(-h, 0.0, "layer")  # negative definite at every damping
 
 
 def test_sink_rows_included_excluded_or_capped():
