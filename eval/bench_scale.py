@@ -5,8 +5,9 @@
 
 Every job is the `sinkquant` command a user types, run as a child process (inside a cgroup memory limit
 through `../shared/tools/memlimit.sh` when the machine allows one; that limit counts page cache too, and
-reclaims it under pressure). Peak memory is the cgroup's peak when a limit is applied and the child's
-peak RSS in every case; phase times are the ones `sinkquant quantize` prints.
+reclaims it under pressure, so a job that reads more file bytes than the limit shows the limit as its
+cgroup peak). Peak memory is the child's peak RSS (the memory the job itself held) and, under a limit,
+the cgroup's peak; phase times are the ones `sinkquant quantize` prints.
 
 Rows:
 * `smollm2`: SmolLM2-135M with the default recipe (W4 g128 RTN + 1% columns, 32 x 512 calibration),

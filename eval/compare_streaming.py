@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import default_model
+from common import WIKITEXT, default_model
 from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,10 +65,11 @@ def compare(old: Path, new: Path) -> dict:
             "new_bytes": sum(p.stat().st_size for p in new.iterdir())}  # fmt: skip
 
 
-def cli(tree: Path | None, *args: str) -> None:
+def cli(tree: Path | None, *args: str) -> str:
     env_path = f"import sys; sys.path.insert(0, {str(tree)!r}); " if tree else ""
     code = env_path + "from sinkquant.cli.app import main; main()"
-    subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True)
+    return done.stdout
 
 
 def main() -> None:
@@ -93,15 +94,21 @@ def main() -> None:
         "| differ | folder before | folder after |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    scored = "not run (w4-g128-outliers not among the recipes)"
     try:
         for recipe in args.recipes.split(","):
             path = ROOT / "recipes" / f"{recipe}.yaml"
             cli(tree, "quantize", model, str(work / f"{recipe}-old"), "--recipe", str(path))
             cli(None, "quantize", model, str(work / f"{recipe}-new"), "--recipe", str(path))
             r = compare(work / f"{recipe}-old", work / f"{recipe}-new")
+            if recipe == "w4-g128-outliers":  # the foundation protocol, by the streamed evaluator
+                scored = cli(None, "eval", str(work / f"{recipe}-new"), "--dataset", str(WIKITEXT),
+                             "--max-tokens", "16384").strip().splitlines()[-1]  # fmt: skip
             print(recipe, r, flush=True)
             lines.append(f"| `{recipe}` | {r['tensors']} | {r['exact']} | {r['cast']} | {r['differ']} "
                          f"{r['bad'] or ''} | {r['old_bytes'] / 2**20:.1f} MiB | {r['new_bytes'] / 2**20:.1f} MiB |")  # fmt: skip
+        lines += ["", f"`sinkquant eval OUT --dataset wikitext-2-raw-test.txt --max-tokens 16384` on the new "
+                  f"`w4-g128-outliers` checkpoint (streamed): `{scored}`"]  # fmt: skip
         for who, where in (("old", tree), ("new", None)):
             cli(where, "calibrate", model, "--out", str(work / f"calib-{who}.json"))
         reports = [json.loads((work / f"calib-{w}.json").read_text()) for w in ("old", "new")]
