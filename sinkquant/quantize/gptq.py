@@ -159,12 +159,13 @@ def gptq_quantize_weight(
         upper, used = factor_cache[key][1:]
     else:
         upper, used = inverse_hessian_factor(hessian, damping, name, n_keep, columns=cols)
+        upper = upper.float()  # the sweep's precision; the float64 factor is not kept beside it
         if factor_cache is not None:
             factor_cache[key] = (hessian, upper, used)  # holds `hessian`, so its id stays its own
     with _one_thread():
         w = weight.detach().float()[:, cols].clone()
         importance = hessian.diagonal()[cols].float()
-        result, codes = _gptq_columns(w, upper.float(), group_of, quant, block_size, importance)
+        result, codes = _gptq_columns(w, upper, group_of, quant, block_size, importance)
 
     effective = weight.detach().float().clone()
     effective[:, cols] = result

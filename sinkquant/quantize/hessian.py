@@ -46,7 +46,7 @@ class HessianAccumulator:
             self.sink_rows.append(x[:, sinks].reshape(-1, x.shape[-1]).cpu())
             x = x[:, body_mask]
         body = x.reshape(-1, x.shape[-1])
-        self.sum += _gram(body).double().cpu()
+        self.sum.add_(_gram(body).cpu())  # float32 into float64 in place: no float64 copy of the product
         self.count += body.shape[0]
         if body.shape[0] and self.body_max is not None:
             low, high = torch.aminmax(body, dim=0)  # max |x| without an |x| copy of the batch
