@@ -289,9 +289,13 @@ class CheckpointWriter:
         self._write(host, host.prefix(index), layer.state_dict())
 
     def write_outside(self, host: ModelHost) -> None:
-        self.shards.flush()  # the layers' tensors leave memory before the embeddings and head come in
         inside = host.prefix(0)[: -len("0.")]
         state = {k: v for k, v in host.model.state_dict().items() if not k.startswith(inside)}
+        if (
+            self.shards.pending_bytes + sum(t.numel() * t.element_size() for t in state.values())
+            > self.shards.shard_bytes
+        ):
+            self.shards.flush()  # the layers' tensors leave memory before the embeddings and head come in
         self._write(host, "", state)
 
     def write_all(self, host: ModelHost) -> None:

@@ -46,7 +46,7 @@ class HessianAccumulator:
             self.sink_rows.append(x[:, sinks].reshape(-1, x.shape[-1]).cpu())
             x = x[:, body_mask]
         body = x.reshape(-1, x.shape[-1])
-        self.sum.add_(_gram(body).cpu())  # float32 into float64 in place: no float64 copy of the product
+        _add_gram_(self.sum, body)
         self.count += body.shape[0]
         if body.shape[0] and self.body_max is not None:
             low, high = torch.aminmax(body, dim=0)  # max |x| without an |x| copy of the batch
@@ -78,6 +78,21 @@ class HessianAccumulator:
             h += (rows.T @ rows).double()
             n += rows.shape[0]
         return h.mul_(2.0 / max(n, 1))
+
+
+def _add_gram_(total: torch.Tensor, x: torch.Tensor) -> None:
+    """total (float64, CPU) += xᵀx, block by block as `_gram` computes it (the same float32 products,
+    so the same sums), without a whole [in, in] float32 product or float64 copy of it in memory."""
+    width = x.shape[1]
+    parts = max(1, min(4, width // 128))
+    step = -(-width // parts)
+    xt = x.T
+    for i in range(0, width, step):
+        for j in range(i, width, step):
+            block = (xt[i : i + step] @ x[:, j : j + step]).cpu()
+            total[i : i + step, j : j + step] += block
+            if j != i:
+                total[j : j + step, i : i + step] += block.T
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:

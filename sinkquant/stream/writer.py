@@ -43,6 +43,10 @@ class ShardWriter:
         self._pending_bytes += size
         self.total_size += size
 
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
     def flush(self) -> None:
         """Write the tensors waiting in memory as a shard now."""
         from safetensors.torch import save_file
