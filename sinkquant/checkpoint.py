@@ -313,8 +313,17 @@ class CheckpointWriter:
             name = prefix + key
             if _is_tied_copy(model, name):
                 continue
-            if tensor.is_meta:
-                raise SinkQuantError(f"tensor {name} was never computed; the checkpoint would be incomplete")
+            if tensor.is_meta:  # not read for this job (a streamed embedding nothing changed): as stored
+                stored = host.read_stored(name)
+                if stored is None and name in (getattr(model, "all_tied_weights_keys", None) or {}):
+                    continue  # a tied copy the source does not store either
+                if stored is None:
+                    raise SinkQuantError(
+                        f"tensor {name} was never computed; the checkpoint would be incomplete"
+                    )
+                self.shards.add(name, stored)
+                self.written.add(name)
+                continue
             if tensor.is_floating_point() and not any(name.startswith(q) for q in quantized):
                 stored = host.storage_dtype(name)
                 tensor = tensor.to(stored) if stored is not None else tensor

@@ -351,7 +351,7 @@ def gptq_quantize_(
                     summary.swap_in(host.model, name, float_weight(old), old.bias, new, idx)
                 if writer is not None:
                     writer.write_layer(host, index, layer)
-    with host.outside():
+    with host.outside() if chosen else contextlib.nullcontext():  # read only when one is quantized
         for name, module in chosen.items():  # outside the decoder layers: no calibration inputs
             warnings.warn(f"GPTQ: {name} is outside the decoder layers; using round-to-nearest", stacklevel=2)
             weight = float_weight(module)

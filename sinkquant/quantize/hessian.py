@@ -115,6 +115,10 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+#: kept columns from which the inverse factor is computed in float32 (see `inverse_hessian_factor`)
+WIDE_FACTOR = 4096
+
+
 def inverse_hessian_factor(
     hessian: torch.Tensor,
     damping: float,
@@ -122,7 +126,7 @@ def inverse_hessian_factor(
     mean_over: int | None = None,
     columns: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor U of (H + damping * mean(diag H) I)⁻¹ (UᵀU = the inverse), float64,
+    """Upper Cholesky factor U of (H + damping * mean(diag H) I)⁻¹ (UᵀU = the inverse), float64 (float32 from WIDE_FACTOR columns),
     for H restricted to `columns` (in that order; default all); retried with 10x damping. The mean is
     over the live (diag > 0) entries among the first `mean_over` of those columns (default all).
 
@@ -137,9 +141,12 @@ def inverse_hessian_factor(
     mean = float(diag[live].mean()) if bool(live.any()) else 1.0
     reverse = columns.flip(0)
     info = torch.empty((), dtype=torch.int32)
+    # float64 up to WIDE_FACTOR columns; wider layers factor in float32, as the GPTQ authors do for
+    # every layer (the sum stays float64): their float64 factor alone would be 512 MiB at 8192 columns
+    dtype = torch.float64 if reverse.numel() < WIDE_FACTOR else torch.float32
     for attempt in range(_RETRIES + 1):
         fraction = damping * 10**attempt
-        work = hessian.double()[reverse[:, None], reverse]  # J H J on the kept columns: one copy
+        work = hessian[reverse[:, None], reverse].to(dtype)  # J H J on the kept columns: one copy
         if attempt == 0 and not bool(torch.isfinite(work).all()):
             raise SinkQuantError(f"the calibration inputs of {name} hold NaN or Inf; the model overflows")
         work.diagonal().add_(fraction * mean)

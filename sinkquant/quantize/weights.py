@@ -6,6 +6,7 @@ at full precision (from the calibration report), then asks `SinkQuantLinear` (th
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import warnings
@@ -165,7 +166,8 @@ def quantize_(
                     quantize_one(name)
                 if writer is not None:
                     writer.write_layer(host, index, layer)
-        with host.outside():
+        # the modules outside the layers are read only when one is quantized (else written as stored)
+        with host.outside() if chosen else contextlib.nullcontext():
             for name in list(chosen):
                 quantize_one(name)
             if writer is not None:

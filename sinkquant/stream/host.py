@@ -91,6 +91,10 @@ class ModelHost:
         """The dtype tensor `name` is stored in at its source (None: as the model holds it)."""
         return None
 
+    def read_stored(self, name: str) -> torch.Tensor | None:
+        """Tensor `name` exactly as its source stores it (None: the source has no such tensor)."""
+        return None
+
 
 class ResidentModel(ModelHost):
     """A model already in memory; each layer visits `device` while it is used."""
@@ -176,6 +180,9 @@ class StreamedModel(ModelHost):
 
     def storage_dtype(self, name: str) -> torch.dtype | None:
         return self.source.dtype_of(name) if name in self.source else None
+
+    def read_stored(self, name: str) -> torch.Tensor | None:
+        return self.source.read([name])[name] if name in self.source else None
 
     def _check_coverage(self) -> None:
         expected = set(self.model.state_dict())

@@ -62,3 +62,20 @@ def test_gram_from_upper_blocks_is_the_full_product(width):
     h = _gram(x)
     assert torch.equal(h, h.T)
     assert torch.allclose(h, x.T @ x, rtol=1e-5, atol=1e-2)
+
+
+def test_a_wide_layer_factors_in_float32_close_to_float64():
+    from sinkquant.quantize import hessian as module
+
+    torch.manual_seed(0)
+    x = torch.randn(600, 300, dtype=torch.float64)
+    h = x.T @ x / 600
+    exact, _ = inverse_hessian_factor(h, 0.01, "narrow")
+    wide = module.WIDE_FACTOR
+    try:
+        module.WIDE_FACTOR = 256  # treat this 300-column layer as wide
+        fast, used = inverse_hessian_factor(h, 0.01, "wide")
+    finally:
+        module.WIDE_FACTOR = wide
+    assert fast.dtype == torch.float32 and exact.dtype == torch.float64 and used == 0.01
+    assert torch.allclose(fast.double(), exact, rtol=1e-3, atol=1e-4)
