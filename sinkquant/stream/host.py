@@ -12,6 +12,7 @@ frees them when it is left, so peak memory is about one layer whatever the model
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-class ModelHost:
+class ModelHost(ABC):
     """A model whose decoder layers are used one at a time (see the module docstring)."""
 
     model: nn.Module
@@ -78,14 +79,15 @@ class ModelHost:
                 return name + "."
         raise AssertionError("decoder layers not found among the model's modules")
 
+    @abstractmethod
     def layer(self, index: int) -> contextlib.AbstractContextManager[nn.Module]:
-        raise NotImplementedError
+        """Decoder layer `index`, usable on the execution device for the block."""
 
+    @abstractmethod
     def outside(self, part: str = "all") -> contextlib.AbstractContextManager[nn.Module]:
         """The modules outside the decoder layers, usable for the block. `part`: "input" (what runs
         before the first layer: the LM head is left out unless tied), "output" (what runs after the
         last: the input embedding is left out unless tied) or "all"."""
-        raise NotImplementedError
 
     def storage_dtype(self, name: str) -> torch.dtype | None:
         """The dtype tensor `name` is stored in at its source (None: as the model holds it)."""
