@@ -1,7 +1,8 @@
 """The Hessian GPTQ works from: H = 2/n Σ x xᵀ of a linear layer's inputs, accumulated over the
 calibration tokens, and the upper Cholesky factor of its inverse.
 
-xᵀx is a float32 matmul per batch, summed into float64; the factorisation runs in float64. Tokens at
+xᵀx is a float32 matmul per batch, summed into float64; the factorisation runs in float64 (in float32
+from WIDE_FACTOR inputs, where H itself is then kept in float32). Tokens at
 the report's sink positions enter H as they are (`include`), not at all (`exclude`), or clipped per
 channel to the largest |x| of the other tokens (`cap`).
 """
@@ -77,7 +78,43 @@ class HessianAccumulator:
                 rows = torch.minimum(torch.maximum(rows, -self.body_max), self.body_max)
             h += (rows.T @ rows).double()
             n += rows.shape[0]
-        return h.mul_(2.0 / max(n, 1))
+        h.mul_(2.0 / max(n, 1))
+        # a wide layer factors in float32 (see inverse_hessian_factor): its H is kept in float32 from
+        # here on, so the 512 MiB float64 sum of an 8192-wide layer is not held beside the factor's copy
+        return _float32_by_rows(h) if h.shape[0] >= WIDE_FACTOR else h
+
+
+_ROWS_PER_COPY = 256  # rows per step where a whole-matrix temporary would double a wide layer's memory
+
+
+def _float32_by_rows(h: torch.Tensor) -> torch.Tensor:
+    """h as float32, converted a block of rows at a time (h is released by the caller)."""
+    out = torch.empty(h.shape, dtype=torch.float32)
+    for a in range(0, h.shape[0], _ROWS_PER_COPY):
+        out[a : a + _ROWS_PER_COPY] = h[a : a + _ROWS_PER_COPY]
+    return out
+
+
+def _gather_square(h: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """h[index][:, index] as `dtype`, a block of rows at a time (the same values as one advanced index,
+    without a whole copy in h's dtype beside the result)."""
+    out = torch.empty(index.numel(), index.numel(), dtype=dtype)
+    for a in range(0, index.numel(), _ROWS_PER_COPY):
+        out[a : a + _ROWS_PER_COPY] = h[index[a : a + _ROWS_PER_COPY, None], index]
+    return out
+
+
+def _rotate_half_turn_(m: torch.Tensor) -> torch.Tensor:
+    """m.flip(0, 1) in place (row i becomes row n-1-i reversed), a block of rows at a time."""
+    n = m.shape[0]
+    for a in range(0, n // 2, _ROWS_PER_COPY):
+        b = min(a + _ROWS_PER_COPY, n // 2)
+        top = m[a:b].flip(0, 1)
+        m[a:b] = m[n - b : n - a].flip(0, 1)
+        m[n - b : n - a] = top
+    if n % 2:
+        m[n // 2] = m[n // 2].flip(0)
+    return m
 
 
 def _add_gram_(total: torch.Tensor, x: torch.Tensor) -> None:
@@ -133,8 +170,8 @@ def inverse_hessian_factor(
     With J the reversal of rows and columns, JHJ = LLᵀ gives H⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J), and J L⁻¹ J is
     upper triangular with a positive diagonal: U itself. One Cholesky and one triangular solve instead
     of forming H⁻¹ explicitly and factoring it again, the costliest step of the classic recipe. Both
-    run in place on one reversed copy of the restricted H, so a wide layer (8192 columns: 512 MiB a
-    matrix) needs two matrices besides H, not five."""
+    run in place on one reversed copy of the restricted H (gathered and, at the end, turned a block of
+    rows at a time), so a wide layer needs two matrices besides H, not five."""
     columns = torch.arange(hessian.shape[0]) if columns is None else columns
     diag = hessian.diagonal()[columns][:mean_over]
     live = diag > 0
@@ -146,7 +183,7 @@ def inverse_hessian_factor(
     dtype = torch.float64 if reverse.numel() < WIDE_FACTOR else torch.float32
     for attempt in range(_RETRIES + 1):
         fraction = damping * 10**attempt
-        work = hessian[reverse[:, None], reverse].to(dtype)  # J H J on the kept columns: one copy
+        work = _gather_square(hessian, reverse, dtype)  # J H J on the kept columns: one copy
         if attempt == 0 and not bool(torch.isfinite(work).all()):
             raise SinkQuantError(f"the calibration inputs of {name} hold NaN or Inf; the model overflows")
         work.diagonal().add_(fraction * mean)
@@ -155,8 +192,7 @@ def inverse_hessian_factor(
             inverse = torch.eye(work.shape[0], dtype=work.dtype, device=work.device)
             torch.linalg.solve_triangular(work, inverse, upper=False, out=inverse)  # L⁻¹
             del work
-            upper = inverse.flip(0, 1)
-            del inverse
+            upper = _rotate_half_turn_(inverse)  # J L⁻¹ J
             if bool(torch.isfinite(upper).all()):
                 return upper, fraction
         del work
