@@ -47,7 +47,8 @@ from ..stream.layerwise import capture_inputs, merge_batches, observe_inputs, ru
 from ..stream.store import HiddenStore
 from .hessian import HessianAccumulator, inverse_hessian_factor
 from .linear import SinkQuantLinear
-from .primitives import complement_indices, quantize_grouped, quantize_int8_per_channel
+from .primitives import complement_indices
+from .schemes import WeightScheme, scheme_for
 from .weights import QuantizeSummary, choose_outliers, float_weight, targets
 
 BATCH_SIZE = 8  # calibration samples per forward pass of one layer (the two-pass route)
@@ -73,53 +74,43 @@ _CLIP_GRID = [1.0 - 0.025 * k for k in range(9)]  # shrink factors of the range 
 
 
 class _Quantizer:
-    """Per-group parameters and per-column rounding with the primitives' exact formulas. With
+    """Per-group parameters and per-column rounding, by the weight scheme's own formulas. With
     `clip_search`, a group's range is shrunk by the factor in `_CLIP_GRID` (per row) that minimises the
     rounding error weighted by diag(H) (the GPTQ authors' "mse" option, with H as the weight)."""
 
-    def __init__(self, bits: int, symmetric: bool, rows: int, groups: int, clip_search: bool = False) -> None:
-        self.bits, self.symmetric, self.clip_search = bits, symmetric, clip_search
-        self.levels = 2**bits - 1
-        self.scale = torch.zeros(rows, groups, dtype=torch.bfloat16 if bits == 4 else torch.float32)
+    def __init__(
+        self, scheme: WeightScheme, symmetric: bool, rows: int, groups: int, clip_search: bool = False
+    ) -> None:
+        self.scheme, self.symmetric, self.clip_search = scheme, symmetric, clip_search
+        self.scale = torch.zeros(rows, groups, dtype=scheme.scale_dtype)
         self.minimum = torch.zeros(rows, groups, dtype=torch.bfloat16)
-
-    def _params(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.bits == 8:
-            return quantize_int8_per_channel(values)[1], self.minimum[:, 0]
-        _, scale, minimum = quantize_grouped(values, 4, values.shape[1], self.symmetric, torch.bfloat16)
-        return scale[:, 0], minimum[:, 0]
 
     def fit(self, group: int, values: torch.Tensor, importance: torch.Tensor) -> None:
         """Parameters of `group` from its current weights [out, n]; `importance` [n] = diag(H)."""
-        best, best_err = self._params(values), None
+        best, best_err = self.scheme.group_range(values, self.symmetric), None
         for shrink in _CLIP_GRID[1:] if self.clip_search else []:
             if best_err is None:
-                best_err = self._error(values, *best, importance)
-            cand = self._params(values * shrink)
-            err = self._error(values, *cand, importance)
+                best_err = self._error(values, best, importance)
+            cand = self.scheme.group_range(values * shrink, self.symmetric)
+            err = self._error(values, cand, importance)
             better = err < best_err
-            best = tuple(torch.where(better, c, b) for c, b in zip(cand, best, strict=True))
+            best = tuple(
+                None if c is None else torch.where(better, c, b) for c, b in zip(cand, best, strict=True)
+            )
             best_err = torch.where(better, err, best_err)
-        self.scale[:, group], self.minimum[:, group] = best
+        self.scale[:, group] = best[0]
+        if best[1] is not None:
+            self.minimum[:, group] = best[1]
 
-    def _error(self, values, scale, minimum, importance) -> torch.Tensor:
-        s = scale.float()[:, None]
-        if self.bits == 8:
-            q = torch.round(values / s).clamp_(-127, 127) * s
-        else:
-            m = minimum.float()[:, None]
-            q = torch.round((values - m) / s).clamp_(0, self.levels) * s + m
-        return ((q - values) ** 2 * importance).sum(1)
+    def _error(self, values, params, importance) -> torch.Tensor:
+        return ((self.scheme.round_to_range(values, *params)[1] - values) ** 2 * importance).sum(1)
 
     def round(self, w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """w [out] float32 -> (codes [out] float, dequantized [out] float32)."""
-        s = self.scale[:, group].float()
-        if self.bits == 8:
-            code = torch.round(w / s).clamp_(-127, 127)
-            return code, code * s
-        m = self.minimum[:, group].float()
-        code = torch.round((w - m) / s).clamp_(0, self.levels)
-        return code, code * s + m
+        return self.scheme.round_to_range(w, self.scale[:, group], self.minimum[:, group])
+
+    def params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.scheme.group_params(self.scale, self.minimum)
 
 
 def gptq_quantize_weight(
@@ -147,12 +138,13 @@ def gptq_quantize_weight(
     idx = torch.as_tensor(outlier_idx, dtype=torch.long).sort().values
     keep = complement_indices(idx, in_f)
     n_keep = keep.numel()
-    gs = n_keep if (bits == 8 or group_size is None) else group_size
+    scheme = scheme_for(bits)
+    gs = scheme.group_size(n_keep, group_size)
     diag = hessian.diagonal()[keep]
     order = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(n_keep)
     cols = keep[order]  # processing order
     group_of = (order // gs).tolist()
-    quant = _Quantizer(bits, symmetric, out_f, -(-n_keep // gs), clip_search)
+    quant = _Quantizer(scheme, symmetric, out_f, -(-n_keep // gs), clip_search)
     # the factorisation is a few large BLAS calls (all threads); the column sweep is many small ops
     key = (id(hessian), cols.numpy().tobytes(), damping, n_keep)
     if factor_cache is not None and key in factor_cache:
@@ -171,9 +163,8 @@ def gptq_quantize_weight(
     effective[:, cols] = result
     natural = torch.empty(out_f, n_keep)
     natural[:, order] = codes[:, :n_keep]
-    codes_out = natural.to(torch.int8) if bits == 8 else natural.to(torch.uint8)
-    scale = quant.scale[:, 0] if bits == 8 else quant.scale
-    return GPTQResult(codes_out, scale, None if bits == 8 else quant.minimum, effective, used)
+    scale, minimum = quant.params()
+    return GPTQResult(natural.to(scheme.code_dtype), scale, minimum, effective, used)
 
 
 def _gptq_columns(

@@ -97,6 +97,28 @@ class WeightScheme(ABC):
     def store(self, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> Stored:
         """Integers chosen elsewhere (GPTQ), in the format `quantize` returns them before storage."""
 
+    # -- one group at a time, for GPTQ (it fits each group's range when the sweep reaches it) ----------
+    #: dtypes of one group's scale and of the codes `store` takes
+    scale_dtype: ClassVar[torch.dtype]
+    code_dtype: ClassVar[torch.dtype]
+
+    @abstractmethod
+    def group_range(self, values: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scale [out], minimum [out] or None) of one group from its weights [out, n], by `quantize`'s
+        formulas (so what GPTQ stores is what round-to-nearest would store for the same weights)."""
+
+    @abstractmethod
+    def round_to_range(
+        self, values: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """values [out] or [out, n] on one group's grid -> (codes as float32, dequantized float32)."""
+
+    @abstractmethod
+    def group_params(
+        self, scale: torch.Tensor, minimum: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-group scale (and minimum) [out, groups] as `store` takes them."""
+
     @abstractmethod
     def dequantize(self, stored: Stored, kept: int, group_size: int) -> torch.Tensor:
         """float32 [out, kept]: the integer part as real numbers."""
@@ -180,6 +202,22 @@ class Int8PerChannel(WeightScheme):
 
     def store(self, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None = None) -> Stored:
         return Stored(codes, scale, None)
+
+    scale_dtype = torch.float32
+    code_dtype = torch.int8
+
+    def group_range(self, values: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, None]:
+        return quantize_int8_per_channel(values)[1], None
+
+    def round_to_range(
+        self, values: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        s = scale.float()[:, None] if values.dim() == 2 else scale.float()
+        code = torch.round(values / s).clamp_(-127, 127)
+        return code, code * s
+
+    def group_params(self, scale: torch.Tensor, minimum: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+        return scale[:, 0], None  # the one group is the row
 
     def dequantize(self, stored: Stored, kept: int, group_size: int) -> torch.Tensor:
         return dequantize_int8_per_channel(stored.weight, stored.scale)
@@ -273,6 +311,25 @@ class Int4Grouped(WeightScheme):
 
     def store(self, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> Stored:
         return Stored(pack_bits(codes, 4), scale, minimum)
+
+    scale_dtype = torch.bfloat16
+    code_dtype = torch.uint8
+
+    def group_range(self, values: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        _, scale, minimum = quantize_grouped(values, 4, values.shape[1], symmetric, torch.bfloat16)
+        return scale[:, 0], minimum[:, 0]
+
+    def round_to_range(
+        self, values: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        s, m = (t.float()[:, None] if values.dim() == 2 else t.float() for t in (scale, minimum))
+        code = torch.round((values - m) / s).clamp_(0, 15)
+        return code, code * s + m
+
+    def group_params(
+        self, scale: torch.Tensor, minimum: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return scale, minimum
 
     def dequantize(self, stored: Stored, kept: int, group_size: int) -> torch.Tensor:
         codes = unpack_bits(stored.weight, 4, kept)
