@@ -114,6 +114,11 @@ def main() -> None:
         reports = [json.loads((work / f"calib-{w}.json").read_text()) for w in ("old", "new")]
         for r in reports:
             r.pop("elapsed_s", None)
+        added = sorted({k for stats in reports[1]["linear"].values() for k in stats}
+                       - {k for stats in reports[0]["linear"].values() for k in stats})  # fmt: skip
+        for stats in reports[1]["linear"].values():  # fields the baseline did not measure
+            for key in added:
+                stats.pop(key, None)
         fields = sorted(set(reports[0]) | set(reports[1]))
         differ = [f for f in fields if reports[0].get(f) != reports[1].get(f)]
         sinks = reports[1]["sinks"]["positions"]
@@ -123,7 +128,8 @@ def main() -> None:
             f"`sinkquant calibrate MODEL --out REPORT.json` (32 x 512 embedded C4) by both: {len(fields)} top-level "
             f"fields, {len(differ)} differ{': ' + ', '.join(differ) if differ else ''}. Sink positions {sinks}, "
             f"massive dims {dims}; per-channel statistics of all {len(reports[1]['linear'])} linear layers "
-            f"{'identical' if reports[0]['linear'] == reports[1]['linear'] else 'different'}.",
+            f"{'identical' if reports[0]['linear'] == reports[1]['linear'] else 'different'}"
+            f"{' (fields new since the baseline, not compared: ' + ', '.join(added) + ')' if added else ''}.",
         ]
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)

@@ -81,6 +81,9 @@ class LinearStats:
     top_max_abs: list[float]
     max_abs: list[float]  # per input channel, over all calibration tokens
     mean_abs: list[float]
+    # per input channel, over the tokens outside the sink positions (None: no sinks found, or a report
+    # written before this field): what weighs a group's rounding error, so one token does not decide it
+    mean_abs_without_sinks: list[float] | None = None
 
     def outlier_channels(self, fraction: float, by: str = "max") -> list[int]:
         """The `fraction` of input channels with the largest max |x| (by="max") or mean |x| (by="mean")."""

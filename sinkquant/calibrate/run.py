@@ -71,7 +71,7 @@ def calibrate(
     model.set_attn_implementation("eager")
     attention = AttentionCollector(model, settings.epsilon, settings.track_positions, settings.min_queries)
     activations = ActivationCollector(model)
-    linears = LinearInputCollector(model)
+    linears = LinearInputCollector(model, seq_len=ids.shape[1], track=settings.track_positions)
     attention.begin(ids.shape[0], ids.shape[1])
 
     def before(sample: int) -> None:
@@ -118,7 +118,7 @@ def calibrate(
     sinks = _sink_report(model, tokenizer, attention, flagged, occurrences, settings)
     sinks.max_later_share = _sig(max_later_share, 4)
     massive = _massive_report(tokenizer, activations, settings)
-    linear = _linear_report(linears, settings)
+    linear = _linear_report(linears, settings, _sink_rows(sinks, massive, settings))
     return CalibrationReport(
         model=str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
         model_type=str(getattr(model.config, "model_type", "")),
@@ -209,10 +209,26 @@ def _massive_report(tokenizer, acts: ActivationCollector, settings) -> MassiveRe
     return MassiveReport(dims=sorted(dims), layers=layers, first_layer=first_layer)
 
 
-def _linear_report(linears: LinearInputCollector, settings) -> dict[str, LinearStats]:
+def _sink_rows(sinks: SinkReport, massive: MassiveReport, settings: CalibrationSettings) -> list[int]:
+    """The leading positions whose tokens are left out of `mean_abs_without_sinks`: the attention sinks
+    and the positions that carry a massive activation in some layer (the same tokens in trained models,
+    but a model whose sink is a learned logit, or whose sink attention calibration misses, still has its
+    massive-activation token found)."""
+    rows = {p for p in sinks.positions if p < settings.track_positions}
+    for layer in massive.layers:
+        threshold = max(settings.massive_abs, settings.massive_ratio * layer.median_abs)
+        if layer.max_abs > threshold and layer.position < settings.track_positions:
+            rows.add(layer.position)
+    return sorted(rows)
+
+
+def _linear_report(
+    linears: LinearInputCollector, settings, sink_positions: list[int]
+) -> dict[str, LinearStats]:
     report = {}
     for name, peak in linears.max_abs.items():
         mean = (linears.sum_abs[name] / max(1, linears.tokens[name])).float()
+        without = linears.mean_abs_without(name, sink_positions)
         k = min(settings.top_channels, peak.numel())
         top = torch.topk(peak, k)
         report[name] = LinearStats(
@@ -221,5 +237,6 @@ def _linear_report(linears: LinearInputCollector, settings) -> dict[str, LinearS
             top_max_abs=[_sig(float(v)) for v in top.values],
             max_abs=[_sig(float(v), 4) for v in peak],
             mean_abs=[_sig(float(v), 4) for v in mean],
+            mean_abs_without_sinks=None if without is None else [_sig(float(v), 4) for v in without],
         )
     return report

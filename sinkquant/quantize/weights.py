@@ -89,10 +89,16 @@ def select_outliers(
     return stats.outlier_channels(rule.fraction, rule.select)
 
 
-def column_importance(name: str, report: CalibrationReport | None) -> torch.Tensor | None:
-    """(mean |x|)^2 per input column from calibration: how much a column's weight error costs."""
+def column_importance(
+    name: str, report: CalibrationReport | None, sink_tokens: str = "include"
+) -> torch.Tensor | None:
+    """(mean |x|)^2 per input column from calibration: how much a column's weight error costs. With
+    `sink_tokens="exclude"` the mean leaves out the sink positions' tokens (when calibration found any)."""
     stats = report.linear.get(name) if report is not None else None
-    return None if stats is None else torch.tensor(stats.mean_abs).pow(2)
+    if stats is None:
+        return None
+    mean = stats.mean_abs_without_sinks if sink_tokens == "exclude" else None
+    return torch.tensor(stats.mean_abs if mean is None else mean).pow(2)
 
 
 def targets(model: nn.Module, ignore: list[str]) -> tuple[dict[str, nn.Module], list[str]]:
@@ -152,7 +158,7 @@ def quantize_(
             idx,
             weights.symmetric,
             storage_dtype=storage_dtype or host.storage_dtype(name + ".weight"),
-            importance=column_importance(name, report),
+            importance=column_importance(name, report, weights.clip_sink_tokens),
             clip_search=weights.clip_search,
         )
         summary.swap_in(host.model, name, weight, module.bias, new, idx)

@@ -107,3 +107,58 @@ def test_threshold_selection_uses_max_abs():
     )
     quantize_(model, recipe.weights, report, progress=False)
     assert model.model.layers[1].self_attn.o_proj.n_outliers == 2
+
+
+def _planted(make, magnitude: float):
+    """A random model of `make`'s architecture whose first layer's down_proj input carries `magnitude`
+    (times 3, 2 and 1) in three channels on the first token of every sequence, and the
+    residual stream after it ten times that in one dim: a massive activation, as trained models build
+    them in an early MLP."""
+    model = make()
+    planted, scale = torch.tensor([3, 40, 77]), torch.tensor([3.0, 2.0, 1.0])  # the first two are kept
+
+    def plant(_module, args):
+        x = args[0].clone()
+        x[:, 0, planted] += magnitude * scale
+        return (x,)
+
+    def massive_residual(_module, _args, out):  # Gemma 3 norms the MLP output before the residual add
+        hidden = out[0] if isinstance(out, tuple) else out
+        hidden[:, 0, 5] += 10 * magnitude
+
+    model.model.layers[0].mlp.down_proj.register_forward_pre_hook(plant)
+    model.model.layers[0].register_forward_hook(massive_residual)
+    return model
+
+
+def _down_proj_of_layer0(make, magnitude: float, sink_tokens: str) -> SinkQuantLinear:
+    model = _planted(make, magnitude)
+    report = calibrate(model, CharTokenizer(), None, samples=4, seq_len=64, progress=False)
+    assert 0 in [layer.position for layer in report.massive.layers], "the plant made no massive activation"
+    weights = (
+        Recipe()
+        .with_overrides(
+            **{
+                "weights.group_size": 32,
+                "weights.outliers.fraction": 0.0125,
+                "weights.clip_sink_tokens": sink_tokens,
+            }
+        )
+        .weights
+    )  # 0.0125 x 160 inputs: two columns kept, so one planted channel stays inside a group
+    quantize_(model, weights, report, progress=False)
+    return model.model.layers[0].mlp.down_proj
+
+
+@pytest.mark.parametrize("make", ["qwen2", "gemma3"])
+def test_the_sink_tokens_rows_do_not_decide_a_groups_range(make):
+    """With clip_sink_tokens: exclude, a tenfold larger massive activation on the sink token leaves
+    every group's range where it was; with include, that one token moves them (so the test can fail)."""
+    import tiny_models
+
+    make = getattr(tiny_models, f"tiny_{make}")
+    small, large = (_down_proj_of_layer0(make, m, "exclude") for m in (2e3, 2e4))
+    assert small.outlier_idx.tolist() == large.outlier_idx.tolist()
+    assert torch.equal(small.weight_scale, large.weight_scale) and torch.equal(small.weight, large.weight)
+    included = _down_proj_of_layer0(make, 2e4, "include")
+    assert not torch.equal(included.weight_scale, large.weight_scale)
