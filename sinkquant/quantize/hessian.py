@@ -190,7 +190,12 @@ def inverse_hessian_factor(
         torch.linalg.cholesky_ex(work, out=(work, info))  # work is now L
         if int(info) == 0:
             inverse = torch.eye(work.shape[0], dtype=work.dtype, device=work.device)
-            torch.linalg.solve_triangular(work, inverse, upper=False, out=inverse)  # L⁻¹
+            if dtype == torch.float64:
+                # out of place: LAPACK's in-place solve rounds differently in the last bits, and GPTQ
+                # turns last bits into other codes; narrow layers keep the numbers they always had
+                inverse = torch.linalg.solve_triangular(work, inverse, upper=False)  # L⁻¹
+            else:  # a wide layer: one matrix less
+                torch.linalg.solve_triangular(work, inverse, upper=False, out=inverse)
             del work
             upper = _rotate_half_turn_(inverse)  # J L⁻¹ J
             if bool(torch.isfinite(upper).all()):
