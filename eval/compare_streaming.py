@@ -77,6 +77,11 @@ def main() -> None:
     ap.add_argument("--baseline", default=BASELINE)
     ap.add_argument("--recipes", default="w4-g128-outliers,w4-g128-gptq,w8")
     ap.add_argument("--out", default=str(ROOT / "eval" / "results" / "streaming_identical.md"))
+    ap.add_argument(
+        "--score",
+        action="store_true",
+        help="also score both checkpoints of every recipe (this checkout's evaluator, 16,384 tokens)",
+    )
     args = ap.parse_args()
     model = default_model()
     work = Path(tempfile.mkdtemp(prefix="sinkquant-compare-"))
@@ -95,6 +100,7 @@ def main() -> None:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     scored = "not run (w4-g128-outliers not among the recipes)"
+    scores: list[str] = []
     try:
         for recipe in args.recipes.split(","):
             path = ROOT / "recipes" / f"{recipe}.yaml"
@@ -104,11 +110,21 @@ def main() -> None:
             if recipe == "w4-g128-outliers":  # the foundation protocol, by the streamed evaluator
                 scored = cli(None, "eval", str(work / f"{recipe}-new"), "--dataset", str(WIKITEXT),
                              "--max-tokens", "16384").strip().splitlines()[-1]  # fmt: skip
+            if args.score:
+                for who in ("old", "new"):
+                    out = cli(None, "eval", str(work / f"{recipe}-{who}"), "--dataset", str(WIKITEXT),
+                              "--max-tokens", "16384").strip().splitlines()[-1]  # fmt: skip
+                    scores.append(
+                        f"- `{recipe}`, quantized by {'the baseline' if who == 'old' else 'this checkout'}: `{out}`"
+                    )
             print(recipe, r, flush=True)
             lines.append(f"| `{recipe}` | {r['tensors']} | {r['exact']} | {r['cast']} | {r['differ']} "
                          f"{r['bad'] or ''} | {r['old_bytes'] / 2**20:.1f} MiB | {r['new_bytes'] / 2**20:.1f} MiB |")  # fmt: skip
         lines += ["", f"`sinkquant eval OUT --dataset wikitext-2-raw-test.txt --max-tokens 16384` on the new "
                   f"`w4-g128-outliers` checkpoint (streamed): `{scored}`"]  # fmt: skip
+        if scores:
+            lines += ["", "Both checkpoints of each recipe scored by this checkout's `sinkquant eval` (16,384 tokens):", "",
+                      *scores]  # fmt: skip
         for who, where in (("old", tree), ("new", None)):
             cli(where, "calibrate", model, "--out", str(work / f"calib-{who}.json"))
         reports = [json.loads((work / f"calib-{w}.json").read_text()) for w in ("old", "new")]
