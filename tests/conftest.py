@@ -7,9 +7,11 @@ does not have (a CUDA device) are allowed there.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the suite runs in one worker per core (pyproject's addopts): one intra-op thread each, so two
+    # workers do not fight over the same cores
+    import torch
+
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("SINKQUANT_SHARED", ROOT.parent / "shared"))
@@ -67,9 +76,12 @@ def smollm2_path(shared) -> Path:
     """SmolLM2-135M as an HF folder, made once from the GGUF in ../shared (cached by the tool)."""
     tool = _need(shared / "tools" / "materialize_model.py")
     _need(shared / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
-    done = subprocess.run(
-        [sys.executable, str(tool), "smollm2-135m"], capture_output=True, text=True, check=False
-    )
+    # one worker converts while the others wait (the tool's final rename would fail for a second one)
+    with open(Path(tempfile.gettempdir()) / "sinkquant-tests-materialize.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = subprocess.run(
+            [sys.executable, str(tool), "smollm2-135m"], capture_output=True, text=True, check=False
+        )
     if done.returncode != 0:
         raise RuntimeError(f"materialize_model.py failed: {done.stderr[-2000:]}")
     return Path(done.stdout.strip().splitlines()[-1])

@@ -16,7 +16,7 @@ def _pytest(tmp_path, ci: bool) -> subprocess.CompletedProcess:
     env.update({"SINKQUANT_SHARED": str(tmp_path / "no-shared"), **({"CI": "true"} if ci else {})})
     test = "tests/test_cli.py::test_calibrate_writes_report_and_plots"  # needs ../shared's stories260k
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", test],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
 
