@@ -240,3 +240,30 @@ def test_sink_modes_need_a_report():
         _gptq(
             tiny_llama(), _recipe(**{"weights.gptq.sink_tokens": "exclude", "weights.outliers": None}), None
         )
+
+
+def test_a_layer_quantizes_to_the_same_codes_at_one_and_two_threads():
+    """H's matmuls and the factorisation use every torch thread; the codes must not depend on how many."""
+    from sinkquant.quantize.hessian import HessianAccumulator
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 256, 768) * torch.rand(768) * 2
+    x[:, 0, 11] += 300.0  # a massive activation on the sink token
+    weight = torch.randn(512, 768) * 0.02
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            acc = HessianAccumulator(768, [0], track_max=False)
+            for batch in x.split(2):
+                acc.add(batch)
+            hessian = acc.hessian()
+            got = gptq_quantize_weight(weight.clone(), hessian, 4, 128, [5, 11, 300], clip_search=True)
+            results.append((hessian, got))
+    finally:
+        torch.set_num_threads(threads)
+    (h1, one), (h2, two) = results
+    assert torch.equal(h1, h2)
+    assert torch.equal(one.codes, two.codes) and torch.equal(one.scale, two.scale)
+    assert torch.equal(one.minimum, two.minimum)
