@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--dataset", default=str(SHARED / "data" / "wikitext-2-raw-test.txt"))
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--no-bnb", action="store_true")
+    parser.add_argument("--out", default=None, help="results file (default: eval/results/weights_<model>.md)")
     args = parser.parse_args()
 
     import transformers
@@ -133,7 +134,11 @@ def main() -> None:
         )
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(__file__).parent / "results" / f"weights_{Path(model_path).name}.md"
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(__file__).parent / "results" / f"weights_{Path(model_path).name}.md"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
 
