@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import CachedReference, default_model
+from common import default_model
 from torch import nn
 
 from sinkquant import calibrate, evaluate
@@ -88,7 +88,7 @@ def run(args) -> tuple[list[dict], dict]:
     report = calibrate(fp32, tok, str(C4), samples=args.report_samples, seq_len=512, progress=False)
     info["report_s"] = time.perf_counter() - t
     info["sinks"] = report.sinks.positions
-    reference = CachedReference(fp32)
+    reference = fp32  # the evaluator walks it layer by layer beside each row's model
     base = Recipe().with_overrides(**{
         "weights.algorithm": "gptq", "calibration.dataset": str(C4),
         "calibration.samples": args.samples, "calibration.seq_len": args.seq_len,

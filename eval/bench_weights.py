@@ -40,7 +40,7 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from common import CachedReference, bnb_nf4, default_model
+    from common import bnb_nf4, default_model
 
     from sinkquant import calibrate, evaluate
     from sinkquant.loading import prepare_model
@@ -56,7 +56,7 @@ def main() -> None:
         flush=True,
     )
 
-    reference = CachedReference(fp32)  # the fp32 logits of each window, computed once for every row
+    reference = fp32  # the evaluator walks it layer by layer beside each row's model
 
     def score(model):
         return evaluate(

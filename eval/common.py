@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from bench_kv import tensor_bytes  # follows tensor subclasses (quanto, torchao) down to plain storage
@@ -261,17 +260,3 @@ def torchao_int4(
         model, PrototypeInt4WeightOnlyConfig(group_size=group, set_inductor_config=False), filter_fn=fits
     )
     return model.eval(), count_converted(model, names)
-
-
-class CachedReference(nn.Module):
-    """The fp32 model's logits per window, computed once (the evaluator asks for them on every row)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model, self.cache = model, {}
-
-    def forward(self, input_ids: torch.Tensor, **kwargs):
-        key = input_ids.numpy().tobytes()
-        if key not in self.cache:
-            self.cache[key] = self.model(input_ids=input_ids, **kwargs).logits.float()
-        return SimpleNamespace(logits=self.cache[key])
