@@ -32,6 +32,10 @@ class CalibrationSettings:
     massive_ratio: float = 1000.0  # ... and above this multiple of the layer's median |h|
     top_channels: int = 8  # outlier input channels listed per linear layer
 
+    def massive_threshold(self, median_abs: float) -> float:
+        """|h| above which a layer's activation is massive, given that layer's median |h|."""
+        return max(self.massive_abs, self.massive_ratio * median_abs)
+
 
 @dataclass
 class ContentSink:
@@ -182,7 +186,7 @@ class CalibrationReport:
         if first is None or not self.massive.dims:
             return None
         median = self.massive.layers[first].median_abs
-        threshold = max(self.settings.massive_abs, self.settings.massive_ratio * median)
+        threshold = self.settings.massive_threshold(median)
         return {"layer": first, "dims": list(self.massive.dims), "threshold": float(threshold)}
 
     def summary_dict(self) -> dict:

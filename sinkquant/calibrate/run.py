@@ -185,7 +185,7 @@ def _massive_report(tokenizer, acts: ActivationCollector, settings) -> MassiveRe
     first_layer = None
     for idx, (value, dim, pos, _sample, token) in enumerate(acts.best):
         median = sorted(acts.medians[idx])[len(acts.medians[idx]) // 2] if acts.medians[idx] else 0.0
-        threshold = max(settings.massive_abs, settings.massive_ratio * median)
+        threshold = settings.massive_threshold(median)
         per_dim = acts.dim_max[idx]
         massive_here = [int(d) for d in torch.nonzero(per_dim > threshold).flatten()]
         if massive_here and first_layer is None:
@@ -216,8 +216,8 @@ def _sink_rows(sinks: SinkReport, massive: MassiveReport, settings: CalibrationS
     massive-activation token found)."""
     rows = {p for p in sinks.positions if p < settings.track_positions}
     for layer in massive.layers:
-        threshold = max(settings.massive_abs, settings.massive_ratio * layer.median_abs)
-        if layer.max_abs > threshold and layer.position < settings.track_positions:
+        massive_here = layer.max_abs > settings.massive_threshold(layer.median_abs)
+        if massive_here and layer.position < settings.track_positions:
             rows.add(layer.position)
     return sorted(rows)
 

@@ -118,8 +118,10 @@ def _rotate_half_turn_(m: torch.Tensor) -> torch.Tensor:
 
 
 def _add_gram_(total: torch.Tensor, x: torch.Tensor) -> None:
-    """total (float64, CPU) += xᵀx, block by block as `_gram` computes it (the same float32 products,
-    so the same sums), without a whole [in, in] float32 product or float64 copy of it in memory."""
+    """total (CPU) += xᵀx for x [tokens, in], from the float32 blocks on and above the diagonal only (the
+    rest is their transpose): each entry is the same BLAS dot product over the tokens as in one `x.T @
+    x`, with about 3/8 fewer multiplications at 4 blocks, and no whole [in, in] float32 product or
+    float64 copy of it in memory."""
     width = x.shape[1]
     parts = max(1, min(4, width // 128))
     step = -(-width // parts)
@@ -133,22 +135,9 @@ def _add_gram_(total: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
-    """xᵀx for x [tokens, in], float32, from the blocks on and above the diagonal only (the rest is
-    their transpose). Each entry is the same BLAS dot product over the tokens as in one `x.T @ x`
-    (so the result is bit-identical to it), with about 3/8 fewer multiplications at 4 blocks."""
-    width = x.shape[1]
-    parts = max(1, min(4, width // 128))
-    if parts == 1:
-        return x.T @ x
-    step = -(-width // parts)
-    out = torch.empty(width, width, dtype=x.dtype, device=x.device)
-    xt = x.T
-    for i in range(0, width, step):
-        for j in range(i, width, step):
-            block = xt[i : i + step] @ x[:, j : j + step]
-            out[i : i + step, j : j + step] = block
-            if j != i:
-                out[j : j + step, i : i + step] = block.T
+    """xᵀx as float32, by `_add_gram_`'s blocks."""
+    out = torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype)
+    _add_gram_(out, x)
     return out
 
 
@@ -169,9 +158,10 @@ def inverse_hessian_factor(
 
     With J the reversal of rows and columns, JHJ = LLᵀ gives H⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J), and J L⁻¹ J is
     upper triangular with a positive diagonal: U itself. One Cholesky and one triangular solve instead
-    of forming H⁻¹ explicitly and factoring it again, the costliest step of the classic recipe. Both
-    run in place on one reversed copy of the restricted H (gathered and, at the end, turned a block of
-    rows at a time), so a wide layer needs two matrices besides H, not five."""
+    of forming H⁻¹ explicitly and factoring it again, the costliest step of the classic recipe. The
+    Cholesky runs in place on one reversed copy of the restricted H (gathered a block of rows at a
+    time), the solve writes L⁻¹ into one more matrix (in place for wide float32 layers), which is then
+    turned in place: H and two matrices of its size, not five."""
     columns = torch.arange(hessian.shape[0]) if columns is None else columns
     diag = hessian.diagonal()[columns][:mean_over]
     live = diag > 0
