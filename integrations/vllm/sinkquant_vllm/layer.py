@@ -1,0 +1,156 @@
+"""sinkquant's quantized linear layer, read from its tensors without sinkquant, and its forward.
+
+This module imports only torch, so the tests of sinkquant check it without vLLM. The format is
+sinkquant's (format version 2), one layer per `quantization_config.layers` entry:
+
+    y = x[:, kept] @ dequant(W)^T + x[:, outlier_idx] @ outlier_weight^T (+ bias)
+
+    outlier_idx     int32 [n]            the input columns kept at full precision, ascending
+    outlier_weight  [out, n]             those columns of the weight, as the source stored them
+    kept                                 every other input column, ascending
+    bits 4: weight uint8 [out, ceil(kept / 2)], two codes c in [0, 15] a byte, low nibble first;
+            weight_scale, weight_min bf16 [out, ceil(kept / group)]; value = c * scale + min over
+            groups of `group_size` consecutive kept columns (the last may be shorter)
+    bits 8: weight int8 [out, kept]; weight_scale float32 [out]; value = c * scale
+
+Where sinkquant is importable (`pip install --no-deps sinkquant` beside vLLM), `sinkquant_layer` builds
+its `SinkQuantLinear` on the same tensors, so a served layer runs sinkquant's own CPU kernels and gives
+sinkquant's numbers. Elsewhere (a GPU, or no sinkquant) `reference_forward` dequantizes and multiplies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+#: the buffers a layer of each bit width stores, besides outlier_idx / outlier_weight
+SCHEME_BUFFERS = {4: ("weight", "weight_scale", "weight_min"), 8: ("weight", "weight_scale")}
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One entry of `quantization_config.layers` (the shapes of one layer's tensors)."""
+
+    in_features: int
+    out_features: int
+    bits: int
+    group_size: int | None
+    outliers: int
+    bias: bool
+    dtype: str = "float16"
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> LayerSpec:
+        return cls(
+            spec["in_features"],
+            spec["out_features"],
+            spec["bits"],
+            spec.get("group_size"),
+            spec["outliers"],
+            spec.get("bias", False),
+            spec.get("dtype", "float16"),
+        )
+
+    @property
+    def kept(self) -> int:
+        return self.in_features - self.outliers
+
+    @property
+    def stored_group(self) -> int:
+        """The group the kept columns are stored in (the whole row for int8 or per-channel int4)."""
+        if self.bits == 8 or self.group_size is None:
+            return self.kept
+        return self.group_size
+
+    def shapes(self, out_features: int | None = None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Tensor name -> (shape, dtype) for a layer of `out_features` outputs (default: the spec's;
+        vLLM passes the sum of a fused layer's outputs)."""
+        out = self.out_features if out_features is None else out_features
+        outlier_dtype = getattr(torch, self.dtype)
+        if self.bits == 4:
+            groups = math.ceil(self.kept / self.stored_group) if self.kept else 0
+            scheme = {
+                "weight": ((out, math.ceil(self.kept / 2)), torch.uint8),
+                "weight_scale": ((out, groups), torch.bfloat16),
+                "weight_min": ((out, groups), torch.bfloat16),
+            }
+        elif self.bits == 8:
+            scheme = {"weight": ((out, self.kept), torch.int8), "weight_scale": ((out,), torch.float32)}
+        else:
+            raise ValueError(f"sinkquant layers are 4- or 8-bit (got {self.bits})")
+        return {
+            **scheme,
+            "outlier_idx": ((self.outliers,), torch.int32),
+            "outlier_weight": ((out, self.outliers), outlier_dtype),
+        }
+
+
+def kept_columns(outlier_idx: torch.Tensor, in_features: int) -> torch.Tensor:
+    mask = torch.ones(in_features, dtype=torch.bool, device=outlier_idx.device)
+    mask[outlier_idx.long()] = False
+    return torch.nonzero(mask).flatten()
+
+
+def dequantize_kept(spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """float32 [out, kept]: the integer part as real numbers."""
+    weight, scale = tensors["weight"], tensors["weight_scale"].float()
+    if spec.bits == 8:
+        return weight.float() * scale[:, None]
+    low, high = weight & 0xF, weight >> 4
+    codes = torch.stack([low, high], dim=-1).reshape(weight.shape[0], -1)[:, : spec.kept].float()
+    group = spec.stored_group
+    s = scale.repeat_interleave(group, dim=1)[:, : spec.kept]
+    m = tensors["weight_min"].float().repeat_interleave(group, dim=1)[:, : spec.kept]
+    return codes * s + m
+
+
+def effective_weight(spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """float32 [out, in]: the weight the layer multiplies by (outlier columns exactly as stored)."""
+    idx = tensors["outlier_idx"].long()
+    out = tensors["weight"].shape[0]
+    full = torch.empty(out, spec.in_features, device=idx.device)
+    full[:, kept_columns(idx, spec.in_features)] = dequantize_kept(spec, tensors)
+    full[:, idx] = tensors["outlier_weight"].float()
+    return full
+
+
+def reference_forward(
+    x: torch.Tensor,
+    spec: LayerSpec,
+    tensors: dict[str, torch.Tensor],
+    bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x @ W^T (+ bias), summed in float32, returned in x's dtype. `weight`: the effective weight
+    when the caller keeps it (else dequantized here, per call)."""
+    w = effective_weight(spec, tensors) if weight is None else weight
+    y = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+def sinkquant_layer(spec: LayerSpec, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None):
+    """sinkquant's own `SinkQuantLinear` on these tensors, or None where sinkquant is not importable.
+    The tensors are shared, not copied."""
+    try:
+        from sinkquant.quantize.linear import SinkQuantLinear
+    except ImportError:
+        return None
+    out = tensors["weight"].shape[0]
+    layer = SinkQuantLinear(
+        spec.in_features,
+        out,
+        spec.bits,
+        spec.group_size,
+        spec.outliers,
+        bias is not None,
+        tensors["outlier_weight"].dtype,
+        device="meta",
+    )
+    for name in (*SCHEME_BUFFERS[spec.bits], "outlier_idx", "outlier_weight"):
+        setattr(layer, name, tensors[name])
+    if bias is not None:
+        layer.bias = bias.to(tensors["outlier_weight"].dtype)
+    layer.reset_layouts()
+    return layer

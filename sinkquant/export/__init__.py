@@ -1,0 +1,406 @@
+"""Export: a sinkquant checkpoint rewritten in a format that serving engines read without sinkquant.
+
+    export(CHECKPOINT, OUT_DIR, ExportSettings(format="compressed-tensors", ...)) -> ExportReport
+
+The checkpoint is read one quantized layer at a time (its tensors through safetensors' memory map), so
+an export needs about one layer of memory whatever the model's size. Each format is an entry in
+`EXPORT_FORMATS`: it names the on-disk layout of one quantized layer and the `quantization_config`
+that goes into config.json. The folder is written into a temporary folder beside OUT_DIR and renamed
+at the end, as checkpoints are. `exported_model` rebuilds the export's effective weights on a loaded
+checkpoint, so sinkquant's evaluator can say what the fold costs (`sinkquant export --eval`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..quantize.primitives import unpack_bits
+from . import compressed_tensors as ct
+from . import smooth
+
+#: the files besides the tensors and config.json that an export copies from the checkpoint
+_COPIED = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+EXPORT_NOTE = "sinkquant-export.json"
+
+
+@dataclass
+class ExportSettings:
+    """What to write. `group_size` None: the checkpoint's (made to divide every input width);
+    `symmetric` None: the checkpoint's; `activations` "int8" writes W8A8 (8-bit checkpoints only);
+    `dense` regular expressions of modules kept unquantized (widened to their fused groups)."""
+
+    format: str = "compressed-tensors"
+    group_size: int | None = None
+    symmetric: bool | None = None
+    activations: str = "none"
+    dense: list[str] = field(default_factory=list)
+    scale_dtype: str = "bfloat16"
+    #: scale input channels where they are produced before quantizing (`smooth.py`); needs a
+    #: calibration pass over the checkpoint, held in memory
+    smooth: bool = False
+    calibration_samples: int = 16
+    overwrite: bool = False
+
+
+@dataclass
+class ExportReport:
+    out_dir: str
+    format: str
+    scheme: str
+    group_size: int | None
+    symmetric: bool
+    #: storage bits per weight over every exported module (dense ones at their dtype's bits), codes,
+    #: scales and zero points included
+    bits_per_weight: float
+    modules: int
+    dense: list[str]
+    seconds: float
+    #: module -> ||W_exported - W_checkpoint|| / ||W_checkpoint|| of its effective weight
+    fold_error: dict[str, float] = field(default_factory=dict)
+    #: with `smooth`: the strength chosen at each site (its producer's name)
+    smoothing: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One target format: how a layer's effective weight becomes tensors, and how they read back."""
+
+    name: str
+    write: Callable[[nn.Module, ct.WeightArgs, torch.dtype, str], dict[str, torch.Tensor]]
+    quantize: Callable[[torch.Tensor, ct.WeightArgs, torch.dtype, str], dict[str, torch.Tensor]]
+    read: Callable[[dict[str, torch.Tensor], ct.WeightArgs, str], torch.Tensor]
+    config: Callable[[ct.WeightArgs, str, list[str]], dict]
+
+
+def _ct_write(module, args, scale_dtype, activations):
+    """A native layer (`SinkQuantLinear`) as compressed-tensors tensors, its grid kept where it can be."""
+    keep = module._layouts.keep
+    if module.bits == 8:
+        tensors = ct.fold_int8(
+            module.weight, module.weight_scale, keep, module.outlier_idx, module.outlier_weight
+        )
+        return tensors if activations == "int8" else _int8_as_packed(tensors)
+    codes = unpack_bits(module.weight, 4, module.in_kept)
+    return ct.fold_int4(
+        codes,
+        module.weight_scale,
+        module.weight_min,
+        module.group_size,
+        keep,
+        module.dequantized_weight(),
+        args,
+        scale_dtype,
+    )
+
+
+def _int8_as_packed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """int8 per channel as `pack-quantized` 8-bit (weight-only W8A16, which GPUs serve)."""
+    codes = tensors["weight"]
+    return {
+        "weight_packed": ct.pack_int32(codes, 8),
+        "weight_scale": tensors["weight_scale"],
+        "weight_shape": torch.tensor(list(codes.shape), dtype=torch.int64),
+    }
+
+
+def _ct_quantize(weight, args, scale_dtype, activations):
+    """A weight the export changed (smoothing): quantized afresh on the format's grid."""
+    if activations == "int8":
+        return ct.int_quantized_tensors(weight)
+    return ct.pack_quantized_tensors(weight, args, scale_dtype)
+
+
+def _ct_read(tensors, args, activations):
+    return ct.read_int_quantized(tensors) if activations == "int8" else ct.read_pack_quantized(tensors, args)
+
+
+EXPORT_FORMATS: dict[str, ExportFormat] = {
+    "compressed-tensors": ExportFormat(
+        "compressed-tensors", _ct_write, _ct_quantize, _ct_read, ct.quantization_config
+    ),
+}
+
+
+def _read_checkpoint_config(checkpoint: Path) -> tuple[dict, dict]:
+    try:
+        config = json.loads((checkpoint / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(
+            f"{checkpoint} is not a sinkquant checkpoint (config.json unreadable: {exc})"
+        ) from exc
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") != "sinkquant":
+        raise InputError(
+            f"{checkpoint} is not a sinkquant checkpoint (its quant_method is {qc.get('quant_method')!r}); "
+            "export reads what `sinkquant quantize` wrote"
+        )
+    return config, qc
+
+
+def _scheme(qc: dict, settings: ExportSettings) -> tuple[ct.WeightArgs, str]:
+    layers = qc["layers"]
+    bits = {spec["bits"] for spec in layers.values()}
+    if len(bits) != 1:
+        raise InputError(f"the checkpoint mixes {sorted(bits)}-bit layers; export writes one bit width")
+    (n_bits,) = bits
+    if settings.activations not in ("none", "int8"):
+        raise InputError(f"--activations must be none or int8 (got {settings.activations!r})")
+    if settings.activations == "int8":
+        if n_bits != 8:
+            raise InputError("--activations int8 (W8A8) needs an 8-bit checkpoint; this one is 4-bit")
+        return ct.WeightArgs(8, None, True), "W8A8 int8 (dynamic per-token activations)"
+    symmetric = qc.get("symmetric", False) if settings.symmetric is None else settings.symmetric
+    if n_bits == 8:
+        return ct.WeightArgs(8, None, True), "W8A16 int8 per channel"
+    widths = {spec["in_features"] for spec in layers.values()}
+    requested = settings.group_size or qc.get("group_size") or 128
+    group = ct.export_group_size(requested, widths)
+    kind = "symmetric" if symmetric else "asymmetric"
+    return ct.WeightArgs(n_bits, group, symmetric), f"W{n_bits}A16 g{group} {kind}"
+
+
+def _mean_bits(layers: dict[str, dict], dense: set[str], quantized_bits: float) -> float:
+    total = bits = 0.0
+    for name, spec in layers.items():
+        n = spec["in_features"] * spec["out_features"]
+        total += n
+        bits += n * (
+            torch.finfo(getattr(torch, spec.get("dtype", "float16"))).bits
+            if name in dense
+            else quantized_bits
+        )
+    return bits / max(total, 1.0)
+
+
+def export(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    settings: ExportSettings | None = None,
+    progress: bool = False,
+) -> ExportReport:
+    """Write the checkpoint at `checkpoint` to `out_dir` in `settings.format`; see the module docstring."""
+    from tqdm.auto import tqdm
+
+    from ..checkpoint import atomic_dir, prepare_out_dir, verify_manifest
+    from ..quantize.weights import empty_from_spec
+    from ..stream.source import SafetensorsSource
+    from ..stream.writer import ShardWriter
+
+    settings = settings or ExportSettings()
+    fmt = EXPORT_FORMATS.get(settings.format)
+    if fmt is None:
+        raise InputError(
+            f"unknown export format {settings.format!r}; choose one of {', '.join(EXPORT_FORMATS)}"
+        )
+    start = time.perf_counter()
+    checkpoint = Path(checkpoint).expanduser()
+    config, qc = _read_checkpoint_config(checkpoint)
+    verify_manifest(checkpoint)
+    args, scheme = _scheme(qc, settings)
+    scale_dtype = getattr(torch, settings.scale_dtype, None)
+    if not isinstance(scale_dtype, torch.dtype) or not scale_dtype.is_floating_point:
+        raise InputError(
+            f"--scale-dtype must be a float dtype such as bfloat16 (got {settings.scale_dtype!r})"
+        )
+    layers: dict[str, dict] = qc["layers"]
+    names = sorted(layers)
+    dense = ct.dense_modules(settings.dense, names)
+    ignore = sorted(set(qc.get("modules_to_not_convert") or []) | dense)
+    out = prepare_out_dir(out_dir, settings.overwrite)
+    source = SafetensorsSource(checkpoint)
+    prefixes = {name + ".": name for name in names}
+    report = ExportReport(
+        str(out),
+        fmt.name,
+        scheme,
+        args.group_size,
+        args.symmetric,
+        _mean_bits(layers, dense, ct.bits_per_weight(args, torch.finfo(scale_dtype).bits)),
+        len(names) - len(dense),
+        sorted(dense),
+        0.0,
+    )
+    columns: dict[str, torch.Tensor] = {}  # module -> s (its input columns are multiplied by s)
+    producers: dict[str, torch.Tensor] = {}  # norm weight or module -> s (its channels divided by s)
+    sites: dict[str, smooth.Site] = {}  # by producer
+    if settings.smooth:
+        columns, producers, sites = _smoothing(
+            checkpoint, names, dense, args, settings, scale_dtype, report, progress
+        )
+    with atomic_dir(out, settings.overwrite) as tmp:
+        shards = ShardWriter(tmp)
+        outside = [n for n in source.names() if not any(n.startswith(p) for p in prefixes)]
+        for name in outside:
+            tensor = source.read([name])[name]
+            if name in producers:
+                tensor = smooth.divide_producer(sites[name], tensor, producers[name])
+            shards.add(name, tensor)
+        for name in tqdm(names, desc="exporting", unit="layer", disable=not progress):
+            spec = layers[name]
+            keys = [k for k in source.names() if k.startswith(name + ".")]
+            state = {k[len(name) + 1 :]: v for k, v in source.read(keys).items()}
+            module = empty_from_spec(spec)
+            module.load_state_dict(state)
+            weight = module.dequantized_weight()
+            col = columns.get(name, torch.ones(weight.shape[1]))
+            row = producers.get(name, torch.ones(weight.shape[0]))
+            scaled = weight * col / row[:, None]
+            if name in dense:
+                tensors = {"weight": scaled.to(getattr(torch, spec.get("dtype", "float16")))}
+                report.fold_error[name] = 0.0
+            else:
+                if name in columns or name in producers:
+                    tensors = fmt.quantize(scaled, args, scale_dtype, settings.activations)
+                else:
+                    tensors = fmt.write(module, args, scale_dtype, settings.activations)
+                back = fmt.read(tensors, args, settings.activations) / col * row[:, None]
+                report.fold_error[name] = ct.relative_error(back, weight)
+            if module.bias is not None:
+                tensors["bias"] = (module.bias.float() / row).to(module.bias.dtype)
+            for key, tensor in tensors.items():
+                shards.add(f"{name}.{key}", tensor)
+        files = shards.finish()
+        config["quantization_config"] = fmt.config(args, settings.activations, ignore)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name in _COPIED:
+            if (checkpoint / name).is_file():
+                shutil.copy2(checkpoint / name, tmp / name)
+        report.seconds = round(time.perf_counter() - start, 2)
+        note = {
+            "source": str(checkpoint),
+            "note": "exported by sinkquant; the KV-cache settings of the checkpoint are not carried: vLLM has "
+            "no sink-aware KV cache",
+            "kv_cache": qc.get("kv_cache"),
+            "files": files,
+            **report.to_dict(),
+        }
+        (tmp / EXPORT_NOTE).write_text(json.dumps(note, indent=1) + "\n")
+    return report
+
+
+def _smoothing(checkpoint, names, dense, args, settings, scale_dtype, report, progress):
+    """Calibrate the checkpoint's own effective weights and choose the scales of every site."""
+    from ..architecture import decoder_layers, replace_module
+    from ..calibrate import calibrate
+    from ..checkpoint import load
+    from ..modeling import load_tokenizer
+    from ..quantize.linear import SinkQuantLinear
+
+    model = load(checkpoint)
+    modules = dict(model.named_modules())
+    for name, module in list(modules.items()):
+        if isinstance(module, SinkQuantLinear):
+            dense_layer = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            dense_layer.weight.data = module.dequantized_weight()
+            if module.bias is not None:
+                dense_layer.bias.data = module.bias.float()
+            replace_module(model, name, dense_layer)
+    modules = dict(model.named_modules())
+    tokenizer = load_tokenizer(str(checkpoint))
+    stats = calibrate(model, tokenizer, None, samples=settings.calibration_samples, progress=progress).linear
+    layer_names = {id(m): n for n, m in modules.items()}
+    prefixes = [layer_names[id(layer)] + "." for layer in decoder_layers(model)]
+    quantized = set(names) - dense
+    columns, producers, sites = {}, {}, {}
+    for site in smooth.sites(prefixes, modules, quantized):
+        weights = [modules[t].weight.data.float() for t in site.targets]
+        first = stats[site.targets[0]]
+        if settings.activations == "int8":
+            s = smooth.smoothquant_scales(torch.tensor(first.max_abs), weights)
+            report.smoothing[site.producer] = smooth.SMOOTHQUANT_ALPHA
+        else:
+
+            def roundtrip(w):
+                return ct.read_pack_quantized(ct.pack_quantized_tensors(w, args, scale_dtype), args)
+
+            s, alpha = smooth.weight_only_scales(torch.tensor(first.mean_abs), weights, roundtrip)
+            report.smoothing[site.producer] = alpha
+        for target in site.targets:
+            columns[target] = columns.get(target, torch.ones_like(s)) * s
+        producers[site.producer] = s
+        sites[site.producer] = site
+    del model
+    return columns, producers, sites
+
+
+class ExportedLinear(nn.Module):
+    """A dense layer holding an export's effective weight; with `int8_activations`, its input is
+    rounded per token to int8 first (dynamic, symmetric), as vLLM's W8A8 kernel does."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, int8_activations: bool) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.int8_activations = int8_activations
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8_activations:
+            scale = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / 127
+            x = (torch.round(x.float() / scale).clamp(-128, 127) * scale).to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
+def exported_model(model: nn.Module, export_dir: str | Path) -> nn.Module:
+    """Replace `model`'s quantized layers (a loaded sinkquant checkpoint) by the effective weights of
+    the export in `export_dir`, read back from its files; returns `model`."""
+    from ..architecture import replace_module
+    from ..quantize.linear import SinkQuantLinear
+    from ..stream.source import SafetensorsSource
+
+    export_dir = Path(export_dir)
+    qc = json.loads((export_dir / "config.json").read_text())["quantization_config"]
+    group = qc["config_groups"]["group_0"]
+    w = group["weights"]
+    args = ct.WeightArgs(w["num_bits"], w["group_size"], w["symmetric"])
+    activations = "int8" if group.get("input_activations") else "none"
+    fmt = EXPORT_FORMATS[EXPORT_FORMATS_BY_METHOD[qc["quant_method"]]]
+    ignore = set(qc.get("ignore") or [])
+    source = SafetensorsSource(export_dir)
+    quantized = {n + "." for n, m in model.named_modules() if isinstance(m, SinkQuantLinear)}
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():  # the tensors outside the linear layers as exported (smoothing changes norms)
+        for key in source.names():
+            if key in own and not any(key.startswith(q) for q in quantized):
+                own[key].copy_(source.read([key])[key])
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, SinkQuantLinear):
+            continue
+        keys = [k for k in source.names() if k.startswith(name + ".")]
+        tensors = {k[len(name) + 1 :]: v for k, v in source.read(keys).items()}
+        bias = tensors.pop("bias", None)
+        weight = tensors["weight"].float() if name in ignore else fmt.read(tensors, args, activations)
+        replace_module(
+            model,
+            name,
+            ExportedLinear(
+                weight, None if bias is None else bias.float(), activations == "int8" and name not in ignore
+            ),
+        )
+    return model
+
+
+EXPORT_FORMATS_BY_METHOD = {"compressed-tensors": "compressed-tensors"}
+
+__all__ = ["EXPORT_FORMATS", "ExportReport", "ExportSettings", "export", "exported_model"]

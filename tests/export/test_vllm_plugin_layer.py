@@ -1,0 +1,94 @@
+"""The vLLM plugin's linear layer (integrations/vllm), called on tensors without vLLM: it must give
+what `SinkQuantLinear` gives on the same checkpoint tensors, alone and fused the way vLLM fuses q/k/v."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sinkquant.quantize.linear import SinkQuantLinear, use_kernels
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "integrations" / "vllm"))
+from sinkquant_vllm import layer as plugin  # noqa: E402
+
+
+def _layer(bits: int, outliers: int, bias: bool, seed: int = 0) -> SinkQuantLinear:
+    torch.manual_seed(seed)
+    weight = torch.randn(96, 160) * 0.05
+    idx = torch.randperm(160)[:outliers]
+    return SinkQuantLinear.from_float(
+        weight.half().float(),
+        torch.randn(96).half() if bias else None,
+        bits,
+        32,
+        idx,
+        storage_dtype=torch.float16,
+    )
+
+
+def _tensors(layer: SinkQuantLinear) -> dict[str, torch.Tensor]:
+    return {name: buf for name, buf in layer.named_buffers() if name != "bias"}
+
+
+def _spec(layer: SinkQuantLinear) -> plugin.LayerSpec:
+    return plugin.LayerSpec(
+        layer.in_features,
+        layer.out_features,
+        layer.bits,
+        32 if layer.bits == 4 else None,
+        layer.n_outliers,
+        layer.bias is not None,
+        "float16",
+    )
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("outliers", [0, 3])
+def test_the_plugins_reference_forward_is_sinkquant_linear(bits, outliers):
+    layer = _layer(bits, outliers, bias=True)
+    spec, tensors = _spec(layer), _tensors(layer)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()} == {
+        k: (shape, dtype) for k, (shape, dtype) in spec.shapes().items()
+    }
+    assert torch.equal(plugin.effective_weight(spec, tensors), layer.dequantized_weight())
+    # bf16 activations (as vLLM serves them) in a float32 tensor, against sinkquant's dequantizing path
+    # (float32 products; PyTorch's int4 kernel would round its output to bf16)
+    x = torch.randn(5, 160).to(torch.bfloat16).float()
+    with torch.no_grad(), use_kernels(False):
+        expected = layer(x)
+        got = plugin.reference_forward(x, spec, tensors, layer.bias)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 7, 80])
+def test_the_plugins_kernel_layer_is_sinkquant_linear_exactly(bits, rows):
+    layer = _layer(bits, 3, bias=False)
+    served = plugin.sinkquant_layer(_spec(layer), _tensors(layer))
+    x = torch.randn(rows, 160).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(served(x), layer(x))
+
+
+def test_a_fused_layer_gives_each_shard_its_own_outputs():
+    """vLLM loads q/k/v (same input, so the same outlier columns) into one layer by output rows."""
+    idx = torch.tensor([5, 77, 140])
+    shards = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        shards.append(SinkQuantLinear.from_float(torch.randn(64, 160) * 0.05, None, 4, 32, idx))
+    fused = {
+        name: torch.cat([_tensors(s)[name] for s in shards]) if name != "outlier_idx" else idx.int()
+        for name in _tensors(shards[0])
+    }
+    spec = plugin.LayerSpec(160, 64, 4, 32, 3, False, "float32")
+    served = plugin.sinkquant_layer(spec, fused)
+    x = torch.randn(4, 160).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(served(x), torch.cat([s(x) for s in shards], dim=1))
+        with use_kernels(False):
+            expected = torch.cat([s(x.float()) for s in shards], dim=1)
+        torch.testing.assert_close(
+            plugin.reference_forward(x.float(), spec, fused), expected, rtol=1e-5, atol=1e-5
+        )
