@@ -11,6 +11,22 @@ from .app import DTYPE_CHOICE, NO_VERIFY_HELP, execution, execution_options, mai
 from .app import progress as _progress
 
 
+def eval_options(help_text: str):
+    """`--eval TEXT` and `--eval-tokens`, shared by the commands that score what they wrote."""
+
+    def apply(command):
+        command = click.option(
+            "--eval-tokens",
+            default=16384,
+            show_default=True,
+            type=click.IntRange(min=2),
+            help="Text tokens for --eval.",
+        )(command)
+        return click.option("--eval", "eval_dataset", default=None, help=help_text)(command)
+
+    return apply
+
+
 @main.command()
 @click.argument("model")
 @click.option(
@@ -287,19 +303,7 @@ def _mib(n: int) -> str:
     type=click.Choice(["2", "4", "8"]),
     help="Store a kv_cache section with these bits.",
 )
-@click.option(
-    "--eval",
-    "eval_dataset",
-    default=None,
-    help="Measure perplexity before and after on this text (seq-len 1024).",
-)
-@click.option(
-    "--eval-tokens",
-    default=16384,
-    show_default=True,
-    type=click.IntRange(min=2),
-    help="Text tokens for --eval.",
-)
+@eval_options("Measure perplexity before and after on this text (seq-len 1024).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow code shipped inside the model folder to run.")
 @execution_options
@@ -441,16 +445,7 @@ def _print_summary(result, recipe) -> None:
     metavar="REGEX",
     help="Keep matching modules unquantized (repeatable); q/k/v and gate/up follow each other.",
 )
-@click.option(
-    "--eval", "eval_dataset", default=None, help="Score checkpoint and export on this text (seq-len 1024)."
-)
-@click.option(
-    "--eval-tokens",
-    default=16384,
-    show_default=True,
-    type=click.IntRange(min=2),
-    help="Text tokens for --eval.",
-)
+@eval_options("Score checkpoint and export on this text (seq-len 1024).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR.")
 def export(
     checkpoint, out_dir, fmt, activations, group_size, symmetric, dense, eval_dataset, eval_tokens, overwrite

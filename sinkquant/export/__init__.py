@@ -375,7 +375,7 @@ def exported_model(model: nn.Module, export_dir: str | Path) -> nn.Module:
     w = group["weights"]
     args = ct.WeightArgs(w["num_bits"], w["group_size"], w["symmetric"])
     activations = "int8" if group.get("input_activations") else "none"
-    fmt = EXPORT_FORMATS[EXPORT_FORMATS_BY_METHOD[qc["quant_method"]]]
+    fmt = EXPORT_FORMATS["compressed-tensors"]  # the one format whose config this reads
     ignore = set(qc.get("ignore") or [])
     source = SafetensorsSource(export_dir)
     quantized = {n + "." for n, m in model.named_modules() if isinstance(m, SinkQuantLinear)}
@@ -400,7 +400,5 @@ def exported_model(model: nn.Module, export_dir: str | Path) -> nn.Module:
         )
     return model
 
-
-EXPORT_FORMATS_BY_METHOD = {"compressed-tensors": "compressed-tensors"}
 
 __all__ = ["EXPORT_FORMATS", "ExportReport", "ExportSettings", "export", "exported_model"]

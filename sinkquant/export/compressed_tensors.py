@@ -24,7 +24,6 @@ to their whole fused group.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
@@ -350,7 +349,3 @@ def bits_per_weight(args: WeightArgs, scale_bits: int) -> float:
 def relative_error(new: torch.Tensor, old: torch.Tensor) -> float:
     """||new - old|| / ||old|| (Frobenius): how far folding moved one layer's effective weight."""
     return float((new - old).norm() / old.norm().clamp(min=torch.finfo(torch.float32).tiny))
-
-
-def round_up(n: int, k: int) -> int:
-    return math.ceil(n / k) * k
