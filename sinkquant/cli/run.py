@@ -424,8 +424,9 @@ def _print_summary(result, recipe) -> None:
     default="none",
     show_default=True,
     type=click.Choice(["none", "int8"]),
-    help="int8: W8A8 with dynamic per-token int8 activations (8-bit checkpoints; what vLLM's CPU backend "
-    "serves for int8).",
+    help="int8: dynamic per-token int8 activations: W8A8 from an 8-bit checkpoint, W4A8 (symmetric) from a "
+    "4-bit one; these are what vLLM's CPU backend serves (it has no weight-only int8 kernel, and no "
+    "W4A16 kernel in its AVX2 build).",
 )
 @click.option(
     "--group-size",
@@ -437,7 +438,13 @@ def _print_summary(result, recipe) -> None:
 @click.option(
     "--symmetric/--asymmetric",
     default=None,
-    help="Grid of a 4-bit export (default: the checkpoint's; vLLM's CPU kernel serves both).",
+    help="Grid of a 4-bit export (default: the checkpoint's; vLLM's CPU kernels serve symmetric only).",
+)
+@click.option(
+    "--smooth",
+    is_flag=True,
+    help="Rescale input channels at the norms and up_proj rows before quantizing (SmoothQuant for int8 "
+    "activations, a searched strength for weight-only); calibrates the checkpoint first.",
 )
 @click.option(
     "--dense",
@@ -448,13 +455,25 @@ def _print_summary(result, recipe) -> None:
 @eval_options("Score checkpoint and export on this text (seq-len 1024).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR.")
 def export(
-    checkpoint, out_dir, fmt, activations, group_size, symmetric, dense, eval_dataset, eval_tokens, overwrite
+    checkpoint,
+    out_dir,
+    fmt,
+    activations,
+    group_size,
+    symmetric,
+    smooth,
+    dense,
+    eval_dataset,
+    eval_tokens,
+    overwrite,
 ):
     """Write the sinkquant CHECKPOINT in another format into OUT_DIR."""
     from ..export import ExportSettings
     from ..pipeline import export_checkpoint
 
-    settings = ExportSettings(fmt, group_size, symmetric, activations, list(dense), overwrite=overwrite)
+    settings = ExportSettings(
+        fmt, group_size, symmetric, activations, list(dense), smooth=smooth, overwrite=overwrite
+    )
     result = export_checkpoint(checkpoint, out_dir, settings, eval_dataset, eval_tokens, progress=_progress())
     r = result.report
     click.echo(

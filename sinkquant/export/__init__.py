@@ -44,7 +44,8 @@ EXPORT_NOTE = "sinkquant-export.json"
 @dataclass
 class ExportSettings:
     """What to write. `group_size` None: the checkpoint's (made to divide every input width);
-    `symmetric` None: the checkpoint's; `activations` "int8" writes W8A8 (8-bit checkpoints only);
+    `symmetric` None: the checkpoint's; `activations` "int8" writes W8A8, or W4A8 (symmetric int4,
+    the one 4-bit scheme vLLM's CPU backend serves on AVX2 machines) from a 4-bit checkpoint;
     `dense` regular expressions of modules kept unquantized (widened to their fused groups)."""
 
     format: str = "compressed-tensors"
@@ -102,7 +103,7 @@ def _ct_write(module, args, scale_dtype, activations):
         )
         return tensors if activations == "int8" else _int8_as_packed(tensors)
     codes = unpack_bits(module.weight, 4, module.in_kept)
-    return ct.fold_int4(
+    packed = ct.fold_int4(
         codes,
         module.weight_scale,
         module.weight_min,
@@ -112,6 +113,7 @@ def _ct_write(module, args, scale_dtype, activations):
         args,
         scale_dtype,
     )
+    return ct.packed_as_int_quantized(packed, args) if activations == "int8" else packed
 
 
 def _int8_as_packed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -127,7 +129,7 @@ def _int8_as_packed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def _ct_quantize(weight, args, scale_dtype, activations):
     """A weight the export changed (smoothing): quantized afresh on the format's grid."""
     if activations == "int8":
-        return ct.int_quantized_tensors(weight)
+        return ct.int_quantized_tensors(weight, args, scale_dtype if args.bits == 4 else torch.float32)
     return ct.pack_quantized_tensors(weight, args, scale_dtype)
 
 
@@ -166,16 +168,23 @@ def _scheme(qc: dict, settings: ExportSettings) -> tuple[ct.WeightArgs, str]:
     (n_bits,) = bits
     if settings.activations not in ("none", "int8"):
         raise InputError(f"--activations must be none or int8 (got {settings.activations!r})")
-    if settings.activations == "int8":
-        if n_bits != 8:
-            raise InputError("--activations int8 (W8A8) needs an 8-bit checkpoint; this one is 4-bit")
-        return ct.WeightArgs(8, None, True), "W8A8 int8 (dynamic per-token activations)"
-    symmetric = qc.get("symmetric", False) if settings.symmetric is None else settings.symmetric
     if n_bits == 8:
+        if settings.activations == "int8":
+            return ct.WeightArgs(8, None, True), "W8A8 int8 (dynamic per-token activations)"
         return ct.WeightArgs(8, None, True), "W8A16 int8 per channel"
+    symmetric = qc.get("symmetric", False) if settings.symmetric is None else settings.symmetric
     widths = {spec["in_features"] for spec in layers.values()}
     requested = settings.group_size or qc.get("group_size") or 128
     group = ct.export_group_size(requested, widths)
+    if settings.activations == "int8":
+        # vLLM's W4A8 (int4 weights, dynamic per-token int8 activations) has no zero points
+        if settings.symmetric is False:
+            raise InputError(
+                "--activations int8 with 4-bit weights (W4A8) is symmetric only; drop --asymmetric"
+            )
+        return ct.WeightArgs(
+            n_bits, group, True
+        ), f"W4A8 int4 g{group} symmetric (dynamic per-token int8 activations)"
     kind = "symmetric" if symmetric else "asymmetric"
     return ct.WeightArgs(n_bits, group, symmetric), f"W{n_bits}A16 g{group} {kind}"
 

@@ -165,10 +165,24 @@ def pack_quantized_tensors(
     return tensors
 
 
-def int_quantized_tensors(weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The `int-quantized` int8 per-channel tensors of one layer."""
-    codes, scale, _ = quantize_weight(weight, WeightArgs(8, None, True), torch.float32)
+def int_quantized_tensors(
+    weight: torch.Tensor,
+    args: WeightArgs = WeightArgs(8, None, True),
+    scale_dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """The `int-quantized` tensors of one layer: signed codes in int8 (int4 ones too: W4A8 stores one
+    code per byte, as vLLM's reader expects) and the scales; symmetric only, as vLLM serves it."""
+    codes, scale, _ = quantize_weight(weight, args, scale_dtype)
     return {"weight": codes, "weight_scale": scale}
+
+
+def packed_as_int_quantized(tensors: dict[str, torch.Tensor], args: WeightArgs) -> dict[str, torch.Tensor]:
+    """Symmetric `pack-quantized` tensors rewritten as `int-quantized` (the same codes, one per byte)."""
+    in_f = int(tensors["weight_shape"][1])
+    return {
+        "weight": unpack_int32(tensors["weight_packed"], args.bits, in_f),
+        "weight_scale": tensors["weight_scale"],
+    }
 
 
 def read_pack_quantized(tensors: dict[str, torch.Tensor], args: WeightArgs) -> torch.Tensor:
@@ -265,17 +279,18 @@ def fold_int4(
 # -- the model's config ------------------------------------------------------------------------------
 def export_group_size(requested: int | None, widths: set[int]) -> int | None:
     """The group size to write: `requested` where it divides every input width (vLLM's kernels and
-    compressed-tensors need whole groups), else the largest multiple of 32 below it that does; None
-    (per channel) when `requested` is None."""
+    compressed-tensors need whole groups), else the largest of 64 and 32 below it that does (the
+    sizes Marlin, vLLM's GPU W4A16 kernel, accepts besides 128); None (per channel) when `requested`
+    is None."""
     if requested is None:
         return None
     if all(w % requested == 0 for w in widths):
         return requested
-    for size in range(requested - requested % 32, 31, -32):
-        if all(w % size == 0 for w in widths):
+    for size in (64, 32):
+        if size < requested and all(w % size == 0 for w in widths):
             return size
     raise InputError(
-        f"no group size of at most {requested} that is a multiple of 32 divides the input widths "
+        f"neither {requested} nor a smaller group of 64 or 32 divides the input widths "
         f"{sorted(widths)}; pass --group-size with a divisor of all of them"
     )
 

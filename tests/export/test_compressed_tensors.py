@@ -148,6 +148,24 @@ def test_the_asymmetric_fold_reads_back_the_same_with_compressed_tensors(checkpo
         assert bool(((theirs - layer.dequantized_weight()).abs() <= step + 1e-6).all()), name
 
 
+def test_w4a8_stores_symmetric_int4_codes_one_per_byte(checkpoints, tmp_path):
+    """W4A8 (what vLLM's AVX2 CPU build serves at 4 bits): `int-quantized` int8 tensors holding int4
+    codes, read back the same by compressed-tensors; a symmetric checkpoint keeps its grid exactly."""
+    out = tmp_path / "ct"
+    report = export(checkpoints["w4-sym-plain"], out, ExportSettings(activations="int8"))
+    assert report.symmetric and report.scheme.startswith("W4A8")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    group = qc["config_groups"]["group_0"]
+    assert qc["format"] == "int-quantized" and group["input_activations"]["strategy"] == "token"
+    assert group["weights"]["num_bits"] == 4 and group["weights"]["symmetric"]
+    for name, layer in _native_layers(checkpoints["w4-sym-plain"]).items():
+        tensors = _module_tensors(out, name)
+        codes = tensors["weight"]
+        assert codes.dtype == torch.int8 and int(codes.min()) >= -8 and int(codes.max()) <= 7, name
+        assert torch.equal(ct.read_int_quantized(tensors), layer.dequantized_weight()), name
+        assert _same(_ct_decompress(out, name), layer.dequantized_weight()), name
+
+
 def test_transformers_loads_the_export_as_the_numbers_sinkquant_scores(checkpoints, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -172,7 +190,8 @@ def test_dense_modules_take_their_fused_siblings():
 
 
 def test_the_group_size_is_made_to_divide_every_width():
-    assert ct.export_group_size(128, {576, 1536}) == 96
+    assert ct.export_group_size(128, {576, 1536}) == 64
+    assert ct.export_group_size(96, {576, 1536}) == 96
     assert ct.export_group_size(128, {4096, 11008}) == 128
     with pytest.raises(InputError, match="divides the input widths"):
         ct.export_group_size(128, {64, 172})
@@ -193,7 +212,7 @@ def test_cli_export_writes_and_reports(checkpoints, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--activations", "int8"], "needs an 8-bit checkpoint"),
+        (["--activations", "int8", "--asymmetric"], "is symmetric only"),
         (["--dense", "("], "is not a regular expression"),
     ],
 )
