@@ -75,10 +75,11 @@ def serve(python: Path, model_dir: Path, windows: Path, out: Path, compile_model
         cmd + (["--compile"] if compile_model else []), capture_output=True, text=True, env=env, check=False
     )
     if done.returncode != 0:
-        tail = [line for line in done.stderr.splitlines() if "Error" in line][
-            -1:
-        ] or done.stderr.splitlines()[-1:]
-        return {"error": (tail[0] if tail else f"exit {done.returncode}")[:200]}
+        # the root cause, not the engine's "EngineDeadError" that follows it
+        lines = [line for line in done.stderr.splitlines() if "Error" in line]
+        causes = [line for line in lines if "EngineDeadError" not in line and "Worker failed" not in line]
+        tail = (causes or lines or done.stderr.splitlines() or [f"exit {done.returncode}"])[-1]
+        return {"error": "failed: " + tail.strip()[:200]}
     return json.loads(out.read_text())
 
 
@@ -87,6 +88,12 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--compile", action="store_true", help="let vLLM torch.compile each model")
+    parser.add_argument(
+        "--rows",
+        default=None,
+        help="comma-separated rows to serve (bf16, w4, w8, or an export folder such as ct-w8a8-smooth); the "
+        "native checkpoints are always scored by sinkquant's evaluator. Default: every row",
+    )
     parser.add_argument("--out", default=str(ROOT / "eval" / "results" / "serving_smollm2.md"))
     args = parser.parse_args()
 
@@ -144,7 +151,13 @@ def main() -> None:
             "score",
         ),
     ]
+    chosen = set(args.rows.split(",")) if args.rows else None
+    exports = [e for e in exports if chosen is None or e[0] in chosen]
     reports = {folder: export(source, work / folder, settings) for folder, source, settings, *_ in exports}
+
+    def wanted(key: str, mode: str | None) -> str | None:
+        return mode if chosen is None or key in chosen else None
+
     prepare_s = time.perf_counter() - start
 
     def ours(checkpoint: Path, exported: Path | None = None) -> float:
@@ -155,43 +168,43 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    fp = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    rows = [  # (label, folder, bits per weight, sinkquant's perplexity, the native row it folds, vLLM mode)
-        (
-            "vLLM bf16 (source model)",
-            Path(model),
-            "16",
-            evaluate(fp, tokenizer, str(WIKITEXT), 1024, args.tokens, progress=False).perplexity,
-            None,
-            "score",
-        ),
-        ("sinkquant W4 native (plugin)", native_w4, "4 + 1% fp16 columns", ours(native_w4), None, "score"),
-        ("sinkquant W8 native (plugin)", native_w8, "8", ours(native_w8), None, "score"),
-    ]
-    del fp
+    # (key, label, folder, bits per weight, sinkquant's perplexity, the native row it folds, vLLM mode)
+    rows = []
+    if chosen is None or "bf16" in chosen:
+        fp = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        ppl = evaluate(fp, tokenizer, str(WIKITEXT), 1024, args.tokens, progress=False).perplexity
+        rows.append(("bf16", "vLLM bf16 (source model)", Path(model), "16", ppl, None, "score"))
+        del fp
+    rows += [
+        ("w4", "sinkquant W4 native (plugin)", native_w4, "4 + 1% fp16 columns", ours(native_w4), None,
+         wanted("w4", "score")),
+        ("w8", "sinkquant W8 native (plugin)", native_w8, "8", ours(native_w8), None, wanted("w8", "score")),
+    ]  # fmt: skip
     for folder, source, _, suffix, mode in exports:
         report = reports[folder]
         rows.append(
             (
+                folder,
                 f"compressed-tensors {report.scheme}{suffix}",
                 work / folder,
                 f"{report.bits_per_weight:.3f}",
                 ours(source, work / folder),
-                1 if source == native_w4 else 2,
+                "w4" if source == native_w4 else "w8",
                 mode,
             )
         )
     python = vllm_python()
     served = []
-    for label, folder, bits, ppl, native, mode in rows:
+    for key, label, folder, bits, ppl, native, mode in rows:
         if mode is None:
             result = {"error": "not served in this run (sinkquant's evaluator only)"}
         else:
             result = serve(python, folder, windows_file, work / f"{folder.name}.json", args.compile, mode)
-        served.append((label, bits, ppl, native, result))
+        served.append((key, label, bits, ppl, native, result))
         print(label, json.dumps(result), flush=True)
 
-    base = served[0][4].get("batch1_tokens_per_s")
+    by_key = {row[0]: row for row in served}
+    base = by_key["bf16"][5].get("batch1_tokens_per_s") if "bf16" in by_key else None
     lines = [
         "# Serving on vLLM: sinkquant checkpoints (plugin) and compressed-tensors exports",
         "",
@@ -203,31 +216,32 @@ def main() -> None:
         "int8 activations rounded per token as vLLM does), `vLLM` is exp of the mean NLL from vLLM's prompt "
         f"logprobs on the same token ids. `fold` is the export's sinkquant perplexity against its native "
         f"checkpoint's. Decode: 64 new tokens after a 6-token prompt, median of 3. "
-        f"Preparing the checkpoints and exports took {prepare_s:.0f} s.",
+        f"Preparing the checkpoints and exports took {prepare_s:.0f} s."
+        + (f" Rows served in this run: {args.rows}." if args.rows else ""),
         "",
         "| row | bits / weight | ppl sinkquant | fold | ppl vLLM | vLLM / sinkquant | vLLM / native (vLLM) | "
         "decode tok/s b1 | b1 vs bf16 | decode tok/s b8 | generation (greedy, 16 tokens) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for label, bits, ppl, native, r in served:
-        fold = f"{ppl / served[native][2] - 1:+.2%}" if native is not None else ""
+    for _key, label, bits, ppl, native, r in served:
+        fold = f"{ppl / by_key[native][3] - 1:+.2%}" if native is not None else ""
         if "error" in r:
             lines.append(f"| {label} | {bits} | {ppl:.4f} | {fold} | {r['error']} | | | | | | |")
             continue
-        ratio = r["batch1_tokens_per_s"] / base if base else float("nan")
+        ratio = f"{r['batch1_tokens_per_s'] / base:.2f}x" if base else "(no bf16 row)"
         generation = json.dumps(r["generation"])[1:-1][:60]
         if "perplexity" not in r:  # generation and batch-1 decode only
             lines.append(
                 f"| {label} | {bits} | {ppl:.4f} | {fold} | not scored (slow kernel) | | | "
-                f"{r['batch1_tokens_per_s']:.1f} | {ratio:.2f}x | | {generation} |"
+                f"{r['batch1_tokens_per_s']:.1f} | {ratio} | | {generation} |"
             )
             continue
         versus = ""
-        if native is not None and "perplexity" in served[native][4]:
-            versus = f"{r['perplexity'] / served[native][4]['perplexity'] - 1:+.2%}"
+        if native is not None and "perplexity" in by_key[native][5]:
+            versus = f"{r['perplexity'] / by_key[native][5]['perplexity'] - 1:+.2%}"
         lines.append(
             f"| {label} | {bits} | {ppl:.4f} | {fold} | {r['perplexity']:.4f} | {r['perplexity'] / ppl - 1:+.2%} | "
-            f"{versus} | {r['batch1_tokens_per_s']:.1f} | {ratio:.2f}x | {r['batch8_tokens_per_s']:.1f} | "
+            f"{versus} | {r['batch1_tokens_per_s']:.1f} | {ratio} | {r['batch8_tokens_per_s']:.1f} | "
             f"{generation} |"
         )
     lines.append("")
