@@ -202,6 +202,17 @@ def _mean_bits(layers: dict[str, dict], dense: set[str], quantized_bits: float) 
     return bits / max(total, 1.0)
 
 
+def _keys_by_module(keys: list[str], modules: set[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """The tensor names of each module in `modules` (its direct tensors: `name.weight`, ...) and the
+    names outside them, in one pass over the names."""
+    by_module: dict[str, list[str]] = {name: [] for name in modules}
+    outside = []
+    for key in keys:
+        owner = key.rsplit(".", 1)[0]
+        (by_module[owner] if owner in by_module else outside).append(key)
+    return by_module, outside
+
+
 def export(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -238,7 +249,6 @@ def export(
     ignore = sorted(set(qc.get("modules_to_not_convert") or []) | dense)
     out = prepare_out_dir(out_dir, settings.overwrite)
     source = SafetensorsSource(checkpoint)
-    prefixes = {name + ".": name for name in names}
     report = ExportReport(
         str(out),
         fmt.name,
@@ -259,7 +269,7 @@ def export(
         )
     with atomic_dir(out, settings.overwrite) as tmp:
         shards = ShardWriter(tmp)
-        outside = [n for n in source.names() if not any(n.startswith(p) for p in prefixes)]
+        keys_of, outside = _keys_by_module(source.names(), set(names))
         for name in outside:
             tensor = source.read([name])[name]
             if name in producers:
@@ -267,8 +277,7 @@ def export(
             shards.add(name, tensor)
         for name in tqdm(names, desc="exporting", unit="layer", disable=not progress):
             spec = layers[name]
-            keys = [k for k in source.names() if k.startswith(name + ".")]
-            state = {k[len(name) + 1 :]: v for k, v in source.read(keys).items()}
+            state = {k[len(name) + 1 :]: v for k, v in source.read(keys_of[name]).items()}
             module = empty_from_spec(spec)
             module.load_state_dict(state)
             weight = module.dequantized_weight()
@@ -387,17 +396,17 @@ def exported_model(model: nn.Module, export_dir: str | Path) -> nn.Module:
     fmt = EXPORT_FORMATS["compressed-tensors"]  # the one format whose config this reads
     ignore = set(qc.get("ignore") or [])
     source = SafetensorsSource(export_dir)
-    quantized = {n + "." for n, m in model.named_modules() if isinstance(m, SinkQuantLinear)}
+    quantized = {n for n, m in model.named_modules() if isinstance(m, SinkQuantLinear)}
+    keys_of, outside = _keys_by_module(source.names(), quantized)
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():  # the tensors outside the linear layers as exported (smoothing changes norms)
-        for key in source.names():
-            if key in own and not any(key.startswith(q) for q in quantized):
+        for key in outside:
+            if key in own:
                 own[key].copy_(source.read([key])[key])
     for name, module in list(model.named_modules()):
         if not isinstance(module, SinkQuantLinear):
             continue
-        keys = [k for k in source.names() if k.startswith(name + ".")]
-        tensors = {k[len(name) + 1 :]: v for k, v in source.read(keys).items()}
+        tensors = {k[len(name) + 1 :]: v for k, v in source.read(keys_of[name]).items()}
         bias = tensors.pop("bias", None)
         weight = tensors["weight"].float() if name in ignore else fmt.read(tensors, args, activations)
         replace_module(
