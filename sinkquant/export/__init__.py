@@ -182,9 +182,8 @@ def _scheme(qc: dict, settings: ExportSettings) -> tuple[ct.WeightArgs, str]:
             raise InputError(
                 "--activations int8 with 4-bit weights (W4A8) is symmetric only; drop --asymmetric"
             )
-        return ct.WeightArgs(
-            n_bits, group, True
-        ), f"W4A8 int4 g{group} symmetric (dynamic per-token int8 activations)"
+        scheme = f"W4A8 int4 g{group} symmetric (dynamic per-token int8 activations, one code per byte)"
+        return ct.WeightArgs(n_bits, group, True), scheme
     kind = "symmetric" if symmetric else "asymmetric"
     return ct.WeightArgs(n_bits, group, symmetric), f"W{n_bits}A16 g{group} {kind}"
 
@@ -255,7 +254,9 @@ def export(
         scheme,
         args.group_size,
         args.symmetric,
-        _mean_bits(layers, dense, ct.bits_per_weight(args, torch.finfo(scale_dtype).bits)),
+        _mean_bits(
+            layers, dense, ct.bits_per_weight(args, torch.finfo(scale_dtype).bits, settings.activations)
+        ),
         len(names) - len(dense),
         sorted(dense),
         0.0,

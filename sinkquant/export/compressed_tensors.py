@@ -353,12 +353,14 @@ def quantization_config(
     }
 
 
-def bits_per_weight(args: WeightArgs, scale_bits: int) -> float:
-    """Storage bits per weight of the integer part: codes, scales and (asymmetric) zero points."""
+def bits_per_weight(args: WeightArgs, scale_bits: int, activations: str = "none") -> float:
+    """Storage bits per weight of the integer part: codes, scales and (asymmetric) zero points. The
+    `int-quantized` layout of int8 activations stores each code in a byte, int4 ones included."""
+    code_bits = 8 if activations == "int8" else args.bits
     if args.group_size is None:
-        return float(args.bits)
+        return float(code_bits)
     extra = scale_bits + (0 if args.symmetric else args.bits)
-    return args.bits + extra / args.group_size
+    return code_bits + extra / args.group_size
 
 
 def relative_error(new: torch.Tensor, old: torch.Tensor) -> float:

@@ -154,6 +154,8 @@ def test_w4a8_stores_symmetric_int4_codes_one_per_byte(checkpoints, tmp_path):
     out = tmp_path / "ct"
     report = export(checkpoints["w4-sym-plain"], out, ExportSettings(activations="int8"))
     assert report.symmetric and report.scheme.startswith("W4A8")
+    # each int4 code takes a byte on disk: 8 bits plus a bf16 scale per group of 32
+    assert report.bits_per_weight == pytest.approx(8 + 16 / 32)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     group = qc["config_groups"]["group_0"]
     assert qc["format"] == "int-quantized" and group["input_activations"]["strategy"] == "token"
