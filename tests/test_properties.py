@@ -46,7 +46,7 @@ def kv_sections(draw) -> dict:
     residual = draw(st.integers(0, 512))
     sinks = draw(st.one_of(st.sampled_from(["auto", "none"]), st.lists(st.integers(0, 64), max_size=4)))
     n_sinks = len(sinks) if isinstance(sinks, list) else int(sinks == "auto")
-    floor = n_sinks + group + residual
+    floor = max(16, n_sinks + group + residual)  # KVCacheConfig: max_tokens >= 16 and room for them all
     return {
         "bits": bits,
         "key_granularity": draw(st.sampled_from(["channel", "token"])),
