@@ -62,6 +62,18 @@ def vllm_python() -> Path:
     return python
 
 
+def int8_isa() -> str:
+    """Whether the CPU has VNNI: without it oneDNN's int8 products saturate for codes beyond 64."""
+    try:
+        flags = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+        ).split()
+    except (OSError, StopIteration):
+        return "CPU flags unknown"
+    vnni = [f for f in flags if "vnni" in f]
+    return f"VNNI: {', '.join(vnni)}" if vnni else "no VNNI (int8 dot products through int16 pair sums)"
+
+
 def serve(python: Path, model_dir: Path, windows: Path, out: Path, compile_model: bool, mode: str) -> dict:
     cmd = [str(python), str(ROOT / "eval" / "serving_worker.py"), str(model_dir), str(windows), str(out)]
     cmd += [] if mode == "score" else ["--no-score"]
@@ -143,6 +155,30 @@ def main() -> None:
             ", smoothed",
             "score",
         ),
+        # codes in [-64, 64]: what vLLM's oneDNN int8 kernel multiplies exactly on CPUs without VNNI
+        (
+            "ct-w8a8-narrow",
+            native_w8,
+            ExportSettings(activations="int8", narrow_int8=True, overwrite=True),
+            "",
+            None,
+        ),
+        (
+            "ct-w8a8-smooth-narrow",
+            native_w8,
+            ExportSettings(activations="int8", smooth=True, narrow_int8=True, overwrite=True),
+            ", smoothed",
+            "score",
+        ),
+        (
+            "ct-w8a8-smooth0.6-narrow",
+            native_w8,
+            ExportSettings(
+                activations="int8", smooth=True, smooth_alpha=0.6, narrow_int8=True, overwrite=True
+            ),
+            ", smoothed (alpha 0.6)",
+            "score",
+        ),
         (
             "ct-w8a8-smooth-qkv16",
             native_w8,
@@ -208,7 +244,8 @@ def main() -> None:
     lines = [
         "# Serving on vLLM: sinkquant checkpoints (plugin) and compressed-tensors exports",
         "",
-        f"`python eval/bench_serving.py{' --compile' if args.compile else ''}` on {machine()['cpu']}, "
+        f"`python eval/bench_serving.py{' --compile' if args.compile else ''}` on {machine()['cpu']} "
+        f"({machine()['cpu_capability']}, {int8_isa()}), "
         f"{torch.get_num_threads()} threads; vLLM {VLLM_SPEC.split('==')[1]} "
         f"({'torch.compile' if args.compile else 'eager: enforce_eager=True'}), bf16 activations. "
         f"Perplexity: WikiText-2 test, first {args.tokens} tokens, windows of 1024 ({windows.shape[0]} windows); "

@@ -447,6 +447,19 @@ def _print_summary(result, recipe) -> None:
     "activations, a searched strength for weight-only); calibrates the checkpoint first.",
 )
 @click.option(
+    "--smooth-alpha",
+    default=None,
+    type=float,
+    help="With --smooth and int8 activations: SmoothQuant's migration strength in [0, 1] (default 0.5, its "
+    "paper's); larger moves more of the activations' range into the weights.",
+)
+@click.option(
+    "--narrow-int8",
+    is_flag=True,
+    help="W8A8: write weight codes in [-64, 64], which vLLM's CPU kernel (oneDNN) multiplies exactly on x86 "
+    "CPUs without VNNI (AVX2); full-range codes saturate its int16 sums there.",
+)
+@click.option(
     "--dense",
     multiple=True,
     metavar="REGEX",
@@ -462,6 +475,8 @@ def export(
     group_size,
     symmetric,
     smooth,
+    smooth_alpha,
+    narrow_int8,
     dense,
     eval_dataset,
     eval_tokens,
@@ -472,7 +487,15 @@ def export(
     from ..pipeline import export_checkpoint
 
     settings = ExportSettings(
-        fmt, group_size, symmetric, activations, list(dense), smooth=smooth, overwrite=overwrite
+        fmt,
+        group_size,
+        symmetric,
+        activations,
+        list(dense),
+        smooth=smooth,
+        smooth_alpha=smooth_alpha,
+        narrow_int8=narrow_int8,
+        overwrite=overwrite,
     )
     result = export_checkpoint(checkpoint, out_dir, settings, eval_dataset, eval_tokens, progress=_progress())
     r = result.report

@@ -46,7 +46,9 @@ class ExportSettings:
     """What to write. `group_size` None: the checkpoint's (made to divide every input width);
     `symmetric` None: the checkpoint's; `activations` "int8" writes W8A8, or W4A8 (symmetric int4,
     the one 4-bit scheme vLLM's CPU backend serves on AVX2 machines) from a 4-bit checkpoint;
-    `dense` regular expressions of modules kept unquantized (widened to their fused groups)."""
+    `dense` regular expressions of modules kept unquantized (widened to their fused groups);
+    `narrow_int8` writes W8A8 weight codes in [-64, 64], which vLLM's CPU kernel multiplies exactly on
+    x86 CPUs without VNNI (`ct.NARROW_INT8_LIMIT`)."""
 
     format: str = "compressed-tensors"
     group_size: int | None = None
@@ -57,7 +59,11 @@ class ExportSettings:
     #: scale input channels where they are produced before quantizing (`smooth.py`); needs a
     #: calibration pass over the checkpoint, held in memory
     smooth: bool = False
+    #: SmoothQuant's migration strength for int8 activations (None: its paper's 0.5); weight-only
+    #: exports search theirs per site
+    smooth_alpha: float | None = None
     calibration_samples: int = 16
+    narrow_int8: bool = False
     overwrite: bool = False
 
 
@@ -168,7 +174,21 @@ def _scheme(qc: dict, settings: ExportSettings) -> tuple[ct.WeightArgs, str]:
     (n_bits,) = bits
     if settings.activations not in ("none", "int8"):
         raise InputError(f"--activations must be none or int8 (got {settings.activations!r})")
+    if settings.smooth_alpha is not None and not (
+        settings.smooth and settings.activations == "int8" and 0.0 <= settings.smooth_alpha <= 1.0
+    ):
+        raise InputError(
+            f"--smooth-alpha {settings.smooth_alpha} needs --smooth, --activations int8 and a value in [0, 1]"
+        )
+    if settings.narrow_int8 and not (n_bits == 8 and settings.activations == "int8"):
+        raise InputError(
+            "--narrow-int8 applies to W8A8 exports only: give an 8-bit checkpoint and --activations int8"
+        )
     if n_bits == 8:
+        if settings.activations == "int8" and settings.narrow_int8:
+            limit = ct.NARROW_INT8_LIMIT
+            scheme = f"W8A8 int8 (codes in [-{limit}, {limit}], dynamic per-token activations)"
+            return ct.WeightArgs(8, None, True, code_limit=limit), scheme
         if settings.activations == "int8":
             return ct.WeightArgs(8, None, True), "W8A8 int8 (dynamic per-token activations)"
         return ct.WeightArgs(8, None, True), "W8A16 int8 per channel"
@@ -289,7 +309,8 @@ def export(
                 tensors = {"weight": scaled.to(getattr(torch, spec.get("dtype", "float16")))}
                 report.fold_error[name] = 0.0
             else:
-                if name in columns or name in producers:
+                if name in columns or name in producers or args.code_limit is not None:
+                    # the native grid cannot be kept: the weight changed, or the codes must be narrower
                     tensors = fmt.quantize(scaled, args, scale_dtype, settings.activations)
                 else:
                     tensors = fmt.write(module, args, scale_dtype, settings.activations)
@@ -346,8 +367,9 @@ def _smoothing(checkpoint, names, dense, args, settings, scale_dtype, report, pr
         weights = [modules[t].weight.data.float() for t in site.targets]
         first = stats[site.targets[0]]
         if settings.activations == "int8":
-            s = smooth.smoothquant_scales(torch.tensor(first.max_abs), weights)
-            report.smoothing[site.producer] = smooth.SMOOTHQUANT_ALPHA
+            alpha = smooth.SMOOTHQUANT_ALPHA if settings.smooth_alpha is None else settings.smooth_alpha
+            s = smooth.smoothquant_scales(torch.tensor(first.max_abs), weights, alpha)
+            report.smoothing[site.producer] = alpha
         else:
 
             def roundtrip(w):

@@ -45,6 +45,10 @@ class WeightArgs:
     bits: int
     group_size: int | None  # None: one scale per output channel
     symmetric: bool
+    #: the largest |code| written, symmetric grids only (None: the format's full range). Not part of
+    #: the format's config: the codes are still int8 on disk, only fewer levels are used
+    #: (`NARROW_INT8_LIMIT`).
+    code_limit: int | None = None
 
     @property
     def strategy(self) -> str:
@@ -63,6 +67,14 @@ class WeightArgs:
             "observer": "minmax",
             "observer_kwargs": {},
         }
+
+
+#: int8 weight codes in [-64, 64]: x86 CPUs without VNNI (AVX2, and AVX-512 without VNNI) multiply int8
+#: in oneDNN, which vLLM's CPU W8A8 uses, with vpmaddubsw: unsigned 8-bit activations (the signed
+#: ones shifted by 128) times signed 8-bit weights, summed in pairs into int16, which saturates once
+#: 255 * |w| * 2 exceeds 32,767. Codes within 64 never saturate, so the product is exact there; full-
+#: range codes make vLLM compute another model than the file holds (eval/results/onednn_int8_avx2.md).
+NARROW_INT8_LIMIT = 64
 
 
 INT8_DYNAMIC_TOKEN = {
@@ -94,7 +106,12 @@ def quantize_weight(
     q_min, q_max = -(1 << (args.bits - 1)), (1 << (args.bits - 1)) - 1
     lo = w.amin(-1).clamp(max=0.0)
     hi = w.amax(-1).clamp(min=0.0)
-    if args.symmetric:
+    if args.code_limit is not None:
+        if not args.symmetric:
+            raise InputError("a narrowed code range needs a symmetric grid")
+        q_min, q_max = -args.code_limit, args.code_limit
+        scale = torch.maximum(-lo, hi) / args.code_limit
+    elif args.symmetric:
         scale = torch.maximum(-lo, hi) / ((q_max - q_min) / 2)
     else:
         scale = (hi - lo) / (q_max - q_min)

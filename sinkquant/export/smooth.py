@@ -64,9 +64,11 @@ def sites(layer_prefixes: list[str], modules: dict[str, object], quantized: set[
     return found
 
 
-def smoothquant_scales(max_x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+def smoothquant_scales(
+    max_x: torch.Tensor, weights: list[torch.Tensor], alpha: float = SMOOTHQUANT_ALPHA
+) -> torch.Tensor:
     max_w = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
-    s = max_x.clamp(min=1e-5) ** SMOOTHQUANT_ALPHA / max_w.clamp(min=1e-5) ** (1 - SMOOTHQUANT_ALPHA)
+    s = max_x.clamp(min=1e-5) ** alpha / max_w.clamp(min=1e-5) ** (1 - alpha)
     return s.clamp(1e-4, 1e4)
 
 

@@ -168,6 +168,58 @@ def test_w4a8_stores_symmetric_int4_codes_one_per_byte(checkpoints, tmp_path):
         assert _same(_ct_decompress(out, name), layer.dequantized_weight()), name
 
 
+def test_narrow_int8_codes_stay_where_onednn_multiplies_exactly(checkpoints, tmp_path):
+    """--narrow-int8: every W8A8 code within [-64, 64], the largest weight of each row on +-64, the
+    codes read back the same by compressed-tensors, each weight within half a step of the checkpoint's."""
+    limit = ct.NARROW_INT8_LIMIT
+    # an unsigned 8-bit activation times two codes of |w| <= limit fits int16; one more does not
+    assert 255 * limit * 2 <= 32767 < 255 * (limit + 1) * 2
+    out = tmp_path / "ct"
+    report = export(checkpoints["w8-outliers"], out, ExportSettings(activations="int8", narrow_int8=True))
+    assert "[-64, 64]" in report.scheme and report.bits_per_weight == 8.0
+    group = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert group["weights"]["num_bits"] == 8 and group["weights"]["symmetric"]
+    for name, layer in _native_layers(checkpoints["w8-outliers"]).items():
+        tensors = _module_tensors(out, name)
+        codes, scale = tensors["weight"], tensors["weight_scale"].float()
+        assert codes.dtype == torch.int8 and int(codes.abs().max()) == limit, name
+        assert bool((codes.abs().amax(1) == limit).all()), name
+        theirs = ct.read_int_quantized(tensors)
+        assert _same(_ct_decompress(out, name), theirs), name
+        assert bool(((theirs - layer.dequantized_weight()).abs() <= scale / 2 * (1 + 1e-6)).all()), name
+
+
+def test_smoothing_moves_channels_without_changing_the_function():
+    """Each scaling site (input norm -> q/k/v, post-attention norm -> gate/up, up rows -> down): dividing
+    the producer's channels by s and multiplying the consumers' columns by s leaves the logits alone."""
+    from sinkquant.export import smooth
+
+    model = tiny_llama(vocab=128).double()
+    modules = dict(model.named_modules())
+    linears = {n for n, m in modules.items() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    prefixes = [f"model.layers.{i}." for i in range(2)]
+    sites = smooth.sites(prefixes, modules, linears)
+    assert len(sites) == 6
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        params = dict(model.named_parameters())
+        generator = torch.Generator().manual_seed(1)
+        for site in sites:
+            width = modules[site.targets[0]].in_features
+            s = torch.rand(width, generator=generator, dtype=torch.float64) * 4 + 0.25
+            if site.kind == "rows":
+                producer = modules[site.producer].weight
+            else:
+                producer = params[site.producer]
+            producer.copy_(smooth.divide_producer(site, producer, s))
+            for target in site.targets:
+                modules[target].weight.mul_(s)
+        after = model(ids).logits
+    # divide_producer computes in float32: equal to its rounding
+    assert torch.allclose(before, after, atol=1e-5, rtol=1e-5)
+
+
 def test_transformers_loads_the_export_as_the_numbers_sinkquant_scores(checkpoints, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -216,6 +268,8 @@ def test_cli_export_writes_and_reports(checkpoints, tmp_path):
     [
         (["--activations", "int8", "--asymmetric"], "is symmetric only"),
         (["--dense", "("], "is not a regular expression"),
+        (["--narrow-int8"], "applies to W8A8 exports only"),
+        (["--activations", "int8", "--smooth-alpha", "0.6"], "needs --smooth"),
     ],
 )
 def test_cli_export_refuses_bad_options_in_one_line(checkpoints, tmp_path, args, message):
