@@ -149,7 +149,7 @@ def run(args) -> tuple[list[dict], dict]:
 
 def peer_row(fp32: nn.Module, tok, base: Recipe, args, score, info_model: str) -> dict:
     """llm-compressor's GPTQ W4A16 on the same calibration ids, scored like every other row."""
-    from peers import PeerUnavailable, llmcompressor_gptq
+    from peers import PeerUnavailable, llmcompressor_w4a16
 
     from sinkquant.data import calibration_samples
 
@@ -161,7 +161,7 @@ def peer_row(fp32: nn.Module, tok, base: Recipe, args, score, info_model: str) -
     c = base.calibration
     ids = calibration_samples(tok, c.dataset, c.samples, c.seq_len, c.seed).input_ids
     try:
-        info = llmcompressor_gptq(info_model, ids, ROOT / "runs" / "llmcompressor-gptq", group)
+        info = llmcompressor_w4a16(info_model, ids, ROOT / "runs" / "llmcompressor-gptq", group)
     except PeerUnavailable as exc:
         print(f"{label}: {exc}", flush=True)
         return {"label": label, "ppl": None, "note": str(exc)}

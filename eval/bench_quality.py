@@ -17,13 +17,13 @@ Rows (`--list` prints keys; `--rows` takes comma-separated keys or shell pattern
 fp32, bf16; sinkquant W8, W4 g128 with and without 1% outlier columns (RTN with clip search: the
 recipes), GPTQ W4 g128 with and without columns, KV8/KV4/KV2 with and without sinks (the kv recipes),
 the combined W4 + KV4 recipe with and without sinks; peers: bitsandbytes LLM.int8 (threshold 6.0) and
-nf4, optimum-quanto int8/int4, torchao int4 (CPU kernel), HQQ 4-bit, llm-compressor GPTQ W4A16 (own
-venv, eval/peers), transformers QuantizedCache (quanto 4/2, HQQ 8/4/2 bits; its defaults: group 64,
+nf4, optimum-quanto int8/int4, torchao int4 (CPU kernel), HQQ 4-bit, llm-compressor GPTQ, AWQ and AWQ +
+GPTQ W4A16 and AutoRound W4A16 (each in its own venv, eval/peers), transformers QuantizedCache (quanto 4/2, HQQ 8/4/2 bits; its defaults: group 64,
 residual 128). A row that cannot run is kept, with the one-line reason.
 
 Shared work: one calibration report (--calib-samples x 512 tokens of the C4 slice embedded in
 sinkquant, the recipes' default data) for every sinkquant row; GPTQ (sinkquant and llm-compressor)
-calibrates on the same --gptq-samples x 512 token ids (32 by default instead of the recipe's 112, to
+calibrates on the same --gptq-samples x 512 token ids, and so do AWQ and AutoRound (32 by default instead of the recipe's 112, to
 fit the run in minutes). Group sizes: 128 where every layer is at least 128 wide, else the largest of
 64/32 that fits (said in the table); peers whose kernels need the group to divide every width
 (torchao, llm-compressor) get the largest of 128/64/32 that does, and their row says which.
@@ -299,29 +299,65 @@ def peer_torchao(b: Bench) -> Built:
     return Built(model, bits=bits_per_weight(model, b.linears), note="; ".join(notes))
 
 
-def peer_llmcompressor(b: Bench) -> Built:
-    from peers import llmcompressor_gptq
+LLMCOMPRESSOR_METHODS = {"gptq": "GPTQ", "awq": "AWQ", "awq-gptq": "AWQ + GPTQ"}
 
-    group = b.peer_group
-    if group is None:
-        raise RuntimeError(
-            f"llm-compressor needs a group that divides every input width {b.widths}; none of 128/64/32 does"
+
+def peer_llmcompressor(method: str) -> Callable[[Bench], Built]:
+    """llm-compressor's W4A16 `method` (eval/peers/llmcompressor_oneshot.py) on the GPTQ ids."""
+
+    def build(b: Bench) -> Built:
+        from peers import llmcompressor_w4a16
+
+        group = b.peer_group
+        if group is None:
+            raise RuntimeError(
+                f"llm-compressor needs a group that divides every input width {b.widths}; none of 128/64/32 does"
+            )
+        ids = b.gptq_ids()
+        suffix = "" if method == "gptq" else f"-{method}"
+        out = RUNS / f"llmcompressor{suffix}-{model_name(b.path)}-g{group}-{ids.shape[0]}x{ids.shape[1]}"
+        info = llmcompressor_w4a16(b.path, ids, out, group, method)
+        model, _ = prepare_model(info["dense"], "float32")
+        # bits: the compressed checkpoint less the tensors it keeps unquantized (float32 as loaded)
+        other = sum(p.numel() for n, p in b.fp32.named_parameters() if n.rpartition(".")[0] not in b.linears)
+        bits = 8 * (info["compressed_bytes"] - 4 * other) / sum(b.linears.values())
+        why = "" if group == 128 else f", 128 does not divide every width {b.widths}"
+        note = (
+            f"group {group}{why}; {info.get('scheme', method)}; calibration {ids.shape[0]} x {ids.shape[1]} "
+            f"(the ids sinkquant GPTQ uses); llmcompressor {info.get('llmcompressor')}, quantize "
+            f"{info.get('quantize_s')} s{' (reused from an earlier run on the same ids)' if info.get('reused') else ''}; "
+            "bits from the compressed checkpoint's size"
         )
-    ids = b.gptq_ids()
-    out = RUNS / f"llmcompressor-{model_name(b.path)}-g{group}-{ids.shape[0]}x{ids.shape[1]}"
-    info = llmcompressor_gptq(b.path, ids, out, group)
-    model, _ = prepare_model(info["dense"], "float32")
-    # bits: the compressed checkpoint less the tensors it keeps unquantized (float32 as loaded)
-    other = sum(p.numel() for n, p in b.fp32.named_parameters() if n.rpartition(".")[0] not in b.linears)
-    bits = 8 * (info["compressed_bytes"] - 4 * other) / sum(b.linears.values())
-    why = "" if group == 128 else f", 128 does not divide every width {b.widths}"
-    note = (
-        f"group {group}{why}; calibration {ids.shape[0]} x {ids.shape[1]} (the ids sinkquant GPTQ uses); "
-        f"llmcompressor {info.get('llmcompressor')}, quantize {info.get('quantize_s')} s"
-        f"{' (reused from an earlier run on the same ids)' if info.get('reused') else ''}; bits from the "
-        "compressed checkpoint's size"
-    )
-    return Built(model, bits=bits, note=note)
+        return Built(model, bits=bits, note=note)
+
+    return build
+
+
+def peer_autoround(iters: int) -> Callable[[Bench], Built]:
+    """AutoRound W4A16 (eval/peers/autoround_run.py), symmetric as its preset, on the GPTQ ids."""
+
+    def build(b: Bench) -> Built:
+        from peers import autoround_w4a16
+
+        group = b.group if isinstance(b.group, int) else 128
+        ids = b.gptq_ids()
+        out = RUNS / f"autoround-{model_name(b.path)}-g{group}-i{iters}-{ids.shape[0]}x{ids.shape[1]}"
+        info = autoround_w4a16(b.path, ids, out, group, iters)
+        model, _ = prepare_model(info["dense"], "float32")
+        bits = 8 * info["quantized_bytes"] / sum(b.linears.values())
+        diff = info.get("max_abs_logit_diff_dense_vs_compressed")
+        check = (
+            f"dense copy vs packed checkpoint: max logit diff {diff:.2g}" if isinstance(diff, float) else diff
+        )
+        note = (
+            f"group {group}; {info['scheme']}; calibration {ids.shape[0]} x {ids.shape[1]} (the ids sinkquant "
+            f"GPTQ uses); auto-round {info['auto_round']}, quantize {info['quantize_s']} s"
+            f"{' (reused from an earlier run on the same ids)' if info.get('reused') else ''}; bits from the "
+            f"packed layers' tensors; {check}"
+        )
+        return Built(model, bits=bits, note=note)
+
+    return build
 
 
 def peer_kv(backend: str, bits: int) -> Callable[[Bench], Built]:
@@ -348,6 +384,7 @@ def rows_for(b: Bench) -> list[Row]:
     gq = f"{b.args.gptq_samples} x {b.args.gptq_seq_len} calib"
     pg = f" g{b.peer_group}" if b.peer_group else ""
     hg = b.group if isinstance(b.group, int) else 64
+    ag = b.group if isinstance(b.group, int) else 128
     rows = [
         Row("fp32", "fp32", "reference", "weights", lambda b: Built(b.reference, bits=32.0)),
         Row("bf16", "bf16", "reference", "weights", bf16),
@@ -418,7 +455,10 @@ def rows_for(b: Bench) -> list[Row]:
         Row("quanto-int4", "optimum-quanto int4 weights", "peer", "weights", peer_quanto(4)),
         Row("torchao-int4", f"torchao int4 weight-only g{b.peer_group or 32} (CPU kernel, bf16)", "peer", "weights", peer_torchao),
         Row("hqq-4", f"HQQ 4-bit g{hg}", "peer", "weights", peer_hqq),
-        Row("llmc-gptq", f"llm-compressor GPTQ W4A16{pg} ({gq})", "peer", "weights", peer_llmcompressor),
+        Row("llmc-gptq", f"llm-compressor GPTQ W4A16{pg} ({gq})", "peer", "weights", peer_llmcompressor("gptq")),
+        Row("llmc-awq", f"llm-compressor AWQ W4A16{pg} asym ({gq})", "peer", "weights", peer_llmcompressor("awq")),
+        Row("llmc-awq-gptq", f"llm-compressor AWQ + GPTQ W4A16{pg} asym ({gq})", "peer", "weights", peer_llmcompressor("awq-gptq")),
+        Row("autoround", f"AutoRound W4A16 g{ag} sym, 200 iters ({gq})", "peer", "weights", peer_autoround(200)),
         Row("qc-quanto-4", "QuantizedCache quanto 4-bit", "peer", "kv", peer_kv("quanto", 4)),
         Row("qc-quanto-2", "QuantizedCache quanto 2-bit", "peer", "kv", peer_kv("quanto", 2)),
         Row("qc-hqq-8", "QuantizedCache HQQ 8-bit", "peer", "kv", peer_kv("hqq", 8)),

@@ -3,8 +3,8 @@
     python eval/bench_weights.py [MODEL] [--tokens 16384] [--dataset WIKITEXT] [--calib-samples 32]
 
 Rows: fp32; sinkquant W8 per channel; W4 g128 round-to-nearest (min/max, and with the clip search);
-W4 g128 + 1% outlier input columns chosen by max |x| and by mean |x| (min/max only, clip search, clip
-search weighted without the sink tokens); W4 per channel + 1%; bitsandbytes
+W4 g128 + 1% outlier input columns chosen by max |x| and by mean |x| (min/max only, clip search
+weighted without the sink tokens (the default) and with them); W4 per channel + 1%; bitsandbytes
 nf4 (`BitsAndBytesConfig`).
 Each row: perplexity (the fixed protocol: seq-len 1024, first N tokens), ratio to fp32, KL divergence
 to fp32, top-1 agreement, and bytes of the quantized tensors vs their fp16 bytes. Writes a markdown
@@ -81,12 +81,12 @@ def main() -> None:
         ("sinkquant W4 g128 + 1% cols (max |x|), clip search", {"weights.outliers.select": "max"}),
         ("sinkquant W4 g128 + 1% cols (mean |x|), min/max only", {"weights.clip_search": False}),
         (
-            "sinkquant W4 g128 + 1% cols (mean |x|), clip search (default)",
+            "sinkquant W4 g128 + 1% cols (mean |x|), clip search without the sink tokens (default)",
             {"weights.outliers.select": "mean"},
         ),
         (
-            "sinkquant W4 g128 + 1% cols (mean |x|), clip search without the sink tokens",
-            {"weights.clip_sink_tokens": "exclude"},
+            "sinkquant W4 g128 + 1% cols (mean |x|), clip search with the sink tokens",
+            {"weights.clip_sink_tokens": "include"},
         ),
         ("sinkquant W4 per channel + 1% cols (mean |x|), clip search", {"weights.group_size": "channel"}),
     ]

@@ -92,9 +92,10 @@ class WeightsSection(StrictModel):
     algorithm: Literal["rtn", "gptq"] = "rtn"
     # int4 RTN: pick each group's range among shrunk min/max ranges by activation-weighted error
     clip_search: bool = True
-    # whether the sink positions' tokens weigh that error (`exclude`: mean |x| over the other tokens, so a
-    # sink's massive activation does not fit every group's range to one token)
-    clip_sink_tokens: Literal["include", "exclude"] = "include"
+    # whether the sink positions' tokens weigh that error. `exclude` (mean |x| over the other tokens) by
+    # default: a sink's massive activation (10^3-10^5, one token per sample) would otherwise fit a group's
+    # range to that one token, whatever the model; the outlier columns still see every token
+    clip_sink_tokens: Literal["include", "exclude"] = "exclude"
     outliers: OutlierSection | None = Field(default_factory=OutlierSection)
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
     gptq: GPTQSection = Field(default_factory=GPTQSection)

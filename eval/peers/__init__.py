@@ -1,10 +1,11 @@
 """Peers whose pins clash with sinkquant's, each run in a virtual environment of its own.
 
-llm-compressor 0.14 pins transformers <= 5.17 (sinkquant needs 5.23), so `llmcompressor_gptq` makes
-`runs/venv-llmcompressor` (once; the CPU torch wheel first, as the README says for sinkquant), runs
-`llmcompressor_gptq.py` there on calibration ids written by the caller, and returns where the
-decompressed dense copy of its checkpoint lies, for sinkquant's evaluator. A peer that cannot be
-installed or run raises `PeerUnavailable` with a one-line reason, which the benchmark table prints.
+llm-compressor 0.14 pins transformers <= 5.17 and auto-round 0.16 takes 5.24 (sinkquant pins 5.23), so
+`llmcompressor_w4a16` and `autoround_w4a16` make `runs/venv-llmcompressor` and `runs/venv-autoround`
+(once; the CPU torch wheel first, as the README says for sinkquant), run `llmcompressor_oneshot.py` or
+`autoround_run.py` there on calibration ids written by the caller, and return where the dense copy of
+the peer's quantized model lies, for sinkquant's evaluator. A peer that cannot be installed or run
+raises `PeerUnavailable` with a one-line reason, which the benchmark table prints.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 VENVS = ROOT / "runs"
 LLMCOMPRESSOR_SPEC = "llmcompressor==0.14.*"
+AUTOROUND_SPEC = "auto-round==0.16.*"
 
 
 class PeerUnavailable(RuntimeError):
@@ -52,27 +54,54 @@ def ensure_venv(name: str, packages: list[str]) -> Path:
     return python
 
 
-def llmcompressor_gptq(
-    model_dir: str | Path, calib_ids: torch.Tensor, out_dir: Path, group_size: int
+def llmcompressor_w4a16(
+    model_dir: str | Path, calib_ids: torch.Tensor, out_dir: Path, group_size: int, method: str = "gptq"
 ) -> dict:
-    """Run llm-compressor's GPTQ W4A16 (int4 symmetric, `group_size`) in its own venv.
+    """Run llm-compressor's W4A16 `method` (gptq, awq or awq-gptq; see llmcompressor_oneshot.py) in its
+    own venv on `calib_ids` (int64 [samples, seq_len], the samples sinkquant calibrates on).
 
-    calib_ids: int64 [samples, seq_len], the same samples sinkquant calibrates on. Returns peer.json's
-    fields plus `dense` (a plain HF folder holding the decompressed weights) and `compressed`.
+    Returns peer.json's fields plus `dense` (a plain HF folder holding the decompressed weights) and
+    `compressed`. A finished run on the same inputs is reused (see `_run_peer`)."""
+    python = ensure_venv("llmcompressor", [LLMCOMPRESSOR_SPEC])
+    script = Path(__file__).with_name("llmcompressor_oneshot.py")
+    key = f"{group_size}|{method}|{LLMCOMPRESSOR_SPEC}"
+    return _run_peer(python, script, model_dir, calib_ids, out_dir, [str(group_size), method], key)
 
-    A finished run in `out_dir` whose key (model folder, group size, peer version, sha256 of the ids)
-    matches is reused rather than repeated (its peer.json says `reused: true`): the peer's run takes
-    ten minutes on 2 cores and gives the same checkpoint for the same inputs."""
+
+def autoround_w4a16(
+    model_dir: str | Path,
+    calib_ids: torch.Tensor,
+    out_dir: Path,
+    group_size: int = 128,
+    iters: int = 200,
+    symmetric: bool = True,
+) -> dict:
+    """Run AutoRound (autoround_run.py) in its own venv on `calib_ids`; returns peer.json's fields plus
+    `dense` and `compressed`, like `llmcompressor_w4a16`."""
+    python = ensure_venv("autoround", [AUTOROUND_SPEC])
+    script = Path(__file__).with_name("autoround_run.py")
+    args = [str(group_size), str(iters), "1" if symmetric else "0"]
+    return _run_peer(
+        python, script, model_dir, calib_ids, out_dir, args, f"{'|'.join(args)}|{AUTOROUND_SPEC}"
+    )
+
+
+def _run_peer(
+    python: Path, script: Path, model_dir, calib_ids: torch.Tensor, out_dir: Path, args: list[str], key: str
+) -> dict:
+    """Write the ids, run `script MODEL IDS OUT *args` in the peer's venv, read its peer.json.
+
+    A finished run in `out_dir` whose key (model folder, `key`, sha256 of the ids) matches is reused
+    rather than repeated (its peer.json says `reused: true`): a peer's run takes minutes on 2 cores and
+    gives the same checkpoint for the same inputs."""
     import hashlib
 
     from safetensors.torch import save_file
 
-    python = ensure_venv("llmcompressor", [LLMCOMPRESSOR_SPEC])
     out_dir = Path(out_dir)
     ids = calib_ids.to(torch.int64).contiguous()
     key = hashlib.sha256(
-        f"{Path(model_dir).resolve()}|{group_size}|{LLMCOMPRESSOR_SPEC}|{tuple(ids.shape)}|".encode()
-        + ids.numpy().tobytes()
+        f"{Path(model_dir).resolve()}|{key}|{tuple(ids.shape)}|".encode() + ids.numpy().tobytes()
     ).hexdigest()
     done_file = out_dir / "peer.json"
     if done_file.is_file() and (out_dir / "run.key").is_file() and (out_dir / "run.key").read_text() == key:
@@ -84,17 +113,17 @@ def llmcompressor_gptq(
     (out_dir / "run.key").unlink(missing_ok=True)
     ids_path = out_dir / "calib_ids.safetensors"
     save_file({"input_ids": ids}, str(ids_path))
-    script = Path(__file__).with_name("llmcompressor_gptq.py")
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(
-        [str(python), str(script), str(model_dir), str(ids_path), str(out_dir), str(group_size)],
+        [str(python), str(script), str(model_dir), str(ids_path), str(out_dir), *args],
         capture_output=True,
         text=True,
         check=False,
         env={**os.environ, **env},
     )
+    (out_dir / "run.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
-        raise PeerUnavailable(f"llm-compressor failed: {_last_line(done.stderr)}")
+        raise PeerUnavailable(f"{script.stem} failed: {_last_line(done.stderr)}")
     info = json.loads(done_file.read_text())
     (out_dir / "run.key").write_text(key)
     info["dense"], info["compressed"] = str(out_dir / "dense"), str(out_dir / "compressed")

@@ -131,33 +131,29 @@ def _planted(make, magnitude: float):
     return model
 
 
-def _down_proj_of_layer0(make, magnitude: float, sink_tokens: str) -> SinkQuantLinear:
+def _down_proj_of_layer0(make, magnitude: float, sink_tokens: str | None = None) -> SinkQuantLinear:
+    """Layer 0's down_proj quantized by the default recipe (`sink_tokens` None) or with that override."""
     model = _planted(make, magnitude)
     report = calibrate(model, CharTokenizer(), None, samples=4, seq_len=64, progress=False)
     assert 0 in [layer.position for layer in report.massive.layers], "the plant made no massive activation"
-    weights = (
-        Recipe()
-        .with_overrides(
-            **{
-                "weights.group_size": 32,
-                "weights.outliers.fraction": 0.0125,
-                "weights.clip_sink_tokens": sink_tokens,
-            }
-        )
-        .weights
-    )  # 0.0125 x 160 inputs: two columns kept, so one planted channel stays inside a group
+    overrides = {"weights.group_size": 32, "weights.outliers.fraction": 0.0125}
+    if sink_tokens is not None:
+        overrides["weights.clip_sink_tokens"] = sink_tokens
+    weights = Recipe().with_overrides(**overrides).weights
+    # 0.0125 x 160 inputs: two columns kept, so one planted channel stays inside a group
     quantize_(model, weights, report, progress=False)
     return model.model.layers[0].mlp.down_proj
 
 
 @pytest.mark.parametrize("make", ["qwen2", "gemma3"])
 def test_the_sink_tokens_rows_do_not_decide_a_groups_range(make):
-    """With clip_sink_tokens: exclude, a tenfold larger massive activation on the sink token leaves
-    every group's range where it was; with include, that one token moves them (so the test can fail)."""
+    """With the default recipe (clip_sink_tokens: exclude), a tenfold larger massive activation on the
+    sink token leaves every group's range where it was; with include, that one token moves them (so the
+    test can fail)."""
     import tiny_models
 
     make = getattr(tiny_models, f"tiny_{make}")
-    small, large = (_down_proj_of_layer0(make, m, "exclude") for m in (2e3, 2e4))
+    small, large = (_down_proj_of_layer0(make, m) for m in (2e3, 2e4))
     assert small.outlier_idx.tolist() == large.outlier_idx.tolist()
     assert torch.equal(small.weight_scale, large.weight_scale) and torch.equal(small.weight, large.weight)
     included = _down_proj_of_layer0(make, 2e4, "include")

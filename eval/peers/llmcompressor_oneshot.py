@@ -1,8 +1,15 @@
-"""llm-compressor's GPTQ (W4A16: int4, symmetric, grouped) on a model, run in its own venv.
+"""llm-compressor's W4A16 recipes on a model, run in its own venv: GPTQ, AWQ, and AWQ then GPTQ.
 
-    <venv>/bin/python eval/peers/llmcompressor_gptq.py MODEL CALIB_IDS.safetensors OUT_DIR [GROUP_SIZE]
+    <venv>/bin/python eval/peers/llmcompressor_oneshot.py MODEL CALIB_IDS.safetensors OUT_DIR [GROUP_SIZE] [METHOD]
 
-GROUP_SIZE defaults to 128 (the W4A16 preset). llm-compressor refuses a group size that does not divide
+METHOD (default gptq):
+
+* `gptq`: `GPTQModifier`, int4 symmetric (the W4A16 preset's grid) in groups of GROUP_SIZE;
+* `awq`: `AWQModifier` (its default mappings and grid) then `QuantizationModifier`, int4 asymmetric
+  (W4A16_ASYM, the scheme llm-compressor's AWQ examples use);
+* `awq-gptq`: `AWQModifier` then `GPTQModifier` on the asymmetric grid, the chain llm-compressor documents.
+
+GROUP_SIZE defaults to 128 (the W4A16 presets). llm-compressor refuses a group size that does not divide
 every layer's input width (SmolLM2's 576 is not a multiple of 128), and crashes when that check is
 bypassed, so the harness asks for the largest group size that divides them all (64 on SmolLM2) and says so.
 
@@ -31,21 +38,46 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
 
 
-def main(model_dir: str, ids_path: str, out: str, group_size: str = "128") -> None:
+def recipe_for(method: str, group_size: int) -> tuple[list, str]:
+    """The modifiers of `method` and a line describing them."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform import AWQModifier
+
+    symmetric = method == "gptq"
+    weights = QuantizationArgs(
+        num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=group_size
+    )
+    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+    grid = f"int4 {'symmetric' if symmetric else 'asymmetric'}, group {group_size}; lm_head ignored"
+    if method == "gptq":
+        gptq = "GPTQModifier defaults (actorder static, block 128, dampening 0.01)"
+        return [GPTQModifier(config_groups=groups, ignore=["lm_head"])], f"W4A16: {grid}; {gptq}"
+    if method == "awq":
+        return (
+            [
+                AWQModifier(),
+                QuantizationModifier(config_groups=groups, ignore=["lm_head"]),
+            ],
+            f"W4A16: {grid}; AWQModifier defaults (mappings from the architecture, duo scaling, 20 grid points)",
+        )
+    if method == "awq-gptq":
+        return [
+            AWQModifier(),
+            GPTQModifier(config_groups=groups, ignore=["lm_head"]),
+        ], f"W4A16: {grid}; AWQModifier defaults, then GPTQModifier defaults"
+    raise SystemExit(f"unknown method {method!r}: gptq, awq or awq-gptq")
+
+
+def main(model_dir: str, ids_path: str, out: str, group_size: str = "128", method: str = "gptq") -> None:
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
 
     out_dir = Path(out)
     ids = load_file(ids_path)["input_ids"]
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    weights = QuantizationArgs(
-        num_bits=4, type="int", symmetric=True, strategy="group", group_size=int(group_size)
-    )
-    scheme = QuantizationScheme(targets=["Linear"], weights=weights)  # W4A16 with this group size
-    recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    recipe, described = recipe_for(method, int(group_size))
     start = time.perf_counter()
     oneshot(
         model=model,
@@ -78,8 +110,8 @@ def main(model_dir: str, ids_path: str, out: str, group_size: str = "128") -> No
         "compressed_tensors": version("compressed-tensors"),
         "transformers": version("transformers"),
         "torch": torch.__version__,
-        "scheme": f"W4A16: int4 symmetric, group {group_size}; GPTQModifier defaults (actorder static, "
-        "block 128, dampening 0.01); lm_head ignored",
+        "method": method,
+        "scheme": described,
         "group_size": int(group_size),
         "calibration": list(ids.shape),
         "quantize_s": round(seconds, 1),
@@ -91,4 +123,4 @@ def main(model_dir: str, ids_path: str, out: str, group_size: str = "128") -> No
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])
