@@ -333,7 +333,7 @@ def peer_llmcompressor(method: str) -> Callable[[Bench], Built]:
     return build
 
 
-def peer_autoround(iters: int) -> Callable[[Bench], Built]:
+def peer_autoround(preset: str) -> Callable[[Bench], Built]:
     """AutoRound W4A16 (eval/peers/autoround_run.py), symmetric as its preset, on the GPTQ ids."""
 
     def build(b: Bench) -> Built:
@@ -341,8 +341,8 @@ def peer_autoround(iters: int) -> Callable[[Bench], Built]:
 
         group = b.group if isinstance(b.group, int) else 128
         ids = b.gptq_ids()
-        out = RUNS / f"autoround-{model_name(b.path)}-g{group}-i{iters}-{ids.shape[0]}x{ids.shape[1]}"
-        info = autoround_w4a16(b.path, ids, out, group, iters)
+        out = RUNS / f"autoround-{preset}-{model_name(b.path)}-g{group}-{ids.shape[0]}x{ids.shape[1]}"
+        info = autoround_w4a16(b.path, ids, out, group, preset)
         model, _ = prepare_model(info["dense"], "float32")
         bits = 8 * info["quantized_bytes"] / sum(b.linears.values())
         diff = info.get("max_abs_logit_diff_dense_vs_compressed")
@@ -395,6 +395,13 @@ def rows_for(b: Bench) -> list[Row]:
             "sinkquant",
             "weights",
             sq_weights("w4-g128-outliers.yaml"),
+        ),
+        Row(
+            "sq-w4-cols-minmax",
+            f"sinkquant W4 {g} + 1% cols, RTN min/max (no clip search: the plain baseline)",
+            "ablation",
+            "weights",
+            sq_weights("w4-g128-outliers.yaml", **{"weights.clip_search": False}),
         ),
         Row(
             "sq-w4",
@@ -458,7 +465,8 @@ def rows_for(b: Bench) -> list[Row]:
         Row("llmc-gptq", f"llm-compressor GPTQ W4A16{pg} ({gq})", "peer", "weights", peer_llmcompressor("gptq")),
         Row("llmc-awq", f"llm-compressor AWQ W4A16{pg} asym ({gq})", "peer", "weights", peer_llmcompressor("awq")),
         Row("llmc-awq-gptq", f"llm-compressor AWQ + GPTQ W4A16{pg} asym ({gq})", "peer", "weights", peer_llmcompressor("awq-gptq")),
-        Row("autoround", f"AutoRound W4A16 g{ag} sym, 200 iters ({gq})", "peer", "weights", peer_autoround(200)),
+        Row("autoround", f"AutoRound W4A16 g{ag} sym, default: 200 iters ({gq})", "peer", "weights", peer_autoround("default")),
+        Row("autoround-light", f"AutoRound W4A16 g{ag} sym, light: 50 iters ({gq})", "peer", "weights", peer_autoround("light")),
         Row("qc-quanto-4", "QuantizedCache quanto 4-bit", "peer", "kv", peer_kv("quanto", 4)),
         Row("qc-quanto-2", "QuantizedCache quanto 2-bit", "peer", "kv", peer_kv("quanto", 2)),
         Row("qc-hqq-8", "QuantizedCache HQQ 8-bit", "peer", "kv", peer_kv("hqq", 8)),

@@ -29,7 +29,7 @@ HUB_DATASETS: dict[str, dict] = {
     },
 }
 
-EMBEDDED_CALIBRATION = "embedded:c4-128"
+EMBEDDED_CALIBRATION = "embedded:c4-512"
 _LOCAL_BUILDERS = {
     ".txt": "text",
     ".text": "text",
@@ -46,8 +46,8 @@ def normalize_text(text: str) -> str:
 
 
 def embedded_calibration_path() -> Path:
-    """The 128 C4 validation documents shipped inside the package (see assets/ATTRIBUTION.md)."""
-    return Path(str(resources.files("sinkquant") / "assets" / "c4_calibration_128.jsonl"))
+    """The 512 C4 validation documents shipped inside the package (see assets/ATTRIBUTION.md)."""
+    return Path(str(resources.files("sinkquant") / "assets" / "c4_calibration_512.jsonl"))
 
 
 HUB = "huggingface.co"

@@ -38,9 +38,12 @@ def test_jsonl_and_parquet_give_one_document_per_row(tmp_path):
 
 def test_embedded_slice_is_small_and_loads():
     path = embedded_calibration_path()
-    assert path.stat().st_size <= 300_000
+    assert path.stat().st_size <= 1_500_000  # a wheel-sized slice, not a dataset
     docs = load_documents(None)
-    assert len(docs) == 128
+    assert len(docs) == 512
+    # the GPTQ recipes draw 128 x 512 tokens; at about 4 characters a token that needs 262k characters,
+    # and twice that leaves room for tokenizers with larger vocabularies
+    assert sum(len(d) for d in docs) >= 2 * 4 * 128 * 512
 
 
 def test_missing_file_empty_file_and_wrong_field_are_input_errors(tmp_path):
