@@ -73,14 +73,14 @@ def autoround_w4a16(
     calib_ids: torch.Tensor,
     out_dir: Path,
     group_size: int = 128,
-    iters: int = 200,
+    preset: str = "default",
     symmetric: bool = True,
 ) -> dict:
-    """Run AutoRound (autoround_run.py) in its own venv on `calib_ids`; returns peer.json's fields plus
+    """Run AutoRound's `preset` (default, light or best: autoround_run.py) in its own venv on `calib_ids`; returns peer.json's fields plus
     `dense` and `compressed`, like `llmcompressor_w4a16`."""
     python = ensure_venv("autoround", [AUTOROUND_SPEC])
     script = Path(__file__).with_name("autoround_run.py")
-    args = [str(group_size), str(iters), "1" if symmetric else "0"]
+    args = [str(group_size), preset, "1" if symmetric else "0"]
     return _run_peer(
         python, script, model_dir, calib_ids, out_dir, args, f"{'|'.join(args)}|{AUTOROUND_SPEC}"
     )

@@ -1,10 +1,11 @@
 """Intel's AutoRound (sign-gradient rounding and clipping per decoder block) on a model, in its own venv.
 
-    <venv>/bin/python eval/peers/autoround_run.py MODEL CALIB_IDS.safetensors OUT_DIR [GROUP_SIZE] [ITERS] [SYM]
+    <venv>/bin/python eval/peers/autoround_run.py MODEL CALIB_IDS.safetensors OUT_DIR [GROUP_SIZE] [PRESET] [SYM]
 
-GROUP_SIZE defaults to 128, ITERS to AutoRound's default (200; 1000 with nsamples 512 is its "best"
-recipe), SYM to 1 (its W4A16 preset is symmetric). The calibration token ids come from the harness (the
-exact samples sinkquant calibrates on), fed as batches of 8, AutoRound's default batch size.
+GROUP_SIZE defaults to 128, PRESET to `default`: the iterations and learning rate of AutoRound's own CLI
+recipes (`default` 200 iterations at its default lr; `light` 50 at 5e-3; `best` 1000), SYM to 1 (its
+W4A16 preset is symmetric). The calibration token ids come from the harness (the exact samples
+sinkquant calibrates on) and set nsamples and seqlen; they are fed as batches of 8, the presets' batch.
 
 Runs inside the virtual environment `eval/peers/__init__.py` makes (auto-round 0.16 takes a newer
 transformers than sinkquant pins), so it imports nothing from sinkquant. Writes:
@@ -45,10 +46,19 @@ def quantized_bytes(folder: Path) -> int:
     return total
 
 
+#: AutoRound's CLI recipes (auto_round/cli/main.py RECIPES): iterations and learning rate (None: 1/iters)
+PRESETS = {"default": (200, None), "light": (50, 5e-3), "best": (1000, None)}
+
+
 def main(
-    model_dir: str, ids_path: str, out: str, group_size: str = "128", iters: str = "200", sym: str = "1"
+    model_dir: str, ids_path: str, out: str, group_size: str = "128", preset: str = "default", sym: str = "1"
 ) -> None:
     from auto_round import AutoRound
+
+    if preset not in PRESETS:
+        raise SystemExit(f"unknown AutoRound preset {preset!r}: {', '.join(PRESETS)}")
+    iters, lr = PRESETS[preset]
+    extra = {} if lr is None else {"lr": lr}
 
     out_dir = Path(out)
     ids = load_file(ids_path)["input_ids"]
@@ -64,11 +74,12 @@ def main(
         group_size=int(group_size),
         sym=sym == "1",
         dataset=batches,
-        iters=int(iters),
+        iters=iters,
         nsamples=ids.shape[0],
         seqlen=ids.shape[1],
         batch_size=8,
         device_map="cpu",
+        **extra,
     )
     rounder.quantize()
     seconds = time.perf_counter() - start
@@ -97,9 +108,10 @@ def main(
         "transformers": version("transformers"),
         "torch": torch.__version__,
         "scheme": f"W4A16: int4 {'symmetric' if sym == '1' else 'asymmetric'}, group {group_size}; "
-        f"{iters} iterations per block, AutoRound's other defaults (lr 1/iters, min/max tuning)",
+        f"its `{preset}` recipe: {iters} iterations per block, lr {lr or '1/iters'}, batch 8",
         "group_size": int(group_size),
-        "iters": int(iters),
+        "preset": preset,
+        "iters": iters,
         "calibration": list(ids.shape),
         "quantize_s": round(seconds, 1),
         "compressed_bytes": sum(p.stat().st_size for p in compressed.glob("*.safetensors")),
