@@ -82,6 +82,22 @@ class GPTQSection(StrictModel):
     clip_search: bool = False
 
 
+class LearnedSection(StrictModel):
+    """Options of learned rounding (weights.algorithm: learned): per decoder layer, every int4 weight's
+    rounding offset and each group's clipping are moved by sign-gradient descent to minimise the layer's
+    output error on the calibration tokens (the idea of AutoRound / OmniQuant), from the clip-searched
+    round-to-nearest start."""
+
+    iters: int = Field(40, ge=1)
+    # calibration samples per step; each step runs the layer forward and backward on them
+    batch_samples: int = Field(2, ge=1)
+    # step size of the signed updates (rounding offsets live in [-0.5, 0.5], clip factors in [0.5, 1])
+    lr: float = Field(0.025, gt=0, le=0.5)
+    # whether the sink tokens' rows count in the output error: their massive activations make their
+    # error orders of magnitude larger than any other token's, so by default the loss leaves them out
+    sink_tokens: Literal["include", "exclude"] = "exclude"
+
+
 class WeightsSection(StrictModel):
     """bits: 4 (groups along the input) or 8 (one scale per output channel). group_size: the int4
     group (null: 128), or "channel" for one group per output row; int8 takes none."""
@@ -89,7 +105,7 @@ class WeightsSection(StrictModel):
     bits: Literal[4, 8] | None = 4
     group_size: int | Literal["channel"] | None = None
     symmetric: bool = False
-    algorithm: Literal["rtn", "gptq"] = "rtn"
+    algorithm: Literal["rtn", "gptq", "learned"] = "rtn"
     # int4 RTN: pick each group's range among shrunk min/max ranges by activation-weighted error
     clip_search: bool = True
     # whether the sink positions' tokens weigh that error. `exclude` (mean |x| over the other tokens) by
@@ -99,6 +115,7 @@ class WeightsSection(StrictModel):
     outliers: OutlierSection | None = Field(default_factory=OutlierSection)
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
     gptq: GPTQSection = Field(default_factory=GPTQSection)
+    learned: LearnedSection = Field(default_factory=LearnedSection)
 
     @field_validator("group_size")
     @classmethod

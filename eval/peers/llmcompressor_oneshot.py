@@ -69,8 +69,22 @@ def recipe_for(method: str, group_size: int) -> tuple[list, str]:
     raise SystemExit(f"unknown method {method!r}: gptq, awq or awq-gptq")
 
 
+def allow_cpu_only_awq() -> bool:
+    """llm-compressor 0.14's AWQ pins its cached activations in page-locked memory before each grid
+    search, unconditionally, and a CPU-only torch refuses (`Cannot access accelerator device`). Pinning
+    only speeds host-to-GPU copies, so without a GPU it is skipped; the numbers are unchanged."""
+    if torch.cuda.is_available():
+        return False
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+    return True
+
+
 def main(model_dir: str, ids_path: str, out: str, group_size: str = "128", method: str = "gptq") -> None:
     from llmcompressor import oneshot
+
+    unpinned = allow_cpu_only_awq() if method.startswith("awq") else False
 
     out_dir = Path(out)
     ids = load_file(ids_path)["input_ids"]
@@ -111,6 +125,7 @@ def main(model_dir: str, ids_path: str, out: str, group_size: str = "128", metho
         "transformers": version("transformers"),
         "torch": torch.__version__,
         "method": method,
+        "cpu_only_pinning_skipped": unpinned,
         "scheme": described,
         "group_size": int(group_size),
         "calibration": list(ids.shape),

@@ -96,6 +96,19 @@ class LinearStats:
         return sorted(range(self.in_features), key=lambda c: (-values[c], c))[:k]
 
 
+def sink_rows(sinks: SinkReport, massive: MassiveReport, settings: CalibrationSettings) -> list[int]:
+    """The leading positions whose tokens the quantizers set apart (`mean_abs_without_sinks`, the learned
+    rounding's loss): the attention sinks and the positions that carry a massive activation in some
+    layer (the same tokens in trained models, but a model whose sink is a learned logit, or whose sink
+    attention calibration misses, still has its massive-activation token found)."""
+    rows = {p for p in sinks.positions if p < settings.track_positions}
+    for layer in massive.layers:
+        massive_here = layer.max_abs > settings.massive_threshold(layer.median_abs)
+        if massive_here and layer.position < settings.track_positions:
+            rows.add(layer.position)
+    return sorted(rows)
+
+
 @dataclass
 class CalibrationReport:
     model: str
@@ -124,6 +137,11 @@ class CalibrationReport:
     @property
     def massive_dims(self) -> list[int]:
         return list(self.massive.dims)
+
+    @property
+    def sink_rows(self) -> list[int]:
+        """The positions set apart as sink tokens: attention sinks and massive-activation positions."""
+        return sink_rows(self.sinks, self.massive, self.settings)
 
     # -- JSON ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -24,6 +24,7 @@ from .report import (
     LinearStats,
     MassiveReport,
     SinkReport,
+    sink_rows,
 )
 
 
@@ -118,7 +119,7 @@ def calibrate(
     sinks = _sink_report(model, tokenizer, attention, flagged, occurrences, settings)
     sinks.max_later_share = _sig(max_later_share, 4)
     massive = _massive_report(tokenizer, activations, settings)
-    linear = _linear_report(linears, settings, _sink_rows(sinks, massive, settings))
+    linear = _linear_report(linears, settings, sink_rows(sinks, massive, settings))
     return CalibrationReport(
         model=str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
         model_type=str(getattr(model.config, "model_type", "")),
@@ -207,19 +208,6 @@ def _massive_report(tokenizer, acts: ActivationCollector, settings) -> MassiveRe
             )
         )
     return MassiveReport(dims=sorted(dims), layers=layers, first_layer=first_layer)
-
-
-def _sink_rows(sinks: SinkReport, massive: MassiveReport, settings: CalibrationSettings) -> list[int]:
-    """The leading positions whose tokens are left out of `mean_abs_without_sinks`: the attention sinks
-    and the positions that carry a massive activation in some layer (the same tokens in trained models,
-    but a model whose sink is a learned logit, or whose sink attention calibration misses, still has its
-    massive-activation token found)."""
-    rows = {p for p in sinks.positions if p < settings.track_positions}
-    for layer in massive.layers:
-        massive_here = layer.max_abs > settings.massive_threshold(layer.median_abs)
-        if massive_here and layer.position < settings.track_positions:
-            rows.add(layer.position)
-    return sorted(rows)
 
 
 def _linear_report(

@@ -1,0 +1,112 @@
+"""Is a GPTQ checkpoint the same whatever the machine does? One recipe, one set of calibration ids, run at
+1 and 2 torch threads, each checkpoint scored through the fused kernel and through PyTorch's kernels.
+
+    python eval/check_reproducible.py [--recipe recipes/w4-g128-gptq.yaml] [--tokens 16384]
+        [--out eval/results/reproducible_smollm2.md]
+
+Each quantize and each evaluation runs in a process of its own (the thread count and
+`SINKQUANT_FUSED_KERNEL` are process-wide). The checkpoints are compared tensor by tensor
+(`tensor_hashes.py`); the perplexities are compared as a spread, max / min - 1 (the goal: under 0.3%).
+The AVX-512 leg of the cross-CPU check needs an AVX-512 machine: the table names this one's CPU, and a
+run there adds its rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RECIPES, RUNS, WIKITEXT, default_model, machine  # noqa: E402
+from tensor_hashes import tensor_hashes  # noqa: E402
+
+QUANTIZE = """
+import sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+from sinkquant.pipeline import quantize_model
+from sinkquant.recipe import load_recipe
+quantize_model(sys.argv[2], sys.argv[3], load_recipe(sys.argv[4]), overwrite=True, progress=False)
+"""
+
+SCORE = """
+import json, sys
+from sinkquant.checkpoint import load
+from sinkquant.evaluate import evaluate
+from sinkquant.modeling import load_tokenizer
+net = load(sys.argv[1])
+result = evaluate(net, load_tokenizer(sys.argv[1]), sys.argv[2], 1024, int(sys.argv[3]), progress=False)
+print(json.dumps({"ppl": result.perplexity}))
+"""
+
+
+def run(code: str, args: list[str], env: dict | None = None) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"failed: {done.stderr.strip().splitlines()[-1]}")
+    return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", type=Path, default=RECIPES / "w4-g128-gptq.yaml")
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--out", type=Path, default=Path("eval/results/reproducible_smollm2.md"))
+    args = parser.parse_args()
+    model = default_model()
+    work = RUNS / "reproducible"
+    rows, hashes, seconds = [], {}, {}
+    for threads in (1, 2):
+        out = work / f"threads{threads}"
+        start = time.perf_counter()
+        run(QUANTIZE, [str(threads), model, str(out), str(args.recipe)])
+        seconds[threads] = time.perf_counter() - start
+        hashes[threads] = tensor_hashes(out)
+        print(f"quantized at {threads} thread(s) in {seconds[threads]:.0f} s", flush=True)
+        for kernel in ("1", "0"):
+            ppl = json.loads(
+                run(SCORE, [str(out), str(WIKITEXT), str(args.tokens)], {"SINKQUANT_FUSED_KERNEL": kernel})
+            )["ppl"]
+            rows.append(
+                (threads, "fused (this CPU's best build)" if kernel == "1" else "PyTorch's kernels", ppl)
+            )
+            print(f"  kernel {kernel}: {ppl:.4f}", flush=True)
+    differ = [k for k in hashes[1] if hashes[1][k] != hashes[2].get(k)]
+    values = [p for *_, p in rows]
+    spread = max(values) / min(values) - 1
+    info = machine()
+    lines = [
+        "# One GPTQ recipe across thread counts and kernel paths",
+        "",
+        f"`python eval/check_reproducible.py` on {info['cpu']} ({info['cpu_capability']}), {info['date']}; "
+        f"recipe `{args.recipe.name}` (embedded calibration), SmolLM2-135M; WikiText-2 test, first "
+        f"{args.tokens} tokens, windows of 1024.",
+        "",
+        "| quantized at | evaluated through | perplexity |",
+        "|---|---|---:|",
+        *(f"| {t} thread{'s' if t > 1 else ''} | {k} | {p:.4f} |" for t, k, p in rows),
+        "",
+        f"- Checkpoints at 1 and 2 threads: {len(hashes[1])} tensors, "
+        + ("byte-identical." if not differ else f"{len(differ)} differ (first: {differ[0]}).")
+        + f" Quantize time: {seconds[1]:.0f} s at 1 thread, {seconds[2]:.0f} s at 2.",
+        f"- Perplexity spread over the {len(rows)} rows: {spread:.4%} (goal: under 0.3%).",
+        "",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
