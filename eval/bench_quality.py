@@ -595,7 +595,7 @@ def protocol(result: dict) -> str:
         f"per layer (sinks and the full-precision recent window excluded; fp16 = {result['kv_fp16_bytes']}). "
         f"Calibration report: {p['calib_samples']} x {p['calib_seq_len']} tokens of sinkquant's embedded C4 slice, "
         f"shared by every sinkquant row; GPTQ rows (sinkquant and llm-compressor): {p['gptq_samples']} x "
-        f"{p['gptq_seq_len']} tokens of the same slice (the recipe says 112 x 512; fewer to fit the run). "
+        f"{p['gptq_seq_len']} tokens of the same slice (the GPTQ recipes say 128 x 512; AWQ and AutoRound rows use the same ids). "
         f"sinkquant group: {p['group']}{' (' + p['group_why'] + ')' if p['group_why'] else ''}; "
         f"bits / weight: bytes held by the quantized linear layers (scales, minima, kept columns included) "
         f"x 8 / their weights; lm_head and embeddings stay as they are in every row."
