@@ -145,12 +145,16 @@ def _tune_layer(layer: nn.Module, learners: dict[str, _LearnedWeight], prefix: s
     """Sign-gradient descent on the learners of one decoder layer; returns the best step's loss as a
     fraction of its batch's loss at the start."""
     names = {name[len(prefix) :] + ".weight": learner for name, learner in learners.items()}
+    masks: dict[tuple[int, int], torch.Tensor] = {}  # by batch shape: built once per layer, not per step
 
     def loss_on(b: int) -> torch.Tensor:
         h, (args, kwargs) = hidden[b], calls[b]
         overrides = {key: learner() for key, learner in names.items()}
         out = hidden_of(torch.func.functional_call(layer, overrides, (h, *args), kwargs))
-        mask = _token_mask(h.shape[0], h.shape[1], mask_rows)
+        shape = (h.shape[0], h.shape[1])
+        if shape not in masks:
+            masks[shape] = _token_mask(*shape, mask_rows)
+        mask = masks[shape]
         return (((out - target[b]) ** 2) * mask).sum() / (mask.sum() * out.shape[-1])
 
     with torch.no_grad():
@@ -210,12 +214,15 @@ def learned_quantize_(
         inputs = capture_inputs(host.model, ids, opts.batch_samples, host.device)
     generator = torch.Generator().manual_seed(0)  # which batch each step sees: the same every run
 
-    def learner_for(name: str, module: nn.Module) -> tuple[_LearnedWeight, list[int]]:
+    def learner_for(
+        name: str, module: nn.Module
+    ) -> tuple[_LearnedWeight, torch.Tensor, list[int], torch.dtype]:
         weight = float_weight(module).detach().cpu()
         idx = choose_outliers(name, weight, weights, report)
         storage = storage_dtype or host.storage_dtype(name + ".weight")
         importance = column_importance(name, report, weights.clip_sink_tokens)
-        return _LearnedWeight(weight, idx, weights.group, weights.symmetric, importance, storage), idx
+        learner = _LearnedWeight(weight, idx, weights.group, weights.symmetric, importance, storage)
+        return learner, weight, idx, storage
 
     with HiddenStore(inputs.hidden, host.memory_budget) as store:
         inputs.hidden = store
@@ -223,9 +230,9 @@ def learned_quantize_(
             prefix = host.prefix(index)
             mine = {n: m for n, m in chosen.items() if n.startswith(prefix)}
             with host.layer(index) as layer:
-                learners, idxs = {}, {}
+                learners, found = {}, {}  # found: name -> (float weight, outlier columns, storage dtype)
                 for name, module in mine.items():
-                    learners[name], idxs[name] = learner_for(name, module)
+                    learners[name], *found[name] = learner_for(name, module)
                 if learners:
                     for p in layer.parameters():
                         p.requires_grad_(False)
@@ -234,14 +241,13 @@ def learned_quantize_(
                                     generator)  # fmt: skip
                 for name, learner in learners.items():
                     module = chosen.pop(name)
-                    weight = float_weight(module).detach().cpu()
+                    weight, idx, storage = found[name]
                     codes, scale, minimum = learner.stored()
-                    storage = storage_dtype or host.storage_dtype(name + ".weight")
                     new = SinkQuantLinear.from_float(
-                        weight, module.bias, 4, weights.group, idxs[name], weights.symmetric,
+                        weight, module.bias, 4, weights.group, idx, weights.symmetric,
                         codes=codes, scale=scale, minimum=minimum, storage_dtype=storage,
                     )  # fmt: skip
-                    summary.swap_in(host.model, name, weight, module.bias, new, idxs[name])
+                    summary.swap_in(host.model, name, weight, module.bias, new, idx)
                 with torch.no_grad():
                     run_layer(layer, inputs, index)  # the next layer's inputs, through the quantized one
                 if writer is not None:
