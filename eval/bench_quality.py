@@ -71,12 +71,14 @@ from common import (
     torchao_int4,
 )
 
-from sinkquant import calibrate, evaluate, load_recipe, quantize_
+from sinkquant import calibrate, evaluate, load_recipe
 from sinkquant.calibrate import Calibration
 from sinkquant.calibrate.keys import measure_key_outlier_idx
 from sinkquant.data import calibration_samples
 from sinkquant.kv import SinkQuantizedCache, build_cache
 from sinkquant.loading import prepare_model
+from sinkquant.modeling import stored_dtype
+from sinkquant.quantize.algorithms import NEEDS_SAMPLES, quantize_weights
 from sinkquant.recipe import Recipe
 
 SEQ_LEN = 1024
@@ -138,6 +140,7 @@ class Bench:
         self.reference = self.fp32  # the evaluator walks it layer by layer beside each row's model
         linears = quantizable_linears(self.fp32)
         self.linears = {name: m.weight.numel() for name, m in linears.items()}
+        self.storage = stored_dtype(self.path)
         self.widths = sorted({m.in_features for m in linears.values()})
         self.group, self.group_why = sinkquant_group(self.widths)
         self.peer_group = dividing_group(self.widths)
@@ -199,7 +202,7 @@ class Bench:
 def weights_key(recipe: Recipe) -> str:
     """Rows whose recipes give the same weights share one quantized model (e.g. W4 and W4 + KV4)."""
     key = recipe.weights.model_dump_json()
-    return key + recipe.calibration.model_dump_json() if recipe.weights.algorithm == "gptq" else key
+    return key + recipe.calibration.model_dump_json() if recipe.weights.algorithm in NEEDS_SAMPLES else key
 
 
 def _quantized(b: Bench, recipe: Recipe) -> torch.nn.Module:
@@ -207,14 +210,13 @@ def _quantized(b: Bench, recipe: Recipe) -> torch.nn.Module:
     model = b.models.pop(key, None)
     if model is None:
         model = copy.deepcopy(b.fp32)
-        if recipe.weights.algorithm == "gptq":
-            from sinkquant.quantize.gptq import gptq_quantize_
-
+        samples = None
+        if recipe.weights.algorithm in NEEDS_SAMPLES:
             c = recipe.calibration
             samples = calibration_samples(b.tok, c.dataset, c.samples, c.seq_len, c.seed)
-            gptq_quantize_(model, recipe.weights, Calibration(samples, b.report), progress=False)
-        else:
-            quantize_(model, recipe.weights, b.report, progress=False)
+        # full-precision columns in the source's dtype, as `sinkquant quantize` stores them
+        quantize_weights(model, recipe.weights, Calibration(samples, b.report), storage_dtype=b.storage,
+                         progress=False)  # fmt: skip
     b.uses[key] -= 1
     if b.uses[key] > 0:  # a later row evaluates the same weights
         b.models[key] = model

@@ -49,7 +49,7 @@ from .hessian import HessianAccumulator, inverse_hessian_factor
 from .linear import SinkQuantLinear
 from .primitives import complement_indices
 from .schemes import WeightScheme, scheme_for
-from .weights import QuantizeSummary, choose_outliers, float_weight, targets
+from .weights import QuantizeSummary, choose_outliers, compute_with, effective_weights, float_weight, targets
 
 BATCH_SIZE = 8  # calibration samples per forward pass of one layer (the two-pass route)
 #: the most memory one decoder layer's activations over all calibration tokens may take for the
@@ -364,7 +364,7 @@ def _one_pass_layer(layer, index, inputs, mine, make_observer, quantize, batch_s
 
     def arrive(name, module, observer):
         done[name] = quantize(name, module, observer)
-        _compute_with(module, done[name][0])
+        compute_with(module, done[name][0])
 
     with observe_inputs(mine, make_observer, split=batch_size, on_arrival=arrive):
         run_layer(layer, inputs, index)
@@ -379,7 +379,7 @@ def _two_pass_layer(layer, index, inputs, mine, make_observer, quantize, batch_s
         run_layer(layer, inputs, index, keep=False)
     done = {name: quantize(name, m, observers.get(name)) for name, m in mine.items()}
     del observers
-    with _effective_weights(mine, {n: new for n, (new, _) in done.items()}):
+    with effective_weights(mine, {n: new for n, (new, _) in done.items()}):
         run_layer(layer, inputs, index)
     return done
 
@@ -395,24 +395,3 @@ def _one_pass_fits(
     widest = max((m.out_features if isinstance(m, nn.Linear) else m.weight.shape[1] for m in chosen.values()),
                  default=0)  # fmt: skip
     return ids.numel() * widest * 4 * 4 <= min(ONE_PASS_BYTES, host.memory_budget)
-
-
-@contextlib.contextmanager
-def _effective_weights(modules: dict[str, nn.Module], quantized: dict[str, SinkQuantLinear]):
-    """The float modules compute with their quantized weights (float32 matmuls: faster than the int
-    kernels on thousands of tokens, and the exact quantized weights), restored after the block."""
-    saved = {name: module.weight.data for name, module in modules.items()}
-    try:
-        for name, module in modules.items():
-            _compute_with(module, quantized[name])
-        yield
-    finally:
-        for name, module in modules.items():
-            module.weight.data = saved[name]
-
-
-def _compute_with(module: nn.Module, quantized: SinkQuantLinear) -> None:
-    """Point a float linear layer (nn.Linear or Conv1D, [in, out]) at the effective weights of its
-    quantized replacement, in the float layer's dtype."""
-    w = quantized.dequantized_weight().to(module.weight.dtype)
-    module.weight.data = w if isinstance(module, nn.Linear) else w.t().contiguous()

@@ -14,8 +14,10 @@ Per decoder layer, on the calibration tokens entering it (the outputs of the lay
    parameter moves by `lr` against the sign of its gradient; the parameters of the step with the least
    loss are kept (the step's own batch, as AutoRound does);
 4. the learned codes, scales and minima become the layer's `SinkQuantLinear`s, and the layer re-runs
-   with them to give the next layer its inputs.
+   with their dequantized weights (float matmuls: the int kernels are slower on thousands of tokens)
+   to give the next layer its inputs.
 
+Only the batches the steps visit (drawn before the first step) need the float layer's outputs.
 The outlier input columns stay out of the rounding: they are exact in the fake-quantized weight as in
 the stored one. Scales and minima are rounded to bfloat16 inside the loss (straight through), so the
 stored layer computes exactly what was optimised. Linear layers outside the decoder layers, int8
@@ -38,11 +40,18 @@ from ..calibrate.report import Calibration
 from ..errors import InputError
 from ..recipe import WeightsSection
 from ..stream.host import LayerWriter, ModelHost, as_host
-from ..stream.layerwise import capture_inputs, run_layer
+from ..stream.layerwise import LayerInputs, capture_inputs, run_layer
 from ..stream.store import HiddenStore
 from .linear import SinkQuantLinear
 from .primitives import _grouped_view, complement_indices, quantize_grouped_clipped
-from .weights import QuantizeSummary, choose_outliers, column_importance, float_weight, targets
+from .weights import (
+    QuantizeSummary,
+    choose_outliers,
+    column_importance,
+    effective_weights,
+    float_weight,
+    targets,
+)
 
 LEVELS = 15  # int4
 
@@ -141,11 +150,17 @@ def _token_mask(samples: int, seq: int, rows: list[int]) -> torch.Tensor:
 
 
 def _tune_layer(layer: nn.Module, learners: dict[str, _LearnedWeight], prefix: str, hidden: list,
-                calls: list, mask_rows: list[int], opts, generator: torch.Generator) -> float:  # fmt: skip
-    """Sign-gradient descent on the learners of one decoder layer; returns the best step's loss as a
-    fraction of its batch's loss at the start."""
+                reference: list, calls: list, mask_rows: list[int], opts,
+                generator: torch.Generator) -> float:  # fmt: skip
+    """Sign-gradient descent on the learners of one decoder layer, whose quantized outputs on `hidden`
+    should match the float layer's on `reference`; returns the best step's loss as a fraction of its
+    batch's loss at the start."""
     names = {name[len(prefix) :] + ".weight": learner for name, learner in learners.items()}
     masks: dict[tuple[int, int], torch.Tensor] = {}  # by batch shape: built once per layer, not per step
+
+    # which batch each step sees, drawn first: only those batches need targets and start losses
+    order = torch.randint(len(hidden), (opts.iters,), generator=generator).tolist()
+    wanted: dict[int, torch.Tensor] = {}  # the float layer's outputs
 
     def loss_on(b: int) -> torch.Tensor:
         h, (args, kwargs) = hidden[b], calls[b]
@@ -155,17 +170,18 @@ def _tune_layer(layer: nn.Module, learners: dict[str, _LearnedWeight], prefix: s
         if shape not in masks:
             masks[shape] = _token_mask(*shape, mask_rows)
         mask = masks[shape]
-        return (((out - target[b]) ** 2) * mask).sum() / (mask.sum() * out.shape[-1])
+        return (((out - wanted[b]) ** 2) * mask).sum() / (mask.sum() * out.shape[-1])
 
     with torch.no_grad():
-        target = [hidden_of(layer(h, *a, **k)) for h, (a, k) in zip(hidden, calls, strict=True)]
-        start = [float(loss_on(b)) for b in range(len(hidden))]
+        for b in sorted(set(order)):
+            args, kwargs = calls[b]
+            wanted[b] = hidden_of(layer(reference[b], *args, **kwargs))
+        start = {b: float(loss_on(b)) for b in wanted}
     params = [p for learner in learners.values() for p in learner.parameters()]
     # batches differ in how hard they are, so a step is judged by its loss relative to its batch's
     # loss at the start (1.0: no better than round-to-nearest)
     best_ratio, best = 1.0, [p.detach().clone() for p in params]
-    for _ in range(opts.iters):
-        b = int(torch.randint(len(hidden), (1,), generator=generator))
+    for b in order:
         loss = loss_on(b)
         ratio = float(loss.detach()) / max(start[b], 1e-30)
         if ratio < best_ratio:
@@ -224,8 +240,14 @@ def learned_quantize_(
         learner = _LearnedWeight(weight, idx, weights.group, weights.symmetric, importance, storage)
         return learner, weight, idx, storage
 
-    with HiddenStore(inputs.hidden, host.memory_budget) as store:
+    # reference "float_model": a second stream of hidden states, through the float layers
+    floats = opts.reference == "float_model"
+    budget = host.memory_budget // 2 if floats else host.memory_budget
+    float_hidden = [h.clone() for h in inputs.hidden] if floats else []
+    float_inputs = LayerInputs(float_hidden, inputs.calls)
+    with HiddenStore(inputs.hidden, budget) as store, HiddenStore(float_hidden, budget) as float_store:
         inputs.hidden = store
+        float_inputs.hidden = float_store if floats else store
         for index in tqdm(range(len(host.layers)), desc="learned int4", unit="layer", disable=not progress):
             prefix = host.prefix(index)
             mine = {n: m for n, m in chosen.items() if n.startswith(prefix)}
@@ -237,19 +259,26 @@ def learned_quantize_(
                     for p in layer.parameters():
                         p.requires_grad_(False)
                     with torch.enable_grad():
-                        _tune_layer(layer, learners, prefix, inputs.hidden, inputs.calls[index], rows, opts,
-                                    generator)  # fmt: skip
+                        _tune_layer(layer, learners, prefix, inputs.hidden, float_inputs.hidden,
+                                    inputs.calls[index], rows, opts, generator)  # fmt: skip
+                if floats:
+                    with torch.no_grad():
+                        run_layer(layer, float_inputs, index)  # the float model's next hidden states
+                built = {}
                 for name, learner in learners.items():
-                    module = chosen.pop(name)
                     weight, idx, storage = found[name]
                     codes, scale, minimum = learner.stored()
-                    new = SinkQuantLinear.from_float(
-                        weight, module.bias, 4, weights.group, idx, weights.symmetric,
+                    built[name] = SinkQuantLinear.from_float(
+                        weight, mine[name].bias, 4, weights.group, idx, weights.symmetric,
                         codes=codes, scale=scale, minimum=minimum, storage_dtype=storage,
                     )  # fmt: skip
+                # the next layer's inputs, through the quantized weights (float matmuls, as GPTQ does)
+                with torch.no_grad(), effective_weights(mine, built):
+                    run_layer(layer, inputs, index)
+                for name, new in built.items():
+                    module = chosen.pop(name)
+                    weight, idx, _ = found[name]
                     summary.swap_in(host.model, name, weight, module.bias, new, idx)
-                with torch.no_grad():
-                    run_layer(layer, inputs, index)  # the next layer's inputs, through the quantized one
                 if writer is not None:
                     writer.write_layer(host, index, layer)
     with host.outside() if chosen else contextlib.nullcontext():

@@ -68,6 +68,27 @@ def float_weight(module: nn.Module) -> torch.Tensor:
     return module.weight if isinstance(module, nn.Linear) else module.weight.t()
 
 
+@contextlib.contextmanager
+def effective_weights(modules: dict[str, nn.Module], quantized: dict[str, SinkQuantLinear]):
+    """The float modules compute with their quantized weights (float32 matmuls: faster than the int
+    kernels on thousands of tokens, and the exact quantized weights), restored after the block."""
+    saved = {name: module.weight.data for name, module in modules.items()}
+    try:
+        for name, module in modules.items():
+            compute_with(module, quantized[name])
+        yield
+    finally:
+        for name, module in modules.items():
+            module.weight.data = saved[name]
+
+
+def compute_with(module: nn.Module, quantized: SinkQuantLinear) -> None:
+    """Point a float linear layer (nn.Linear or Conv1D, [in, out]) at the effective weights of its
+    quantized replacement, in the float layer's dtype."""
+    w = quantized.dequantized_weight().to(module.weight.dtype)
+    module.weight.data = w if isinstance(module, nn.Linear) else w.t().contiguous()
+
+
 def select_outliers(
     name: str, in_features: int, weights: WeightsSection, report: CalibrationReport | None
 ) -> list[int]:
