@@ -96,10 +96,6 @@ class LearnedSection(StrictModel):
     # whether the sink tokens' rows count in the output error: their massive activations make their
     # error orders of magnitude larger than any other token's, so by default the loss leaves them out
     sink_tokens: Literal["include", "exclude"] = "exclude"
-    # what each layer's quantized output is compared with: "float_model", the float model's hidden
-    # states at that layer (the error the layers before left is corrected too; one more copy of the
-    # hidden states), or "float_layer", the float layer on the same quantized inputs
-    reference: Literal["float_model", "float_layer"] = "float_model"
 
 
 class WeightsSection(StrictModel):

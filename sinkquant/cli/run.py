@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import get_args
 
 import click
 
+from ..recipe import WeightsSection
 from .app import DTYPE_CHOICE, NO_VERIFY_HELP, execution, execution_options, main
 from .app import progress as _progress
 
@@ -295,7 +297,10 @@ def _mib(n: int) -> str:
 )
 @click.option("--no-outliers", is_flag=True, help="Keep no outlier input columns (weights.outliers: null).")
 @click.option(
-    "--algorithm", default=None, type=click.Choice(["rtn", "gptq"]), help="Override weights.algorithm."
+    "--algorithm",
+    default=None,
+    type=click.Choice(list(get_args(WeightsSection.model_fields["algorithm"].annotation))),
+    help="Override weights.algorithm.",
 )
 @click.option(
     "--kv-bits",
@@ -390,6 +395,12 @@ def _print_summary(result, recipe) -> None:
         click.echo(
             f"quantized modules: {_mib(s.bytes_before)} fp16 -> {_mib(s.bytes_after)} ({s.bytes_after / max(1, s.bytes_before):.3f}x)"
         )
+        if s.layer_error_ratios:
+            ratios = sorted(s.layer_error_ratios)
+            click.echo(
+                f"layer output error vs round-to-nearest: median {ratios[len(ratios) // 2]:.3f}x "
+                f"(best layer {ratios[0]:.3f}x, worst {ratios[-1]:.3f}x; 1.000x: no step improved it)"
+            )
     click.echo(
         f"model: {_mib(result.params_bytes_fp16)} fp16 -> {_mib(result.checkpoint_bytes)} safetensors "
         f"({result.checkpoint_bytes / result.params_bytes_fp16:.3f}x); without embeddings "

@@ -40,7 +40,7 @@ from ..calibrate.report import Calibration
 from ..errors import InputError
 from ..recipe import WeightsSection
 from ..stream.host import LayerWriter, ModelHost, as_host
-from ..stream.layerwise import LayerInputs, capture_inputs, run_layer
+from ..stream.layerwise import capture_inputs, run_layer
 from ..stream.store import HiddenStore
 from .linear import SinkQuantLinear
 from .primitives import _grouped_view, complement_indices, quantize_grouped_clipped
@@ -150,11 +150,10 @@ def _token_mask(samples: int, seq: int, rows: list[int]) -> torch.Tensor:
 
 
 def _tune_layer(layer: nn.Module, learners: dict[str, _LearnedWeight], prefix: str, hidden: list,
-                reference: list, calls: list, mask_rows: list[int], opts,
-                generator: torch.Generator) -> float:  # fmt: skip
-    """Sign-gradient descent on the learners of one decoder layer, whose quantized outputs on `hidden`
-    should match the float layer's on `reference`; returns the best step's loss as a fraction of its
-    batch's loss at the start."""
+                calls: list, mask_rows: list[int], opts, generator: torch.Generator) -> float:  # fmt: skip
+    """Sign-gradient descent on the learners of one decoder layer, whose outputs should match the float
+    layer's on the same inputs; returns the best step's loss as a fraction of its batch's loss at the
+    start."""
     names = {name[len(prefix) :] + ".weight": learner for name, learner in learners.items()}
     masks: dict[tuple[int, int], torch.Tensor] = {}  # by batch shape: built once per layer, not per step
 
@@ -175,7 +174,7 @@ def _tune_layer(layer: nn.Module, learners: dict[str, _LearnedWeight], prefix: s
     with torch.no_grad():
         for b in sorted(set(order)):
             args, kwargs = calls[b]
-            wanted[b] = hidden_of(layer(reference[b], *args, **kwargs))
+            wanted[b] = hidden_of(layer(hidden[b], *args, **kwargs))
         start = {b: float(loss_on(b)) for b in wanted}
     params = [p for learner in learners.values() for p in learner.parameters()]
     # batches differ in how hard they are, so a step is judged by its loss relative to its batch's
@@ -240,14 +239,8 @@ def learned_quantize_(
         learner = _LearnedWeight(weight, idx, weights.group, weights.symmetric, importance, storage)
         return learner, weight, idx, storage
 
-    # reference "float_model": a second stream of hidden states, through the float layers
-    floats = opts.reference == "float_model"
-    budget = host.memory_budget // 2 if floats else host.memory_budget
-    float_hidden = [h.clone() for h in inputs.hidden] if floats else []
-    float_inputs = LayerInputs(float_hidden, inputs.calls)
-    with HiddenStore(inputs.hidden, budget) as store, HiddenStore(float_hidden, budget) as float_store:
+    with HiddenStore(inputs.hidden, host.memory_budget) as store:
         inputs.hidden = store
-        float_inputs.hidden = float_store if floats else store
         for index in tqdm(range(len(host.layers)), desc="learned int4", unit="layer", disable=not progress):
             prefix = host.prefix(index)
             mine = {n: m for n, m in chosen.items() if n.startswith(prefix)}
@@ -259,11 +252,9 @@ def learned_quantize_(
                     for p in layer.parameters():
                         p.requires_grad_(False)
                     with torch.enable_grad():
-                        _tune_layer(layer, learners, prefix, inputs.hidden, float_inputs.hidden,
-                                    inputs.calls[index], rows, opts, generator)  # fmt: skip
-                if floats:
-                    with torch.no_grad():
-                        run_layer(layer, float_inputs, index)  # the float model's next hidden states
+                        ratio = _tune_layer(layer, learners, prefix, inputs.hidden, inputs.calls[index],
+                                            rows, opts, generator)  # fmt: skip
+                    summary.layer_error_ratios.append(ratio)
                 built = {}
                 for name, learner in learners.items():
                     weight, idx, storage = found[name]

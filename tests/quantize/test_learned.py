@@ -34,7 +34,10 @@ def _run(model, recipe: Recipe):
     c = recipe.calibration
     samples = calibration_samples(CharTokenizer(), c.dataset, c.samples, c.seq_len, c.seed)
     report = calibrate(model, CharTokenizer(), None, samples=4, seq_len=48, progress=False)
-    quantize_weights(model, recipe.weights, Calibration(samples, report), progress=False)
+    summary = quantize_weights(model, recipe.weights, Calibration(samples, report), progress=False)
+    if recipe.weights.algorithm == "learned":  # what the descent bought, one ratio per decoder layer
+        assert len(summary.layer_error_ratios) == len(model.model.layers)
+        assert all(0 < r <= 1 for r in summary.layer_error_ratios)
     return samples.input_ids
 
 
