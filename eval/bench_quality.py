@@ -438,13 +438,6 @@ def rows_for(b: Bench) -> list[Row]:
             "weights",
             sq_weights("w4-g128-gptq.yaml", **{"weights.outliers": None}),
         ),
-        Row(
-            "sq-best",
-            f"sinkquant learned rounding W4 {g} + 1% cols (w4-g128-best)",
-            "sinkquant",
-            "weights",
-            sq_weights("w4-g128-best.yaml"),
-        ),
         Row("sq-kv8", "sinkquant KV8, sinks", "sinkquant", "kv", sq_kv("kv4-sinks.yaml", bits=8)),
         Row("sq-kv8-nosinks", "sinkquant KV8, no sinks", "ablation", "kv", sq_kv("kv4-sinks.yaml", bits=8, sinks="none")),
         Row("sq-kv4", "sinkquant KV4, sinks (kv4-sinks)", "sinkquant", "kv", sq_kv("kv4-sinks.yaml")),

@@ -36,8 +36,11 @@ EVAL = Path(__file__).resolve().parent
 #: the issue's claims: (quality row of sinkquant, peer rows it must beat, what the claim is about)
 QUALITY_CLAIMS = [
     ("sq-w4-cols", ["bnb-nf4", "quanto-int4", "hqq-4", "torchao-int4"], "W4 weights, RTN"),
-    ("sq-gptq-cols", ["llmc-gptq"], "W4 weights, GPTQ"),
-    ("sq-best", ["autoround", "autoround-light", "llmc-awq", "llmc-awq-gptq"], "W4 weights, best recipe"),
+    (
+        "sq-gptq-cols",
+        ["llmc-gptq", "autoround", "autoround-light", "llmc-awq", "llmc-awq-gptq"],
+        "W4 weights, GPTQ",
+    ),
     ("sq-kv4", ["qc-quanto-4", "qc-hqq-4"], "KV cache, 4 bits"),
     ("sq-kv2", ["qc-quanto-2", "qc-hqq-2"], "KV cache, 2 bits"),
 ]

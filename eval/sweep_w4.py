@@ -49,25 +49,26 @@ def commit() -> str:
 
 def render(rows: list[dict], fp32: float | None) -> str:
     lines = [
-        "| setting | recipe | overrides | perplexity | vs fp32 | quantize s | commit |",
-        "|---|---|---|---:|---:|---:|---|",
+        "| setting | recipe | overrides | perplexity | vs fp32 | quantize s | commit | note |",
+        "|---|---|---|---:|---:|---:|---|---|",
     ]
     for r in rows:
         gap = f"{100 * (r['ppl'] / fp32 - 1):+.2f}%" if fp32 else ""
         over = ", ".join(f"`{k}: {v}`" for k, v in r["overrides"].items()) or "as shipped"
         lines.append(
-            f"| {r['name']} | {r['recipe']} | {over} | {r['ppl']:.4f} | {gap} | {r['quantize_s']:.0f} | {r['commit']} |"
+            f"| {r['name']} | {r['recipe']} | {over} | {r['ppl']:.4f} | {gap} | {r['quantize_s']:.0f} | {r['commit']} | {r.get('note', '')} |"
         )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("variants", nargs="+", type=parse_variant)
+    parser.add_argument("variants", nargs="*", type=parse_variant, help="none: re-render the table")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--json", type=Path, default=RUNS / "sweep_w4.json")
     parser.add_argument("--out", type=Path, default=Path("eval/results/sweep_w4_smollm2.md"))
     args = parser.parse_args()
+    at = commit()  # the code this invocation runs, taken before it runs
     model = default_model()
     tokenizer = load_tokenizer(model)
     done = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": []}
@@ -87,7 +88,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         ppl = evaluate(load(out), tokenizer, WIKITEXT, 1024, args.tokens, progress=False).perplexity
         row = {"name": name, "recipe": recipe_file.name, "overrides": overrides, "ppl": ppl,
-               "quantize_s": seconds, "commit": commit()}  # fmt: skip
+               "quantize_s": seconds, "commit": at}  # fmt: skip
         done["rows"] = [r for r in done["rows"] if r["name"] != name] + [row]
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(done, indent=1))
