@@ -260,3 +260,17 @@ def torchao_int4(
         model, PrototypeInt4WeightOnlyConfig(group_size=group, set_inductor_config=False), filter_fn=fits
     )
     return model.eval(), count_converted(model, names)
+
+
+def quantize_and_score(model: str, out: Path, recipe, tokenizer, tokens: int) -> tuple[float, float]:
+    """One recipe as a user runs it: `quantize_model` from the model folder (calibration included),
+    the checkpoint loaded back, perplexity on WikiText-2 test (windows of 1024, first `tokens`);
+    returns (perplexity, quantize seconds)."""
+    from sinkquant.checkpoint import load
+    from sinkquant.evaluate import evaluate
+    from sinkquant.pipeline import quantize_model
+
+    start = time.perf_counter()
+    quantize_model(model, out, recipe, overwrite=True, progress=False)
+    seconds = time.perf_counter() - start
+    return evaluate(load(out), tokenizer, WIKITEXT, 1024, tokens, progress=False).perplexity, seconds

@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RECIPES, RUNS, SHARED, WIKITEXT, default_model, machine  # noqa: E402
+from common import RECIPES, RUNS, SHARED, default_model, machine, quantize_and_score  # noqa: E402
 
-from sinkquant.checkpoint import load  # noqa: E402
-from sinkquant.evaluate import evaluate  # noqa: E402
 from sinkquant.modeling import load_tokenizer  # noqa: E402
-from sinkquant.pipeline import quantize_model  # noqa: E402
 from sinkquant.recipe import load_recipe  # noqa: E402
 
 C4 = SHARED / "data" / "c4-validation-2k.jsonl"
@@ -64,11 +60,9 @@ def main() -> None:
     for name in args.variants:
         overrides = VARIANTS[name]()
         recipe = base.with_overrides(**overrides) if overrides else base
-        out = RUNS / "gptq-calibration" / name
-        start = time.perf_counter()
-        quantize_model(model, out, recipe, overwrite=True, progress=False)
-        seconds = time.perf_counter() - start
-        ppl = evaluate(load(out), tokenizer, WIKITEXT, 1024, args.tokens, progress=False).perplexity
+        ppl, seconds = quantize_and_score(
+            model, RUNS / "gptq-calibration" / name, recipe, tokenizer, args.tokens
+        )
         c = recipe.calibration
         source = "embedded slice" if c.dataset is None else Path(c.dataset).name
         rows.append((name, source, f"{c.samples} x {c.seq_len}", c.seed, ppl, seconds))

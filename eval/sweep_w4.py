@@ -17,17 +17,14 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, RUNS, WIKITEXT, default_model, machine  # noqa: E402
+from common import ROOT, RUNS, WIKITEXT, default_model, machine, quantize_and_score  # noqa: E402
 
-from sinkquant.checkpoint import load  # noqa: E402
 from sinkquant.evaluate import evaluate  # noqa: E402
 from sinkquant.modeling import load_tokenizer  # noqa: E402
-from sinkquant.pipeline import quantize_model  # noqa: E402
 from sinkquant.recipe import load_recipe  # noqa: E402
 
 
@@ -82,11 +79,7 @@ def main() -> None:
     for name, recipe_file, overrides in args.variants:
         recipe = load_recipe(recipe_file)
         recipe = recipe.with_overrides(**overrides) if overrides else recipe
-        out = RUNS / "sweep-w4" / name
-        start = time.perf_counter()
-        quantize_model(model, out, recipe, overwrite=True, progress=False)
-        seconds = time.perf_counter() - start
-        ppl = evaluate(load(out), tokenizer, WIKITEXT, 1024, args.tokens, progress=False).perplexity
+        ppl, seconds = quantize_and_score(model, RUNS / "sweep-w4" / name, recipe, tokenizer, args.tokens)
         row = {"name": name, "recipe": recipe_file.name, "overrides": overrides, "ppl": ppl,
                "quantize_s": seconds, "commit": at}  # fmt: skip
         done["rows"] = [r for r in done["rows"] if r["name"] != name] + [row]
