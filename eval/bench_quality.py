@@ -1,7 +1,7 @@
 """Quality of sinkquant against fp32, bf16 and the peer quantizers on one model, every row in one run.
 
-    python eval/bench_quality.py [MODEL] [--tokens 16384] [--rows PATTERNS] [--quick] [--list]
-                                 [--calib-samples 32] [--gptq-samples 32] [--json PATH]
+    python eval/bench_quality.py [MODEL] [--tokens 16384] [--rows PATTERNS] [--skip PATTERNS] [--quick]
+                                 [--list] [--calib-samples 32] [--gptq-samples 128] [--json PATH]
                                  [--save-calibration PATH]
 
 MODEL: any HF causal-LM folder (default SmolLM2-135M, materialized by ../shared/tools).
@@ -13,7 +13,8 @@ reused by every row). Weight rows run the whole window in one pass with fp32 act
 that need bf16 see bf16, as they would in use); KV-cache rows feed each window 64 tokens at a time
 through the cache under test (protocol step 5) on the fp32 weights.
 
-Rows (`--list` prints keys; `--rows` takes comma-separated keys or shell patterns, e.g. 'sq-*,bnb-*'):
+Rows (`--list` prints keys; `--rows` takes comma-separated keys or shell patterns, e.g. 'sq-*,bnb-*';
+`--skip` leaves rows out the same way, and the table keeps them with the reason):
 fp32, bf16; sinkquant W8, W4 g128 with and without 1% outlier columns (RTN with clip search: the
 recipes), GPTQ W4 g128 with and without columns, KV8/KV4/KV2 with and without sinks (the kv recipes),
 the combined W4 + KV4 recipe with and without sinks; peers: bitsandbytes LLM.int8 (threshold 6.0) and
@@ -23,8 +24,9 @@ residual 128). A row that cannot run is kept, with the one-line reason.
 
 Shared work: one calibration report (--calib-samples x 512 tokens of the C4 slice embedded in
 sinkquant, the recipes' default data) for every sinkquant row; GPTQ (sinkquant and llm-compressor)
-calibrates on the same --gptq-samples x 512 token ids, and so do AWQ and AutoRound (32 by default instead of the recipe's 112, to
-fit the run in minutes). Group sizes: 128 where every layer is at least 128 wide, else the largest of
+calibrates on the same --gptq-samples x 512 token ids (128, as the GPTQ recipes ship), and so do AWQ and AutoRound.
+A peer's checkpoint is kept under runs/bench/ by model, group and calibration ids and reused by later runs
+on the same ids (its note says so), since AWQ and AutoRound take 20 minutes and more on 2 cores. Group sizes: 128 where every layer is at least 128 wide, else the largest of
 64/32 that fits (said in the table); peers whose kernels need the group to divide every width
 (torchao, llm-compressor) get the largest of 128/64/32 that does, and their row says which.
 Results: a table on stdout and JSON (--json, default runs/bench/quality_<model>.json).
@@ -612,6 +614,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=None, help="evaluation tokens (16384; --quick 4096)")
     parser.add_argument("--dataset", default=str(WIKITEXT))
     parser.add_argument("--rows", default=None, help="comma-separated row keys or patterns (default: all)")
+    parser.add_argument(
+        "--skip", default=None, help="comma-separated row keys or patterns to leave out (listed as not run)"
+    )
     parser.add_argument("--quick", action="store_true", help="4096 tokens, 8 x 256 calibration and GPTQ")
     parser.add_argument("--calib-samples", type=int, default=None)
     parser.add_argument("--calib-seq-len", type=int, default=None)
@@ -629,7 +634,7 @@ def main(argv=None) -> int:
         "tokens": 16384,
         "calib_samples": 32,
         "calib_seq_len": 512,
-        "gptq_samples": 32,
+        "gptq_samples": 128,
         "gptq_seq_len": 512,
     }
     for key, value in (quick if args.quick else full).items():
@@ -680,8 +685,13 @@ def main(argv=None) -> int:
         if hasattr(row.build, "weights_key"):
             b.uses[row.build.weights_key(b)] += 1
     print(f"{len(rows)} rows on {args.model}: {', '.join(r.key for r in rows)}", flush=True)
+    skipped = {r.key for r in select(rows, args.skip) if r.key != "fp32"} if args.skip else set()
     for row in rows:
-        r = run_row(b, row)
+        if row.key in skipped:
+            r = {"key": row.key, "label": row.label, "family": row.family, "kind": row.kind}
+            r["error"] = "not run in this run (--skip)"
+        else:
+            r = run_row(b, row)
         result["rows"].append(r)
         secs = f"({r.get('prep_s', 0):.0f} + {r.get('eval_s', 0):.0f} s)"
         if "error" in r:
