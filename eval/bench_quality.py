@@ -78,6 +78,7 @@ from sinkquant.calibrate import Calibration
 from sinkquant.calibrate.keys import measure_key_outlier_idx
 from sinkquant.data import calibration_samples
 from sinkquant.kv import SinkQuantizedCache, build_cache
+from sinkquant.kv.hooks import ModelHooks
 from sinkquant.loading import prepare_model
 from sinkquant.modeling import stored_dtype
 from sinkquant.quantize.algorithms import NEEDS_SAMPLES, quantize_weights
@@ -554,8 +555,7 @@ def _run_row(b: Bench, row: Row, out: dict, t: float) -> dict:
         out.update(error=one_line(exc), prep_s=time.perf_counter() - t)
     finally:
         for model in (b.fp32, *b.models.values()):  # a sinkquant cache leaves hooks on its model
-            for handle in getattr(model, "_sinkquant_kv_hooks", ()):
-                handle.remove()
+            ModelHooks.detach_all(model)
         built = None
         gc.collect()
     return out

@@ -79,6 +79,16 @@ class ModelHooks:
                 handle.remove()
             model.__dict__.pop(_ATTR, None)
 
+    @classmethod
+    def detach_all(cls, model: nn.Module) -> None:
+        """Remove every hook sinkquant's caches put on `model`, whatever caches are still alive (for
+        code that reuses one model across many caches, e.g. a benchmark)."""
+        hooks = model.__dict__.pop(_ATTR, None)
+        if hooks is not None:
+            for handle in [*hooks._handles, *hooks._layers.values()]:
+                handle.remove()
+            hooks.caches = weakref.WeakSet()
+
     def _on_model_start(self, _module, args, kwargs):
         given = kwargs.get("past_key_values")
         cache = given if given is not None and given in self.caches else None
