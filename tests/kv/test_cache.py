@@ -13,6 +13,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 from sinkquant.calibrate.keys import key_channel_stats, top_key_channels
 from sinkquant.errors import InputError
 from sinkquant.kv import KVCacheConfig, SinkDetection, SinkQuantizedCache, SinkQuantizedLayer, build_cache
+from sinkquant.kv.hooks import ModelHooks
 
 SMALL = {"group_size": 8, "residual": 8}
 
@@ -280,6 +281,12 @@ def test_build_cache_from_report_and_shared_hooks(llama):
     plain = build_cache(llama, KVCacheConfig(), None)
     assert plain.config.sinks == "auto" and plain.flags.leading_positions == [0] and plain.detect is None
     plain.detach()
+    build_cache(llama, KVCacheConfig(), report)  # never detached: a benchmark reusing the model
+    build_cache(llama, KVCacheConfig(), report)
+    assert hooks() == (1, 1, 1)
+    ModelHooks.detach_all(llama)  # removes them whatever caches are still alive
+    assert hooks() == (0, 0, 0)
+    ModelHooks.detach_all(llama)  # and is a no-op on a model without any
 
 
 def test_concurrent_generations_keep_their_own_caches(llama):
