@@ -681,11 +681,11 @@ def main(argv=None) -> int:
     }
     if args.save_calibration:
         _ = b.report  # written even when no selected row needs it (bench_speed reuses it)
+    skipped = {r.key for r in select(rows, args.skip) if r.key != "fp32"} if args.skip else set()
     for row in rows:
-        if hasattr(row.build, "weights_key"):
+        if hasattr(row.build, "weights_key") and row.key not in skipped:  # a skipped row holds no model
             b.uses[row.build.weights_key(b)] += 1
     print(f"{len(rows)} rows on {args.model}: {', '.join(r.key for r in rows)}", flush=True)
-    skipped = {r.key for r in select(rows, args.skip) if r.key != "fp32"} if args.skip else set()
     for row in rows:
         if row.key in skipped:
             r = {"key": row.key, "label": row.label, "family": row.family, "kind": row.kind}

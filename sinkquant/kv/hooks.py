@@ -75,9 +75,7 @@ class ModelHooks:
         self.caches.discard(cache)
         model = self._model()
         if len(self.caches) == 0 and model is not None:
-            for handle in [*self._handles, *self._layers.values()]:
-                handle.remove()
-            model.__dict__.pop(_ATTR, None)
+            self.detach_all(model)
 
     @classmethod
     def detach_all(cls, model: nn.Module) -> None:
@@ -87,6 +85,7 @@ class ModelHooks:
         if hooks is not None:
             for handle in [*hooks._handles, *hooks._layers.values()]:
                 handle.remove()
+            hooks._handles, hooks._layers = [], {}
             hooks.caches = weakref.WeakSet()
 
     def _on_model_start(self, _module, args, kwargs):
