@@ -80,6 +80,10 @@ class GPTQSection(StrictModel):
     # each group's range shrunk per row to the factor that minimises the diag(H)-weighted rounding
     # error of the group's current weights (GPTQ's counterpart of weights.clip_search)
     clip_search: bool = False
+    # int4: rounds of a least-squares refit of each group's scale and minimum to the chosen codes
+    # (H-weighted, all groups of a row at once), each followed by a sweep on the refitted parameters;
+    # a row keeps a round's result only where its error drops (quantize/refit.py)
+    refine_rounds: int = Field(0, ge=0, le=8)
 
 
 class LearnedSection(StrictModel):

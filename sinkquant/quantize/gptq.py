@@ -15,6 +15,10 @@ sinkquant's choices:
   groups" variant, with parameters from updated rather than original weights.
 * `clip_search=True` (recipe `gptq.clip_search`) shrinks each group's range per row by the factor of a small
   grid that minimises the diag(H)-weighted rounding error of the group's current weights.
+* `refine_rounds=N` (recipe `gptq.refine_rounds`, int4): N rounds of refitting every group's scale and
+  minimum to the chosen codes by H-weighted least squares (`refit.py`), each followed by a sweep with
+  the refitted parameters frozen; a row takes a candidate only where its error (w - ŵ)ᵀ H (w - ŵ)
+  drops, so the result is never worse than the plain sweep's.
 * Parameters and codes use the primitives' formulas (`quantize_grouped` / `quantize_int8_per_channel`,
   scales rounded to bf16 for int4), so `SinkQuantLinear` stores exactly what GPTQ chose.
 * H: each batch's xᵀx is a float32 matmul, summed into float64; Cholesky runs in float64, the column
@@ -47,7 +51,8 @@ from ..stream.layerwise import capture_inputs, merge_batches, observe_inputs, ru
 from ..stream.store import HiddenStore
 from .hessian import HessianAccumulator, inverse_hessian_factor
 from .linear import SinkQuantLinear
-from .primitives import complement_indices
+from .primitives import complement_indices, dequantize_grouped
+from .refit import refit_group_params, row_errors
 from .schemes import WeightScheme, scheme_for
 from .weights import QuantizeSummary, choose_outliers, compute_with, effective_weights, float_weight, targets
 
@@ -84,9 +89,19 @@ class _Quantizer:
         self.scheme, self.symmetric, self.clip_search = scheme, symmetric, clip_search
         self.scale = torch.zeros(rows, groups, dtype=scheme.scale_dtype)
         self.minimum = torch.zeros(rows, groups, dtype=torch.bfloat16)
+        self.frozen = False
+
+    def freeze(self, scale: torch.Tensor, minimum: torch.Tensor | None) -> None:
+        """Use these parameters [out, groups] for every group: `fit` no longer changes them."""
+        self.scale.copy_(scale)
+        if minimum is not None:
+            self.minimum.copy_(minimum)
+        self.frozen = True
 
     def fit(self, group: int, values: torch.Tensor, importance: torch.Tensor) -> None:
         """Parameters of `group` from its current weights [out, n]; `importance` [n] = diag(H)."""
+        if self.frozen:
+            return
         best, best_err = self.scheme.group_range(values, self.symmetric), None
         for shrink in _CLIP_GRID[1:] if self.clip_search else []:
             if best_err is None:
@@ -126,6 +141,7 @@ def gptq_quantize_weight(
     name: str = "weight",
     clip_search: bool = False,
     factor_cache: dict | None = None,
+    refine_rounds: int = 0,
 ) -> GPTQResult:
     """GPTQ on weight [out, in] with hessian [in, in] (see the module docstring for every choice).
 
@@ -133,7 +149,10 @@ def gptq_quantize_weight(
     the factorisation of H restricted to the same columns is computed once.
 
     bits 4: groups of `group_size` consecutive kept columns (None: one group per row), asymmetric
-    min/max or `symmetric`; bits 8: symmetric per row (`group_size` ignored)."""
+    min/max or `symmetric`; bits 8: symmetric per row (`group_size` ignored).
+
+    `refine_rounds` (int4): that many rounds of a least-squares refit of the group parameters for the
+    chosen codes, each followed by a sweep on the refitted parameters held fixed (`_refine`)."""
     out_f, in_f = weight.shape
     idx = torch.as_tensor(outlier_idx, dtype=torch.long).sort().values
     keep = complement_indices(idx, in_f)
@@ -154,17 +173,69 @@ def gptq_quantize_weight(
         upper = upper.float()  # the sweep's precision; the float64 factor is not kept beside it
         if factor_cache is not None:
             factor_cache[key] = (hessian, upper, used)  # holds `hessian`, so its id stays its own
-    with _one_thread():
-        w = weight.detach().float()[:, cols].clone()
-        importance = hessian.diagonal()[cols].float()
-        result, codes = _gptq_columns(w, upper, group_of, quant, block_size, importance)
+    source = weight.detach().float()
+    importance = hessian.diagonal()[cols].float()
 
-    effective = weight.detach().float().clone()
-    effective[:, cols] = result
-    natural = torch.empty(out_f, n_keep)
-    natural[:, order] = codes[:, :n_keep]
+    def sweep(frozen: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One GPTQ sweep (parameters fitted per group, or `frozen`): (dequantized, codes) in natural order."""
+        q = quant if frozen is None else _Quantizer(scheme, symmetric, out_f, quant.scale.shape[1])
+        if frozen is not None:
+            q.freeze(*frozen)
+        result, codes = _gptq_columns(source[:, cols].clone(), upper, group_of, q, block_size, importance)
+        return _natural(result, order), _natural(codes, order)
+
+    # one thread also for the refit's products: a row's choice between candidates compares errors to
+    # the last bit, and those must not depend on how a product was split over threads
+    with _one_thread():
+        kept_values, codes = sweep()
+        if refine_rounds and bits == 4:
+            codes, quant.scale, quant.minimum = _refine(
+                source[:, keep], codes, quant.scale, quant.minimum, hessian[keep][:, keep], gs, symmetric,
+                refine_rounds, lambda frozen: sweep(frozen)[1],
+            )  # fmt: skip
+            kept_values = dequantize_grouped(codes, quant.scale, quant.minimum, gs)
+    effective = source.clone()
+    effective[:, keep] = kept_values
     scale, minimum = quant.params()
-    return GPTQResult(natural.to(scheme.code_dtype), scale, minimum, effective, used)
+    return GPTQResult(codes.to(scheme.code_dtype), scale, minimum, effective, used)
+
+
+def _natural(columns: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """[out, n] in processing order -> natural column order."""
+    natural = torch.empty_like(columns)
+    natural[:, order] = columns
+    return natural
+
+
+def _refine(w, codes, scale, minimum, hessian, group_size, symmetric, rounds, sweep):
+    """`rounds` of: refit the group parameters to the codes by least squares (`refit.py`), then re-run
+    the sweep with the refitted parameters frozen. Each candidate replaces a row's current result only
+    where it lowers that row's error (w - ŵ)ᵀ H (w - ŵ) with the parameters rounded as stored, so the
+    result is never worse than the plain sweep's, row by row. Returns (codes, scale, minimum)."""
+
+    def dequantized(c, s, m):
+        return dequantize_grouped(c, s, m, group_size)
+
+    def keep_better(err, best, *pairs):
+        better = err < best
+        picked = [torch.where(better[:, None], new, old) for new, old in pairs]
+        return (torch.where(better, err, best), *picked)
+
+    best = row_errors(w, dequantized(codes, scale, minimum), hessian)
+    half = 8  # symmetric int4 stores minimum = -half * scale
+    for _ in range(rounds):
+        s, m = refit_group_params(w, codes, hessian, group_size, symmetric)
+        s = s.to(scale.dtype)
+        m = (-half * s.float()).to(minimum.dtype) if symmetric else m.to(minimum.dtype)
+        usable = (torch.isfinite(s.float()) & torch.isfinite(m.float()) & (s.float() > 0)).all(1)
+        s = torch.where(usable[:, None], s, scale)
+        m = torch.where(usable[:, None], m, minimum)
+        best, scale, minimum = keep_better(row_errors(w, dequantized(codes, s, m), hessian), best,
+                                           (s, scale), (m, minimum))  # fmt: skip
+        swept = sweep((s, m))
+        best, codes, scale, minimum = keep_better(row_errors(w, dequantized(swept, s, m), hessian), best,
+                                                  (swept, codes), (s, scale), (m, minimum))  # fmt: skip
+    return codes, scale, minimum
 
 
 def _gptq_columns(
@@ -249,7 +320,7 @@ def quantize_module(
     opts = weights.gptq
     res = gptq_quantize_weight(
         weight, hessian, weights.bits, weights.group, idx, weights.symmetric,
-        opts.block_size, opts.damping, opts.act_order, name, opts.clip_search, factor_cache,
+        opts.block_size, opts.damping, opts.act_order, name, opts.clip_search, factor_cache, opts.refine_rounds,
     )  # fmt: skip
     if not all(bool(torch.isfinite(t.float()).all()) for t in (res.weight, res.scale)):
         warnings.warn(f"GPTQ gave non-finite weights for {name}; using round-to-nearest", stacklevel=2)
