@@ -84,6 +84,17 @@ class GPTQSection(StrictModel):
     # (H-weighted, all groups of a row at once), each followed by a sweep on the refitted parameters;
     # a row keeps a round's result only where its error drops (quantize/refit.py)
     refine_rounds: int = Field(0, ge=0, le=8)
+    # what each linear layer's quantized output should match on the inputs the quantized layers before
+    # it give: its own float output on those inputs (`layer`, GPTQ as published), or the float model's
+    # output at that point (`model`, after GPTAQ: also corrects error inherited from earlier layers;
+    # runs every layer once more, in float, on a second stream of hidden states) (quantize/target.py)
+    target: Literal["layer", "model"] = "layer"
+
+    @model_validator(mode="after")
+    def _target_modes(self) -> GPTQSection:
+        if self.target == "model" and self.sink_tokens == "cap":
+            raise ValueError("sink_tokens: cap is not available with target: model; use include or exclude")
+        return self
 
 
 class LearnedSection(StrictModel):

@@ -47,13 +47,21 @@ from ..calibrate.report import Calibration, CalibrationReport
 from ..errors import InputError
 from ..recipe import WeightsSection
 from ..stream.host import LayerWriter, ModelHost, as_host
-from ..stream.layerwise import capture_inputs, merge_batches, observe_inputs, run_layer
+from ..stream.layerwise import (
+    LayerInputs,
+    capture_inputs,
+    merge_batches,
+    observe_inputs,
+    run_batch,
+    run_layer,
+)
 from ..stream.store import HiddenStore
-from .hessian import HessianAccumulator, inverse_hessian_factor
+from .hessian import inverse_hessian_factor
 from .linear import SinkQuantLinear
 from .primitives import complement_indices, dequantize_grouped
 from .refit import refit_group_params, row_errors
 from .schemes import WeightScheme, scheme_for
+from .target import GPTQObserver, ReferenceInputs
 from .weights import QuantizeSummary, choose_outliers, compute_with, effective_weights, float_weight, targets
 
 BATCH_SIZE = 8  # calibration samples per forward pass of one layer (the two-pass route)
@@ -310,12 +318,14 @@ def quantize_module(
     weights: WeightsSection,
     storage: torch.dtype,
     factor_cache: dict | None = None,
+    source: torch.Tensor | None = None,
 ) -> SinkQuantLinear:
     """One linear layer -> `SinkQuantLinear` by GPTQ (round-to-nearest if GPTQ gave non-finite numbers).
-    The column sweep runs on the CPU, beside the Hessian (thousands of small dependent steps); the
-    result goes back to the module's device."""
+    `source`: the float weight to approach instead of the module's own (`target.py`). The column
+    sweep runs on the CPU, beside the Hessian (thousands of small dependent steps); the result goes
+    back to the module's device."""
     device = module.weight.device
-    weight = float_weight(module).detach().cpu()
+    weight = (float_weight(module) if source is None else source).detach().cpu()
     bias = module.bias.detach().cpu() if module.bias is not None else None
     opts = weights.gptq
     res = gptq_quantize_weight(
@@ -381,23 +391,36 @@ def gptq_quantize_(
     ids = calibration.samples.input_ids
     with host.outside("input"):
         inputs = capture_inputs(host.model, ids, batch_size, host.device)
-    merged = merge_batches(inputs) if _one_pass_fits(ids, chosen, one_pass, host) else None
+    toward_model = weights.gptq.target == "model"
+    merged = merge_batches(inputs) if _one_pass_fits(ids, chosen, one_pass, host, toward_model) else None
     if merged is not None:
         inputs = merged
+    references = ReferenceInputs() if toward_model else None
+    mode = weights.gptq.sink_tokens
 
-    def make_observer(in_features: int) -> HessianAccumulator:
-        return HessianAccumulator(in_features, sinks, track_max=weights.gptq.sink_tokens == "cap")
+    def make_observer(name: str, in_features: int) -> GPTQObserver:
+        return GPTQObserver(name, in_features, sinks, mode == "cap", references)
 
-    def quantize(name: str, module: nn.Module, observer: HessianAccumulator | None, factors: dict):
+    def quantize(name: str, module: nn.Module, observer: GPTQObserver | None, factors: dict):
         idx = choose_outliers(name, float_weight(module), weights, report)
         storage = storage_dtype or host.storage_dtype(name + ".weight")
         if observer is None:
             warnings.warn(f"GPTQ: {name} saw no calibration input; using round-to-nearest", stacklevel=3)
             return _rtn(float_weight(module), module.bias, weights, idx, storage), idx
-        hessian = observer.hessian(weights.gptq.sink_tokens)
-        return quantize_module(name, module, hessian, idx, weights, storage, factors), idx
+        hessian = observer.hessians.hessian(mode)
+        source = None
+        if toward_model:
+            kept = complement_indices(torch.as_tensor(idx, dtype=torch.long).sort().values, hessian.shape[0])
+            source = observer.target_weight(
+                float_weight(module).cpu(), hessian, mode, kept, weights.gptq.damping
+            )
+        return quantize_module(name, module, hessian, idx, weights, storage, factors, source), idx
 
-    with HiddenStore(inputs.hidden, host.memory_budget) as store:
+    # with target: model, a second stream: the float model's hidden states (each store gets half the budget)
+    budget = host.memory_budget // 2 if toward_model else host.memory_budget
+    with HiddenStore(inputs.hidden, budget) as store, \
+            HiddenStore(list(inputs.hidden) if toward_model else [], budget) as float_store:  # fmt: skip
+        float_inputs = LayerInputs(float_store, inputs.calls) if toward_model else None
         inputs.hidden = store
         for index in tqdm(range(len(host.layers)), desc=f"GPTQ int{weights.bits}", unit="layer",
                           disable=not progress):  # fmt: skip
@@ -407,7 +430,7 @@ def gptq_quantize_(
             step = _one_pass_layer if merged is not None else _two_pass_layer
             with host.layer(index) as layer:
                 done = step(layer, index, inputs, mine, make_observer, partial(quantize, factors=factors),
-                            batch_size)  # fmt: skip
+                            batch_size, float_inputs, references)  # fmt: skip
                 for name, (new, idx) in done.items():
                     old = chosen.pop(name)
                     summary.swap_in(host.model, name, float_weight(old), old.bias, new, idx)
@@ -428,10 +451,17 @@ def gptq_quantize_(
     return summary
 
 
-def _one_pass_layer(layer, index, inputs, mine, make_observer, quantize, batch_size) -> dict:
+def _one_pass_layer(
+    layer, index, inputs, mine, make_observer, quantize, batch_size, float_inputs=None, references=None
+) -> dict:
     """One call over all tokens: each linear is quantized as its input arrives and computes with its
-    quantized weights in the same forward, whose output is the next layer's input."""
+    quantized weights in the same forward, whose output is the next layer's input. With
+    `float_inputs`, the float layer first runs on the float model's hidden states (all tokens at once),
+    its linear layers' inputs recorded in `references`."""
     done: dict[str, tuple[SinkQuantLinear, list[int]]] = {}
+    if float_inputs is not None:
+        with references.record(mine):
+            run_layer(layer, float_inputs, index)
 
     def arrive(name, module, observer):
         done[name] = quantize(name, module, observer)
@@ -441,13 +471,26 @@ def _one_pass_layer(layer, index, inputs, mine, make_observer, quantize, batch_s
         run_layer(layer, inputs, index)
     for name in mine.keys() - done.keys():  # never called in this layer's forward
         done[name] = quantize(name, mine[name], None)
+    if references is not None:
+        references.clear()
     return done
 
 
-def _two_pass_layer(layer, index, inputs, mine, make_observer, quantize, batch_size) -> dict:
-    """Batch by batch: Hessians from the float layer, then the layer re-run with quantized weights."""
+def _two_pass_layer(
+    layer, index, inputs, mine, make_observer, quantize, batch_size, float_inputs=None, references=None
+) -> dict:
+    """Batch by batch: Hessians from the float layer, then the layer re-run with quantized weights.
+    With `float_inputs`, each batch first goes through the float layer on the float model's hidden
+    states, its linear layers' inputs recorded in `references` for the observers."""
+
+    def float_batch(b: int) -> None:
+        with references.record(mine):
+            run_batch(layer, float_inputs, index, b)
+
     with observe_inputs(mine, make_observer) as observers:
-        run_layer(layer, inputs, index, keep=False)
+        run_layer(layer, inputs, index, keep=False, before=float_batch if float_inputs is not None else None)
+    if references is not None:
+        references.clear()
     done = {name: quantize(name, m, observers.get(name)) for name, m in mine.items()}
     del observers
     with effective_weights(mine, {n: new for n, (new, _) in done.items()}):
@@ -456,13 +499,15 @@ def _two_pass_layer(layer, index, inputs, mine, make_observer, quantize, batch_s
 
 
 def _one_pass_fits(
-    ids: torch.Tensor, chosen: dict[str, nn.Module], one_pass: bool | None, host: ModelHost
-) -> bool:
+    ids: torch.Tensor, chosen: dict[str, nn.Module], one_pass: bool | None, host: ModelHost,
+    toward_model: bool = False,
+) -> bool:  # fmt: skip
     """Whether to merge the calibration batches: one layer's activations for every token at once,
-    estimated as 4 float32 copies of the widest linear output per token, must fit ONE_PASS_BYTES and
-    the host's memory budget."""
+    estimated as 4 float32 copies of the widest linear output per token (8 with `toward_model`: the
+    float layer's linear inputs are held too), must fit ONE_PASS_BYTES and the host's memory budget."""
     if one_pass is not None:
         return one_pass
     widest = max((m.out_features if isinstance(m, nn.Linear) else m.weight.shape[1] for m in chosen.values()),
                  default=0)  # fmt: skip
-    return ids.numel() * widest * 4 * 4 <= min(ONE_PASS_BYTES, host.memory_budget)
+    copies = 8 if toward_model else 4
+    return ids.numel() * widest * 4 * copies <= min(ONE_PASS_BYTES, host.memory_budget)

@@ -84,6 +84,47 @@ class HessianAccumulator:
         return _float32_by_rows(h) if h.shape[0] >= WIDE_FACTOR else h
 
 
+class CrossAccumulator:
+    """Σ x̃ xᵀ over the calibration tokens: x̃ the float model's input to a linear layer, x the input the
+    quantized model gives it, with the rows at sink positions kept apart as `HessianAccumulator` keeps
+    them. `cross(mode)` includes or drops those rows and scales by 2/n like `HessianAccumulator.hessian`,
+    so C and H are comparable term by term (C = H where the two inputs agree)."""
+
+    def __init__(self, in_features: int, sink_positions: list[int]) -> None:
+        self.body = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.sink = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.count = 0
+        self.sink_count = 0
+        self.sink_positions = sorted(set(sink_positions))
+
+    def add(self, x: torch.Tensor, reference: torch.Tensor) -> None:
+        if reference.shape != x.shape:
+            raise SinkQuantError(
+                f"float-model input {tuple(reference.shape)} does not match {tuple(x.shape)}"
+            )
+        x, ref = (t.detach().float() for t in (x, reference))
+        x = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x[None]
+        ref = ref.reshape(x.shape)
+        sinks = [p for p in self.sink_positions if p < x.shape[1]]
+        if sinks:
+            body_mask = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
+            body_mask[sinks] = False
+            xs, rs = (t[:, sinks].reshape(-1, t.shape[-1]) for t in (x, ref))
+            self.sink += (rs.T @ xs).double().cpu()
+            self.sink_count += xs.shape[0]
+            x, ref = x[:, body_mask], ref[:, body_mask]
+        x, ref = x.reshape(-1, x.shape[-1]), ref.reshape(-1, ref.shape[-1])
+        self.body += (ref.T @ x).double().cpu()
+        self.count += x.shape[0]
+
+    def cross(self, sink_tokens: str = "include") -> torch.Tensor:
+        """float64 [in, in]: 2/n Σ x̃ xᵀ with the sink rows included or excluded (`cap` is refused by the
+        recipe for this target: capping would need the float inputs' own per-channel bounds)."""
+        if sink_tokens == "exclude":
+            return self.body * (2.0 / max(self.count, 1))
+        return (self.body + self.sink) * (2.0 / max(self.count + self.sink_count, 1))
+
+
 _ROWS_PER_COPY = 256  # rows per step where a whole-matrix temporary would double a wide layer's memory
 
 

@@ -108,12 +108,19 @@ def run_layer(
     """Decoder layer `index` over every batch of `inputs.hidden` (a list or a `HiddenStore`); with
     `keep`, each batch's output replaces its input. `before(b)` runs before batch b (collectors that
     need to know which sample they see)."""
-    for b, (args, kwargs) in enumerate(inputs.calls[index]):
+    for b in range(len(inputs.calls[index])):
         if before is not None:
             before(b)
-        out = hidden_of(layer(inputs.hidden[b], *args, **kwargs))
-        if keep:
-            inputs.hidden[b] = out
+        run_batch(layer, inputs, index, b, keep)
+
+
+@torch.no_grad()
+def run_batch(layer: nn.Module, inputs: LayerInputs, index: int, b: int, keep: bool = True) -> None:
+    """Decoder layer `index` over batch b of `inputs.hidden`; with `keep`, its output replaces the input."""
+    args, kwargs = inputs.calls[index][b]
+    out = hidden_of(layer(inputs.hidden[b], *args, **kwargs))
+    if keep:
+        inputs.hidden[b] = out
 
 
 @torch.no_grad()
@@ -218,15 +225,15 @@ class InputObserver(Protocol):
 @contextlib.contextmanager
 def observe_inputs(
     modules: dict[str, nn.Module],
-    make: Callable[[int], InputObserver],
+    make: Callable[[str, int], InputObserver],
     *,
     split: int | None = None,
     on_arrival: Callable[[str, nn.Module, InputObserver], None] | None = None,
 ) -> Iterator[dict[str, InputObserver]]:
     """Attach forward pre-hooks to `modules` (name -> linear layer) for the `with` block.
 
-    Yields name -> observer, filled as the block runs forward passes; `make(in_features)` builds an
-    observer. A module called with the same tensor object as the module hooked just before it (q/k/v
+    Yields name -> observer, filled as the block runs forward passes; `make(name, in_features)` builds
+    an observer for the first module it serves. A module called with the same tensor object as the module hooked just before it (q/k/v
     on one normed hidden state) shares that module's observer, decided at the first call.
 
     `split`: an input of whole samples [samples, ...] is fed in slices of that many samples, so the
@@ -244,7 +251,7 @@ def observe_inputs(
             x = args[0]
             if name not in observers:
                 shared = last["x"] is x and last["name"] in observers
-                observers[name] = observers[last["name"]] if shared else make(x.shape[-1])
+                observers[name] = observers[last["name"]] if shared else make(name, x.shape[-1])
                 owners[name] = not shared
             if owners[name]:
                 for part in x.split(split) if split and x.dim() >= 3 else (x,):

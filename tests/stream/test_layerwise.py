@@ -47,7 +47,7 @@ def test_observers_are_shared_by_linears_with_one_input():
     layer = decoder_layers(model)[0]
     modules = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
     inputs = capture_inputs(model, torch.randint(0, 120, (2, 16)), batch_size=2)
-    with observe_inputs(modules, lambda d: HessianAccumulator(d, [])) as observers:
+    with observe_inputs(modules, lambda _name, d: HessianAccumulator(d, [])) as observers:
         run_layer(layer, inputs, 0)
     assert observers["self_attn.q_proj"] is observers["self_attn.v_proj"]
     assert observers["mlp.gate_proj"] is observers["mlp.up_proj"]
@@ -71,7 +71,7 @@ def test_on_arrival_sees_each_module_once_with_its_whole_input_split_into_sample
         arrived.append(name)
         assert observer.count == 3 * 16  # the whole input was observed before the module runs
 
-    with observe_inputs(modules, lambda d: Counting(d, []), split=2, on_arrival=on_arrival):
+    with observe_inputs(modules, lambda _name, d: Counting(d, []), split=2, on_arrival=on_arrival):
         run_layer(layer, inputs, 0)
         run_layer(layer, inputs, 0)  # a second forward: nothing observed or handed again
     assert sorted(arrived) == sorted(modules) and len(arrived) == len(set(arrived))
