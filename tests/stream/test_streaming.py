@@ -14,6 +14,7 @@ from sinkquant.evaluate import evaluate
 from sinkquant.loading import open_model, prepare_model
 from sinkquant.pipeline import evaluate_model, quantize_model
 from sinkquant.quantize.algorithms import quantize_weights
+from sinkquant.quantize.gptq import gptq_quantize_
 from sinkquant.recipe import Recipe
 from sinkquant.stream.host import Execution, StreamedModel
 from tests.tiny_models import save_tiny, tiny_gemma3, tiny_qwen2
@@ -159,3 +160,25 @@ def test_a_sharded_checkpoint_loads_every_way_and_scores_the_same(stories_path, 
     streamed = evaluate_model(out, wikitext_path, seq_len=128, max_tokens=1024, progress=False)
     whole = evaluate(model, tokenizer, wikitext_path, 128, 1024, progress=False)
     assert streamed.perplexity == whole.perplexity
+
+
+@pytest.mark.parametrize("make", [tiny_qwen2, tiny_gemma3], ids=["qwen2", "gemma3"])
+def test_gptq_toward_the_float_model_streams_and_spills_to_the_tensors_in_memory(
+    make, stories_path, tmp_path
+):
+    """target: model keeps a second stream of hidden states (the float model's): spilled to disk with
+    a zero memory budget (which also takes the two-pass route), streamed from the folder, it gives the
+    tensors of the model in memory on the same route, on Qwen2 (biases) and Gemma 3 (sliding-window
+    layers with their own masks)."""
+    model = make()
+    folder = save_tiny(model, tmp_path / "src", tokenizer_from=stories_path)
+    recipe = GPTQ.with_overrides(**{"weights.gptq.target": "model", "weights.gptq.refine_rounds": 1})
+    run = quantize_model(
+        folder, tmp_path / "streamed", recipe, progress=False, execution=Execution(memory_budget=0)
+    )
+    tokenizer = open_model(folder, "float32")[1]
+    c = recipe.calibration
+    samples = calibration_samples(tokenizer, c.dataset, c.samples, c.seq_len, c.seed)
+    gptq_quantize_(model, recipe.weights, Calibration(samples, run.report), progress=False, one_pass=False)
+    save(model, tmp_path / "memory", tokenizer)
+    assert same_tensors(tmp_path / "streamed", tmp_path / "memory")
