@@ -262,10 +262,11 @@ def torchao_int4(
     return model.eval(), count_converted(model, names)
 
 
-def quantize_and_score(model: str, out: Path, recipe, tokenizer, tokens: int) -> tuple[float, float]:
+def quantize_and_score(model: str, out: Path, recipe, tokenizer, tokens: int, reference=None):
     """One recipe as a user runs it: `quantize_model` from the model folder (calibration included),
-    the checkpoint loaded back, perplexity on WikiText-2 test (windows of 1024, first `tokens`);
-    returns (perplexity, quantize seconds)."""
+    the checkpoint loaded back, perplexity on WikiText-2 test (windows of 1024, first `tokens`), with
+    KL and top-1 agreement against `reference` (a model or a `ModelHost`) when given; returns
+    (`EvalResult`, quantize seconds)."""
     from sinkquant.checkpoint import load
     from sinkquant.evaluate import evaluate
     from sinkquant.pipeline import quantize_model
@@ -273,4 +274,6 @@ def quantize_and_score(model: str, out: Path, recipe, tokenizer, tokens: int) ->
     start = time.perf_counter()
     quantize_model(model, out, recipe, overwrite=True, progress=False)
     seconds = time.perf_counter() - start
-    return evaluate(load(out), tokenizer, WIKITEXT, 1024, tokens, progress=False).perplexity, seconds
+    return evaluate(
+        load(out), tokenizer, WIKITEXT, 1024, tokens, reference=reference, progress=False
+    ), seconds

@@ -60,9 +60,10 @@ def main() -> None:
     for name in args.variants:
         overrides = VARIANTS[name]()
         recipe = base.with_overrides(**overrides) if overrides else base
-        ppl, seconds = quantize_and_score(
+        result, seconds = quantize_and_score(
             model, RUNS / "gptq-calibration" / name, recipe, tokenizer, args.tokens
         )
+        ppl = result.perplexity
         c = recipe.calibration
         source = "embedded slice" if c.dataset is None else Path(c.dataset).name
         rows.append((name, source, f"{c.samples} x {c.seq_len}", c.seed, ppl, seconds))

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, RUNS, WIKITEXT, default_model, machine, quantize_and_score  # noqa: E402
 
 from sinkquant.evaluate import evaluate  # noqa: E402
+from sinkquant.loading import open_model  # noqa: E402
 from sinkquant.modeling import load_tokenizer  # noqa: E402
 from sinkquant.recipe import load_recipe  # noqa: E402
 
@@ -46,14 +47,16 @@ def commit() -> str:
 
 def render(rows: list[dict], fp32: float | None) -> str:
     lines = [
-        "| setting | recipe | overrides | perplexity | vs fp32 | quantize s | commit | note |",
-        "|---|---|---|---:|---:|---:|---|---|",
+        "| setting | recipe | overrides | perplexity | vs fp32 | KL | top-1 | quantize s | commit | note |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         gap = f"{100 * (r['ppl'] / fp32 - 1):+.2f}%" if fp32 else ""
         over = ", ".join(f"`{k}: {v}`" for k, v in r["overrides"].items()) or "as shipped"
+        kl = f"{r['kl']:.4f}" if r.get("kl") is not None else "–"
+        top1 = f"{r['top1']:.4f}" if r.get("top1") is not None else "–"
         lines.append(
-            f"| {r['name']} | {r['recipe']} | {over} | {r['ppl']:.4f} | {gap} | {r['quantize_s']:.0f} | {r['commit']} | {r.get('note', '')} |"
+            f"| {r['name']} | {r['recipe']} | {over} | {r['ppl']:.4f} | {gap} | {kl} | {top1} | {r['quantize_s']:.0f} | {r['commit']} | {r.get('note', '')} |"
         )
     return "\n".join(lines)
 
@@ -69,24 +72,26 @@ def main() -> None:
     model = default_model()
     tokenizer = load_tokenizer(model)
     done = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": []}
+    # the float model, streamed from its folder: the reference of every row's KL and top-1
+    reference = open_model(model, "float32")[0] if args.variants else None
     if done.get("fp32") is None or done.get("tokens") != args.tokens:
-        from sinkquant.loading import prepare_model
-
-        fp32, _ = prepare_model(model, "float32")
         done = {"rows": [], "tokens": args.tokens}
-        done["fp32"] = evaluate(fp32, tokenizer, WIKITEXT, 1024, args.tokens, progress=False).perplexity
-        del fp32
+        done["fp32"] = evaluate(reference, tokenizer, WIKITEXT, 1024, args.tokens, progress=False).perplexity
     for name, recipe_file, overrides in args.variants:
         recipe = load_recipe(recipe_file)
         recipe = recipe.with_overrides(**overrides) if overrides else recipe
-        ppl, seconds = quantize_and_score(model, RUNS / "sweep-w4" / name, recipe, tokenizer, args.tokens)
+        result, seconds = quantize_and_score(
+            model, RUNS / "sweep-w4" / name, recipe, tokenizer, args.tokens, reference=reference
+        )
+        ppl = result.perplexity
         row = {"name": name, "recipe": recipe_file.name, "overrides": overrides, "ppl": ppl,
-               "quantize_s": seconds, "commit": at}  # fmt: skip
+               "kl": result.kl, "top1": result.top1_agreement, "quantize_s": seconds, "commit": at}  # fmt: skip
         done["rows"] = [r for r in done["rows"] if r["name"] != name] + [row]
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(done, indent=1))
         print(
-            f"{name}: {ppl:.4f} ({100 * (ppl / done['fp32'] - 1):+.2f}%), quantize {seconds:.0f} s",
+            f"{name}: {ppl:.4f} ({100 * (ppl / done['fp32'] - 1):+.2f}%), KL {result.kl:.4f}, "
+            f"top-1 {result.top1_agreement:.4f}, quantize {seconds:.0f} s",
             flush=True,
         )
     info = machine()
@@ -96,7 +101,9 @@ def main() -> None:
         f"`python eval/sweep_w4.py ...` (one invocation per row or few rows, see the commit column) on {info['cpu']}, "
         f"{info['threads']} threads. Each row: `quantize_model` from the model folder as `sinkquant quantize` runs it "
         f"(calibration included in the time), the checkpoint loaded back, WikiText-2 test, first {done['tokens']} "
-        f"tokens, windows of 1024; fp32 {done['fp32']:.4f}. Times ran on a shared 2-core machine.",
+        f"tokens, windows of 1024; fp32 {done['fp32']:.4f}. KL(fp32 ‖ row) and top-1 agreement against the float "
+        "model streamed from its folder, on the same tokens (–: a row run before the sweep recorded them). "
+        "Times ran on a shared 2-core machine.",
         "",
         render(done["rows"], done["fp32"]),
         "",
