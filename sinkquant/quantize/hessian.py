@@ -18,6 +18,28 @@ from ..errors import SinkQuantError
 _RETRIES = 4
 
 
+def split_sink_rows(x: torch.Tensor, sink_positions: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """x [..., seq, in] (or [tokens, in]: no positions, every row a body row) -> (the rows at
+    `sink_positions` or None, the other rows), each [rows, in]."""
+    if x.dim() < 3:
+        return None, x
+    x = x.reshape(-1, x.shape[-2], x.shape[-1])
+    sinks = [p for p in sink_positions if p < x.shape[1]]
+    if not sinks:
+        return None, x.reshape(-1, x.shape[-1])
+    body_mask = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
+    body_mask[sinks] = False
+    return x[:, sinks].reshape(-1, x.shape[-1]), x[:, body_mask].reshape(-1, x.shape[-1])
+
+
+def damping_level(hessian: torch.Tensor, damping: float, columns: torch.Tensor) -> float:
+    """damping x the mean of diag(H) over the live (diag > 0) entries among `columns` (1 if none):
+    what GPTQ adds to H's diagonal."""
+    diag = hessian.diagonal()[columns]
+    live = diag > 0
+    return damping * (float(diag[live].mean()) if bool(live.any()) else 1.0)
+
+
 class HessianAccumulator:
     """Σ x xᵀ of one linear layer's input, with the rows at sink positions kept apart.
 
@@ -38,15 +60,9 @@ class HessianAccumulator:
     def add(self, x: torch.Tensor) -> None:
         if self.sum is None:
             raise ValueError("inputs added after the Hessian was taken")
-        x = x.detach().float()
-        x = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x[None]
-        sinks = [p for p in self.sink_positions if p < x.shape[1]] if x.dim() == 3 else []
-        if sinks:
-            body_mask = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
-            body_mask[sinks] = False
-            self.sink_rows.append(x[:, sinks].reshape(-1, x.shape[-1]).cpu())
-            x = x[:, body_mask]
-        body = x.reshape(-1, x.shape[-1])
+        sink_rows, body = split_sink_rows(x.detach().float(), self.sink_positions)
+        if sink_rows is not None:
+            self.sink_rows.append(sink_rows.cpu())
         _add_gram_(self.sum, body)
         self.count += body.shape[0]
         if body.shape[0] and self.body_max is not None:
@@ -102,20 +118,13 @@ class CrossAccumulator:
             raise SinkQuantError(
                 f"float-model input {tuple(reference.shape)} does not match {tuple(x.shape)}"
             )
-        x, ref = (t.detach().float() for t in (x, reference))
-        x = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x[None]
-        ref = ref.reshape(x.shape)
-        sinks = [p for p in self.sink_positions if p < x.shape[1]]
-        if sinks:
-            body_mask = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
-            body_mask[sinks] = False
-            xs, rs = (t[:, sinks].reshape(-1, t.shape[-1]) for t in (x, ref))
-            self.sink += (rs.T @ xs).double().cpu()
-            self.sink_count += xs.shape[0]
-            x, ref = x[:, body_mask], ref[:, body_mask]
-        x, ref = x.reshape(-1, x.shape[-1]), ref.reshape(-1, ref.shape[-1])
-        self.body += (ref.T @ x).double().cpu()
-        self.count += x.shape[0]
+        x_sinks, x_body = split_sink_rows(x.detach().float(), self.sink_positions)
+        ref_sinks, ref_body = split_sink_rows(reference.detach().float(), self.sink_positions)
+        if x_sinks is not None:
+            self.sink += (ref_sinks.T @ x_sinks).double().cpu()
+            self.sink_count += x_sinks.shape[0]
+        self.body += (ref_body.T @ x_body).double().cpu()
+        self.count += x_body.shape[0]
 
     def cross(self, sink_tokens: str = "include") -> torch.Tensor:
         """float64 [in, in]: 2/n Σ x̃ xᵀ with the sink rows included or excluded (`cap` is refused by the
@@ -204,9 +213,7 @@ def inverse_hessian_factor(
     time), the solve writes L⁻¹ into one more matrix (in place for wide float32 layers), which is then
     turned in place: H and two matrices of its size, not five."""
     columns = torch.arange(hessian.shape[0]) if columns is None else columns
-    diag = hessian.diagonal()[columns][:mean_over]
-    live = diag > 0
-    mean = float(diag[live].mean()) if bool(live.any()) else 1.0
+    mean = damping_level(hessian, 1.0, columns[:mean_over])
     reverse = columns.flip(0)
     info = torch.empty((), dtype=torch.int32)
     # float64 up to WIDE_FACTOR columns; wider layers factor in float32, as the GPTQ authors do for

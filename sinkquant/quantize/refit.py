@@ -63,9 +63,8 @@ def refit_group_params(
     for r0 in range(0, out, rows_per_chunk):
         r1 = min(out, r0 + rows_per_chunk)
         c = torch.nn.functional.pad(codes[r0:r1].to(dtype), (0, pad))
+        # padded columns: H's padded rows and columns are zero, so whatever the bases hold there adds nothing
         basis = _bases(c, symmetric, levels).reshape(r1 - r0, k, groups, group_size)
-        if pad:  # padded columns carry no weight: zero their ones too
-            basis[..., -1, group_size - pad :] = 0
         w = torch.nn.functional.pad(weight[r0:r1].to(dtype), (0, pad)).reshape(r1 - r0, groups, group_size)
         # hb[r, b, g, i, h] = Σ_j H[g, i, h, j] basis[r, b, h, j]
         hb = torch.einsum("gihj,rbhj->rbgih", h, basis)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import SinkQuantError
-from .hessian import CrossAccumulator, HessianAccumulator
+from .hessian import CrossAccumulator, HessianAccumulator, damping_level
 
 
 class ReferenceInputs:
@@ -111,10 +111,7 @@ class GPTQObserver:
         key = (sink_tokens, kept.numpy().tobytes(), damping)
         if key not in self._corrections:
             h = hessian.double()
-            diag = h.diagonal()[kept]
-            live = diag[diag > 0]
-            level = damping * (float(live.mean()) if live.numel() else 1.0)
-            damped = h + level * torch.eye(h.shape[0], dtype=h.dtype)
+            damped = h + damping_level(h, damping, kept) * torch.eye(h.shape[0], dtype=h.dtype)
             factor, info = torch.linalg.cholesky_ex(damped)
             if int(info) != 0:
                 raise SinkQuantError(f"GPTQ target: model: H + λI of {self.name} is not positive definite")
