@@ -98,6 +98,31 @@ def test_reload_both_ways_gives_the_same_logits(quantized, tiny_dir):
         assert float((_logits(reloaded, ids) - expected).abs().max()) <= 1e-4
 
 
+def test_a_symmetric_checkpoint_stores_no_minima_and_reloads_both_ways(tiny_dir, tmp_path):
+    """Symmetric int4 drops weight_min from the files (its minima are -8 * scale) and still loads
+    through sinkquant and from_pretrained to the model that was quantized."""
+    from safetensors import safe_open
+
+    from sinkquant.loading import load_model
+    from sinkquant.quantize.weights import quantize_
+
+    recipe = Recipe().with_overrides(
+        **{"weights.group_size": 32, "weights.symmetric": True, "calibration.samples": 2, "calibration.seq_len": 64}
+    )
+    result = quantize_model(tiny_dir, tmp_path / "sym", recipe, progress=False)
+    with safe_open(str(result.out_dir / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.endswith(".weight_scale") for k in keys) and not any(k.endswith(".weight_min") for k in keys)
+    layers = json.loads((result.out_dir / "config.json").read_text())["quantization_config"]["layers"]
+    assert all(spec["symmetric"] for spec in layers.values())
+    model = load_model(tiny_dir)
+    quantize_(model, recipe.weights, result.report, progress=False)
+    ids = torch.randint(0, 512, (2, 24))
+    expected = _logits(model, ids)
+    for reloaded in (load(result.out_dir), AutoModelForCausalLM.from_pretrained(result.out_dir)):
+        assert float((_logits(reloaded, ids) - expected).abs().max()) <= 1e-4
+
+
 def test_tampered_tensor_file_is_detected(quantized, tmp_path):
     import shutil
 

@@ -112,7 +112,7 @@ def _ct_write(module, args, scale_dtype, activations):
     packed = ct.fold_int4(
         codes,
         module.weight_scale,
-        module.weight_min,
+        module.group_minimum(),
         module.group_size,
         keep,
         module.dequantized_weight(),

@@ -209,18 +209,21 @@ class SinkQuantLinear(nn.Module):
         bias: bool,
         outlier_dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
+        symmetric: bool = False,
     ) -> None:
         super().__init__()
         scheme = scheme_for(bits)
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         self.n_outliers = n_outliers
+        # int4: a symmetric grid stores no minima (each is -8 * its scale); int8 is always symmetric
+        self.symmetric = symmetric
         kept = in_features - n_outliers
         self.in_kept = kept
         self.group_size = scheme.group_size(kept, group_size)
-        for name, (shape, dtype) in scheme.storage(out_features, kept, self.group_size).items():
+        for name, (shape, dtype) in self._storage().items():
             self.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
         if "weight_min" not in self._buffers:
-            self.weight_min = None  # a scheme without minima (int8)
+            self.weight_min = None  # a scheme or grid without minima (int8, symmetric int4)
         self.register_buffer("outlier_idx", torch.empty(n_outliers, dtype=torch.int32, device=device))
         self.register_buffer(
             "outlier_weight", torch.empty(out_features, n_outliers, dtype=outlier_dtype, device=device)
@@ -234,6 +237,9 @@ class SinkQuantLinear(nn.Module):
     @property
     def scheme(self) -> WeightScheme:
         return SCHEMES[self.bits]
+
+    def _storage(self) -> dict:
+        return self.scheme.storage(self.out_features, self.in_kept, self.group_size, self.symmetric)
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -264,7 +270,9 @@ class SinkQuantLinear(nn.Module):
         idx = torch.as_tensor(outlier_idx, dtype=torch.long).sort().values
         keep = complement_indices(idx, in_features)
         dtype = storage_dtype or (weight.dtype if weight.dtype.is_floating_point else torch.float32)
-        module = cls(in_features, out_features, bits, group_size, idx.numel(), bias is not None, dtype)
+        module = cls(
+            in_features, out_features, bits, group_size, idx.numel(), bias is not None, dtype, symmetric=symmetric
+        )
         if codes is None:
             stored = module.scheme.quantize(
                 weight.float()[:, keep],
@@ -277,8 +285,12 @@ class SinkQuantLinear(nn.Module):
             stored = module.scheme.store(codes, scale, minimum)
         module.weight.copy_(stored.weight)
         module.weight_scale.copy_(stored.scale)
-        if stored.minimum is not None:
+        if module.weight_min is not None:
             module.weight_min.copy_(stored.minimum)
+        elif stored.minimum is not None and not torch.equal(
+            stored.minimum, module.scheme.minimum(stored._replace(minimum=None))
+        ):
+            raise ValueError("a symmetric int4 layer's minima must be -8 * its scales (it stores none)")
         module.outlier_idx.copy_(idx.to(torch.int32))
         module.outlier_weight.copy_(weight[:, idx].to(dtype))
         if bias is not None:
@@ -296,6 +308,10 @@ class SinkQuantLinear(nn.Module):
         full[:, self._layouts.keep] = self.dequantized_kept()
         full[:, self.outlier_idx.long()] = self.outlier_weight.float()
         return full
+
+    def group_minimum(self) -> torch.Tensor | None:
+        """int4: each group's minimum [out, groups] bf16 (a symmetric layer's from its scales); int8: None."""
+        return self.scheme.minimum(self._stored())
 
     def _stored(self) -> Stored:
         return Stored(self.weight, self.weight_scale, self.weight_min)
@@ -355,7 +371,7 @@ class SinkQuantLinear(nn.Module):
     def restore_storage_dtypes(self) -> None:
         """Put the scheme's buffers back in the dtypes its storage declares (a loader that casts every
         float tensor to one dtype changes the scales; the casts are exact both ways)."""
-        for name, (_, dtype) in self.scheme.storage(self.out_features, self.in_kept, self.group_size).items():
+        for name, (_, dtype) in self._storage().items():
             buffer = getattr(self, name)
             buffer.data = buffer.data.to(dtype)
         self.reset_layouts()

@@ -12,6 +12,8 @@ Registered schemes:
 * `Int4Grouped` (bits 4): min/max in groups of `group_size` consecutive kept columns (the last may be
   shorter), codes packed two to a byte, low nibble first.
       weight uint8 [out, ceil(kept / 2)], weight_scale bf16 [out, groups], weight_min bf16 [out, groups]
+  A symmetric layer stores no `weight_min`: its minimum is always -8 * scale (exact in bf16), so the
+  buffer would cost 16 bits per group for nothing (4.125 bits per weight at group 128, not 4.25).
 
 `SCHEMES` is keyed by bits because bits alone name a storage format everywhere else: the recipe's
 `weights.bits`, the checkpoint's layer spec and `SinkQuantLinear(bits=...)`. A second scheme at the same
@@ -78,8 +80,8 @@ class WeightScheme(ABC):
         """The group size the layer stores for `kept` columns when `requested` was asked for."""
 
     @abstractmethod
-    def storage(self, out_features: int, kept: int, group_size: int) -> BufferSpecs:
-        """The buffers of the integer part."""
+    def storage(self, out_features: int, kept: int, group_size: int, symmetric: bool = False) -> BufferSpecs:
+        """The buffers of the integer part (`symmetric`: a grid whose minimum follows from its scale)."""
 
     @abstractmethod
     def quantize(
@@ -118,6 +120,10 @@ class WeightScheme(ABC):
         self, scale: torch.Tensor, minimum: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-group scale (and minimum) [out, groups] as `store` takes them."""
+
+    def minimum(self, stored: Stored) -> torch.Tensor | None:
+        """Each group's minimum as stored, or None for a scheme without minima."""
+        return stored.minimum
 
     @abstractmethod
     def dequantize(self, stored: Stored, kept: int, group_size: int) -> torch.Tensor:
@@ -183,7 +189,7 @@ class Int8PerChannel(WeightScheme):
     def group_size(self, kept: int, requested: int | None) -> int:
         return kept  # one scale per row: the group is the whole row
 
-    def storage(self, out_features: int, kept: int, group_size: int) -> BufferSpecs:
+    def storage(self, out_features: int, kept: int, group_size: int, symmetric: bool = False) -> BufferSpecs:
         return {
             "weight": ((out_features, kept), torch.int8),
             "weight_scale": ((out_features,), torch.float32),
@@ -284,13 +290,24 @@ class Int4Grouped(WeightScheme):
     def group_size(self, kept: int, requested: int | None) -> int:
         return kept if requested is None else requested
 
-    def storage(self, out_features: int, kept: int, group_size: int) -> BufferSpecs:
+    #: a symmetric group's minimum is this many scales below zero (its codes 0..15 are -8..7 steps)
+    SYMMETRIC_OFFSET = 8
+
+    def storage(self, out_features: int, kept: int, group_size: int, symmetric: bool = False) -> BufferSpecs:
         groups = math.ceil(kept / group_size) if kept else 0
-        return {
+        specs = {
             "weight": ((out_features, packed_size(kept, 4)), torch.uint8),
             "weight_scale": ((out_features, groups), torch.bfloat16),
-            "weight_min": ((out_features, groups), torch.bfloat16),
         }
+        if not symmetric:
+            specs["weight_min"] = ((out_features, groups), torch.bfloat16)
+        return specs
+
+    def minimum(self, stored: Stored) -> torch.Tensor:
+        """Each group's minimum [out, groups] bf16: stored, or -8 * scale for a symmetric layer."""
+        if stored.minimum is not None:
+            return stored.minimum
+        return (-self.SYMMETRIC_OFFSET * stored.scale.float()).to(stored.scale.dtype)
 
     def quantize(
         self,
@@ -333,10 +350,10 @@ class Int4Grouped(WeightScheme):
 
     def dequantize(self, stored: Stored, kept: int, group_size: int) -> torch.Tensor:
         codes = unpack_bits(stored.weight, 4, kept)
-        return dequantize_grouped(codes, stored.scale, stored.minimum, group_size)
+        return dequantize_grouped(codes, stored.scale, self.minimum(stored), group_size)
 
     def fused_args(self, stored: Stored, kept: int) -> tuple:
-        return (self.bits, unpack_bits(stored.weight, 4, kept), stored.scale, stored.minimum)
+        return (self.bits, unpack_bits(stored.weight, 4, kept), stored.scale, self.minimum(stored))
 
     def kernel_available(self) -> bool:
         ops = torch.ops.aten
@@ -360,6 +377,7 @@ class Int4Grouped(WeightScheme):
         in_features: int,
         group_size: int,
     ) -> PytorchKernel:
+        stored = stored._replace(minimum=self.minimum(stored))  # a symmetric layer's, from its scales
         return _Int4PackKernel(stored, keep, outlier_idx, in_features, group_size)
 
 

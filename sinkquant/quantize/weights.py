@@ -244,6 +244,7 @@ def layer_spec(module: SinkQuantLinear) -> dict:
         "outliers": module.n_outliers,
         "bias": module.bias is not None,
         "dtype": str(module.outlier_weight.dtype).replace("torch.", ""),
+        "symmetric": module.symmetric,
     }
 
 
@@ -257,4 +258,5 @@ def empty_from_spec(spec: dict, device=None) -> SinkQuantLinear:
         spec["bias"],
         getattr(torch, spec.get("dtype", "float16")),
         device=device,
+        symmetric=spec.get("symmetric", False),  # checkpoints before it stored every minimum
     )

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "integrations" / "v
 from sinkquant_vllm import layer as plugin  # noqa: E402
 
 
-def _layer(bits: int, outliers: int, bias: bool, seed: int = 0) -> SinkQuantLinear:
+def _layer(bits: int, outliers: int, bias: bool, seed: int = 0, symmetric: bool = False) -> SinkQuantLinear:
     torch.manual_seed(seed)
     weight = torch.randn(96, 160) * 0.05
     idx = torch.randperm(160)[:outliers]
@@ -23,6 +23,7 @@ def _layer(bits: int, outliers: int, bias: bool, seed: int = 0) -> SinkQuantLine
         bits,
         32,
         idx,
+        symmetric=symmetric,
         storage_dtype=torch.float16,
     )
 
@@ -40,13 +41,14 @@ def _spec(layer: SinkQuantLinear) -> plugin.LayerSpec:
         layer.n_outliers,
         layer.bias is not None,
         "float16",
+        layer.symmetric,
     )
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits, symmetric", [(4, False), (4, True), (8, False)])
 @pytest.mark.parametrize("outliers", [0, 3])
-def test_the_plugins_reference_forward_is_sinkquant_linear(bits, outliers):
-    layer = _layer(bits, outliers, bias=True)
+def test_the_plugins_reference_forward_is_sinkquant_linear(bits, symmetric, outliers):
+    layer = _layer(bits, outliers, bias=True, symmetric=symmetric)
     spec, tensors = _spec(layer), _tensors(layer)
     assert {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()} == {
         k: (shape, dtype) for k, (shape, dtype) in spec.shapes().items()
@@ -61,10 +63,10 @@ def test_the_plugins_reference_forward_is_sinkquant_linear(bits, outliers):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits, symmetric", [(4, False), (4, True), (8, False)])
 @pytest.mark.parametrize("rows", [1, 7, 80])
-def test_the_plugins_kernel_layer_is_sinkquant_linear_exactly(bits, rows):
-    layer = _layer(bits, 3, bias=False)
+def test_the_plugins_kernel_layer_is_sinkquant_linear_exactly(bits, symmetric, rows):
+    layer = _layer(bits, 3, bias=False, symmetric=symmetric)
     served = plugin.sinkquant_layer(_spec(layer), _tensors(layer))
     x = torch.randn(rows, 160).to(torch.bfloat16)
     with torch.no_grad():

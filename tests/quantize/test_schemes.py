@@ -148,15 +148,16 @@ def test_storage_is_really_packed():
     assert layer8.weight.dtype == torch.int8 and layer8.weight.shape == (192, 570)
 
 
-@pytest.mark.parametrize("bits, group", [(8, None), (4, 64), (4, None)])
-def test_layer_buffers_are_the_scheme_storage(bits, group):
-    _, _, _, layer = _layer(bits, group, 6)
-    specs = layer.scheme.storage(192, 570, layer.group_size)
+@pytest.mark.parametrize("bits, group, symmetric", [(8, None, False), (4, 64, False), (4, None, False), (4, 64, True)])
+def test_layer_buffers_are_the_scheme_storage(bits, group, symmetric):
+    w, b, idx, _ = _layer(bits, group, 6)
+    layer = SinkQuantLinear.from_float(w, b, bits, group, idx, symmetric, storage_dtype=torch.float16)
+    specs = layer.scheme.storage(192, 570, layer.group_size, symmetric)
     for name, (shape, dtype) in specs.items():
         assert getattr(layer, name).shape == shape and getattr(layer, name).dtype == dtype
     names = list(layer.state_dict())
     assert names == [*specs, "outlier_idx", "outlier_weight", "bias"]  # the checkpoint's key order
-    assert (layer.weight_min is None) == (bits == 8)
+    assert (layer.weight_min is None) == (bits == 8 or symmetric)
 
 
 def test_pytorch_int4_kernel_keeps_a_constant_group_exact():
@@ -192,3 +193,33 @@ def test_pytorch_int8_kernel_takes_widths_that_are_not_a_multiple_of_16(in_f):
     with use_kernels(False):
         slow = layer(x).float()
     assert float((fast - slow).abs().max() / slow.abs().max()) < 1e-2
+
+
+def test_a_symmetric_int4_layer_stores_no_minima_and_computes_the_same():
+    """Its minima are -8 * scale exactly, so it drops the buffer (4.125 bits per weight at group 128,
+    not 4.25) and dequantizes, through every path, to what it did with the buffer."""
+    torch.manual_seed(3)
+    w, idx = torch.randn(64, 300), [3, 77, 150]
+    layer = SinkQuantLinear.from_float(w, None, 4, 128, idx, symmetric=True)
+    assert layer.weight_min is None and "weight_min" not in layer.state_dict()
+    codes, scale, minimum = quantize_grouped(w[:, layer._layouts.keep], 4, 128, True, torch.bfloat16)
+    assert torch.equal(layer.group_minimum(), minimum) and torch.equal(layer.weight_scale, scale)
+    held = SinkQuantLinear.from_float(w, None, 4, 128, idx, codes=codes, scale=scale, minimum=minimum)
+    assert held.weight_min is not None  # the asymmetric layout, holding the same numbers
+    assert torch.equal(layer.dequantized_weight(), held.dequantized_weight())
+    x = torch.randn(5, 300).bfloat16()
+    with use_kernels(False):
+        assert torch.equal(layer(x), held(x))
+    if kernels_available(4):
+        from sinkquant.quantize.linear import use_fused_kernel
+
+        with use_fused_kernel(False):
+            assert torch.equal(layer(x), held(x))
+    assert torch.equal(layer(x), held(x))  # the fused kernel where built, else the same fallback
+
+
+def test_a_symmetric_layer_refuses_minima_off_its_grid():
+    w = torch.randn(16, 64)
+    codes, scale, minimum = quantize_grouped(w, 4, 32, False, torch.bfloat16)
+    with pytest.raises(ValueError, match="must be -8"):
+        SinkQuantLinear.from_float(w, None, 4, 32, [], symmetric=True, codes=codes, scale=scale, minimum=minimum)

@@ -10,7 +10,8 @@ sinkquant's (format version 2), one layer per `quantization_config.layers` entry
     kept                                 every other input column, ascending
     bits 4: weight uint8 [out, ceil(kept / 2)], two codes c in [0, 15] a byte, low nibble first;
             weight_scale, weight_min bf16 [out, ceil(kept / group)]; value = c * scale + min over
-            groups of `group_size` consecutive kept columns (the last may be shorter)
+            groups of `group_size` consecutive kept columns (the last may be shorter); a layer whose
+            spec says `symmetric` stores no weight_min: its minima are -8 * scale
     bits 8: weight int8 [out, kept]; weight_scale float32 [out]; value = c * scale
 
 Where sinkquant is importable (`pip install --no-deps sinkquant` beside vLLM), `sinkquant_layer` builds
@@ -25,10 +26,6 @@ from dataclasses import dataclass
 
 import torch
 
-#: the buffers a layer of each bit width stores, besides outlier_idx / outlier_weight
-SCHEME_BUFFERS = {4: ("weight", "weight_scale", "weight_min"), 8: ("weight", "weight_scale")}
-
-
 @dataclass(frozen=True)
 class LayerSpec:
     """One entry of `quantization_config.layers` (the shapes of one layer's tensors)."""
@@ -40,6 +37,7 @@ class LayerSpec:
     outliers: int
     bias: bool
     dtype: str = "float16"
+    symmetric: bool = False
 
     @classmethod
     def from_dict(cls, spec: dict) -> LayerSpec:
@@ -51,6 +49,7 @@ class LayerSpec:
             spec["outliers"],
             spec.get("bias", False),
             spec.get("dtype", "float16"),
+            spec.get("symmetric", False),
         )
 
     @property
@@ -74,8 +73,9 @@ class LayerSpec:
             scheme = {
                 "weight": ((out, math.ceil(self.kept / 2)), torch.uint8),
                 "weight_scale": ((out, groups), torch.bfloat16),
-                "weight_min": ((out, groups), torch.bfloat16),
             }
+            if not self.symmetric:
+                scheme["weight_min"] = ((out, groups), torch.bfloat16)
         elif self.bits == 8:
             scheme = {"weight": ((out, self.kept), torch.int8), "weight_scale": ((out,), torch.float32)}
         else:
@@ -102,7 +102,8 @@ def dequantize_kept(spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> torch.
     codes = torch.stack([low, high], dim=-1).reshape(weight.shape[0], -1)[:, : spec.kept].float()
     group = spec.stored_group
     s = scale.repeat_interleave(group, dim=1)[:, : spec.kept]
-    m = tensors["weight_min"].float().repeat_interleave(group, dim=1)[:, : spec.kept]
+    minimum = tensors["weight_min"].float() if not spec.symmetric else -8 * scale
+    m = minimum.repeat_interleave(group, dim=1)[:, : spec.kept]
     return codes * s + m
 
 
@@ -147,8 +148,9 @@ def sinkquant_layer(spec: LayerSpec, tensors: dict[str, torch.Tensor], bias: tor
         bias is not None,
         tensors["outlier_weight"].dtype,
         device="meta",
+        symmetric=spec.symmetric,
     )
-    for name in (*SCHEME_BUFFERS[spec.bits], "outlier_idx", "outlier_weight"):
+    for name in spec.shapes(out):
         setattr(layer, name, tensors[name])
     if bias is not None:
         layer.bias = bias.to(tensors["outlier_weight"].dtype)
