@@ -107,7 +107,12 @@ def test_a_symmetric_checkpoint_stores_no_minima_and_reloads_both_ways(tiny_dir,
     from sinkquant.quantize.weights import quantize_
 
     recipe = Recipe().with_overrides(
-        **{"weights.group_size": 32, "weights.symmetric": True, "calibration.samples": 2, "calibration.seq_len": 64}
+        **{
+            "weights.group_size": 32,
+            "weights.symmetric": True,
+            "calibration.samples": 2,
+            "calibration.seq_len": 64,
+        }
     )
     result = quantize_model(tiny_dir, tmp_path / "sym", recipe, progress=False)
     with safe_open(str(result.out_dir / "model.safetensors"), "pt") as f:

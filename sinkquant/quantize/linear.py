@@ -271,7 +271,14 @@ class SinkQuantLinear(nn.Module):
         keep = complement_indices(idx, in_features)
         dtype = storage_dtype or (weight.dtype if weight.dtype.is_floating_point else torch.float32)
         module = cls(
-            in_features, out_features, bits, group_size, idx.numel(), bias is not None, dtype, symmetric=symmetric
+            in_features,
+            out_features,
+            bits,
+            group_size,
+            idx.numel(),
+            bias is not None,
+            dtype,
+            symmetric=symmetric,
         )
         if codes is None:
             stored = module.scheme.quantize(

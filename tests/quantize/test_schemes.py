@@ -148,7 +148,9 @@ def test_storage_is_really_packed():
     assert layer8.weight.dtype == torch.int8 and layer8.weight.shape == (192, 570)
 
 
-@pytest.mark.parametrize("bits, group, symmetric", [(8, None, False), (4, 64, False), (4, None, False), (4, 64, True)])
+@pytest.mark.parametrize(
+    "bits, group, symmetric", [(8, None, False), (4, 64, False), (4, None, False), (4, 64, True)]
+)
 def test_layer_buffers_are_the_scheme_storage(bits, group, symmetric):
     w, b, idx, _ = _layer(bits, group, 6)
     layer = SinkQuantLinear.from_float(w, b, bits, group, idx, symmetric, storage_dtype=torch.float16)
@@ -222,4 +224,6 @@ def test_a_symmetric_layer_refuses_minima_off_its_grid():
     w = torch.randn(16, 64)
     codes, scale, minimum = quantize_grouped(w, 4, 32, False, torch.bfloat16)
     with pytest.raises(ValueError, match="must be -8"):
-        SinkQuantLinear.from_float(w, None, 4, 32, [], symmetric=True, codes=codes, scale=scale, minimum=minimum)
+        SinkQuantLinear.from_float(
+            w, None, 4, 32, [], symmetric=True, codes=codes, scale=scale, minimum=minimum
+        )

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+
 @dataclass(frozen=True)
 class LayerSpec:
     """One entry of `quantization_config.layers` (the shapes of one layer's tensors)."""
