@@ -435,6 +435,13 @@ def rows_for(b: Bench) -> list[Row]:
             sq_weights("w4-g128-gptq.yaml"),
         ),
         Row(
+            "sq-gptq-sym-lean",
+            f"sinkquant GPTQ W4 {g} symmetric (no stored minima) + 0.3% cols ({gq})",
+            "sinkquant",
+            "weights",
+            sq_weights("w4-g128-gptq.yaml", **{"weights.symmetric": True, "weights.outliers.fraction": 0.003}),
+        ),
+        Row(
             "sq-gptq",
             f"sinkquant GPTQ W4 {g}, no cols ({gq})",
             "ablation",
