@@ -60,7 +60,7 @@ from .hessian import inverse_hessian_factor
 from .linear import SinkQuantLinear
 from .primitives import complement_indices, dequantize_grouped
 from .refit import refit_group_params, row_errors
-from .schemes import WeightScheme, scheme_for
+from .schemes import Int4Grouped, WeightScheme, scheme_for
 from .target import GPTQObserver, ReferenceInputs
 from .weights import QuantizeSummary, choose_outliers, compute_with, effective_weights, float_weight, targets
 
@@ -230,7 +230,7 @@ def _refine(w, codes, scale, minimum, hessian, group_size, symmetric, rounds, sw
         return (torch.where(better, err, best), *picked)
 
     best = row_errors(w, dequantized(codes, scale, minimum), hessian)
-    half = 8  # symmetric int4 stores minimum = -half * scale
+    half = Int4Grouped.SYMMETRIC_OFFSET  # a symmetric group's minimum is -half * scale
     for _ in range(rounds):
         s, m = refit_group_params(w, codes, hessian, group_size, symmetric)
         s = s.to(scale.dtype)
