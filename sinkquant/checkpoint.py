@@ -38,8 +38,20 @@ from .quantize.weights import empty_from_spec
 from .stream.host import ModelHost, ResidentModel
 from .stream.writer import SHARD_BYTES, ShardWriter
 
-#: 2: the KV cache's key outlier channels are stored as `key_outlier_idx` (format 1: `kv_key_channels`)
-FORMAT_VERSION = 2
+#: the newest format this sinkquant reads. 2: the KV cache's key outlier channels are stored as
+#: `key_outlier_idx` (format 1: `kv_key_channels`); 3: a symmetric int4 layer (its spec says
+#: `symmetric`) stores no `weight_min`. A checkpoint is written in the oldest format that holds it, so
+#: one without symmetric int4 layers stays readable by a sinkquant that reads format 2.
+FORMAT_VERSION = 3
+MINIMAL_FORMAT_VERSION = 2
+
+
+def format_version_for(layers: dict[str, dict]) -> int:
+    """The oldest format whose readers rebuild every layer of `layers` (their specs) correctly."""
+    no_minima = any(spec.get("symmetric") and spec.get("bits") == 4 for spec in layers.values())
+    return 3 if no_minima else MINIMAL_FORMAT_VERSION
+
+
 MANIFEST = "sinkquant-manifest.json"
 
 
@@ -58,10 +70,12 @@ class SinkQuantConfig(QuantizationConfigMixin):
         kv_cache: KVCacheConfig | dict | None = None,
         calibration: dict | None = None,
         key_outlier_idx: dict | None = None,
-        format_version: int = FORMAT_VERSION,
+        format_version: int | None = None,
         quant_method: str = "sinkquant",
         **kwargs: Any,
     ) -> None:
+        if format_version is None:  # a new checkpoint: the oldest format that describes it
+            format_version = format_version_for(layers or {})
         if format_version == 1 and "kv_key_channels" in kwargs:  # the field's name in format 1
             key_outlier_idx = kwargs.pop("kv_key_channels")
         if kwargs:
@@ -344,8 +358,9 @@ class CheckpointWriter:
             (self.folder / "recipe.yaml").write_text(recipe.to_yaml())
         if report is not None:
             (self.folder / "calibration.json").write_text(json.dumps(report.summary_dict(), indent=1))
+        quantization = getattr(config, "quantization_config", None)
         manifest = {
-            "format_version": FORMAT_VERSION,
+            "format_version": getattr(quantization, "format_version", FORMAT_VERSION),
             "files": {n: _sha256(self.folder / n) for n in sorted(files)},
         }
         (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -47,7 +47,11 @@ def test_checkpoint_layout_is_safetensors_only(quantized):
     } <= names
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "sinkquant" and qc["format_version"] == FORMAT_VERSION and qc["bits"] == 4
+    # no symmetric int4 layer: the oldest format that holds it, readable by a sinkquant that reads format 2
+    assert (
+        qc["quant_method"] == "sinkquant" and qc["format_version"] == 2 < FORMAT_VERSION and qc["bits"] == 4
+    )
+    assert json.loads((out / MANIFEST).read_text())["format_version"] == 2
     assert qc["layers"]["model.layers.0.mlp.down_proj"]["outliers"] >= 1
 
 
@@ -118,8 +122,10 @@ def test_a_symmetric_checkpoint_stores_no_minima_and_reloads_both_ways(tiny_dir,
     with safe_open(str(result.out_dir / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert any(k.endswith(".weight_scale") for k in keys) and not any(k.endswith(".weight_min") for k in keys)
-    layers = json.loads((result.out_dir / "config.json").read_text())["quantization_config"]["layers"]
-    assert all(spec["symmetric"] for spec in layers.values())
+    qc = json.loads((result.out_dir / "config.json").read_text())["quantization_config"]
+    assert all(spec["symmetric"] for spec in qc["layers"].values())
+    # format 3: a reader of format 2 would expect every weight_min, so it must refuse, not misread
+    assert qc["format_version"] == 3 == json.loads((result.out_dir / MANIFEST).read_text())["format_version"]
     model = load_model(tiny_dir)
     quantize_(model, recipe.weights, result.report, progress=False)
     ids = torch.randint(0, 512, (2, 24))

@@ -1,7 +1,7 @@
 """sinkquant's quantized linear layer, read from its tensors without sinkquant, and its forward.
 
 This module imports only torch, so the tests of sinkquant check it without vLLM. The format is
-sinkquant's (format version 2), one layer per `quantization_config.layers` entry:
+sinkquant's (format versions 2 and 3), one layer per `quantization_config.layers` entry:
 
     y = x[:, kept] @ dequant(W)^T + x[:, outlier_idx] @ outlier_weight^T (+ bias)
 

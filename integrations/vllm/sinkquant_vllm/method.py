@@ -92,9 +92,10 @@ class SinkQuantVllmConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> SinkQuantVllmConfig:
         version = config.get("format_version", 1)
-        if version > 2:
+        if version > 3:
             raise ValueError(
-                f"this sinkquant checkpoint is format {version}; this plugin reads format 2: upgrade sinkquant-vllm"
+                f"this sinkquant checkpoint is format {version}; this plugin reads formats up to 3: "
+                "upgrade sinkquant-vllm"
             )
         return cls(
             config.get("layers") or {}, config.get("modules_to_not_convert") or [], config.get("kv_cache")
@@ -130,8 +131,9 @@ class SinkQuantLinearMethod(LinearMethodBase):
     def __init__(self, prefix: str, specs: list[LayerSpec]) -> None:
         first = specs[0]
         for spec in specs[1:]:
-            same = (spec.in_features, spec.bits, spec.group_size, spec.outliers, spec.dtype)
-            if same != (first.in_features, first.bits, first.group_size, first.outliers, first.dtype):
+            same = (spec.in_features, spec.bits, spec.group_size, spec.outliers, spec.dtype, spec.symmetric)
+            if same != (first.in_features, first.bits, first.group_size, first.outliers, first.dtype,
+                        first.symmetric):  # fmt: skip
                 raise ValueError(f"the projections vLLM fuses into {prefix} were quantized differently")
         self.prefix, self.spec = prefix, first
 
