@@ -42,14 +42,15 @@ from .stream.writer import SHARD_BYTES, ShardWriter
 #: `key_outlier_idx` (format 1: `kv_key_channels`); 3: a symmetric int4 layer (its spec says
 #: `symmetric`) stores no `weight_min`. A checkpoint is written in the oldest format that holds it, so
 #: one without symmetric int4 layers stays readable by a sinkquant that reads format 2.
-FORMAT_VERSION = 3
 MINIMAL_FORMAT_VERSION = 2
+NO_MINIMA_FORMAT_VERSION = 3
+FORMAT_VERSION = NO_MINIMA_FORMAT_VERSION
 
 
 def format_version_for(layers: dict[str, dict]) -> int:
     """The oldest format whose readers rebuild every layer of `layers` (their specs) correctly."""
     no_minima = any(spec.get("symmetric") and spec.get("bits") == 4 for spec in layers.values())
-    return 3 if no_minima else MINIMAL_FORMAT_VERSION
+    return NO_MINIMA_FORMAT_VERSION if no_minima else MINIMAL_FORMAT_VERSION
 
 
 MANIFEST = "sinkquant-manifest.json"

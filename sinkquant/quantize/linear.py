@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .primitives import complement_indices
-from .schemes import SCHEMES, PytorchKernel, Stored, WeightScheme, scheme_for
+from .schemes import SCHEMES, BufferSpecs, PytorchKernel, Stored, WeightScheme, scheme_for
 
 _KERNELS = {"enabled": True, "fused": True}
 #: input rows up to which bf16 calls take the fused kernel: it reads the weights once per row, so it
@@ -238,7 +238,7 @@ class SinkQuantLinear(nn.Module):
     def scheme(self) -> WeightScheme:
         return SCHEMES[self.bits]
 
-    def _storage(self) -> dict:
+    def _storage(self) -> BufferSpecs:
         return self.scheme.storage(self.out_features, self.in_kept, self.group_size, self.symmetric)
 
     # -- construction -------------------------------------------------------------------------------
@@ -294,9 +294,7 @@ class SinkQuantLinear(nn.Module):
         module.weight_scale.copy_(stored.scale)
         if module.weight_min is not None:
             module.weight_min.copy_(stored.minimum)
-        elif stored.minimum is not None and not torch.equal(
-            stored.minimum, module.scheme.minimum(stored._replace(minimum=None))
-        ):
+        elif stored.minimum is not None and not torch.equal(stored.minimum, module.group_minimum()):
             raise ValueError("a symmetric int4 layer's minima must be -8 * its scales (it stores none)")
         module.outlier_idx.copy_(idx.to(torch.int32))
         module.outlier_weight.copy_(weight[:, idx].to(dtype))
