@@ -38,6 +38,24 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if is_linear(m)}
 
 
+def weights_outside_linears(model: nn.Module) -> dict[str, int]:
+    """Weight matrices (2-D or more) that no linear layer or embedding holds, by qualified name, with their
+    element counts: what a quantizer of linear layers leaves at source precision, e.g. the fused MoE
+    experts of gpt-oss (`mlp.experts.gate_up_proj`, 3-D) or its router. Norms and biases (1-D) are not
+    counted. Element counts only, so a model on the meta device (streamed from disk) answers too."""
+    found: dict[str, int] = {}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        if is_linear(module) or isinstance(module, nn.Embedding):
+            seen.update(id(p) for p in module.parameters(recurse=False))
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            if p.dim() >= 2 and id(p) not in seen:
+                seen.add(id(p))
+                found[f"{module_name}.{name}" if module_name else name] = p.numel()
+    return found
+
+
 def hidden_of(output) -> torch.Tensor:
     """The hidden-state tensor of a decoder layer's output (a tensor or a tuple starting with one)."""
     return output[0] if isinstance(output, (tuple, list)) else output

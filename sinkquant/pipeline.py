@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import get_layer_types_and_kwargs
 
+from .architecture import weights_outside_linears
 from .calibrate import CalibrationReport, CalibrationSettings, calibrate
 from .calibrate.report import Calibration
 from .checkpoint import SinkQuantConfig, check_finite, checkpoint_writer, out_dir_lock, prepare_out_dir
@@ -49,6 +50,8 @@ class QuantizeResult:
     report: CalibrationReport | None
     params_bytes_fp16: int  # every parameter of the source model at 2 bytes each
     embedding_bytes_fp16: int
+    # weight matrices that are not linear layers (e.g. fused MoE experts): left at source precision
+    outside_linears: dict[str, int]
     checkpoint_bytes: int  # safetensors bytes written
     folder_bytes: int
     seconds: dict[str, float] = field(default_factory=dict)
@@ -203,6 +206,7 @@ def _quantize_into(
         check_finite(model)  # name the broken source tensor, before NaN spreads into calibration and scales
     times["load"] = clock() - start
     total_bytes, embedding_bytes = _param_bytes(model)
+    outside = weights_outside_linears(model)
     if recipe.weights is not None and recipe.weights.bits is not None:
         refuse_empty_selection(model, recipe.weights)
     if kv is not None:
@@ -248,6 +252,7 @@ def _quantize_into(
         report=run.report,
         params_bytes_fp16=total_bytes,
         embedding_bytes_fp16=embedding_bytes,
+        outside_linears=outside,
         checkpoint_bytes=sum(p.stat().st_size for p in out.glob("*.safetensors")),
         folder_bytes=sum(p.stat().st_size for p in out.iterdir() if p.is_file()),
         seconds=times,

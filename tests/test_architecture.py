@@ -1,6 +1,6 @@
 """Parts of a model found by structure: decoder layers, linear layers (GPT-2 Conv1D too), module swaps."""
 
-from tiny_models import tiny_gpt2, tiny_llama
+from tiny_models import tiny_gpt2, tiny_gpt_oss, tiny_llama
 from torch import nn
 
 from sinkquant.architecture import (
@@ -9,6 +9,7 @@ from sinkquant.architecture import (
     linear_in_features,
     linear_modules,
     replace_module,
+    weights_outside_linears,
 )
 
 
@@ -29,3 +30,16 @@ def test_replace_module_at_any_depth():
     assert model.model.layers[1].mlp.down_proj is new
     replace_module(model, "lm_head", new)
     assert model.lm_head is new
+
+
+def test_weights_outside_linears_names_fused_experts_not_norms_or_linears():
+    """gpt-oss keeps its MoE experts as 3-D tensors: they are what a linear-layer quantizer leaves as they
+    are, and the count says how much; a Llama has none (norms are 1-D, lm_head and embeddings excluded)."""
+    assert weights_outside_linears(tiny_llama()) == {}
+    model = tiny_gpt_oss()
+    outside = weights_outside_linears(model)
+    experts = model.model.layers[0].mlp.experts
+    assert outside["model.layers.0.mlp.experts.gate_up_proj"] == experts.gate_up_proj.numel()
+    assert "model.layers.1.mlp.router.weight" in outside
+    assert not any(name.endswith(("proj.weight", "layernorm.weight", "sinks")) for name in outside)
+    assert "lm_head.weight" not in outside and "model.embed_tokens.weight" not in outside

@@ -84,3 +84,19 @@ def test_no_outliers_flag_keeps_no_columns(stories_path, tmp_path):
 
     saved = next(out.glob("*.yaml"))
     assert load_recipe(saved).weights.outliers is None
+
+
+def test_quantize_says_what_stays_outside_linear_layers(stories_path, tmp_path):
+    """A MoE model whose experts are fused 3-D tensors (gpt-oss) gets a line saying how much of it stays
+    at source precision; a dense Llama does not."""
+    from tiny_models import save_tiny, tiny_gpt_oss
+
+    src = save_tiny(tiny_gpt_oss(), tmp_path / "oss", tokenizer_from=stories_path)
+    args = ["--samples", "2", "--seq-len", "64", "--group-size", "32"]
+    result = CliRunner().invoke(main, ["quantize", str(src), str(tmp_path / "q"), *args])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("left at source precision"))
+    assert "10 tensors outside linear layers" in line and "mlp.experts." in line
+    result = CliRunner().invoke(main, ["quantize", str(stories_path), str(tmp_path / "q2"), *args])
+    assert result.exit_code == 0, result.output
+    assert "left at source precision" not in result.output

@@ -76,3 +76,17 @@ def tiny_gemma3(seed: int = 0, vocab: int = 512):
         final_logit_softcapping=30.0,
     )  # fmt: skip
     return Gemma3ForCausalLM(config).eval()
+
+
+def tiny_gpt_oss(seed: int = 0, vocab: int = 512):
+    """gpt-oss's decoder: learned sink logits, alternating sliding windows, and MoE experts held as fused
+    3-D tensors (`mlp.experts.gate_up_proj`), not linear layers."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(seed)
+    config = GptOssConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
+        max_position_embeddings=512, layer_types=["sliding_attention", "full_attention"], rope_scaling=None,
+    )  # fmt: skip
+    return GptOssForCausalLM(config).eval()

@@ -377,6 +377,20 @@ def quantize(
     _print_summary(result, recipe)
 
 
+def _outside_line(result) -> str:
+    """The weights no linear layer holds (left at source precision), so a user of e.g. a MoE model whose
+    experts are fused 3-D tensors sees how much of the model stayed as it was."""
+    outside = result.outside_linears
+    elements = sum(outside.values())
+    share = elements * 2 / max(1, result.params_bytes_fp16 - result.embedding_bytes_fp16)
+    first = max(outside, key=outside.get)
+    return (
+        f"left at source precision: {len(outside)} tensors outside linear layers, "
+        f"{_mib(elements * 2)} fp16 ({share:.1%} of the weights outside embeddings; largest: {first}); "
+        "sinkquant quantizes linear layers only"
+    )
+
+
 def _print_summary(result, recipe) -> None:
     """What `quantize` did, as lines a person reads: modules, columns, bytes, KV cache, time."""
     s = result.summary
@@ -395,6 +409,8 @@ def _print_summary(result, recipe) -> None:
         click.echo(
             f"quantized modules: {_mib(s.bytes_before)} fp16 -> {_mib(s.bytes_after)} ({s.bytes_after / max(1, s.bytes_before):.3f}x)"
         )
+        if result.outside_linears:
+            click.echo(_outside_line(result))
         if s.layer_error_ratios:
             ratios = sorted(s.layer_error_ratios)
             click.echo(
