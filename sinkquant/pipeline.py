@@ -99,6 +99,28 @@ def refuse_quantized_source(model_id: str | os.PathLike) -> None:
             f"{model_id} is already a sinkquant checkpoint ({scheme}, {len(info.get('layers', {}))} quantized "
             "layers); quantize the original model it was made from instead"
         )
+    method = _foreign_quant_method(model_id)
+    if method is not None:
+        raise InputError(
+            f"{model_id} is already quantized (quantization_config.quant_method: {method}); sinkquant starts "
+            "from unquantized weights: use the model's bf16/fp16/fp32 release instead"
+        )
+
+
+def _foreign_quant_method(model_id: str | os.PathLike) -> str | None:
+    """The `quant_method` of a local model folder quantized by another tool (GPTQ, AWQ, MXFP4, FP8,
+    bitsandbytes, ...): its tensors are packed integers, not the weights sinkquant starts from. Hub ids
+    are checked when they load, as transformers applies their quantizer."""
+    config = Path(model_id) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        qc = json.loads(config.read_text()).get("quantization_config")
+    except ValueError:
+        return None  # an unreadable config gets its own error where the model loads
+    if not isinstance(qc, dict) or qc.get("quant_method") == "sinkquant":
+        return None
+    return str(qc.get("quant_method", "unknown"))
 
 
 def refuse_overlap(model_id: str | os.PathLike, out: Path) -> None:

@@ -661,6 +661,11 @@ NEW_CASES = [
         lambda e: e.quantize(e.checkpoint()),
     ),
     Case(
+        "foreign-quantized-source",
+        "quantize a model another tool quantized (its config names a quant_method: GPTQ, AWQ, gpt-oss's MXFP4)",
+        lambda e: e.quantize(_edit_config(e, quantization_config={"quant_method": "mxfp4"})),
+    ),
+    Case(
         "recipe-ignores-everything",
         "recipe whose weights.ignore covers every linear layer",
         lambda e: e.recipe('weights:\n  group_size: 32\n  ignore: ["re:.*"]\n'),
