@@ -41,8 +41,9 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
 def weights_outside_linears(model: nn.Module) -> dict[str, int]:
     """Weight matrices (2-D or more) that no linear layer or embedding holds, by qualified name, with their
     element counts: what a quantizer of linear layers leaves at source precision, e.g. the fused MoE
-    experts of gpt-oss (`mlp.experts.gate_up_proj`, 3-D) or its router. Norms and biases (1-D) are not
-    counted. Element counts only, so a model on the meta device (streamed from disk) answers too."""
+    experts of gpt-oss (`mlp.experts.gate_up_proj`, 3-D) or its router. Norms and biases are not counted
+    (gpt-oss's expert biases are 2-D: one row per expert). Element counts only, so a model on the meta
+    device (streamed from disk) answers too."""
     found: dict[str, int] = {}
     seen: set[int] = set()
     for module_name, module in model.named_modules():
@@ -50,7 +51,7 @@ def weights_outside_linears(model: nn.Module) -> dict[str, int]:
             seen.update(id(p) for p in module.parameters(recurse=False))
             continue
         for name, p in module.named_parameters(recurse=False):
-            if p.dim() >= 2 and id(p) not in seen:
+            if p.dim() >= 2 and not name.endswith("bias") and id(p) not in seen:
                 seen.add(id(p))
                 found[f"{module_name}.{name}" if module_name else name] = p.numel()
     return found

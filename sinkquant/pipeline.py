@@ -87,7 +87,7 @@ def quantization_config(
     )
 
 
-def refuse_quantized_source(model_id: str | os.PathLike) -> None:
+def refuse_quantized_source(model_id: str | os.PathLike, trust_remote_code: bool = False) -> None:
     """A sinkquant checkpoint is not a source: its linear layers are already quantized, so nothing
     would be quantized again and the folder written would not load. Re-quantizing from its dequantized
     weights is refused too, not offered behind a flag: it rounds twice and picks outlier columns from
@@ -99,28 +99,55 @@ def refuse_quantized_source(model_id: str | os.PathLike) -> None:
             f"{model_id} is already a sinkquant checkpoint ({scheme}, {len(info.get('layers', {}))} quantized "
             "layers); quantize the original model it was made from instead"
         )
-    method = _foreign_quant_method(model_id)
+    method = foreign_quant_method(_source_quantization_config(model_id, trust_remote_code))
     if method is not None:
         raise InputError(
-            f"{model_id} is already quantized (quantization_config.quant_method: {method}); sinkquant starts "
-            "from unquantized weights: use the model's bf16/fp16/fp32 release instead"
+            f"{model_id} is already quantized ({method}); sinkquant starts from unquantized weights: use a "
+            "bf16/fp16/fp32 copy of the model (for an MXFP4 model such as gpt-oss, one with its experts "
+            "dequantized)"
         )
 
 
-def _foreign_quant_method(model_id: str | os.PathLike) -> str | None:
-    """The `quant_method` of a local model folder quantized by another tool (GPTQ, AWQ, MXFP4, FP8,
-    bitsandbytes, ...): its tensors are packed integers, not the weights sinkquant starts from. Hub ids
-    are checked when they load, as transformers applies their quantizer."""
-    config = Path(model_id) / "config.json"
-    if not config.is_file():
-        return None
+def _source_quantization_config(model_id: str | os.PathLike, trust_remote_code: bool) -> object:
+    """The source's `quantization_config` as its config.json has it: read from a local folder, or through
+    `AutoConfig` for a hub id (the config alone, before any weights); None where there is none or the
+    config cannot be read here (the model's loading then says why)."""
+    folder = Path(model_id).expanduser()
+    if folder.is_dir():
+        try:
+            return json.loads((folder / "config.json").read_text()).get("quantization_config")
+        except (OSError, ValueError, AttributeError):
+            return None
     try:
-        qc = json.loads(config.read_text()).get("quantization_config")
-    except ValueError:
-        return None  # an unreadable config gets its own error where the model loads
-    if not isinstance(qc, dict) or qc.get("quant_method") == "sinkquant":
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(model_id), trust_remote_code=trust_remote_code)
+    except Exception:  # offline, unknown id, remote code refused: the model's loading reports it
         return None
-    return str(qc.get("quant_method", "unknown"))
+    return getattr(config, "quantization_config", None)
+
+
+def foreign_quant_method(qc: object) -> str | None:
+    """How another tool quantized a model, from its `quantization_config` (None: it holds weights
+    sinkquant can start from). GPTQ, AWQ, MXFP4, FP8 and bitsandbytes store quantized values (packed
+    integers, FP8), not weights; a compressed-tensors config without quantization groups (sparsity or
+    a KV-cache scheme only) still holds float weights, and sinkquant's own checkpoints are refused
+    with their own message."""
+    if hasattr(qc, "to_dict"):
+        qc = qc.to_dict()
+    if not isinstance(qc, dict):
+        return None
+    method = qc.get("quant_method")
+    method = getattr(method, "value", method)  # a config object's to_dict() holds an enum member
+    if method == "sinkquant":
+        return None
+    if method == "compressed-tensors" and not qc.get("config_groups"):
+        return None
+    if method is None:
+        if qc.get("load_in_4bit") or qc.get("load_in_8bit"):
+            return "quantization_config: bitsandbytes"
+        return "its quantization_config names no quant_method"
+    return f"quantization_config.quant_method: {method}"
 
 
 def refuse_overlap(model_id: str | os.PathLike, out: Path) -> None:
@@ -202,7 +229,7 @@ def quantize_model(
     `execution` picks the device and the memory the hidden states may take. With `eval_dataset`,
     perplexity before and after is measured (seq-len 1024, first `eval_tokens`)."""
     recipe = recipe or Recipe()
-    refuse_quantized_source(model_id)
+    refuse_quantized_source(model_id, trust_remote_code)
     out = prepare_out_dir(out_dir, overwrite)  # refuse early, before minutes of work
     refuse_overlap(model_id, out)
     with out_dir_lock(out):

@@ -41,5 +41,6 @@ def test_weights_outside_linears_names_fused_experts_not_norms_or_linears():
     experts = model.model.layers[0].mlp.experts
     assert outside["model.layers.0.mlp.experts.gate_up_proj"] == experts.gate_up_proj.numel()
     assert "model.layers.1.mlp.router.weight" in outside
-    assert not any(name.endswith(("proj.weight", "layernorm.weight", "sinks")) for name in outside)
+    assert len(outside) == 6  # per layer: the two fused expert tensors and the router, no biases
+    assert not any(name.endswith(("proj.weight", "layernorm.weight", "sinks", "bias")) for name in outside)
     assert "lm_head.weight" not in outside and "model.embed_tokens.weight" not in outside

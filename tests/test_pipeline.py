@@ -63,3 +63,40 @@ def test_quantize_keeps_the_source_dtype_for_full_precision_columns(tmp_path, st
     result = quantize_model(source, tmp_path / "out", _recipe(**{"calibration.seq_len": 64}), progress=False)
     spec = next(iter(result.summary.layers.values()))
     assert spec["dtype"] == "bfloat16" and spec["outliers"] > 0
+
+
+def test_foreign_quant_methods_are_named_and_float_configs_pass():
+    """What counts as quantized by another tool: a named quant_method, legacy bitsandbytes flags, a
+    compressed-tensors config with quantization groups; a sparsity-only compressed-tensors config and
+    no config at all hold float weights."""
+    from transformers import BitsAndBytesConfig
+
+    from sinkquant.pipeline import foreign_quant_method
+
+    assert foreign_quant_method(None) is None
+    assert foreign_quant_method({"quant_method": "sinkquant"}) is None
+    assert (
+        foreign_quant_method({"quant_method": "gptq", "bits": 4}) == "quantization_config.quant_method: gptq"
+    )
+    assert foreign_quant_method({"load_in_4bit": True}) == "quantization_config: bitsandbytes"
+    assert "names no quant_method" in foreign_quant_method({"bits": 4})
+    sparse = {"quant_method": "compressed-tensors", "sparsity_config": {"format": "sparse-24-bitmask"}}
+    assert foreign_quant_method(sparse) is None
+    groups = {**sparse, "config_groups": {"group_0": {"targets": ["Linear"]}}}
+    assert foreign_quant_method(groups) == "quantization_config.quant_method: compressed-tensors"
+    assert "bitsandbytes" in foreign_quant_method(BitsAndBytesConfig(load_in_4bit=True))
+
+
+def test_a_hub_id_with_a_quantized_config_is_refused_before_its_weights(monkeypatch, tmp_path):
+    """A hub id is checked through its config alone (AutoConfig), before any weight is fetched."""
+    import transformers
+
+    from sinkquant.errors import InputError
+    from sinkquant.pipeline import refuse_quantized_source
+
+    class Config:
+        quantization_config = {"quant_method": "mxfp4"}
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: Config())
+    with pytest.raises(InputError, match="already quantized .quantization_config.quant_method: mxfp4"):
+        refuse_quantized_source("openai/some-mxfp4-model")

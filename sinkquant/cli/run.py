@@ -386,7 +386,7 @@ def _outside_line(result) -> str:
     first = max(outside, key=outside.get)
     return (
         f"left at source precision: {len(outside)} tensors outside linear layers, "
-        f"{_mib(elements * 2)} fp16 ({share:.1%} of the weights outside embeddings; largest: {first}); "
+        f"{_mib(elements * 2)} fp16 ({share:.1%} of the non-embedding weights; largest: {first}); "
         "sinkquant quantizes linear layers only"
     )
 
