@@ -111,6 +111,10 @@ class LearnedSection(StrictModel):
     # whether the sink tokens' rows count in the output error: their massive activations make their
     # error orders of magnitude larger than any other token's, so by default the loss leaves them out
     sink_tokens: Literal["include", "exclude"] = "exclude"
+    # where the rounding starts: round-to-nearest with the clip search, or each linear layer's GPTQ result
+    # (weights.gptq's settings, Hessians from the float layer's inputs); the steps then round GPTQ's
+    # weights, each code free to move one step, and keep the start when no step lowers the error
+    start: Literal["rtn", "gptq"] = "rtn"
 
 
 class WeightsSection(StrictModel):

@@ -414,7 +414,7 @@ def _print_summary(result, recipe) -> None:
         if s.layer_error_ratios:
             ratios = sorted(s.layer_error_ratios)
             click.echo(
-                f"layer output error vs round-to-nearest: median {ratios[len(ratios) // 2]:.3f}x "
+                f"layer output error vs its {w.learned.start.upper()} start: median {ratios[len(ratios) // 2]:.3f}x "
                 f"(best layer {ratios[0]:.3f}x, worst {ratios[-1]:.3f}x; 1.000x: no step improved it)"
             )
     click.echo(

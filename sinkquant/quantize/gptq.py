@@ -354,6 +354,36 @@ def _sink_positions(report: CalibrationReport | None, sink_tokens: str) -> list[
 
 
 @torch.no_grad()
+def gptq_layer_results(
+    layer: nn.Module,
+    index: int,
+    inputs,
+    mine: dict[str, nn.Module],
+    weights: WeightsSection,
+    report: CalibrationReport | None,
+) -> dict[str, tuple[GPTQResult, list[int]]]:
+    """GPTQ for the linear layers `mine` of decoder layer `index`, from the Hessians of their inputs as
+    the float layer computes them on `inputs` (the two-pass route's first pass), without changing the
+    layer: name -> (result, outlier columns). Learned rounding starts from these (`learned.start:
+    gptq`); a linear the forward never calls is left out."""
+    mode = weights.gptq.sink_tokens
+    sinks = _sink_positions(report, mode)
+    with observe_inputs(mine, lambda name, n: GPTQObserver(name, n, sinks, mode == "cap", None)) as observers:
+        run_layer(layer, inputs, index, keep=False)
+    opts, factors, found = weights.gptq, {}, {}
+    for name, module in mine.items():
+        if name not in observers:
+            continue
+        weight = float_weight(module).detach().cpu()
+        idx = choose_outliers(name, weight, weights, report)
+        found[name] = gptq_quantize_weight(
+            weight, observers[name].hessians.hessian(mode), weights.bits, weights.group, idx, weights.symmetric,
+            opts.block_size, opts.damping, opts.act_order, name, opts.clip_search, factors, opts.refine_rounds,
+        ), idx  # fmt: skip
+    return found
+
+
+@torch.no_grad()
 def gptq_quantize_(
     model: nn.Module | ModelHost,
     weights: WeightsSection,

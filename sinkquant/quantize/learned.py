@@ -6,7 +6,10 @@ Per decoder layer, on the calibration tokens entering it (the outputs of the lay
 1. the float layer's outputs are the targets;
 2. every int4 linear of the layer starts from round-to-nearest with the activation-weighted clip search
    (the RTN default), expressed as learnable numbers: a rounding offset V in [-0.5, 0.5] per weight and
-   a shrink factor in [0.5, 1] for each end of each group's range;
+   a shrink factor in [0.5, 1] for each end of each group's range. With `learned.start: gptq` the
+   numbers rounded are each linear's GPTQ result instead (Hessians from the float layer's inputs, the
+   recipe's `gptq` settings): those lie on GPTQ's grid, so the start is GPTQ's codes and ranges, and
+   each code may move one step either way;
 3. `iters` steps, each on `batch_samples` samples: the layer runs with the fake-quantized weights
    (rounding passed straight through), the mean squared error against the targets is taken over the
    tokens outside the sink rows (`learned.sink_tokens: exclude`, the default: a sink token's output
@@ -42,6 +45,7 @@ from ..recipe import WeightsSection
 from ..stream.host import LayerWriter, ModelHost, as_host
 from ..stream.layerwise import capture_inputs, run_layer
 from ..stream.store import HiddenStore
+from .gptq import GPTQResult, gptq_layer_results
 from .linear import SinkQuantLinear
 from .primitives import _grouped_view, complement_indices, quantize_grouped_clipped
 from .weights import (
@@ -230,13 +234,18 @@ def learned_quantize_(
     generator = torch.Generator().manual_seed(0)  # which batch each step sees: the same every run
 
     def learner_for(
-        name: str, module: nn.Module
+        name: str, module: nn.Module, start: tuple[GPTQResult, list[int]] | None
     ) -> tuple[_LearnedWeight, torch.Tensor, list[int], torch.dtype]:
         weight = float_weight(module).detach().cpu()
-        idx = choose_outliers(name, weight, weights, report)
         storage = storage_dtype or host.storage_dtype(name + ".weight")
         importance = column_importance(name, report, weights.clip_sink_tokens)
-        learner = _LearnedWeight(weight, idx, weights.group, weights.symmetric, importance, storage)
+        if start is None:
+            idx = choose_outliers(name, weight, weights, report)
+            rounded = weight
+        else:  # GPTQ's weights lie on its grid: rounding them starts at GPTQ's codes and ranges
+            result, idx = start
+            rounded = result.weight
+        learner = _LearnedWeight(rounded, idx, weights.group, weights.symmetric, importance, storage)
         return learner, weight, idx, storage
 
     with HiddenStore(inputs.hidden, host.memory_budget) as store:
@@ -245,9 +254,12 @@ def learned_quantize_(
             prefix = host.prefix(index)
             mine = {n: m for n, m in chosen.items() if n.startswith(prefix)}
             with host.layer(index) as layer:
+                starts = {}
+                if opts.start == "gptq" and mine:
+                    starts = gptq_layer_results(layer, index, inputs, mine, weights, report)
                 learners, found = {}, {}  # found: name -> (float weight, outlier columns, storage dtype)
                 for name, module in mine.items():
-                    learners[name], *found[name] = learner_for(name, module)
+                    learners[name], *found[name] = learner_for(name, module, starts.pop(name, None))
                 if learners:
                     for p in layer.parameters():
                         p.requires_grad_(False)

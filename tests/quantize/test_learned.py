@@ -73,6 +73,41 @@ def test_learned_rounding_lowers_the_output_error_of_its_start_on_its_tokens():
     assert errors["learned"] < 0.8 * errors["rtn"]
 
 
+@pytest.mark.parametrize("clip_search", [False, True])
+def test_a_gptq_start_is_gptqs_weight(clip_search):
+    """`learned.start: gptq` rounds GPTQ's result: its weights lie on GPTQ's grid, so before any step
+    the learner holds exactly GPTQ's weight (codes, ranges and the exact outlier column)."""
+    from sinkquant.quantize.gptq import gptq_quantize_weight
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 96, generator=g) * 0.05
+    x = torch.randn(512, 96, generator=g)
+    x[:, 3] *= 20  # an outlier input column
+    hessian = x.T @ x / 512
+    result = gptq_quantize_weight(
+        weight, hessian, 4, 32, [3], False, 128, 0.01, False, "t", clip_search, {}, 0
+    )
+    assert not torch.equal(result.weight, weight)
+    learner = _LearnedWeight(result.weight, [3], 32, False, None, torch.float32)
+    with torch.no_grad():
+        assert torch.equal(learner(), result.weight)
+
+
+def test_learned_from_a_gptq_start_lowers_the_output_error():
+    fp32 = tiny_llama(layers=2)
+    errors = {}
+    recipes = {
+        "rtn": _recipe(**{"weights.algorithm": "rtn"}),
+        "gptq-start": _recipe(**{"weights.learned.start": "gptq"}),
+    }
+    for name, recipe in recipes.items():
+        model = copy.deepcopy(fp32)
+        ids = _run(model, recipe)
+        with torch.no_grad():
+            errors[name] = float((model(ids).logits - fp32(ids).logits).pow(2).mean())
+    assert errors["gptq-start"] < 0.8 * errors["rtn"]
+
+
 def test_two_runs_give_the_same_tensors():
     fp32 = tiny_llama(layers=2)
     a, b = copy.deepcopy(fp32), copy.deepcopy(fp32)
