@@ -7,8 +7,12 @@
 Each quantize and each evaluation runs in a process of its own (the thread count and
 `SINKQUANT_FUSED_KERNEL` are process-wide). The checkpoints are compared tensor by tensor
 (`tensor_hashes.py`); the perplexities are compared as a spread, max / min - 1 (the goal: under 0.3%).
-The AVX-512 leg of the cross-CPU check needs an AVX-512 machine: the table names this one's CPU, and a
-run there adds its rows.
+A third checkpoint is made at 2 threads on a narrower instruction set, as a CPU without AVX2 would run
+it: ATen's vectorised kernels at their `default` (no AVX) build, MKL on its `COMPATIBLE` code path (the
+SSE2 one every x86 CPU runs) and oneDNN limited to SSE4.1 (`NARROW_ISA`). Vector width and kernel
+choice are what differ between CPUs, so this row stands in for another machine where none is at hand;
+it is evaluated on the same narrowed build. The AVX-512 leg proper needs an AVX-512 machine: the table
+names this one's CPU, and a run there adds its rows.
 """
 
 from __future__ import annotations
@@ -45,6 +49,18 @@ print(json.dumps({"ppl": result.perplexity}))
 """
 
 
+#: what a CPU without AVX2 would run: every library's SIMD narrowed to SSE (each reads its variable at
+#: start-up, so each process gets them in its environment). MKL_ENABLE_INSTRUCTIONS changed no float32
+#: matmul's bits on this AMD machine; MKL_CBWR=COMPATIBLE did.
+NARROW_ISA = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+#: (label, torch threads, environment) of each checkpoint
+SETUPS = [
+    ("1 thread", 1, {}),
+    ("2 threads", 2, {}),
+    ("2 threads, SSE only (ATen default, MKL COMPATIBLE, oneDNN SSE41)", 2, NARROW_ISA),
+]
+
+
 def run(code: str, args: list[str], env: dict | None = None) -> str:
     done = subprocess.run(
         [sys.executable, "-c", code, *args],
@@ -67,22 +83,32 @@ def main() -> None:
     model = default_model()
     work = RUNS / "reproducible"
     rows, hashes, seconds = [], {}, {}
-    for threads in (1, 2):
-        out = work / f"threads{threads}"
+    for n, (label, threads, env) in enumerate(SETUPS):
+        out = work / f"setup{n}"
         start = time.perf_counter()
-        run(QUANTIZE, [str(threads), model, str(out), str(args.recipe)])
-        seconds[threads] = time.perf_counter() - start
-        hashes[threads] = tensor_hashes(out)
-        print(f"quantized at {threads} thread(s) in {seconds[threads]:.0f} s", flush=True)
-        for kernel in ("1", "0"):
-            ppl = json.loads(
-                run(SCORE, [str(out), str(WIKITEXT), str(args.tokens)], {"SINKQUANT_FUSED_KERNEL": kernel})
-            )["ppl"]
+        run(QUANTIZE, [str(threads), model, str(out), str(args.recipe)], env)
+        seconds[label] = time.perf_counter() - start
+        hashes[label] = tensor_hashes(out)
+        print(f"quantized at {label} in {seconds[label]:.0f} s", flush=True)
+        # a CPU without AVX2 has no fused kernel: the SSE-only checkpoint is scored through PyTorch's
+        kernels = ("1", "0") if not env else ("0",)
+        for kernel in kernels:
+            scored = run(
+                SCORE, [str(out), str(WIKITEXT), str(args.tokens)], {**env, "SINKQUANT_FUSED_KERNEL": kernel}
+            )
+            ppl = json.loads(scored)["ppl"]
             rows.append(
-                (threads, "fused (this CPU's best build)" if kernel == "1" else "PyTorch's kernels", ppl)
+                (label, "fused (this CPU's best build)" if kernel == "1" else "PyTorch's kernels", ppl)
             )
             print(f"  kernel {kernel}: {ppl:.4f}", flush=True)
-    differ = [k for k in hashes[1] if hashes[1][k] != hashes[2].get(k)]
+    first = SETUPS[0][0]
+    compare = []
+    for label, *_ in SETUPS[1:]:
+        differ = [k for k in hashes[first] if hashes[first][k] != hashes[label].get(k)]
+        compare.append(
+            f"- Checkpoint at {label} against {first}: {len(hashes[label])} tensors, "
+            + ("byte-identical." if not differ else f"{len(differ)} differ (first: {differ[0]}).")
+        )
     values = [p for *_, p in rows]
     spread = max(values) / min(values) - 1
     info = machine()
@@ -95,11 +121,10 @@ def main() -> None:
         "",
         "| quantized at | evaluated through | perplexity |",
         "|---|---|---:|",
-        *(f"| {t} thread{'s' if t > 1 else ''} | {k} | {p:.4f} |" for t, k, p in rows),
+        *(f"| {t} | {k} | {p:.4f} |" for t, k, p in rows),
         "",
-        f"- Checkpoints at 1 and 2 threads: {len(hashes[1])} tensors, "
-        + ("byte-identical." if not differ else f"{len(differ)} differ (first: {differ[0]}).")
-        + f" Quantize time: {seconds[1]:.0f} s at 1 thread, {seconds[2]:.0f} s at 2.",
+        *compare,
+        "- Quantize time: " + ", ".join(f"{seconds[label]:.0f} s at {label}" for label, *_ in SETUPS) + ".",
         f"- Perplexity spread over the {len(rows)} rows: {spread:.4%} (goal: under 0.3%).",
         "",
     ]
