@@ -50,8 +50,8 @@ print(json.dumps({"ppl": result.perplexity}))
 
 
 #: what a CPU without AVX2 would run: every library's SIMD narrowed to SSE (each reads its variable at
-#: start-up, so each process gets them in its environment). MKL_ENABLE_INSTRUCTIONS changed no float32
-#: matmul's bits on this AMD machine; MKL_CBWR=COMPATIBLE did.
+#: start-up, so each process gets them in its environment). MKL by its CBWR `COMPATIBLE` path: the one
+#: code path it takes on any x86 CPU, where MKL_ENABLE_INSTRUCTIONS only caps what it may dispatch to.
 NARROW_ISA = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41"}
 #: (label, torch threads, environment) of each checkpoint
 SETUPS = [

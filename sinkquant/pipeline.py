@@ -92,14 +92,14 @@ def refuse_quantized_source(model_id: str | os.PathLike, trust_remote_code: bool
     would be quantized again and the folder written would not load. Re-quantizing from its dequantized
     weights is refused too, not offered behind a flag: it rounds twice and picks outlier columns from
     weights that already lost them, so the result is always worse than quantizing the original."""
-    if is_sinkquant_checkpoint(model_id):
-        info = json.loads((Path(model_id) / "config.json").read_text())["quantization_config"]
-        scheme = f"int{info.get('bits')}" + (f" g{info['group_size']}" if info.get("group_size") else "")
+    qc = _source_quantization_config(model_id, trust_remote_code)
+    if isinstance(qc, dict) and qc.get("quant_method") == "sinkquant":
+        scheme = f"int{qc.get('bits')}" + (f" g{qc['group_size']}" if qc.get("group_size") else "")
         raise InputError(
-            f"{model_id} is already a sinkquant checkpoint ({scheme}, {len(info.get('layers', {}))} quantized "
+            f"{model_id} is already a sinkquant checkpoint ({scheme}, {len(qc.get('layers', {}))} quantized "
             "layers); quantize the original model it was made from instead"
         )
-    method = foreign_quant_method(_source_quantization_config(model_id, trust_remote_code))
+    method = foreign_quant_method(qc)
     if method is not None:
         raise InputError(
             f"{model_id} is already quantized ({method}); sinkquant starts from unquantized weights: use a "

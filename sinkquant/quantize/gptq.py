@@ -310,6 +310,23 @@ def _rtn(weight, bias, weights: WeightsSection, idx, storage) -> SinkQuantLinear
     )
 
 
+def _gptq_weight(
+    name: str, weight: torch.Tensor, hessian: torch.Tensor, idx: list[int], weights: WeightsSection,
+    factor_cache: dict | None,
+) -> GPTQResult | None:  # fmt: skip
+    """GPTQ of one float weight [out, in] with the recipe's settings; None (with a warning) where it gave
+    non-finite numbers, so the caller falls back to round-to-nearest."""
+    opts = weights.gptq
+    res = gptq_quantize_weight(
+        weight, hessian, weights.bits, weights.group, idx, weights.symmetric,
+        opts.block_size, opts.damping, opts.act_order, name, opts.clip_search, factor_cache, opts.refine_rounds,
+    )  # fmt: skip
+    if not all(bool(torch.isfinite(t.float()).all()) for t in (res.weight, res.scale)):
+        warnings.warn(f"GPTQ gave non-finite weights for {name}; using round-to-nearest", stacklevel=3)
+        return None
+    return res
+
+
 def quantize_module(
     name: str,
     module: nn.Module,
@@ -327,13 +344,8 @@ def quantize_module(
     device = module.weight.device
     weight = (float_weight(module) if source is None else source).detach().cpu()
     bias = module.bias.detach().cpu() if module.bias is not None else None
-    opts = weights.gptq
-    res = gptq_quantize_weight(
-        weight, hessian, weights.bits, weights.group, idx, weights.symmetric,
-        opts.block_size, opts.damping, opts.act_order, name, opts.clip_search, factor_cache, opts.refine_rounds,
-    )  # fmt: skip
-    if not all(bool(torch.isfinite(t.float()).all()) for t in (res.weight, res.scale)):
-        warnings.warn(f"GPTQ gave non-finite weights for {name}; using round-to-nearest", stacklevel=2)
+    res = _gptq_weight(name, weight, hessian, idx, weights, factor_cache)
+    if res is None:
         return _rtn(weight, bias, weights, idx, storage).to(device)
     new = SinkQuantLinear.from_float(
         weight, bias, weights.bits, weights.group, idx, weights.symmetric,
@@ -365,21 +377,21 @@ def gptq_layer_results(
     """GPTQ for the linear layers `mine` of decoder layer `index`, from the Hessians of their inputs as
     the float layer computes them on `inputs` (the two-pass route's first pass), without changing the
     layer: name -> (result, outlier columns). Learned rounding starts from these (`learned.start:
-    gptq`); a linear the forward never calls is left out."""
+    gptq`); a linear the forward never calls, or whose GPTQ is not finite, is left out (it starts from
+    round-to-nearest)."""
     mode = weights.gptq.sink_tokens
     sinks = _sink_positions(report, mode)
     with observe_inputs(mine, lambda name, n: GPTQObserver(name, n, sinks, mode == "cap", None)) as observers:
         run_layer(layer, inputs, index, keep=False)
-    opts, factors, found = weights.gptq, {}, {}
+    factors, found = {}, {}
     for name, module in mine.items():
         if name not in observers:
             continue
         weight = float_weight(module).detach().cpu()
         idx = choose_outliers(name, weight, weights, report)
-        found[name] = gptq_quantize_weight(
-            weight, observers[name].hessians.hessian(mode), weights.bits, weights.group, idx, weights.symmetric,
-            opts.block_size, opts.damping, opts.act_order, name, opts.clip_search, factors, opts.refine_rounds,
-        ), idx  # fmt: skip
+        result = _gptq_weight(name, weight, observers[name].hessians.hessian(mode), idx, weights, factors)
+        if result is not None:
+            found[name] = result, idx
     return found
 
 
