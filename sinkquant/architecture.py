@@ -13,13 +13,44 @@ from torch import nn
 from .errors import SinkQuantError
 
 
+def text_config(config):
+    """The config of the text decoder: the model's own, or a multimodal model's `text_config`
+    (Gemma 3 from 4B up, whose vision tower sinkquant leaves as it is)."""
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if callable(get) else config
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of decoder blocks: the ModuleList holding `num_hidden_layers` blocks."""
-    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n and n:
-            return module
-    raise SinkQuantError(f"could not find the {n} decoder layers of {type(model).__name__}")
+    """The model's stack of decoder blocks: the ModuleList holding the text decoder's `num_hidden_layers`
+    blocks. A multimodal model also holds its vision encoder's blocks, so a list inside the text decoder
+    (`get_decoder()`) comes first."""
+    config = text_config(model.config)
+    n = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
+    for root in (decoder, model) if isinstance(decoder, nn.Module) else (model,):
+        for _, module in root.named_modules():
+            if isinstance(module, nn.ModuleList) and len(module) == n and n:
+                return module
+    raise SinkQuantError(
+        f"could not find the decoder layers of {type(model).__name__}: no list of "
+        f"{n if n else 'num_hidden_layers (not in its config)'} blocks"
+    )
+
+
+def linears_outside_text_model(model: nn.Module) -> list[str]:
+    """Linear layers of a multimodal model that are not part of its language model: the vision tower and
+    its projector (Gemma 3 from 4B up). They see no text in calibration, so sinkquant leaves them as
+    they are. Empty for a text-only model (its config is its own text config)."""
+    if text_config(model.config) is model.config:
+        return []
+    decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if not isinstance(decoder, nn.Module):
+        return []
+    keep = {id(m) for m in decoder.modules()} | (
+        {id(m) for m in head.modules()} if isinstance(head, nn.Module) else set()
+    )
+    return [name for name, m in model.named_modules() if is_linear(m) and id(m) not in keep]
 
 
 def is_linear(module: nn.Module) -> bool:

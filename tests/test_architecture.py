@@ -1,12 +1,13 @@
 """Parts of a model found by structure: decoder layers, linear layers (GPT-2 Conv1D too), module swaps."""
 
-from tiny_models import tiny_gpt2, tiny_gpt_oss, tiny_llama
+from tiny_models import tiny_gemma3_multimodal, tiny_gpt2, tiny_gpt_oss, tiny_llama
 from torch import nn
 
 from sinkquant.architecture import (
     decoder_layers,
     is_linear,
     linear_in_features,
+    linears_outside_text_model,
     linear_modules,
     replace_module,
     weights_outside_linears,
@@ -44,3 +45,14 @@ def test_weights_outside_linears_names_fused_experts_not_norms_or_linears():
     assert len(outside) == 6  # per layer: the two fused expert tensors and the router, no biases
     assert not any(name.endswith(("proj.weight", "layernorm.weight", "sinks", "bias")) for name in outside)
     assert "lm_head.weight" not in outside and "model.embed_tokens.weight" not in outside
+
+
+def test_multimodal_model_decoder_is_the_text_one_and_its_vision_linears_are_outside():
+    """Gemma 3 from 4B up: the text config holds num_hidden_layers, and a vision tower with as many blocks
+    must not be taken for the decoder; its linear layers are the ones left outside."""
+    model = tiny_gemma3_multimodal()
+    assert decoder_layers(model) is model.model.language_model.layers
+    outside = linears_outside_text_model(model)
+    assert outside and all(name.startswith("model.vision_tower.") for name in outside)
+    assert len(outside) == sum(1 for n, m in model.model.vision_tower.named_modules() if is_linear(m))
+    assert linears_outside_text_model(tiny_llama()) == []

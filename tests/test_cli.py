@@ -100,3 +100,33 @@ def test_quantize_says_what_stays_outside_linear_layers(stories_path, tmp_path):
     result = CliRunner().invoke(main, ["quantize", str(stories_path), str(tmp_path / "q2"), *args])
     assert result.exit_code == 0, result.output
     assert "left at source precision" not in result.output
+
+
+def test_quantize_multimodal_gemma3_quantizes_the_text_decoder_only(stories_path, tmp_path):
+    """Gemma3ForConditionalGeneration (4B and up): the text decoder is quantized, the vision tower stays as
+    stored, and the checkpoint loads as the multimodal model and still takes an image."""
+    import torch
+    from tiny_models import save_tiny, tiny_gemma3_multimodal
+    from transformers import AutoModelForCausalLM
+
+    from sinkquant.quantize.linear import SinkQuantLinear
+
+    src = save_tiny(tiny_gemma3_multimodal(), tmp_path / "g3", tokenizer_from=stories_path)
+    out = tmp_path / "q"
+    args = ["--samples", "2", "--seq-len", "64", "--group-size", "32", "--algorithm", "gptq"]
+    result = CliRunner().invoke(main, ["quantize", str(src), str(out), *args])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("quantized "))
+    assert "quantized 28 linear modules" in line  # 4 layers x 7 (q, k, v, o, gate, up, down)
+    assert "skipped: model.vision_tower.encoder.layers.* (24)" in line  # 4 blocks x 6, counted not listed
+    source = AutoModelForCausalLM.from_pretrained(src)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert type(loaded).__name__ == "Gemma3ForConditionalGeneration"
+    assert isinstance(loaded.model.language_model.layers[0].mlp.down_proj, SinkQuantLinear)
+    for (name, a), b in zip(
+        source.model.vision_tower.state_dict().items(), loaded.model.vision_tower.state_dict().values()
+    ):
+        assert torch.equal(a, b), name
+    ids = torch.tensor([[2, 509] + [511] * 4 + [510, 5, 6, 7]])  # boi, 4 image tokens, eoi, text
+    logits = loaded(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32)).logits
+    assert logits.shape == (1, 10, 512) and torch.isfinite(logits).all()

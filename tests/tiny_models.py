@@ -78,6 +78,34 @@ def tiny_gemma3(seed: int = 0, vocab: int = 512):
     return Gemma3ForCausalLM(config).eval()
 
 
+def tiny_gemma3_multimodal(seed: int = 0, vocab: int = 512):
+    """Gemma 3 as it ships from 4B up: `Gemma3ForConditionalGeneration`, a SigLIP vision tower and a
+    projector beside the text decoder. The vision tower has as many blocks as the decoder, so finding the
+    decoder by its block count alone would be ambiguous."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    torch.manual_seed(seed)
+    text = Gemma3TextConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=32, max_position_embeddings=512,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    )  # fmt: skip
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=32,
+        patch_size=8,
+    )  # fmt: skip
+    config = Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=vocab - 3,
+        eoi_token_index=vocab - 2, image_token_index=vocab - 1,
+    )  # fmt: skip
+    return Gemma3ForConditionalGeneration(config).eval()
+
+
 def tiny_gpt_oss(seed: int = 0, vocab: int = 512):
     """gpt-oss's decoder: learned sink logits, alternating sliding windows, and MoE experts held as fused
     3-D tensors (`mlp.experts.gate_up_proj`), not linear layers."""

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..architecture import is_linear, replace_module
+from ..architecture import is_linear, linears_outside_text_model, replace_module
 from ..calibrate.report import Calibration, CalibrationReport
 from ..errors import InputError
 from ..recipe import WeightsSection
@@ -126,10 +126,15 @@ def column_importance(
 
 
 def targets(model: nn.Module, ignore: list[str]) -> tuple[dict[str, nn.Module], list[str]]:
-    """Linear modules to quantize and the names skipped; warns for an ignore pattern matching nothing."""
+    """Linear modules to quantize and the names skipped; warns for an ignore pattern matching nothing.
+    A multimodal model's linear layers outside its language model are skipped too (no text reaches them)."""
     chosen, skipped, used = {}, [], set()
+    not_text = set(linears_outside_text_model(model))
     for name, module in model.named_modules():
         if not is_linear(module) or isinstance(module, SinkQuantLinear):
+            continue
+        if name in not_text:
+            skipped.append(name)
             continue
         hit = [p for p in ignore if matches(name, p)]
         if hit:
