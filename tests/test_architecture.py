@@ -7,8 +7,8 @@ from sinkquant.architecture import (
     decoder_layers,
     is_linear,
     linear_in_features,
-    linears_outside_text_model,
     linear_modules,
+    linears_outside_text_model,
     replace_module,
     weights_outside_linears,
 )

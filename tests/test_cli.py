@@ -123,10 +123,20 @@ def test_quantize_multimodal_gemma3_quantizes_the_text_decoder_only(stories_path
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert type(loaded).__name__ == "Gemma3ForConditionalGeneration"
     assert isinstance(loaded.model.language_model.layers[0].mlp.down_proj, SinkQuantLinear)
-    for (name, a), b in zip(
-        source.model.vision_tower.state_dict().items(), loaded.model.vision_tower.state_dict().values()
-    ):
-        assert torch.equal(a, b), name
+    stored = loaded.model.vision_tower.state_dict()
+    for name, tensor in source.model.vision_tower.state_dict().items():
+        assert torch.equal(tensor, stored[name]), name
     ids = torch.tensor([[2, 509] + [511] * 4 + [510, 5, 6, 7]])  # boi, 4 image tokens, eoi, text
     logits = loaded(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32)).logits
     assert logits.shape == (1, 10, 512) and torch.isfinite(logits).all()
+
+
+def test_module_names_text_counts_block_stacks_and_lists_the_rest():
+    from sinkquant.cli.app import module_names_text
+
+    names = [f"model.vision_tower.encoder.layers.{i}.mlp.fc{j}" for i in range(3) for j in (1, 2)]
+    assert module_names_text([*names, "model.vision_tower.head.mlp.fc1", "lm_head"]) == (
+        "model.vision_tower.encoder.layers.* (6), model.vision_tower.head.mlp.fc1, lm_head"
+    )
+    assert module_names_text(["lm_head"]) == "lm_head"
+    assert module_names_text([]) == "none"

@@ -41,6 +41,22 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     click.echo(f"warning: {text[0] if text else category.__name__}", err=True)
 
 
+def module_names_text(names: list[str]) -> str:
+    """Module names for a line people read: those of one block stack counted under its name (a
+    multimodal model's vision tower skips a few hundred linear layers), the rest listed."""
+    if not names:
+        return "none"
+    stacks: dict[str, int] = {}
+    for name in names:
+        parts = name.split(".")
+        cut = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        key = name if cut is None else ".".join(parts[:cut]) + ".*"
+        stacks[key] = stacks.get(key, 0) + 1
+    return ", ".join(
+        key if count == 1 and not key.endswith("*") else f"{key} ({count})" for key, count in stacks.items()
+    )
+
+
 def execution_options(command):
     """`--device` and `--memory-budget`, shared by the commands that run a model."""
     command = click.option(
@@ -100,6 +116,9 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("error: interrupted; nothing was written", err=True)
             ctx.exit(130)
+        except BrokenPipeError:  # the reader went away (`sinkquant inspect CKPT | head`): stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            ctx.exit(141)  # as a shell reports a process ended by SIGPIPE
         except Exception as exc:  # an unexpected failure: still one line unless --debug
             if debug:
                 traceback.print_exc()

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .app import main
+from .app import main, module_names_text
 
 
 @main.group()
@@ -44,6 +44,7 @@ def inspect(checkpoint, as_json):
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
+    info["not_converted"] = module_names_text(info["not_converted"])
     width = max(len(k) for k in info)
     for key, value in info.items():
         click.echo(f"{key.ljust(width)}  {value}")

@@ -9,7 +9,7 @@ from typing import get_args
 import click
 
 from ..recipe import WeightsSection
-from .app import DTYPE_CHOICE, NO_VERIFY_HELP, execution, execution_options, main
+from .app import DTYPE_CHOICE, NO_VERIFY_HELP, execution, execution_options, main, module_names_text
 from .app import progress as _progress
 
 
@@ -377,22 +377,6 @@ def quantize(
     _print_summary(result, recipe)
 
 
-def _skipped_text(names: list[str]) -> str:
-    """The skipped linear layers, those of one block stack counted under its name (a multimodal model's
-    vision tower skips a few hundred), so the line stays readable."""
-    if not names:
-        return "none"
-    stacks: dict[str, int] = {}
-    for name in names:
-        parts = name.split(".")
-        cut = next((i for i, part in enumerate(parts) if part.isdigit()), None)
-        key = name if cut is None else ".".join(parts[:cut]) + ".*"
-        stacks[key] = stacks.get(key, 0) + 1
-    return ", ".join(
-        key if count == 1 and not key.endswith("*") else f"{key} ({count})" for key, count in stacks.items()
-    )
-
-
 def _outside_line(result) -> str:
     """The weights no linear layer holds (left at source precision), so a user of e.g. a MoE model whose
     experts are fused 3-D tensors sees how much of the model stayed as it was."""
@@ -416,7 +400,7 @@ def _print_summary(result, recipe) -> None:
             "" if w.bits == 8 else f" {'per channel' if w.group is None else f'g{w.group}'}"
         )
         click.echo(
-            f"quantized {s.modules} linear modules to {scheme} ({w.algorithm}); skipped: {_skipped_text(s.skipped)}"
+            f"quantized {s.modules} linear modules to {scheme} ({w.algorithm}); skipped: {module_names_text(s.skipped)}"
         )
         share = s.outlier_columns / max(1, s.input_columns)
         click.echo(
