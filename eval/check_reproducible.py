@@ -2,7 +2,7 @@
 1 and 2 torch threads, each checkpoint scored through the fused kernel and through PyTorch's kernels.
 
     python eval/check_reproducible.py [--recipe recipes/w4-g128-gptq.yaml] [--tokens 16384]
-        [--out eval/results/reproducible_smollm2.md]
+        [--precision float32|float64] [--setups 1,2,mkl,sse] [--out eval/results/reproducible_smollm2.md]
 
 Each quantize and each evaluation runs in a process of its own (the thread count and
 `SINKQUANT_FUSED_KERNEL` are process-wide). The checkpoints are compared tensor by tensor
@@ -11,8 +11,11 @@ A third checkpoint is made at 2 threads on a narrower instruction set, as a CPU 
 it: ATen's vectorised kernels at their `default` (no AVX) build, MKL on its `COMPATIBLE` code path (the
 SSE2 one every x86 CPU runs) and oneDNN limited to SSE4.1 (`NARROW_ISA`). Vector width and kernel
 choice are what differ between CPUs, so this row stands in for another machine where none is at hand;
-it is evaluated on the same narrowed build. The AVX-512 leg proper needs an AVX-512 machine: the table
-names this one's CPU, and a run there adds its rows.
+it is evaluated on the same narrowed build. A fourth (`mkl`) narrows MKL alone, to its `COMPATIBLE` path:
+MKL picks its code path by CPU and, unlike ATen (`ATEN_CPU_CAPABILITY`), cannot be pinned to one across
+AVX2 and AVX-512 CPUs ([mkl_numerics.md](results/mkl_numerics.md)). The AVX-512 leg proper needs an
+AVX-512 machine: the table names this one's CPU, and a run there adds its rows. `--precision` sets the
+recipe's `weights.gptq.precision`.
 """
 
 from __future__ import annotations
@@ -30,12 +33,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RECIPES, RUNS, WIKITEXT, default_model, machine  # noqa: E402
 from tensor_hashes import tensor_hashes  # noqa: E402
 
+from sinkquant.recipe import load_recipe  # noqa: E402
+
 QUANTIZE = """
 import sys, torch
 torch.set_num_threads(int(sys.argv[1]))
 from sinkquant.pipeline import quantize_model
 from sinkquant.recipe import load_recipe
-quantize_model(sys.argv[2], sys.argv[3], load_recipe(sys.argv[4]), overwrite=True, progress=False)
+recipe = load_recipe(sys.argv[4])
+if sys.argv[5]:
+    recipe = recipe.with_overrides(**{"weights.gptq.precision": sys.argv[5]})
+quantize_model(sys.argv[2], sys.argv[3], recipe, overwrite=True, progress=False)
 """
 
 SCORE = """
@@ -53,12 +61,13 @@ print(json.dumps({"ppl": result.perplexity}))
 #: start-up, so each process gets them in its environment). MKL by its CBWR `COMPATIBLE` path: the one
 #: code path it takes on any x86 CPU, where MKL_ENABLE_INSTRUCTIONS only caps what it may dispatch to.
 NARROW_ISA = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41"}
-#: (label, torch threads, environment) of each checkpoint
-SETUPS = [
-    ("1 thread", 1, {}),
-    ("2 threads", 2, {}),
-    ("2 threads, SSE only (ATen default, MKL COMPATIBLE, oneDNN SSE41)", 2, NARROW_ISA),
-]
+#: key: (label, torch threads, environment) of each checkpoint
+SETUPS = {
+    "1": ("1 thread", 1, {}),
+    "2": ("2 threads", 2, {}),
+    "mkl": ("2 threads, MKL on its SSE2 path (MKL_CBWR=COMPATIBLE)", 2, {"MKL_CBWR": "COMPATIBLE"}),
+    "sse": ("2 threads, SSE only (ATen default, MKL COMPATIBLE, oneDNN SSE41)", 2, NARROW_ISA),
+}
 
 
 def run(code: str, args: list[str], env: dict | None = None) -> str:
@@ -78,20 +87,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", type=Path, default=RECIPES / "w4-g128-gptq.yaml")
     parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--precision", choices=["float32", "float64"], default=None)
+    parser.add_argument("--setups", default=",".join(SETUPS), help="comma-separated keys of SETUPS, in order")
     parser.add_argument("--out", type=Path, default=Path("eval/results/reproducible_smollm2.md"))
     args = parser.parse_args()
+    keys = [k.strip() for k in args.setups.split(",") if k.strip()]
+    if not keys or any(k not in SETUPS for k in keys):
+        raise SystemExit(f"--setups: choose from {', '.join(SETUPS)} (got {args.setups!r})")
     model = default_model()
     work = RUNS / "reproducible"
     rows, hashes, seconds = [], {}, {}
-    for n, (label, threads, env) in enumerate(SETUPS):
-        out = work / f"setup{n}"
+    for key in keys:
+        label, threads, env = SETUPS[key]
+        out = work / f"setup-{key}"
         start = time.perf_counter()
-        run(QUANTIZE, [str(threads), model, str(out), str(args.recipe)], env)
+        run(QUANTIZE, [str(threads), model, str(out), str(args.recipe), args.precision or ""], env)
         seconds[label] = time.perf_counter() - start
         hashes[label] = tensor_hashes(out)
         print(f"quantized at {label} in {seconds[label]:.0f} s", flush=True)
         # a CPU without AVX2 has no fused kernel: the SSE-only checkpoint is scored through PyTorch's
-        kernels = ("1", "0") if not env else ("0",)
+        kernels = ("1", "0") if "ATEN_CPU_CAPABILITY" not in env else ("0",)
         for kernel in kernels:
             scored = run(
                 SCORE, [str(out), str(WIKITEXT), str(args.tokens)], {**env, "SINKQUANT_FUSED_KERNEL": kernel}
@@ -101,9 +116,10 @@ def main() -> None:
                 (label, "fused (this CPU's best build)" if kernel == "1" else "PyTorch's kernels", ppl)
             )
             print(f"  kernel {kernel}: {ppl:.4f}", flush=True)
-    first = SETUPS[0][0]
+    labels = [SETUPS[k][0] for k in keys]
+    first = labels[0]
     compare = []
-    for label, *_ in SETUPS[1:]:
+    for label in labels[1:]:
         differ = [k for k in hashes[first] if hashes[first][k] != hashes[label].get(k)]
         compare.append(
             f"- Checkpoint at {label} against {first}: {len(hashes[label])} tensors, "
@@ -112,19 +128,22 @@ def main() -> None:
     values = [p for *_, p in rows]
     spread = max(values) / min(values) - 1
     info = machine()
+    precision = args.precision or load_recipe(args.recipe).weights.gptq.precision
+    flags = f" --precision {args.precision}" if args.precision else ""
     lines = [
         "# One GPTQ recipe across thread counts and kernel paths",
         "",
-        f"`python eval/check_reproducible.py` on {info['cpu']} ({info['cpu_capability']}), {info['date']}; "
-        f"recipe `{args.recipe.name}` (embedded calibration), SmolLM2-135M; WikiText-2 test, first "
-        f"{args.tokens} tokens, windows of 1024.",
+        f"`python eval/check_reproducible.py --setups {','.join(keys)}{flags}` on {info['cpu']} "
+        f"({info['cpu_capability']}), {info['date']}; recipe `{args.recipe.name}` (embedded calibration, "
+        f"`gptq.precision: {precision}`), SmolLM2-135M; WikiText-2 test, first {args.tokens} tokens, "
+        "windows of 1024.",
         "",
         "| quantized at | evaluated through | perplexity |",
         "|---|---|---:|",
         *(f"| {t} | {k} | {p:.4f} |" for t, k, p in rows),
         "",
         *compare,
-        "- Quantize time: " + ", ".join(f"{seconds[label]:.0f} s at {label}" for label, *_ in SETUPS) + ".",
+        "- Quantize time: " + ", ".join(f"{seconds[label]:.0f} s at {label}" for label in labels) + ".",
         f"- Perplexity spread over the {len(rows)} rows: {spread:.4%} (goal: under 0.3%).",
         "",
     ]

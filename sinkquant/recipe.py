@@ -89,6 +89,11 @@ class GPTQSection(StrictModel):
     # output at that point (`model`, after GPTAQ: also corrects error inherited from earlier layers;
     # runs every layer once more, in float, on a second stream of hidden states) (quantize/target.py)
     target: Literal["layer", "model"] = "layer"
+    # the dtype each decoder layer computes its calibration forward pass and Hessians in. float64 makes
+    # the checkpoint independent of the BLAS's code path (which differs between CPUs and cannot be
+    # pinned: eval/results/mkl_numerics.md): its last-bit differences fall far below float32's rounding
+    # of the layer's output, so GPTQ's sweep sees the same inputs. float32 is faster.
+    precision: Literal["float32", "float64"] = "float32"
 
     @model_validator(mode="after")
     def _target_modes(self) -> GPTQSection:

@@ -50,6 +50,7 @@ from ..stream.host import LayerWriter, ModelHost, as_host
 from ..stream.layerwise import (
     LayerInputs,
     capture_inputs,
+    computing_in,
     merge_batches,
     observe_inputs,
     run_batch,
@@ -150,6 +151,7 @@ def gptq_quantize_weight(
     clip_search: bool = False,
     factor_cache: dict | None = None,
     refine_rounds: int = 0,
+    sweep_dtype: torch.dtype = torch.float32,
 ) -> GPTQResult:
     """GPTQ on weight [out, in] with hessian [in, in] (see the module docstring for every choice).
 
@@ -160,7 +162,11 @@ def gptq_quantize_weight(
     min/max or `symmetric`; bits 8: symmetric per row (`group_size` ignored).
 
     `refine_rounds` (int4): that many rounds of a least-squares refit of the group parameters for the
-    chosen codes, each followed by a sweep on the refitted parameters held fixed (`_refine`)."""
+    chosen codes, each followed by a sweep on the refitted parameters held fixed (`_refine`).
+
+    `sweep_dtype`: the precision of the column sweep and of the factor it reads (float64 for
+    `precision: float64`, so its products' last bits, which depend on the BLAS's code path, stay far
+    below anything that decides a code)."""
     out_f, in_f = weight.shape
     idx = torch.as_tensor(outlier_idx, dtype=torch.long).sort().values
     keep = complement_indices(idx, in_f)
@@ -178,11 +184,11 @@ def gptq_quantize_weight(
         upper, used = factor_cache[key][1:]
     else:
         upper, used = inverse_hessian_factor(hessian, damping, name, n_keep, columns=cols)
-        upper = upper.float()  # the sweep's precision; the float64 factor is not kept beside it
+        upper = upper.to(sweep_dtype)  # the sweep's precision; a float64 factor is not kept beside it
         if factor_cache is not None:
             factor_cache[key] = (hessian, upper, used)  # holds `hessian`, so its id stays its own
-    source = weight.detach().float()
-    importance = hessian.diagonal()[cols].float()
+    source = weight.detach().to(sweep_dtype)
+    importance = hessian.diagonal()[cols].to(sweep_dtype)
 
     def sweep(frozen: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One GPTQ sweep (parameters fitted per group, or `frozen`): (dequantized, codes) in natural order."""
@@ -296,7 +302,7 @@ def _current(positions: list[int], w, block, err, u, i1: int, i2: int, i: int) -
     block from `block`, later ones from `w` less the pending updates of the block's first `i` columns."""
     pos = torch.tensor(positions)
     inside = pos < i2
-    values = torch.empty(w.shape[0], pos.numel())
+    values = torch.empty(w.shape[0], pos.numel(), dtype=w.dtype)
     values[:, inside] = block[:, pos[inside] - i1]
     later = pos[~inside]
     if later.numel():
@@ -320,6 +326,7 @@ def _gptq_weight(
     res = gptq_quantize_weight(
         weight, hessian, weights.bits, weights.group, idx, weights.symmetric,
         opts.block_size, opts.damping, opts.act_order, name, opts.clip_search, factor_cache, opts.refine_rounds,
+        torch.float64 if opts.precision == "float64" else torch.float32,
     )  # fmt: skip
     if not all(bool(torch.isfinite(t.float()).all()) for t in (res.weight, res.scale)):
         warnings.warn(f"GPTQ gave non-finite weights for {name}; using round-to-nearest", stacklevel=3)
@@ -434,7 +441,10 @@ def gptq_quantize_(
     with host.outside("input"):
         inputs = capture_inputs(host.model, ids, batch_size, host.device)
     toward_model = weights.gptq.target == "model"
-    merged = merge_batches(inputs) if _one_pass_fits(ids, chosen, one_pass, host, toward_model) else None
+    wide = weights.gptq.precision == "float64"
+    merged = (
+        merge_batches(inputs) if _one_pass_fits(ids, chosen, one_pass, host, toward_model, wide) else None
+    )
     if merged is not None:
         inputs = merged
     references = ReferenceInputs() if toward_model else None
@@ -443,9 +453,9 @@ def gptq_quantize_(
     def make_observer(name: str, in_features: int) -> GPTQObserver:
         return GPTQObserver(name, in_features, sinks, mode == "cap", references)
 
-    def quantize(name: str, module: nn.Module, observer: GPTQObserver | None, factors: dict):
+    def quantize(name: str, module: nn.Module, observer: GPTQObserver | None, factors: dict, stored: dict):
         idx = choose_outliers(name, float_weight(module), weights, report)
-        storage = storage_dtype or host.storage_dtype(name + ".weight")
+        storage = stored[name]
         if observer is None:
             warnings.warn(f"GPTQ: {name} saw no calibration input; using round-to-nearest", stacklevel=3)
             return _rtn(float_weight(module), module.bias, weights, idx, storage), idx
@@ -471,8 +481,15 @@ def gptq_quantize_(
             factors: dict = {}  # this layer's factorisations, shared by linears with one input
             step = _one_pass_layer if merged is not None else _two_pass_layer
             with host.layer(index) as layer:
-                done = step(layer, index, inputs, mine, make_observer, partial(quantize, factors=factors),
-                            batch_size, float_inputs, references)  # fmt: skip
+                # read before `_precision` casts the layer: an in-memory model's dtypes are its storage
+                stored = {
+                    name: storage_dtype or host.storage_dtype(name + ".weight") or float_weight(module).dtype
+                    for name, module in mine.items()
+                }
+                with _precision(layer, weights.gptq.precision):
+                    done = step(layer, index, inputs, mine, make_observer,
+                                partial(quantize, factors=factors, stored=stored), batch_size, float_inputs,
+                                references)  # fmt: skip
                 for name, (new, idx) in done.items():
                     old = chosen.pop(name)
                     summary.swap_in(host.model, name, float_weight(old), old.bias, new, idx)
@@ -491,6 +508,11 @@ def gptq_quantize_(
             writer.write_outside(host)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _precision(layer: nn.Module, precision: str):
+    """The layer computing in float64 for `precision: float64` (its hidden states stay float32)."""
+    return computing_in(layer, torch.float64) if precision == "float64" else contextlib.nullcontext()
 
 
 def _one_pass_layer(
@@ -542,14 +564,15 @@ def _two_pass_layer(
 
 def _one_pass_fits(
     ids: torch.Tensor, chosen: dict[str, nn.Module], one_pass: bool | None, host: ModelHost,
-    toward_model: bool = False,
+    toward_model: bool = False, float64: bool = False,
 ) -> bool:  # fmt: skip
     """Whether to merge the calibration batches: one layer's activations for every token at once,
     estimated as 4 float32 copies of the widest linear output per token (8 with `toward_model`: the
-    float layer's linear inputs are held too), must fit ONE_PASS_BYTES and the host's memory budget."""
+    float layer's linear inputs are held too; twice the bytes in float64), must fit ONE_PASS_BYTES and
+    the host's memory budget."""
     if one_pass is not None:
         return one_pass
     widest = max((m.out_features if isinstance(m, nn.Linear) else m.weight.shape[1] for m in chosen.values()),
                  default=0)  # fmt: skip
     copies = 8 if toward_model else 4
-    return ids.numel() * widest * 4 * copies <= min(ONE_PASS_BYTES, host.memory_budget)
+    return ids.numel() * widest * (8 if float64 else 4) * copies <= min(ONE_PASS_BYTES, host.memory_budget)

@@ -44,7 +44,8 @@ class HessianAccumulator:
     """Σ x xᵀ of one linear layer's input, with the rows at sink positions kept apart.
 
     `add(x)` takes x [batch, seq, in] (or [tokens, in], then positions are not known and every row is
-    a body row). The body sum is float64 (each batch's product in float32); the sink rows are few (one
+    a body row). The body sum is float64 (each batch's product in the input's dtype: float32, or float64
+    for GPTQ's `precision: float64`); the sink rows are few (one
     or two per sample) and stored as they are, so `hessian(mode)` can include, drop or cap them.
     `track_max=False` skips the per-channel max |x| of the body rows that only `cap` needs (an extra
     pass over every batch: about 4% of a GPTQ run)."""
@@ -60,7 +61,9 @@ class HessianAccumulator:
     def add(self, x: torch.Tensor) -> None:
         if self.sum is None:
             raise ValueError("inputs added after the Hessian was taken")
-        sink_rows, body = split_sink_rows(x.detach().float(), self.sink_positions)
+        x = x.detach()
+        # float64 inputs (GPTQ's portable numerics) keep their precision, and their products are float64
+        sink_rows, body = split_sink_rows(x if x.dtype == torch.float64 else x.float(), self.sink_positions)
         if sink_rows is not None:
             self.sink_rows.append(sink_rows.cpu())
         _add_gram_(self.sum, body)

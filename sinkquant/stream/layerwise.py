@@ -23,6 +23,8 @@ about what is measured or how weights are quantized:
    quantized ones before it in the same layer).
 5. `head_logits`: what the model computes after its last decoder layer (final norm, LM head, soft-capping)
    on given final hidden states, by the model's own forward with the layers standing aside.
+6. `computing_in`: a decoder layer computing in another float dtype (float64 for GPTQ's portable
+   numerics) while its inputs and outputs stay as stored.
 
 Peak memory is the layer in use, the hidden states (inputs and outputs of one layer) and the
 observers of one layer; with merged batches, also one layer's intermediate activations for all
@@ -121,6 +123,45 @@ def run_batch(layer: nn.Module, inputs: LayerInputs, index: int, b: int, keep: b
     out = hidden_of(layer(inputs.hidden[b], *args, **kwargs))
     if keep:
         inputs.hidden[b] = out
+
+
+def _cast_floats(value, source: torch.dtype, target: torch.dtype):
+    """`value` with every `source`-dtype tensor in it (in tuples, lists, dicts too) cast to `target`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(target) if value.dtype == source else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floats(v, source, target) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast_floats(v, source, target) for k, v in value.items()}
+    return value
+
+
+@contextlib.contextmanager
+def computing_in(layer: nn.Module, dtype: torch.dtype, stored: torch.dtype = torch.float32) -> Iterator[None]:
+    """`layer` computes in `dtype` for the `with` block: its floating parameters and buffers are cast,
+    every `stored`-dtype tensor it is called with (hidden state, position embeddings, masks) is cast on
+    the way in, and its outputs go back to `stored` on the way out, so the hidden states between layers
+    keep their dtype. On exit the original tensors are put back; one whose data was replaced in the
+    block (GPTQ points a linear layer at its quantized weights) is cast back to its original dtype."""
+    originals = [(t, t.data) for t in (*layer.parameters(), *layer.buffers()) if t.is_floating_point()]
+    copies = []  # where each cast copy lives: a tensor still pointing there was not replaced in the block
+    for tensor, data in originals:
+        tensor.data = data.to(dtype)
+        copies.append(tensor.data_ptr())
+    handles = [
+        layer.register_forward_pre_hook(
+            lambda _m, args, kwargs: (_cast_floats(args, stored, dtype), _cast_floats(kwargs, stored, dtype)),
+            with_kwargs=True,
+        ),
+        layer.register_forward_hook(lambda _m, _args, output: _cast_floats(output, dtype, stored)),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for (tensor, data), copy in zip(originals, copies, strict=True):
+            tensor.data = data if tensor.data_ptr() == copy else tensor.data.to(data.dtype)
 
 
 @torch.no_grad()

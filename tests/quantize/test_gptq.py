@@ -302,3 +302,53 @@ def test_a_layer_quantizes_to_the_same_codes_at_one_and_two_threads(refine_round
     assert torch.equal(h1, h2)
     assert torch.equal(one.codes, two.codes) and torch.equal(one.scale, two.scale)
     assert torch.equal(one.minimum, two.minimum)
+
+
+def test_float64_precision_stores_the_same_dtypes_and_loads(tmp_path):
+    """`precision: float64` changes how the layers compute, not what is stored: every tensor keeps the
+    dtype the float32 run stores, and the checkpoint loads."""
+    report = _report(tiny_llama())
+    narrow, wide = tiny_llama(), tiny_llama()
+    _gptq(narrow, _recipe(), report, progress=False)
+    recipe = _recipe(**{"weights.gptq.precision": "float64"})
+    summary = _gptq(wide, recipe, report, progress=False)
+    a, b = narrow.state_dict(), wide.state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype for k in a)
+    wide.config.quantization_config = quantization_config(recipe, summary, report, None)
+    reloaded = load(save(wide, tmp_path / "out", recipe=recipe, report=report))
+    ids = torch.randint(0, 120, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, wide(ids).logits, atol=1e-4)
+
+
+QUANTIZE_BYTES = """
+import hashlib, json, sys
+from sinkquant.pipeline import quantize_model
+from sinkquant.recipe import Recipe
+recipe = Recipe().with_overrides(**{"weights.algorithm": "gptq", "weights.group_size": 32,
+    "weights.gptq.precision": sys.argv[3], "calibration.samples": 16, "calibration.seq_len": 128})
+result = quantize_model(sys.argv[1], sys.argv[2], recipe, overwrite=True, progress=False)
+from safetensors.torch import load_file
+tensors = load_file(str(next(result.out_dir.glob("*.safetensors"))))
+print(json.dumps({k: hashlib.sha256(v.view(-1).view(__import__("torch").uint8).numpy().tobytes()).hexdigest() for k, v in tensors.items()}))
+"""
+
+
+def test_float64_gptq_checkpoint_does_not_depend_on_the_blas_code_path(stories_path, tmp_path):
+    """MKL picks its code path by CPU and cannot be pinned across AVX2 and AVX-512 CPUs; in float64, a
+    GPTQ checkpoint made with MKL on its SSE2 path (MKL_CBWR=COMPATIBLE) is the same bytes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    digests = []
+    for n, extra in enumerate(({}, {"MKL_CBWR": "COMPATIBLE"})):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **extra}
+        done = subprocess.run(
+            [sys.executable, "-c", QUANTIZE_BYTES, str(stories_path), str(tmp_path / f"q{n}"), "float64"],
+            capture_output=True, text=True, env=env, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        digests.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert digests[0] == digests[1]

@@ -1,10 +1,12 @@
 """The layer-by-layer runner: captured inputs reproduce the model, merged batches equal batched ones,
 and linears fed one tensor share one observer (or are handed it once on arrival)."""
 
+import copy
+
 import torch
 from tiny_models import tiny_llama
 
-from sinkquant.architecture import decoder_layers
+from sinkquant.architecture import decoder_layers, hidden_of
 from sinkquant.quantize.hessian import HessianAccumulator
 from sinkquant.stream.layerwise import capture_inputs, merge_batches, observe_inputs, run_layer
 
@@ -76,3 +78,27 @@ def test_on_arrival_sees_each_module_once_with_its_whole_input_split_into_sample
         run_layer(layer, inputs, 0)  # a second forward: nothing observed or handed again
     assert sorted(arrived) == sorted(modules) and len(arrived) == len(set(arrived))
     assert parts == [2, 1] * 4  # q/k/v share one input, gate/up another: 4 observed inputs
+
+
+def test_computing_in_float64_keeps_stored_dtypes_and_puts_the_weights_back():
+    """A layer computing in float64 (GPTQ's `precision: float64`) takes and gives float32 hidden states,
+    gives the float64 layer's result rounded once, and leaves its own tensors as they were."""
+    from sinkquant.stream.layerwise import _cast_floats, computing_in
+
+    model = tiny_llama()
+    inputs = capture_inputs(model, torch.randint(0, 120, (2, 24)), batch_size=2)
+    layer = decoder_layers(model)[0]
+    before = {name: (t, t.data_ptr(), t.dtype) for name, t in layer.state_dict(keep_vars=True).items()}
+    hidden = inputs.hidden[0].clone()
+    args, kwargs = _cast_floats(inputs.calls[0][0], torch.float32, torch.float64)
+    with torch.no_grad():
+        expected = hidden_of(copy.deepcopy(layer).double()(hidden.double(), *args, **kwargs)).float()
+        in_float32 = hidden_of(layer(hidden, *inputs.calls[0][0][0], **inputs.calls[0][0][1]))
+    with computing_in(layer, torch.float64):
+        assert layer.self_attn.q_proj.weight.dtype == torch.float64
+        run_layer(layer, inputs, 0)
+    assert inputs.hidden[0].dtype == torch.float32
+    assert torch.equal(inputs.hidden[0], expected) and not torch.equal(inputs.hidden[0], in_float32)
+    for name, tensor in layer.state_dict(keep_vars=True).items():
+        original, pointer, dtype = before[name]
+        assert tensor is original and tensor.data_ptr() == pointer and tensor.dtype == dtype, name
