@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RECIPES, RUNS, WIKITEXT, default_model, machine  # noqa: E402
+from common import RECIPES, RUNS, WIKITEXT, default_model, machine, write_report  # noqa: E402
 from tensor_hashes import tensor_hashes  # noqa: E402
 
 from sinkquant.recipe import load_recipe  # noqa: E402
@@ -147,9 +147,7 @@ def main() -> None:
         f"- Perplexity spread over the {len(rows)} rows: {spread:.4%} (goal: under 0.3%).",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,13 @@ def one_line(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def write_report(path: Path, lines: list[str]) -> None:
+    """A result page: written to `path` (folders made) and printed, so the run's log holds it too."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def machine() -> dict:
     """What a reader needs to weigh the numbers: CPU, cores, threads, memory, versions, load."""
     import transformers
