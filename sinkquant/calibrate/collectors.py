@@ -141,18 +141,20 @@ class ActivationCollector(_Hooks):
 
 
 class LinearInputCollector(_Hooks):
-    """Per input channel of every linear layer: max |x| and the sum of |x| over calibration tokens, and,
-    for full calibration sequences (`seq_len` long), the sums at each of the first `track` positions, so
-    the report can give the mean |x| without the sink positions it finds (calibration learns where the
-    sinks are only after the last layer, so the leading positions are kept apart until then)."""
+    """Per input channel of every linear layer: max |x| and the sums of |x| and of x² over calibration
+    tokens, and, for full calibration sequences (`seq_len` long), those sums at each of the first `track`
+    positions, so the report can give the means without the sink positions it finds (calibration learns
+    where the sinks are only after the last layer, so the leading positions are kept apart until then)."""
 
     def __init__(self, model: nn.Module, seq_len: int | None = None, track: int = 0) -> None:
         super().__init__()
         self.seq_len, self.track = seq_len, track
         self.max_abs: dict[str, torch.Tensor] = {}
         self.sum_abs: dict[str, torch.Tensor] = defaultdict(lambda: 0)
+        self.sum_sq: dict[str, torch.Tensor] = defaultdict(lambda: 0)
         self.tokens: dict[str, int] = defaultdict(int)
         self.leading_abs: dict[str, torch.Tensor] = defaultdict(lambda: 0)  # [track, in] float64
+        self.leading_sq: dict[str, torch.Tensor] = defaultdict(lambda: 0)  # [track, in] float64
         self.sequences: dict[str, int] = defaultdict(int)  # full sequences behind leading_abs
         self.in_features: dict[str, int] = {}
         for name, module in linear_modules(model).items():
@@ -164,21 +166,36 @@ class LinearInputCollector(_Hooks):
     def _on_input(self, name: str, args) -> None:
         x = args[0].detach()
         if self.track and x.dim() == 3 and x.shape[1] == self.seq_len:
-            lead = x[:, : self.track].float().abs().sum(dim=0, dtype=torch.float64).cpu()
-            self.leading_abs[name] = self.leading_abs[name] + lead
+            lead = x[:, : self.track].float()
+            self.leading_abs[name] = self.leading_abs[name] + lead.abs().sum(dim=0, dtype=torch.float64).cpu()
+            self.leading_sq[name] = (
+                self.leading_sq[name] + lead.square().sum(dim=0, dtype=torch.float64).cpu()
+            )
             self.sequences[name] += x.shape[0]
         x = x.reshape(-1, x.shape[-1]).float().abs()
         peak = x.amax(dim=0).cpu()
         self.max_abs[name] = peak if name not in self.max_abs else torch.maximum(self.max_abs[name], peak)
         self.sum_abs[name] = self.sum_abs[name] + x.sum(dim=0, dtype=torch.float64).cpu()
+        self.sum_sq[name] = self.sum_sq[name] + x.square().sum(dim=0, dtype=torch.float64).cpu()
         self.tokens[name] += x.shape[0]
 
     def mean_abs_without(self, name: str, positions: list[int]) -> torch.Tensor | None:
         """Mean |x| per channel over the tokens not at `positions` (leading positions of every full
         sequence); None when none of `positions` was tracked for this layer."""
+        return self._mean_without(self.sum_abs[name], self.leading_abs[name], name, positions)
+
+    def mean_square(self, name: str) -> torch.Tensor:
+        """Mean x² per channel over all calibration tokens."""
+        return (self.sum_sq[name] / max(1, self.tokens[name])).float()
+
+    def mean_square_without(self, name: str, positions: list[int]) -> torch.Tensor | None:
+        """Mean x² per channel over the tokens not at `positions`, as `mean_abs_without`."""
+        return self._mean_without(self.sum_sq[name], self.leading_sq[name], name, positions)
+
+    def _mean_without(self, total, leading, name: str, positions: list[int]) -> torch.Tensor | None:
         positions = [p for p in positions if p < self.track]
         if not positions or not self.sequences[name]:
             return None
         left = self.tokens[name] - self.sequences[name] * len(positions)
-        total = self.sum_abs[name] - self.leading_abs[name][positions].sum(dim=0)
-        return (total.clamp(min=0) / max(1, left)).float()
+        rest = total - leading[positions].sum(dim=0)
+        return (rest.clamp(min=0) / max(1, left)).float()

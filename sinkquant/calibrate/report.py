@@ -88,6 +88,10 @@ class LinearStats:
     # per input channel, over the tokens outside the sink positions (None: no sinks found, or a report
     # written before this field): what weighs a group's rounding error, so one token does not decide it
     mean_abs_without_sinks: list[float] | None = None
+    # mean x² per input channel, over all tokens and without the sink positions (None: a report written
+    # before these fields; the latter also None when no sinks were found): the clip search's weights
+    mean_square: list[float] | None = None
+    mean_square_without_sinks: list[float] | None = None
 
     def outlier_channels(self, fraction: float, by: str = "max") -> list[int]:
         """The `fraction` of input channels with the largest max |x| (by="max") or mean |x| (by="mean")."""

@@ -217,6 +217,7 @@ def _linear_report(
     for name, peak in linears.max_abs.items():
         mean = (linears.sum_abs[name] / max(1, linears.tokens[name])).float()
         without = linears.mean_abs_without(name, sink_positions)
+        square_without = linears.mean_square_without(name, sink_positions)
         k = min(settings.top_channels, peak.numel())
         top = torch.topk(peak, k)
         report[name] = LinearStats(
@@ -226,5 +227,9 @@ def _linear_report(
             max_abs=[_sig(float(v), 4) for v in peak],
             mean_abs=[_sig(float(v), 4) for v in mean],
             mean_abs_without_sinks=None if without is None else [_sig(float(v), 4) for v in without],
+            mean_square=[_sig(float(v), 4) for v in linears.mean_square(name)],
+            mean_square_without_sinks=(
+                None if square_without is None else [_sig(float(v), 4) for v in square_without]
+            ),
         )
     return report

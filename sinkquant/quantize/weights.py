@@ -116,13 +116,21 @@ def select_outliers(
 def column_importance(
     name: str, report: CalibrationReport | None, sink_tokens: str = "include"
 ) -> torch.Tensor | None:
-    """(mean |x|)^2 per input column from calibration: how much a column's weight error costs. With
-    `sink_tokens="exclude"` the mean leaves out the sink positions' tokens (when calibration found any)."""
+    """Mean x² per input column from calibration: how much a column's weight error costs. A row's output
+    error on an input x is Σ_j e_j x_j, whose expected square is Σ_j e_j² E[x_j²] once the cross terms
+    are dropped (the diagonal of GPTQ's Hessian), so E[x²], not (E|x|)², is the weight: it counts a
+    column's rare large inputs at what they cost. With `sink_tokens="exclude"` the mean leaves out the
+    sink positions' tokens (when calibration found any). A report written before the report kept
+    sums of squares gives (mean |x|)², the weight used then."""
     stats = report.linear.get(name) if report is not None else None
     if stats is None:
         return None
-    mean = stats.mean_abs_without_sinks if sink_tokens == "exclude" else None
-    return torch.tensor(stats.mean_abs if mean is None else mean).pow(2)
+    exclude = sink_tokens == "exclude"
+    if stats.mean_square is not None:
+        without = stats.mean_square_without_sinks if exclude else None
+        return torch.tensor(stats.mean_square if without is None else without)
+    without = stats.mean_abs_without_sinks if exclude else None
+    return torch.tensor(stats.mean_abs if without is None else without).pow(2)
 
 
 def targets(model: nn.Module, ignore: list[str]) -> tuple[dict[str, nn.Module], list[str]]:

@@ -64,6 +64,44 @@ def test_smollm2_linear_outliers_reported(smollm2_report):
     assert stats.outlier_channels(0.01, "max")[0] == stats.top_channels[0]
 
 
+def test_smollm2_input_means_match_a_direct_pass(smollm2, smollm2_report, c4_path):
+    """mean |x| and mean x² per input channel of a linear layer, over all tokens and without the sink
+    rows, equal the same means taken from the layer's inputs by a hook on a plain forward pass."""
+    model, tok = smollm2
+    report = smollm2_report
+    name = "model.layers.20.mlp.down_proj"
+    rows = report.sink_rows
+    assert rows == [0]
+    seen = []
+    module = model.get_submodule(name)
+    handle = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().double()))
+    try:
+        with torch.no_grad():
+            for sample in calibration_samples(tok, c4_path, SAMPLES, 512, seed=0).input_ids:
+                model(input_ids=sample[None])
+    finally:
+        handle.remove()
+    x = torch.cat(seen)  # [samples, 512, 1536]
+    rest = x[:, 1:]
+    stats = report.linear[name]
+    expected = {
+        "mean_abs": x.abs().mean((0, 1)),
+        "mean_square": x.square().mean((0, 1)),
+        "mean_abs_without_sinks": rest.abs().mean((0, 1)),
+        "mean_square_without_sinks": rest.square().mean((0, 1)),
+    }
+    for field, want in expected.items():
+        got = torch.tensor(getattr(stats, field), dtype=torch.float64)
+        assert torch.allclose(got, want, rtol=2e-3, atol=1e-6), field
+    # somewhere the sink token's inputs alone outweigh all other tokens' in a channel's mean x²
+    ratios = [
+        max(a / max(b, 1e-12) for a, b in zip(st.mean_square, st.mean_square_without_sinks, strict=True))
+        for st in report.linear.values()
+        if st.mean_square_without_sinks is not None
+    ]
+    assert max(ratios) > 10
+
+
 def test_report_round_trips_through_json(smollm2_report, tmp_path):
     report = smollm2_report
     path = report.save(tmp_path / "calib.json")

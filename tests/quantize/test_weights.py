@@ -7,7 +7,7 @@ from tiny_models import CharTokenizer, tiny_gpt2, tiny_llama
 from sinkquant import calibrate
 from sinkquant.errors import InputError
 from sinkquant.quantize.linear import SinkQuantLinear
-from sinkquant.quantize.weights import matches, quantize_
+from sinkquant.quantize.weights import column_importance, matches, quantize_
 from sinkquant.recipe import Recipe
 
 
@@ -158,3 +158,23 @@ def test_the_sink_tokens_rows_do_not_decide_a_groups_range(make):
     assert torch.equal(small.weight_scale, large.weight_scale) and torch.equal(small.weight, large.weight)
     included = _down_proj_of_layer0(make, 2e4, "include")
     assert not torch.equal(included.weight_scale, large.weight_scale)
+
+
+def test_column_importance_is_the_mean_square_and_reads_older_reports():
+    """The clip search weighs a column by its mean x² (without the sink rows by default); a report from
+    before the mean squares were kept gives (mean |x|)², as then."""
+    from types import SimpleNamespace
+
+    from sinkquant.calibrate.report import LinearStats
+
+    stats = LinearStats(
+        in_features=2, top_channels=[0], top_max_abs=[9.0], max_abs=[9.0, 1.0], mean_abs=[3.0, 0.5],
+        mean_abs_without_sinks=[1.0, 0.5], mean_square=[90.0, 0.5], mean_square_without_sinks=[2.0, 0.4],
+    )  # fmt: skip
+    report = SimpleNamespace(linear={"lin": stats})
+    assert column_importance("lin", report, "exclude").tolist() == pytest.approx([2.0, 0.4])
+    assert column_importance("lin", report, "include").tolist() == pytest.approx([90.0, 0.5])
+    stats.mean_square = stats.mean_square_without_sinks = None
+    assert column_importance("lin", report, "exclude").tolist() == pytest.approx([1.0, 0.25])
+    assert column_importance("lin", report, "include").tolist() == pytest.approx([9.0, 0.25])
+    assert column_importance("other", report) is None
