@@ -184,6 +184,10 @@ class LinearInputCollector(_Hooks):
         sequence); None when none of `positions` was tracked for this layer."""
         return self._mean_without(self.sum_abs[name], self.leading_abs[name], name, positions)
 
+    def mean_abs(self, name: str) -> torch.Tensor:
+        """Mean |x| per channel over all calibration tokens."""
+        return (self.sum_abs[name] / max(1, self.tokens[name])).float()
+
     def mean_square(self, name: str) -> torch.Tensor:
         """Mean x² per channel over all calibration tokens."""
         return (self.sum_sq[name] / max(1, self.tokens[name])).float()

@@ -86,10 +86,11 @@ class LinearStats:
     max_abs: list[float]  # per input channel, over all calibration tokens
     mean_abs: list[float]
     # per input channel, over the tokens outside the sink positions (None: no sinks found, or a report
-    # written before this field): what weighs a group's rounding error, so one token does not decide it
+    # written before this field); squared, the clip search's weights where a report has no mean_square
     mean_abs_without_sinks: list[float] | None = None
     # mean x² per input channel, over all tokens and without the sink positions (None: a report written
-    # before these fields; the latter also None when no sinks were found): the clip search's weights
+    # before these fields; the latter also None when no sinks were found): the clip search's weights, so
+    # without the sinks one token does not decide a group's range
     mean_square: list[float] | None = None
     mean_square_without_sinks: list[float] | None = None
 
@@ -101,7 +102,7 @@ class LinearStats:
 
 
 def sink_rows(sinks: SinkReport, massive: MassiveReport, settings: CalibrationSettings) -> list[int]:
-    """The leading positions whose tokens the quantizers set apart (`mean_abs_without_sinks`, the learned
+    """The leading positions whose tokens the quantizers set apart (`mean_square_without_sinks`, the learned
     rounding's loss): the attention sinks and the positions that carry a massive activation in some
     layer (the same tokens in trained models, but a model whose sink is a learned logit, or whose sink
     attention calibration misses, still has its massive-activation token found)."""

@@ -215,7 +215,6 @@ def _linear_report(
 ) -> dict[str, LinearStats]:
     report = {}
     for name, peak in linears.max_abs.items():
-        mean = (linears.sum_abs[name] / max(1, linears.tokens[name])).float()
         without = linears.mean_abs_without(name, sink_positions)
         square_without = linears.mean_square_without(name, sink_positions)
         k = min(settings.top_channels, peak.numel())
@@ -225,7 +224,7 @@ def _linear_report(
             top_channels=[int(c) for c in top.indices],
             top_max_abs=[_sig(float(v)) for v in top.values],
             max_abs=[_sig(float(v), 4) for v in peak],
-            mean_abs=[_sig(float(v), 4) for v in mean],
+            mean_abs=[_sig(float(v), 4) for v in linears.mean_abs(name)],
             mean_abs_without_sinks=None if without is None else [_sig(float(v), 4) for v in without],
             mean_square=[_sig(float(v), 4) for v in linears.mean_square(name)],
             mean_square_without_sinks=(
