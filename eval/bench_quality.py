@@ -16,7 +16,7 @@ through the cache under test (protocol step 5) on the fp32 weights.
 Rows (`--list` prints keys; `--rows` takes comma-separated keys or shell patterns, e.g. 'sq-*,bnb-*';
 `--skip` leaves rows out the same way, and the table keeps them with the reason):
 fp32, bf16; sinkquant W8, W4 g128 with and without 1% outlier columns (RTN with clip search: the
-recipes), GPTQ W4 g128 with and without columns, KV8/KV4/KV2 with and without sinks (the kv recipes),
+recipes), GPTQ W4 g128 with and without columns and the best recipe (GPTQ with act_order), KV8/KV4/KV2 with and without sinks (the kv recipes),
 the combined W4 + KV4 recipe with and without sinks; peers: bitsandbytes LLM.int8 (threshold 6.0) and
 nf4, optimum-quanto int8/int4, torchao int4 (CPU kernel), HQQ 4-bit, llm-compressor GPTQ, AWQ and AWQ +
 GPTQ W4A16 and AutoRound W4A16 (each in its own venv, eval/peers), transformers QuantizedCache (quanto 4/2, HQQ 8/4/2 bits; its defaults: group 64,
@@ -433,6 +433,13 @@ def rows_for(b: Bench) -> list[Row]:
             "sinkquant",
             "weights",
             sq_weights("w4-g128-gptq.yaml"),
+        ),
+        Row(
+            "sq-best",
+            f"sinkquant best W4 {g} + 1% cols: GPTQ, act_order (w4-g128-best, {gq})",
+            "sinkquant",
+            "weights",
+            sq_weights("w4-g128-best.yaml"),
         ),
         Row(
             "sq-gptq-sym-lean",
