@@ -172,11 +172,11 @@ class LinearInputCollector(_Hooks):
                 self.leading_sq[name] + lead.square().sum(dim=0, dtype=torch.float64).cpu()
             )
             self.sequences[name] += x.shape[0]
-        x = x.reshape(-1, x.shape[-1]).float().abs()
+        x = x.reshape(-1, x.shape[-1]).float().abs()  # a fresh tensor: squared in place below
         peak = x.amax(dim=0).cpu()
         self.max_abs[name] = peak if name not in self.max_abs else torch.maximum(self.max_abs[name], peak)
         self.sum_abs[name] = self.sum_abs[name] + x.sum(dim=0, dtype=torch.float64).cpu()
-        self.sum_sq[name] = self.sum_sq[name] + x.square().sum(dim=0, dtype=torch.float64).cpu()
+        self.sum_sq[name] = self.sum_sq[name] + x.square_().sum(dim=0, dtype=torch.float64).cpu()
         self.tokens[name] += x.shape[0]
 
     def mean_abs_without(self, name: str, positions: list[int]) -> torch.Tensor | None:

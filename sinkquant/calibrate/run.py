@@ -32,6 +32,11 @@ def _sig(x: float, digits: int = 5) -> float:
     return float(f"{x:.{digits}g}")
 
 
+def _per_channel(values: torch.Tensor | None) -> list[float] | None:
+    """A per-channel statistic as the report stores it (4 significant digits); None stays None."""
+    return None if values is None else [_sig(float(v), 4) for v in values]
+
+
 def has_learned_sink_logits(model: nn.Module) -> bool:
     """Architectures such as gpt-oss give each head a learned "sink" logit instead of a sink token."""
     return any(name.endswith(".sinks") or name.endswith("attn.sinks") for name, _ in model.named_parameters())
@@ -215,20 +220,16 @@ def _linear_report(
 ) -> dict[str, LinearStats]:
     report = {}
     for name, peak in linears.max_abs.items():
-        without = linears.mean_abs_without(name, sink_positions)
-        square_without = linears.mean_square_without(name, sink_positions)
         k = min(settings.top_channels, peak.numel())
         top = torch.topk(peak, k)
         report[name] = LinearStats(
             in_features=linears.in_features[name],
             top_channels=[int(c) for c in top.indices],
             top_max_abs=[_sig(float(v)) for v in top.values],
-            max_abs=[_sig(float(v), 4) for v in peak],
-            mean_abs=[_sig(float(v), 4) for v in linears.mean_abs(name)],
-            mean_abs_without_sinks=None if without is None else [_sig(float(v), 4) for v in without],
-            mean_square=[_sig(float(v), 4) for v in linears.mean_square(name)],
-            mean_square_without_sinks=(
-                None if square_without is None else [_sig(float(v), 4) for v in square_without]
-            ),
+            max_abs=_per_channel(peak),
+            mean_abs=_per_channel(linears.mean_abs(name)),
+            mean_abs_without_sinks=_per_channel(linears.mean_abs_without(name, sink_positions)),
+            mean_square=_per_channel(linears.mean_square(name)),
+            mean_square_without_sinks=_per_channel(linears.mean_square_without(name, sink_positions)),
         )
     return report

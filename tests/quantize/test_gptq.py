@@ -389,7 +389,7 @@ def test_the_best_recipe_quantizes_other_architectures_and_loads_back(make, stor
         logits = ours(input_ids=ids).logits
         through_hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"))(input_ids=ids).logits
     assert torch.equal(logits, through_hf)
-    # a loose bound: on random weights and 288 calibration tokens GPTQ has nothing to exploit and lands
-    # about where round-to-nearest does, while a model whose layers lost their weights is off by ~100%
+    # a loose bound: random weights and 288 calibration tokens give GPTQ little structure to exploit, so
+    # this asks only that the layers kept their weights (logits of a model that lost them are off by ~100%)
     error = float((logits - reference).abs().mean() / reference.abs().mean())
     assert torch.isfinite(logits).all() and error < 0.35
