@@ -442,6 +442,13 @@ def rows_for(b: Bench) -> list[Row]:
             sq_weights("w4-g128-best.yaml"),
         ),
         Row(
+            "sq-compact",
+            f"sinkquant W4 {g} symmetric, 1-byte log scales + 0.7% cols: GPTQ, act_order (w4-g128-compact, {gq})",
+            "sinkquant",
+            "weights",
+            sq_weights("w4-g128-compact.yaml"),
+        ),
+        Row(
             "sq-gptq-sym-lean",
             f"sinkquant GPTQ W4 {g} symmetric (no stored minima) + 0.3% cols ({gq})",
             "sinkquant",

@@ -208,3 +208,37 @@ def test_cli_conflicting_overrides_are_refused(tiny_dir, tmp_path):
         main, ["quantize", str(tiny_dir), str(tmp_path / "o"), "--wbits", "8", "--group-size", "64"]
     )
     assert result.exit_code == 2 and "per output channel" in result.output
+
+
+def test_a_log_scale_checkpoint_stores_one_byte_per_scale_and_reloads_both_ways(tiny_dir, tmp_path):
+    """`weights.log_scales` writes each int4 scale as a uint8 code under one int32 exponent per layer
+    (format 4, so older readers refuse it) and loads through sinkquant and from_pretrained to the
+    model that was quantized."""
+    from safetensors import safe_open
+
+    from sinkquant.loading import load_model
+    from sinkquant.quantize.weights import quantize_
+
+    recipe = Recipe().with_overrides(
+        **{
+            "weights.group_size": 32,
+            "weights.symmetric": True,
+            "weights.log_scales": True,
+            "calibration.samples": 2,
+            "calibration.seq_len": 64,
+        }
+    )
+    result = quantize_model(tiny_dir, tmp_path / "log", recipe, progress=False)
+    with safe_open(str(result.out_dir / "model.safetensors"), "pt") as f:
+        dtypes = {k.rpartition(".")[2]: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes["weight_scale_code"] == "U8" and dtypes["weight_scale_top"] == "I32"
+    assert "weight_scale" not in dtypes and "weight_min" not in dtypes
+    qc = json.loads((result.out_dir / "config.json").read_text())["quantization_config"]
+    assert all(spec["log_scales"] for spec in qc["layers"].values())
+    assert qc["format_version"] == 4 == json.loads((result.out_dir / MANIFEST).read_text())["format_version"]
+    model = load_model(tiny_dir)
+    quantize_(model, recipe.weights, result.report, progress=False)
+    ids = torch.randint(0, 512, (2, 24))
+    expected = _logits(model, ids)
+    for reloaded in (load(result.out_dir), AutoModelForCausalLM.from_pretrained(result.out_dir)):
+        assert float((_logits(reloaded, ids) - expected).abs().max()) <= 1e-4

@@ -58,3 +58,16 @@ def test_overrides_are_validated():
     assert r.weights.bits == 8 and r.kv_cache.bits == 2
     with pytest.raises(InputError, match="weights.bits"):
         Recipe().with_overrides(**{"weights.bits": 5})
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"weights.bits": 8}, "4-bit groups"),
+        ({"weights.algorithm": "learned"}, "off the log grid"),
+        ({"weights.algorithm": "gptq", "weights.gptq.refine_rounds": 1}, "refine_rounds: 0"),
+    ],
+)
+def test_log_scales_refuse_what_would_leave_their_grid(overrides, message):
+    with pytest.raises(InputError, match=message):
+        Recipe().with_overrides(**{"weights.log_scales": True, **overrides})

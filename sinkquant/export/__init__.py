@@ -105,13 +105,13 @@ def _ct_write(module, args, scale_dtype, activations):
     keep = module._layouts.keep
     if module.bits == 8:
         tensors = ct.fold_int8(
-            module.weight, module.weight_scale, keep, module.outlier_idx, module.outlier_weight
+            module.weight, module.group_scale(), keep, module.outlier_idx, module.outlier_weight
         )
         return tensors if activations == "int8" else _int8_as_packed(tensors)
     codes = unpack_bits(module.weight, 4, module.in_kept)
     packed = ct.fold_int4(
         codes,
-        module.weight_scale,
+        module.group_scale(),
         module.group_minimum(),
         module.group_size,
         keep,

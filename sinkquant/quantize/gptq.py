@@ -93,9 +93,11 @@ class _Quantizer:
     rounding error weighted by diag(H) (the GPTQ authors' "mse" option, with H as the weight)."""
 
     def __init__(
-        self, scheme: WeightScheme, symmetric: bool, rows: int, groups: int, clip_search: bool = False
-    ) -> None:
+        self, scheme: WeightScheme, symmetric: bool, rows: int, groups: int, clip_search: bool = False,
+        log_scales: bool = False,
+    ) -> None:  # fmt: skip
         self.scheme, self.symmetric, self.clip_search = scheme, symmetric, clip_search
+        self.log_scales = log_scales
         self.scale = torch.zeros(rows, groups, dtype=scheme.scale_dtype)
         self.minimum = torch.zeros(rows, groups, dtype=torch.bfloat16)
         self.frozen = False
@@ -111,11 +113,11 @@ class _Quantizer:
         """Parameters of `group` from its current weights [out, n]; `importance` [n] = diag(H)."""
         if self.frozen:
             return
-        best, best_err = self.scheme.group_range(values, self.symmetric), None
+        best, best_err = self.scheme.group_range(values, self.symmetric, self.log_scales), None
         for shrink in _CLIP_GRID[1:] if self.clip_search else []:
             if best_err is None:
                 best_err = self._error(values, best, importance)
-            cand = self.scheme.group_range(values * shrink, self.symmetric)
+            cand = self.scheme.group_range(values * shrink, self.symmetric, self.log_scales)
             err = self._error(values, cand, importance)
             better = err < best_err
             best = tuple(
@@ -152,6 +154,7 @@ def gptq_quantize_weight(
     factor_cache: dict | None = None,
     refine_rounds: int = 0,
     sweep_dtype: torch.dtype = torch.float32,
+    log_scales: bool = False,
 ) -> GPTQResult:
     """GPTQ on weight [out, in] with hessian [in, in] (see the module docstring for every choice).
 
@@ -166,7 +169,9 @@ def gptq_quantize_weight(
 
     `sweep_dtype`: the precision of the column sweep and of the factor it reads (float64 for
     `precision: float64`, so its products' last bits, which depend on the BLAS's code path, stay far
-    below anything that decides a code)."""
+    below anything that decides a code).
+
+    `log_scales` (int4): each group's scale is fitted on the log grid a log-scale layer stores."""
     out_f, in_f = weight.shape
     idx = torch.as_tensor(outlier_idx, dtype=torch.long).sort().values
     keep = complement_indices(idx, in_f)
@@ -177,7 +182,7 @@ def gptq_quantize_weight(
     order = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(n_keep)
     cols = keep[order]  # processing order
     group_of = (order // gs).tolist()
-    quant = _Quantizer(scheme, symmetric, out_f, -(-n_keep // gs), clip_search)
+    quant = _Quantizer(scheme, symmetric, out_f, -(-n_keep // gs), clip_search, log_scales)
     # the factorisation is a few large BLAS calls (all threads); the column sweep is many small ops
     key = (id(hessian), cols.numpy().tobytes(), damping, n_keep)
     if factor_cache is not None and key in factor_cache:
@@ -312,8 +317,9 @@ def _current(positions: list[int], w, block, err, u, i1: int, i2: int, i: int) -
 
 def _rtn(weight, bias, weights: WeightsSection, idx, storage) -> SinkQuantLinear:
     return SinkQuantLinear.from_float(
-        weight, bias, weights.bits, weights.group, idx, weights.symmetric, storage_dtype=storage
-    )
+        weight, bias, weights.bits, weights.group, idx, weights.symmetric, storage_dtype=storage,
+        log_scales=weights.log_scales,
+    )  # fmt: skip
 
 
 def _gptq_weight(
@@ -326,7 +332,7 @@ def _gptq_weight(
     res = gptq_quantize_weight(
         weight, hessian, weights.bits, weights.group, idx, weights.symmetric,
         opts.block_size, opts.damping, opts.act_order, name, opts.clip_search, factor_cache, opts.refine_rounds,
-        torch.float64 if opts.precision == "float64" else torch.float32,
+        torch.float64 if opts.precision == "float64" else torch.float32, weights.log_scales,
     )  # fmt: skip
     if not all(bool(torch.isfinite(t.float()).all()) for t in (res.weight, res.scale)):
         warnings.warn(f"GPTQ gave non-finite weights for {name}; using round-to-nearest", stacklevel=3)
@@ -357,6 +363,7 @@ def quantize_module(
     new = SinkQuantLinear.from_float(
         weight, bias, weights.bits, weights.group, idx, weights.symmetric,
         codes=res.codes, scale=res.scale, minimum=res.minimum, storage_dtype=storage,
+        log_scales=weights.log_scales,
     )  # fmt: skip
     return new.to(device)
 

@@ -8,7 +8,8 @@ the largest activations; their rounding error would be multiplied by those activ
 exactly as they were.
 
 Buffers (the checkpoint keys, written by `from_float` and read back by `weights.empty_from_spec`):
-    weight, weight_scale (, weight_min)   the scheme's storage (see `schemes`)
+    weight, weight_scale (, weight_min)   the scheme's storage (see `schemes`; with log scales
+                                          weight_scale_code and weight_scale_top for weight_scale)
     outlier_idx     int32 [n_outliers]
     outlier_weight  [out, n_outliers] in the original weight dtype
     bias            [out] (if the layer has one)
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .primitives import complement_indices
+from .primitives import complement_indices, snap_log_scale
 from .schemes import SCHEMES, BufferSpecs, PytorchKernel, Stored, WeightScheme, scheme_for
 
 _KERNELS = {"enabled": True, "fused": True}
@@ -210,6 +211,7 @@ class SinkQuantLinear(nn.Module):
         outlier_dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
         symmetric: bool = False,
+        log_scales: bool = False,
     ) -> None:
         super().__init__()
         scheme = scheme_for(bits)
@@ -217,6 +219,8 @@ class SinkQuantLinear(nn.Module):
         self.n_outliers = n_outliers
         # int4: a symmetric grid stores no minima (each is -8 * its scale); int8 is always symmetric
         self.symmetric = symmetric
+        # int4: each group's scale one byte on a log grid (see `schemes`)
+        self.log_scales = log_scales
         kept = in_features - n_outliers
         self.in_kept = kept
         self.group_size = scheme.group_size(kept, group_size)
@@ -239,7 +243,9 @@ class SinkQuantLinear(nn.Module):
         return SCHEMES[self.bits]
 
     def _storage(self) -> BufferSpecs:
-        return self.scheme.storage(self.out_features, self.in_kept, self.group_size, self.symmetric)
+        return self.scheme.storage(
+            self.out_features, self.in_kept, self.group_size, self.symmetric, self.log_scales
+        )
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -257,6 +263,7 @@ class SinkQuantLinear(nn.Module):
         storage_dtype: torch.dtype | None = None,
         importance: torch.Tensor | None = None,
         clip_search: bool = False,
+        log_scales: bool = False,
     ) -> SinkQuantLinear:
         """Quantize `weight` [out, in] by round-to-nearest, keeping `outlier_idx` columns exact.
 
@@ -265,7 +272,9 @@ class SinkQuantLinear(nn.Module):
         `storage_dtype` holds the outlier columns and bias (default: the weight's dtype); use the dtype of
         the source checkpoint so the kept columns stay bit-identical to it. With `clip_search` (int4),
         each group's range is chosen among shrunk min/max ranges to minimise the error weighted by
-        `importance` [in] (e.g. mean x^2 of each input column over the calibration tokens)."""
+        `importance` [in] (e.g. mean x^2 of each input column over the calibration tokens). With
+        `log_scales` (int4), scales passed in must lie on the log grid already (GPTQ's do when it
+        quantized with log scales); they are stored one byte each."""
         out_features, in_features = weight.shape
         idx = torch.as_tensor(outlier_idx, dtype=torch.long).sort().values
         keep = complement_indices(idx, in_features)
@@ -279,6 +288,7 @@ class SinkQuantLinear(nn.Module):
             bias is not None,
             dtype,
             symmetric=symmetric,
+            log_scales=log_scales,
         )
         if codes is None:
             stored = module.scheme.quantize(
@@ -287,15 +297,18 @@ class SinkQuantLinear(nn.Module):
                 symmetric=symmetric,
                 importance=None if importance is None else importance.float()[keep],
                 clip_search=clip_search,
+                log_scales=log_scales,
             )
         else:
             stored = module.scheme.store(codes, scale, minimum)
-        module.weight.copy_(stored.weight)
-        module.weight_scale.copy_(stored.scale)
-        if module.weight_min is not None:
-            module.weight_min.copy_(stored.minimum)
-        elif stored.minimum is not None and not torch.equal(stored.minimum, module.group_minimum()):
-            raise ValueError("a symmetric int4 layer's minima must be -8 * its scales (it stores none)")
+        if symmetric and stored.minimum is not None:
+            if not torch.equal(stored.minimum, module.scheme.minimum(stored._replace(minimum=None))):
+                raise ValueError("a symmetric int4 layer's minima must be -8 * its scales (it stores none)")
+        if log_scales and not torch.equal(snap_log_scale(stored.scale), stored.scale):
+            raise ValueError("a log-scale layer takes scales on the log grid (quantize with log_scales=True)")
+        buffers = module.scheme.buffers(stored, module.in_kept, module.group_size, symmetric, log_scales)
+        for name, tensor in buffers.items():
+            getattr(module, name).copy_(tensor)
         module.outlier_idx.copy_(idx.to(torch.int32))
         module.outlier_weight.copy_(weight[:, idx].to(dtype))
         if bias is not None:
@@ -318,8 +331,13 @@ class SinkQuantLinear(nn.Module):
         """int4: each group's minimum [out, groups] bf16 (a symmetric layer's from its scales); int8: None."""
         return self.scheme.minimum(self._stored())
 
+    def group_scale(self) -> torch.Tensor:
+        """Each group's scale as the kernels use it (int4: [out, groups] bf16, decoded from its byte
+        in a layer with log scales; int8: [out] float32)."""
+        return self._stored().scale
+
     def _stored(self) -> Stored:
-        return Stored(self.weight, self.weight_scale, self.weight_min)
+        return self.scheme.read(self._buffers)
 
     def _fused_numbers(self) -> tuple:
         """What `kernels.bind_layer` takes after the extension: bits, codes (unpacked for int4),
@@ -396,6 +414,7 @@ class SinkQuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         group = "per channel" if self.group_size == self.in_kept else f"group {self.group_size}"
+        group += ", log scales" if self.log_scales else ""
         return (
             f"in={self.in_features}, out={self.out_features}, int{self.bits} {group}, "
             f"outlier columns={self.n_outliers}, bias={self.bias is not None}"

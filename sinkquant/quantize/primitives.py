@@ -8,6 +8,12 @@ without a model. Two schemes cover weights and the KV cache:
   values (the last group may be shorter) share a `scale` and a `minimum`; codes are unsigned in
   [0, 2^b - 1] and `x ≈ code * scale + minimum`. The symmetric variant is the same storage with
   `minimum = -2^(b-1) * scale`, so one dequantizer (and one kernel formula) serves both.
+
+Log scales (`log_scales=True`, int4): each group's scale is snapped to the nearest point of a grid of
+1/32 octave, 2^(e/32) rounded to bf16, so a layer can store it as one byte: the code `top - e` in
+[0, 255] below one exponent `top` per layer (8 octaves; a trained layer's group scales span fewer).
+The grid is decoded by a table and exact power-of-two shifts, and encoded by comparisons against
+precomputed midpoints, so every CPU snaps and decodes the same scale to the same bits.
 """
 
 from __future__ import annotations
@@ -54,12 +60,72 @@ def _grouped_view(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], -1, group_size)
 
 
+#: points of the scale grid per octave (a log scale's relative step is 2^(1/32) - 1 = 2.2%)
+LOG_SCALE_STEPS = 32
+#: codes a log scale is stored in (one byte: 8 octaves below the layer's largest scale)
+LOG_SCALE_CODES = 256
+# 2^(i/32), i = 0..31, in float64 (the grid's mantissas), and the midpoints between neighbours in
+# the log domain, 2^((i + 0.5)/32), i = 0..31, against which a scale's mantissa is compared
+_LOG_MANTISSAS = torch.tensor(
+    [2.0 ** (i / LOG_SCALE_STEPS) for i in range(LOG_SCALE_STEPS)], dtype=torch.float64
+)
+_LOG_MIDPOINTS = torch.tensor(
+    [2.0 ** ((i + 0.5) / LOG_SCALE_STEPS) for i in range(LOG_SCALE_STEPS)], dtype=torch.float64
+)
+
+
+def log_scale_exponent(scale: torch.Tensor) -> torch.Tensor:
+    """Positive scales -> int32 e with 2^(e/32) nearest to each in the log domain. Exact: frexp
+    splits off the power of two, and the mantissa is compared with fixed midpoints (no log2, whose
+    last bit may differ between CPUs' vector libraries)."""
+    mantissa, exponent = torch.frexp(scale.double().clamp(min=_EPS))  # scale = mantissa * 2^exponent
+    step = torch.searchsorted(_LOG_MIDPOINTS, (2 * mantissa).contiguous(), right=True)  # 0..32
+    return ((exponent.long() - 1) * LOG_SCALE_STEPS + step).to(torch.int32)
+
+
+def log_scale_value(exponent: torch.Tensor) -> torch.Tensor:
+    """int e -> bf16 2^(e/32): a table mantissa shifted by an exact power of two, rounded once to bf16."""
+    e = exponent.long()
+    octave, step = torch.div(e, LOG_SCALE_STEPS, rounding_mode="floor"), e.remainder(LOG_SCALE_STEPS)
+    return torch.ldexp(_LOG_MANTISSAS[step], octave.double()).to(torch.bfloat16)
+
+
+def snap_log_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Positive float scales -> bf16 scales on the log grid (the nearest point)."""
+    return log_scale_value(log_scale_exponent(scale))
+
+
+def encode_log_scales(
+    scale: torch.Tensor, relevant: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """bf16 scales on the log grid [out, groups] -> (codes uint8 [out, groups], top int32 [1], clamped
+    bool [out, groups]), with scale = 2^((top - code) / 32). `top` is the largest exponent among the
+    `relevant` groups (a group whose codes all map to one value, e.g. a zero group, decodes the same
+    under any scale and takes code 0). A relevant group more than 255 steps below `top` is clamped to
+    code 255, a larger scale: the caller requantizes it."""
+    exponent = log_scale_exponent(scale)
+    if not bool(relevant.any()):
+        top = torch.zeros(1, dtype=torch.int32)
+        return torch.zeros(scale.shape, dtype=torch.uint8), top, torch.zeros(scale.shape, dtype=torch.bool)
+    top = exponent[relevant].amax().reshape(1)
+    code = (top - exponent).clamp(min=0)
+    clamped = relevant & (code > LOG_SCALE_CODES - 1)
+    code = torch.where(relevant, code.clamp(max=LOG_SCALE_CODES - 1), torch.zeros_like(code))
+    return code.to(torch.uint8), top.to(torch.int32), clamped
+
+
+def decode_log_scales(code: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """(codes uint8 [out, groups], top int32 [1]) -> bf16 scales [out, groups]."""
+    return log_scale_value(top.long() - code.long())
+
+
 def quantize_grouped(
     x: torch.Tensor,
     bits: int,
     group_size: int,
     symmetric: bool = False,
     param_dtype: torch.dtype = torch.float32,
+    log_scales: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize along the last dim in groups of `group_size` (last group may be shorter).
 
@@ -67,6 +133,7 @@ def quantize_grouped(
     g = ceil(n / group_size), parameters in `param_dtype`. Codes are computed against the parameters as
     stored (after rounding to `param_dtype`), so dequantizing reproduces exactly what was optimised.
     A constant group gets a zero-width guard: its scale is 1 and every code maps back to the constant.
+    `log_scales`: each scale snapped to the log grid (bf16; see the module docstring).
     """
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"bits must be 2, 3, 4 or 8 (got {bits})")
@@ -75,16 +142,26 @@ def quantize_grouped(
     if symmetric:
         half = 2 ** (bits - 1)
         scale = g.abs().amax(dim=-1) / (half - 1)
-        scale = torch.where(scale > _EPS, scale, torch.ones_like(scale)).to(param_dtype)
+        scale = _as_param(torch.where(scale > _EPS, scale, torch.ones_like(scale)), param_dtype, log_scales)
         minimum = (-half * scale.float()).to(param_dtype)
     else:
         lo, hi = g.amin(dim=-1), g.amax(dim=-1)
         width = hi - lo
-        scale = torch.where(width > _EPS, width / levels, torch.ones_like(width)).to(param_dtype)
+        scale = _as_param(
+            torch.where(width > _EPS, width / levels, torch.ones_like(width)), param_dtype, log_scales
+        )
         minimum = lo.to(param_dtype)
     codes = torch.round((g - minimum.float()[..., None]) / scale.float()[..., None]).clamp_(0, levels)
     codes = codes.reshape(*x.shape[:-1], -1)[..., : x.shape[-1]].to(torch.uint8)
     return codes, scale, minimum
+
+
+def _as_param(scale: torch.Tensor, param_dtype: torch.dtype, log_scales: bool) -> torch.Tensor:
+    if not log_scales:
+        return scale.to(param_dtype)
+    if param_dtype != torch.bfloat16:
+        raise ValueError("log scales are bf16 values (param_dtype must be torch.bfloat16)")
+    return snap_log_scale(scale)
 
 
 def dequantize_grouped(
@@ -150,6 +227,7 @@ def quantize_grouped_clipped(
     ratios: tuple[float, ...] = CLIP_RATIOS,
     symmetric: bool = False,
     param_dtype: torch.dtype = torch.float32,
+    log_scales: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`quantize_grouped` with a per-group clipping search: each group's range is shrunk by each ratio
     in `ratios` (1.0 = plain min/max) and the ratio with the smallest error sum_j importance_j * (x_j -
@@ -162,13 +240,15 @@ def quantize_grouped_clipped(
     rows = max(1, _CLIP_BLOCK_ELEMENTS // max(1, x.shape[-1]))
     if x.dim() == 2 and x.shape[0] > rows:
         parts = [quantize_grouped_clipped(x[i : i + rows], bits, group_size, importance, ratios, symmetric,
-                                          param_dtype) for i in range(0, x.shape[0], rows)]  # fmt: skip
+                                          param_dtype, log_scales) for i in range(0, x.shape[0], rows)]  # fmt: skip
         return tuple(torch.cat(p) for p in zip(*parts, strict=True))
     n = x.shape[-1]
     weight = torch.ones(n) if importance is None else importance.float().clamp(min=0)
     best = None
     for ratio in ratios:
-        codes, scale, minimum = quantize_grouped(x * ratio, bits, group_size, symmetric, param_dtype)
+        codes, scale, minimum = quantize_grouped(
+            x * ratio, bits, group_size, symmetric, param_dtype, log_scales
+        )
         # requantize the unscaled values against the shrunk grid (values beyond it are clipped)
         codes = (
             torch.round(

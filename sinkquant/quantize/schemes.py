@@ -14,6 +14,11 @@ Registered schemes:
       weight uint8 [out, ceil(kept / 2)], weight_scale bf16 [out, groups], weight_min bf16 [out, groups]
   A symmetric layer stores no `weight_min`: its minimum is always -8 * scale (exact in bf16), so the
   buffer would cost 16 bits per group for nothing (4.125 bits per weight at group 128, not 4.25).
+  A layer with log scales stores each scale as one byte on a grid of 1/32 octave below one exponent
+  per layer (`primitives.encode_log_scales`), in place of `weight_scale`:
+      weight_scale_code uint8 [out, groups], weight_scale_top int32 [1]
+  (symmetric: 4.0625 bits per weight at group 128). Everything past storage sees the decoded bf16
+  scales (`read`), so the kernels, the dequantization and the exports are the same for both.
 
 `SCHEMES` is keyed by bits because bits alone name a storage format everywhere else: the recipe's
 `weights.bits`, the checkpoint's layer spec and `SinkQuantLinear(bits=...)`. A second scheme at the same
@@ -24,14 +29,19 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import ClassVar, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 
 from .primitives import (
+    LOG_SCALE_CODES,
+    decode_log_scales,
     dequantize_grouped,
     dequantize_int8_per_channel,
+    encode_log_scales,
+    log_scale_value,
     pack_bits,
     packed_size,
     quantize_grouped,
@@ -80,8 +90,11 @@ class WeightScheme(ABC):
         """The group size the layer stores for `kept` columns when `requested` was asked for."""
 
     @abstractmethod
-    def storage(self, out_features: int, kept: int, group_size: int, symmetric: bool = False) -> BufferSpecs:
-        """The buffers of the integer part (`symmetric`: a grid whose minimum follows from its scale)."""
+    def storage(
+        self, out_features: int, kept: int, group_size: int, symmetric: bool = False, log_scales: bool = False
+    ) -> BufferSpecs:
+        """The buffers of the integer part (`symmetric`: a grid whose minimum follows from its scale;
+        `log_scales`: one byte per scale)."""
 
     @abstractmethod
     def quantize(
@@ -92,8 +105,22 @@ class WeightScheme(ABC):
         symmetric: bool = False,
         importance: torch.Tensor | None = None,
         clip_search: bool = False,
+        log_scales: bool = False,
     ) -> Stored:
         """Round-to-nearest of weight [out, kept] float32; `importance` [kept] weighs a clip search."""
+
+    def buffers(
+        self, stored: Stored, kept: int, group_size: int, symmetric: bool = False, log_scales: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """What the layer's buffers (`storage`'s names) hold for `stored`."""
+        buffers = {"weight": stored.weight, "weight_scale": stored.scale}
+        if stored.minimum is not None and not symmetric:
+            buffers["weight_min"] = stored.minimum
+        return buffers
+
+    def read(self, buffers: Mapping[str, torch.Tensor | None]) -> Stored:
+        """The integer part from the layer's buffers (the inverse of `buffers`)."""
+        return Stored(buffers["weight"], buffers["weight_scale"], buffers.get("weight_min"))
 
     @abstractmethod
     def store(self, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> Stored:
@@ -105,7 +132,9 @@ class WeightScheme(ABC):
     code_dtype: ClassVar[torch.dtype]
 
     @abstractmethod
-    def group_range(self, values: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def group_range(
+        self, values: torch.Tensor, symmetric: bool, log_scales: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(scale [out], minimum [out] or None) of one group from its weights [out, n], by `quantize`'s
         formulas (so what GPTQ stores is what round-to-nearest would store for the same weights)."""
 
@@ -189,7 +218,11 @@ class Int8PerChannel(WeightScheme):
     def group_size(self, kept: int, requested: int | None) -> int:
         return kept  # one scale per row: the group is the whole row
 
-    def storage(self, out_features: int, kept: int, group_size: int, symmetric: bool = False) -> BufferSpecs:
+    def storage(
+        self, out_features: int, kept: int, group_size: int, symmetric: bool = False, log_scales: bool = False
+    ) -> BufferSpecs:
+        if log_scales:
+            raise ValueError("int8 layers store float32 scales, one per row (log scales are int4 only)")
         return {
             "weight": ((out_features, kept), torch.int8),
             "weight_scale": ((out_features,), torch.float32),
@@ -203,6 +236,7 @@ class Int8PerChannel(WeightScheme):
         symmetric: bool = False,
         importance: torch.Tensor | None = None,
         clip_search: bool = False,
+        log_scales: bool = False,
     ) -> Stored:
         return self.store(*quantize_int8_per_channel(weight), None)  # always symmetric, no search
 
@@ -212,7 +246,9 @@ class Int8PerChannel(WeightScheme):
     scale_dtype = torch.float32
     code_dtype = torch.int8
 
-    def group_range(self, values: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, None]:
+    def group_range(
+        self, values: torch.Tensor, symmetric: bool, log_scales: bool = False
+    ) -> tuple[torch.Tensor, None]:
         return quantize_int8_per_channel(values)[1], None
 
     def round_to_range(
@@ -293,12 +329,16 @@ class Int4Grouped(WeightScheme):
     #: a symmetric group's minimum is this many scales below zero (its codes 0..15 are -8..7 steps)
     SYMMETRIC_OFFSET = 8
 
-    def storage(self, out_features: int, kept: int, group_size: int, symmetric: bool = False) -> BufferSpecs:
+    def storage(
+        self, out_features: int, kept: int, group_size: int, symmetric: bool = False, log_scales: bool = False
+    ) -> BufferSpecs:
         groups = math.ceil(kept / group_size) if kept else 0
-        specs = {
-            "weight": ((out_features, packed_size(kept, 4)), torch.uint8),
-            "weight_scale": ((out_features, groups), torch.bfloat16),
-        }
+        specs: BufferSpecs = {"weight": ((out_features, packed_size(kept, 4)), torch.uint8)}
+        if log_scales:
+            specs["weight_scale_code"] = ((out_features, groups), torch.uint8)
+            specs["weight_scale_top"] = ((1,), torch.int32)
+        else:
+            specs["weight_scale"] = ((out_features, groups), torch.bfloat16)
         if not symmetric:
             specs["weight_min"] = ((out_features, groups), torch.bfloat16)
         return specs
@@ -317,14 +357,52 @@ class Int4Grouped(WeightScheme):
         symmetric: bool = False,
         importance: torch.Tensor | None = None,
         clip_search: bool = False,
+        log_scales: bool = False,
     ) -> Stored:
         if clip_search:
             found = quantize_grouped_clipped(
-                weight, 4, group_size, importance, symmetric=symmetric, param_dtype=torch.bfloat16
-            )
+                weight, 4, group_size, importance, symmetric=symmetric, param_dtype=torch.bfloat16,
+                log_scales=log_scales,
+            )  # fmt: skip
         else:
-            found = quantize_grouped(weight, 4, group_size, symmetric, torch.bfloat16)
+            found = quantize_grouped(weight, 4, group_size, symmetric, torch.bfloat16, log_scales)
         return self.store(*found)
+
+    def buffers(
+        self, stored: Stored, kept: int, group_size: int, symmetric: bool = False, log_scales: bool = False
+    ) -> dict[str, torch.Tensor]:
+        if not log_scales:
+            return super().buffers(stored, kept, group_size, symmetric)
+        codes = unpack_bits(stored.weight, 4, kept)
+        zero_code = (
+            self.SYMMETRIC_OFFSET if symmetric else 0
+        )  # the code whose value is the same for any scale
+        groups = stored.scale.shape[1]
+        grouped = F.pad(codes, (0, groups * group_size - kept), value=zero_code)
+        relevant = grouped.view(codes.shape[0], groups, group_size).ne(zero_code).any(-1)
+        scale_code, top, clamped = encode_log_scales(stored.scale, relevant)
+        if bool(clamped.any()):
+            # a group more than 8 octaves below the layer's largest scale: its values (tiny next to the
+            # layer's others) are rounded again on the finest scale the byte holds
+            minimum = self.minimum(stored).float()
+            values = dequantize_grouped(codes, stored.scale, minimum, group_size)
+            floor_scale = log_scale_value(top.long() - (LOG_SCALE_CODES - 1)).float()
+            new_min = -self.SYMMETRIC_OFFSET * floor_scale if symmetric else minimum
+            new_min = torch.where(clamped, new_min, minimum)
+            new_scale = torch.where(clamped, floor_scale, stored.scale.float())
+            expand = lambda t: t.repeat_interleave(group_size, dim=1)[:, :kept]  # noqa: E731
+            again = torch.round((values - expand(new_min)) / expand(new_scale)).clamp_(0, 15).to(torch.uint8)
+            codes = torch.where(expand(clamped), again, codes)
+        buffers = {"weight": pack_bits(codes, 4), "weight_scale_code": scale_code, "weight_scale_top": top}
+        if not symmetric:
+            buffers["weight_min"] = stored.minimum
+        return buffers
+
+    def read(self, buffers: Mapping[str, torch.Tensor | None]) -> Stored:
+        if buffers.get("weight_scale_code") is None:
+            return super().read(buffers)
+        scale = decode_log_scales(buffers["weight_scale_code"], buffers["weight_scale_top"])
+        return Stored(buffers["weight"], scale, buffers.get("weight_min"))
 
     def store(self, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> Stored:
         return Stored(pack_bits(codes, 4), scale, minimum)
@@ -332,8 +410,12 @@ class Int4Grouped(WeightScheme):
     scale_dtype = torch.bfloat16
     code_dtype = torch.uint8
 
-    def group_range(self, values: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        _, scale, minimum = quantize_grouped(values, 4, values.shape[1], symmetric, torch.bfloat16)
+    def group_range(
+        self, values: torch.Tensor, symmetric: bool, log_scales: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _, scale, minimum = quantize_grouped(
+            values, 4, values.shape[1], symmetric, torch.bfloat16, log_scales
+        )
         return scale[:, 0], minimum[:, 0]
 
     def round_to_range(

@@ -197,6 +197,7 @@ def quantize_(
             storage_dtype=storage_dtype or host.storage_dtype(name + ".weight"),
             importance=column_importance(name, report, weights.clip_sink_tokens),
             clip_search=weights.clip_search,
+            log_scales=weights.log_scales,
         )
         summary.swap_in(host.model, name, weight, module.bias, new, idx)
         bar.update()
@@ -258,6 +259,8 @@ def layer_spec(module: SinkQuantLinear) -> dict:
         "bias": module.bias is not None,
         "dtype": str(module.outlier_weight.dtype).replace("torch.", ""),
         "symmetric": module.symmetric,
+        # only where set, so a checkpoint without log scales keeps the format older readers know
+        **({"log_scales": True} if module.log_scales else {}),
     }
 
 
@@ -272,4 +275,5 @@ def empty_from_spec(spec: dict, device=None) -> SinkQuantLinear:
         getattr(torch, spec.get("dtype", "float16")),
         device=device,
         symmetric=spec.get("symmetric", False),  # checkpoints before it stored every minimum
+        log_scales=spec.get("log_scales", False),
     )

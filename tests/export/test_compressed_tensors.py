@@ -45,6 +45,16 @@ def checkpoints(tiny_dir, tmp_path_factory):
             root / "w4-sym-plain",
             **{"weights.group_size": 32, "weights.symmetric": True, "weights.outliers": None},
         ),
+        "w4-sym-log-plain": _quantize(
+            tiny_dir,
+            root / "w4-sym-log-plain",
+            **{
+                "weights.group_size": 32,
+                "weights.symmetric": True,
+                "weights.log_scales": True,
+                "weights.outliers": None,
+            },
+        ),  # fmt: skip
         "w8-outliers": _quantize(
             tiny_dir, root / "w8-outliers", **{"weights.bits": 8, "weights.outliers.fraction": 0.05}
         ),
@@ -95,13 +105,15 @@ def test_packing_is_compressed_tensors_packing(bits, dim):
     assert torch.equal(unpack_from_int32(ours, bits, codes.shape, packed_dim=dim).to(torch.int8), codes)
 
 
-def test_a_symmetric_layer_without_outlier_columns_exports_exactly(checkpoints, tmp_path):
+@pytest.mark.parametrize("checkpoint", ["w4-sym-plain", "w4-sym-log-plain"])
+def test_a_symmetric_layer_without_outlier_columns_exports_exactly(checkpoints, checkpoint, tmp_path):
     """Where the native grid is the format's (symmetric, whole groups, no outlier columns), the export
-    dequantizes to exactly the native weights, through compressed-tensors' decompressor and ours."""
+    dequantizes to exactly the native weights, through compressed-tensors' decompressor and ours; a
+    layer with one-byte log scales exports its decoded bf16 scales."""
     out = tmp_path / "ct"
-    report = export(checkpoints["w4-sym-plain"], out, ExportSettings(group_size=32))
+    report = export(checkpoints[checkpoint], out, ExportSettings(group_size=32))
     assert report.group_size == 32 and report.symmetric
-    for name, layer in _native_layers(checkpoints["w4-sym-plain"]).items():
+    for name, layer in _native_layers(checkpoints[checkpoint]).items():
         native = layer.dequantized_weight()
         args = ct.WeightArgs(4, 32, True)
         assert torch.equal(ct.read_pack_quantized(_module_tensors(out, name), args), native), name

@@ -354,9 +354,13 @@ def test_float64_gptq_checkpoint_does_not_depend_on_the_blas_code_path(stories_p
     assert digests[0] == digests[1]
 
 
+@pytest.mark.parametrize("recipe_file", ["w4-g128-best.yaml", "w4-g128-compact.yaml"])
 @pytest.mark.parametrize("make", ["tiny_qwen2", "tiny_gemma3", "tiny_gpt_oss"])
-def test_the_best_recipe_quantizes_other_architectures_and_loads_back(make, stories_path, tmp_path):
-    """recipes/w4-g128-best.yaml (GPTQ with act_order) as shipped, at sizes a tiny model takes (group 32,
+def test_the_best_recipe_quantizes_other_architectures_and_loads_back(
+    make, recipe_file, stories_path, tmp_path
+):
+    """recipes/w4-g128-best.yaml (GPTQ with act_order) as shipped, and w4-g128-compact.yaml (the same
+    with symmetric groups, one-byte log scales and 0.7% columns), at sizes a tiny model takes (group 32,
     3 x 96 calibration tokens), on Qwen2 (q/k/v biases), Gemma 3 (sliding windows, soft-capping) and
     gpt-oss (learned sink logits, fused experts): every linear layer but lm_head is quantized with its
     outlier columns exact, and the checkpoint loads through transformers to the logits `load` gives,
@@ -368,7 +372,7 @@ def test_the_best_recipe_quantizes_other_architectures_and_loads_back(make, stor
 
     model = getattr(tiny_models, make)()
     src = tiny_models.save_tiny(model, tmp_path / "src", tokenizer_from=stories_path)
-    recipe = load_recipe(RECIPES / "w4-g128-best.yaml").with_overrides(
+    recipe = load_recipe(RECIPES / recipe_file).with_overrides(
         **{"weights.group_size": 32, "calibration.samples": 3, "calibration.seq_len": 96}
     )
     assert recipe.weights.algorithm == "gptq" and recipe.weights.gptq.act_order
@@ -383,6 +387,10 @@ def test_the_best_recipe_quantizes_other_architectures_and_loads_back(make, stor
             assert idx.numel() > 0
             exact = originals[name].weight.detach()[:, idx]
             assert torch.equal(module.dequantized_weight()[:, idx], exact), name
+            assert (module.symmetric, module.log_scales) == (
+                recipe.weights.symmetric,
+                recipe.weights.log_scales,
+            )
     ids = torch.randint(3, 500, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = model(input_ids=ids).logits
@@ -390,6 +398,7 @@ def test_the_best_recipe_quantizes_other_architectures_and_loads_back(make, stor
         through_hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"))(input_ids=ids).logits
     assert torch.equal(logits, through_hf)
     # a loose bound: random weights and 288 calibration tokens give GPTQ little structure to exploit, so
-    # this asks only that the layers kept their weights (logits of a model that lost them are off by ~100%)
+    # this asks only that the layers kept their weights (logits of a model that lost them are off by ~100%;
+    # symmetric groups on Gaussian weights lose more than asymmetric ones, so the bound sits between)
     error = float((logits - reference).abs().mean() / reference.abs().mean())
-    assert torch.isfinite(logits).all() and error < 0.35
+    assert torch.isfinite(logits).all() and error < 0.5

@@ -182,3 +182,59 @@ def test_many_rows_input_gradients_survive_the_next_call():
     b(torch.randn(DENSE_MIN_ROWS, 96, dtype=torch.bfloat16))  # refills the shared buffer
     y.float().sum().backward()
     assert torch.equal(x.grad, expected)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_log_scale_layer_computes_as_a_layer_holding_its_decoded_scales(symmetric):
+    """One byte per scale instead of bf16's two, and nothing else changes: every forward path of a
+    log-scale layer gives exactly the numbers of a bf16-scale layer built from its codes and decoded
+    scales, and the scales it quantized with lie on the log grid."""
+    from sinkquant.quantize.primitives import snap_log_scale, unpack_bits
+
+    torch.manual_seed(0)
+    w, b = torch.randn(64, 300), torch.randn(64)
+    idx = [3, 70, 250]
+    log = SinkQuantLinear.from_float(w, b, 4, 32, idx, symmetric, log_scales=True)
+    assert "weight_scale" not in dict(log.named_buffers())
+    assert log.weight_scale_code.dtype == torch.uint8 and log.weight_scale_top.shape == (1,)
+    scale = log.group_scale()
+    assert torch.equal(snap_log_scale(scale.float()), scale)
+    plain = SinkQuantLinear.from_float(
+        w, b, 4, 32, idx, symmetric, codes=unpack_bits(log.weight, 4, log.in_kept), scale=scale,
+        minimum=log.group_minimum(),
+    )  # fmt: skip
+    groups = log.weight_scale_code.numel()
+    assert plain.nbytes() - log.nbytes() == groups - 4  # a byte per group less, plus the int32 exponent
+    assert torch.equal(log.dequantized_weight(), plain.dequantized_weight())
+    for rows in (1, 5, 80):
+        x = torch.randn(rows, 300).to(torch.bfloat16)
+        assert torch.equal(log(x), plain(x)), rows
+        with use_kernels(False):
+            assert torch.equal(log(x), plain(x)), rows
+
+
+def test_a_log_scale_layer_keeps_groups_far_below_its_largest_scale():
+    """A group 12 octaves below the layer's largest scale cannot be coded under its exponent: it is
+    rounded again on the finest scale a byte holds, so it keeps its values to within that half step,
+    and an all-zero group stays exactly zero."""
+    torch.manual_seed(1)
+    w = torch.randn(16, 128)
+    w[2, 32:64] *= 2.0**-12
+    w[5, 64:96] = 0
+    layer = SinkQuantLinear.from_float(w, None, 4, 32, [], True, log_scales=True)
+    got = layer.dequantized_weight()
+    assert int(layer.weight_scale_code[2, 1]) == 255
+    finest = float(layer.group_scale()[2, 1])
+    assert float((got[2, 32:64] - w[2, 32:64]).abs().max()) <= finest / 2 + 1e-9
+    assert torch.equal(got[5, 64:96], torch.zeros(32))
+    fine = torch.ones(16, 4, dtype=torch.bool)
+    fine[2, 1] = fine[5, 2] = False
+    assert float(((got - w).view(16, 4, 32).abs().amax(-1) / layer.group_scale().float())[fine].max()) <= 1.01
+
+
+def test_a_log_scale_layer_refuses_scales_off_its_grid():
+    w = torch.randn(8, 64)
+    codes = torch.randint(0, 16, (8, 64), dtype=torch.uint8)
+    scale = torch.full((8, 2), 0.013, dtype=torch.bfloat16)  # bf16 0.013000, between 0.01294 and 0.01312
+    with pytest.raises(ValueError, match="log grid"):
+        SinkQuantLinear.from_float(w, None, 4, 32, [], True, codes=codes, scale=scale, log_scales=True)

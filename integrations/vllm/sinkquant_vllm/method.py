@@ -92,6 +92,11 @@ class SinkQuantVllmConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> SinkQuantVllmConfig:
         version = config.get("format_version", 1)
+        if version == 4:  # a layer stores its int4 scales as one byte each (`log_scales`)
+            raise ValueError(
+                "this sinkquant checkpoint stores log scales (format 4), which this plugin does not read; "
+                "serve `sinkquant export CHECKPOINT OUT --format compressed-tensors` instead (exact scales)"
+            )
         if version > 3:
             raise ValueError(
                 f"this sinkquant checkpoint is format {version}; this plugin reads formats up to 3: "
