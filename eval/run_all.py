@@ -45,6 +45,11 @@ QUALITY_CLAIMS = [
         ["llmc-gptq", "autoround", "autoround-light", "llmc-awq", "llmc-awq-gptq"],
         "W4 weights, GPTQ",
     ),
+    (
+        "sq-compact",
+        ["autoround", "autoround-light", "llmc-awq", "llmc-awq-gptq"],
+        "W4 weights at AutoRound's bits (one-byte log scales)",
+    ),
     ("sq-kv4", ["qc-quanto-4", "qc-hqq-4"], "KV cache, 4 bits"),
     ("sq-kv2", ["qc-quanto-2", "qc-hqq-2"], "KV cache, 2 bits"),
 ]
