@@ -3,7 +3,8 @@
     python eval/bench_serving.py [--model DIR] [--tokens 16384] [--compile] [--out eval/results/serving_smollm2.md]
 
 Rows (SmolLM2-135M unless --model): vLLM bf16 on the source model; the native sinkquant W4 checkpoint
-(default recipe) and W8 checkpoint through the sinkquant-vllm plugin; their compressed-tensors exports:
+(default recipe), W4 with symmetric groups and one-byte log scales (format 4; the default recipe with
+`symmetric` and `log_scales`) and W8 checkpoint through the sinkquant-vllm plugin; their compressed-tensors exports:
 W4A16 pack-quantized (the checkpoint's asymmetric grid, group made to divide the widths; GPU kernels
 serve it, vLLM's AVX2 CPU build has none), W4A8 (symmetric int4 with per-token int8 activations: the 4-bit
 scheme that CPU build serves), W8A8 int8 (there is no weight-only int8 CPU kernel), with and without
@@ -127,8 +128,10 @@ def main() -> None:
     windows_file.write_text(json.dumps(windows.tolist()))
 
     start = time.perf_counter()
-    native_w4, native_w8 = work / "w4", work / "w8"
+    native_w4, native_w8, native_w4_log = work / "w4", work / "w8", work / "w4-log"
     quantize_model(model, native_w4, Recipe(), overwrite=True, progress=False)
+    log_scales = Recipe().with_overrides(**{"weights.symmetric": True, "weights.log_scales": True})
+    quantize_model(model, native_w4_log, log_scales, overwrite=True, progress=False)
     quantize_model(
         model, native_w8, load_recipe(ROOT / "recipes" / "w8.yaml"), overwrite=True, progress=False
     )
@@ -214,6 +217,8 @@ def main() -> None:
     rows += [
         ("w4", "sinkquant W4 native (plugin)", native_w4, "4 + 1% fp16 columns", ours(native_w4), None,
          wanted("w4", "score")),
+        ("w4-log", "sinkquant W4 symmetric, log scales, native (plugin)", native_w4_log,
+         "4 (1-byte scales) + 1% fp16 columns", ours(native_w4_log), None, wanted("w4-log", "score")),
         ("w8", "sinkquant W8 native (plugin)", native_w8, "8", ours(native_w8), None, wanted("w8", "score")),
     ]  # fmt: skip
     for folder, source, _, suffix, mode in exports:

@@ -94,3 +94,36 @@ def test_a_fused_layer_gives_each_shard_its_own_outputs():
         torch.testing.assert_close(
             plugin.reference_forward(x.float(), spec, fused), expected, rtol=1e-5, atol=1e-5
         )
+
+
+def test_a_fused_log_scale_layer_decodes_each_shard_under_its_own_exponent():
+    """Format 4 keeps one scale exponent per checkpoint layer, so a fused layer gets one per shard:
+    shards whose scales differ by octaves (q, k and v of unlike magnitude) decode to exactly the bf16
+    scales each quantized with, and the fused layer gives each shard's outputs bit for bit."""
+    idx = torch.tensor([5, 77, 140])
+    shards = []
+    for seed, magnitude in enumerate((0.05, 3.0, 0.0007)):
+        torch.manual_seed(seed)
+        shards.append(
+            SinkQuantLinear.from_float(
+                torch.randn(64, 160) * magnitude, None, 4, 32, idx, True, log_scales=True
+            )
+        )
+    assert len({int(s.weight_scale_top) for s in shards}) == 3
+    fused = {
+        name: torch.cat([_tensors(s)[name] for s in shards]) if name != "outlier_idx" else idx.int()
+        for name in _tensors(shards[0])
+    }
+    spec = plugin.LayerSpec(160, 64, 4, 32, 3, False, "float32", symmetric=True, log_scales=True)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in fused.items()} == {
+        k: shape_dtype for k, shape_dtype in spec.shapes(192, shards=3).items()
+    }
+    plain_spec, plain = plugin.decode_log_scales(spec, fused, [64, 64, 64])
+    assert not plain_spec.log_scales and "weight_scale_code" not in plain
+    assert torch.equal(plain["weight_scale"], torch.cat([s.group_scale() for s in shards]))
+    served = plugin.sinkquant_layer(plain_spec, plain)
+    x = torch.randn(4, 160).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(served(x), torch.cat([s(x) for s in shards], dim=1))
+    with pytest.raises(ValueError, match="exponents"):
+        plugin.decode_log_scales(spec, fused, [96, 96])

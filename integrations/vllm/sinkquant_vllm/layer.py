@@ -1,7 +1,7 @@
 """sinkquant's quantized linear layer, read from its tensors without sinkquant, and its forward.
 
 This module imports only torch, so the tests of sinkquant check it without vLLM. The format is
-sinkquant's (format versions 2 and 3), one layer per `quantization_config.layers` entry:
+sinkquant's (format versions 2 to 4), one layer per `quantization_config.layers` entry:
 
     y = x[:, kept] @ dequant(W)^T + x[:, outlier_idx] @ outlier_weight^T (+ bias)
 
@@ -11,7 +11,10 @@ sinkquant's (format versions 2 and 3), one layer per `quantization_config.layers
     bits 4: weight uint8 [out, ceil(kept / 2)], two codes c in [0, 15] a byte, low nibble first;
             weight_scale, weight_min bf16 [out, ceil(kept / group)]; value = c * scale + min over
             groups of `group_size` consecutive kept columns (the last may be shorter); a layer whose
-            spec says `symmetric` stores no weight_min: its minima are -8 * scale
+            spec says `symmetric` stores no weight_min: its minima are -8 * scale; a layer whose spec
+            says `log_scales` (format 4) stores weight_scale_code uint8 [out, groups] and
+            weight_scale_top int32 [1] instead of weight_scale: scale = bf16(2^((top - code) / 32)),
+            and `decode_log_scales` turns it into the form above before anything else reads it
     bits 8: weight int8 [out, kept]; weight_scale float32 [out]; value = c * scale
 
 Where sinkquant is importable (`pip install --no-deps sinkquant` beside vLLM), `sinkquant_layer` builds
@@ -22,7 +25,7 @@ sinkquant's numbers. Elsewhere (a GPU, or no sinkquant) `reference_forward` dequ
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -39,6 +42,7 @@ class LayerSpec:
     bias: bool
     dtype: str = "float16"
     symmetric: bool = False
+    log_scales: bool = False
 
     @classmethod
     def from_dict(cls, spec: dict) -> LayerSpec:
@@ -51,6 +55,7 @@ class LayerSpec:
             spec.get("bias", False),
             spec.get("dtype", "float16"),
             spec.get("symmetric", False),
+            spec.get("log_scales", False),
         )
 
     @property
@@ -64,9 +69,12 @@ class LayerSpec:
             return self.kept
         return self.group_size
 
-    def shapes(self, out_features: int | None = None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    def shapes(
+        self, out_features: int | None = None, shards: int = 1
+    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Tensor name -> (shape, dtype) for a layer of `out_features` outputs (default: the spec's;
-        vLLM passes the sum of a fused layer's outputs)."""
+        vLLM passes the sum of a fused layer's outputs, and its number of `shards`, each of which
+        brings its own log-scale exponent)."""
         out = self.out_features if out_features is None else out_features
         outlier_dtype = getattr(torch, self.dtype)
         if self.bits == 4:
@@ -75,6 +83,10 @@ class LayerSpec:
                 "weight": ((out, math.ceil(self.kept / 2)), torch.uint8),
                 "weight_scale": ((out, groups), torch.bfloat16),
             }
+            if self.log_scales:
+                del scheme["weight_scale"]
+                scheme["weight_scale_code"] = ((out, groups), torch.uint8)
+                scheme["weight_scale_top"] = ((shards,), torch.int32)
             if not self.symmetric:
                 scheme["weight_min"] = ((out, groups), torch.bfloat16)
         elif self.bits == 8:
@@ -86,6 +98,32 @@ class LayerSpec:
             "outlier_idx": ((self.outliers,), torch.int32),
             "outlier_weight": ((out, self.outliers), outlier_dtype),
         }
+
+
+# 2^(i/32), i = 0..31, in float64: the log grid's mantissas, computed as sinkquant computes them, so
+# a decoded scale has the same bf16 bits as the one sinkquant quantized with
+_LOG_STEPS = 32
+_LOG_MANTISSAS = torch.tensor([2.0 ** (i / _LOG_STEPS) for i in range(_LOG_STEPS)], dtype=torch.float64)
+
+
+def decode_log_scales(
+    spec: LayerSpec, tensors: dict[str, torch.Tensor], shard_sizes: list[int] | None = None
+) -> tuple[LayerSpec, dict[str, torch.Tensor]]:
+    """A `log_scales` layer as the same layer with bf16 `weight_scale` (its spec without the flag);
+    any other layer unchanged. `shard_sizes`: the output rows of each fused shard, in order, whose
+    exponents `weight_scale_top` holds one each (default: one shard)."""
+    if not spec.log_scales:
+        return spec, tensors
+    code, top = tensors["weight_scale_code"], tensors["weight_scale_top"]
+    sizes = shard_sizes or [code.shape[0]]
+    if len(sizes) != top.numel() or sum(sizes) != code.shape[0]:
+        raise ValueError(f"{top.numel()} log-scale exponents for shards of {sizes} rows")
+    row_top = torch.repeat_interleave(top.long().cpu(), torch.tensor(sizes))[:, None]
+    exponent = row_top - code.long().cpu()
+    octave, step = torch.div(exponent, _LOG_STEPS, rounding_mode="floor"), exponent.remainder(_LOG_STEPS)
+    scale = torch.ldexp(_LOG_MANTISSAS[step], octave.double()).to(torch.bfloat16).to(code.device)
+    plain = {k: v for k, v in tensors.items() if k not in ("weight_scale_code", "weight_scale_top")}
+    return replace(spec, log_scales=False), {**plain, "weight_scale": scale}
 
 
 def kept_columns(outlier_idx: torch.Tensor, in_features: int) -> torch.Tensor:

@@ -8,7 +8,9 @@ dimension; `outlier_idx` is one for the whole fused layer, so every shard must b
 differ is refused with a message). After loading, the layer's forward is sinkquant's `SinkQuantLinear`
 on those tensors where sinkquant is importable, called through a registered custom op so that vLLM's
 torch.compile treats it as one opaque call; otherwise the weight is dequantized per call and
-multiplied (`layer.reference_forward`), which also serves GPUs.
+multiplied (`layer.reference_forward`), which also serves GPUs. One-byte log scales (format 4) come
+with one exponent per checkpoint layer, so a fused layer holds one per shard (as vLLM holds fp8
+per-tensor scales) and decodes its scales to bf16 once, after loading.
 """
 
 from __future__ import annotations
@@ -24,9 +26,17 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
-from vllm.model_executor.parameter import BasevLLMParameter, ChannelQuantScaleParameter, ModelWeightParameter
+from vllm.model_executor.parameter import (
+    BasevLLMParameter,
+    ChannelQuantScaleParameter,
+    ModelWeightParameter,
+    PerTensorScaleParameter,
+)
 
-from .layer import LayerSpec, effective_weight, reference_forward, sinkquant_layer
+from .layer import LayerSpec, decode_log_scales, effective_weight, reference_forward, sinkquant_layer
+
+#: the newest checkpoint format this plugin reads (4: one-byte log scales)
+FORMAT_VERSION = 4
 
 _LAYERS: list = []  # the served SinkQuantLinear modules, by the handle the custom op receives
 
@@ -92,15 +102,10 @@ class SinkQuantVllmConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> SinkQuantVllmConfig:
         version = config.get("format_version", 1)
-        if version == 4:  # a layer stores its int4 scales as one byte each (`log_scales`)
+        if version > FORMAT_VERSION:
             raise ValueError(
-                "this sinkquant checkpoint stores log scales (format 4), which this plugin does not read; "
-                "serve `sinkquant export CHECKPOINT OUT --format compressed-tensors` instead (exact scales)"
-            )
-        if version > 3:
-            raise ValueError(
-                f"this sinkquant checkpoint is format {version}; this plugin reads formats up to 3: "
-                "upgrade sinkquant-vllm"
+                f"this sinkquant checkpoint is format {version}; this plugin reads formats up to "
+                f"{FORMAT_VERSION}: upgrade sinkquant-vllm"
             )
         return cls(
             config.get("layers") or {}, config.get("modules_to_not_convert") or [], config.get("kv_cache")
@@ -136,9 +141,10 @@ class SinkQuantLinearMethod(LinearMethodBase):
     def __init__(self, prefix: str, specs: list[LayerSpec]) -> None:
         first = specs[0]
         for spec in specs[1:]:
-            same = (spec.in_features, spec.bits, spec.group_size, spec.outliers, spec.dtype, spec.symmetric)
+            same = (spec.in_features, spec.bits, spec.group_size, spec.outliers, spec.dtype, spec.symmetric,
+                    spec.log_scales)  # fmt: skip
             if same != (first.in_features, first.bits, first.group_size, first.outliers, first.dtype,
-                        first.symmetric):  # fmt: skip
+                        first.symmetric, first.log_scales):  # fmt: skip
                 raise ValueError(f"the projections vLLM fuses into {prefix} were quantized differently")
         self.prefix, self.spec = prefix, first
 
@@ -159,10 +165,13 @@ class SinkQuantLinearMethod(LinearMethodBase):
             )
         weight_loader = extra_weight_attrs.get("weight_loader")
         out = sum(output_partition_sizes)
-        for name, (shape, dtype) in self.spec.shapes(out).items():
+        layer.sinkquant_shard_sizes = list(output_partition_sizes)
+        for name, (shape, dtype) in self.spec.shapes(out, len(output_partition_sizes)).items():
             data = torch.empty(shape, dtype=dtype)
             if name == "outlier_idx":
                 param = SharedAcrossShards(data=data, weight_loader=weight_loader)
+            elif name == "weight_scale_top":  # one exponent per shard, loaded at the shard's index
+                param = PerTensorScaleParameter(data=data, weight_loader=weight_loader)
             elif len(shape) == 1:
                 param = ChannelQuantScaleParameter(output_dim=0, data=data, weight_loader=weight_loader)
             else:
@@ -172,8 +181,11 @@ class SinkQuantLinearMethod(LinearMethodBase):
             layer.register_parameter(name, param)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        names = self.spec.shapes()
-        tensors = {name: torch.nn.Parameter(getattr(layer, name).data, requires_grad=False) for name in names}
+        loaded = {name: getattr(layer, name).data for name in self.spec.shapes()}
+        for name in loaded:
+            delattr(layer, name)
+        self.spec, loaded = decode_log_scales(self.spec, loaded, layer.sinkquant_shard_sizes)
+        tensors = {name: torch.nn.Parameter(t, requires_grad=False) for name, t in loaded.items()}
         for name, tensor in tensors.items():
             setattr(layer, name, tensor)
         plain = {name: t.data for name, t in tensors.items()}
