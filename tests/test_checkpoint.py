@@ -210,9 +210,11 @@ def test_cli_conflicting_overrides_are_refused(tiny_dir, tmp_path):
     assert result.exit_code == 2 and "per output channel" in result.output
 
 
-def test_a_log_scale_checkpoint_stores_one_byte_per_scale_and_reloads_both_ways(tiny_dir, tmp_path):
+def test_a_log_scale_checkpoint_stores_one_byte_per_scale_and_reloads_both_ways(
+    tiny_dir, tmp_path, monkeypatch
+):
     """`weights.log_scales` writes each int4 scale as a uint8 code under one int32 exponent per layer
-    (format 4, so older readers refuse it) and loads through sinkquant and from_pretrained to the
+    (format 4, which a reader of format 3 refuses) and loads through sinkquant and from_pretrained to the
     model that was quantized."""
     from safetensors import safe_open
 
@@ -242,3 +244,10 @@ def test_a_log_scale_checkpoint_stores_one_byte_per_scale_and_reloads_both_ways(
     expected = _logits(model, ids)
     for reloaded in (load(result.out_dir), AutoModelForCausalLM.from_pretrained(result.out_dir)):
         assert float((_logits(reloaded, ids) - expected).abs().max()) <= 1e-4
+
+    # a reader of format 3 (no log scales) refuses the checkpoint instead of misreading it
+    import sinkquant.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 3)
+    with pytest.raises(Exception, match="format 4, newer than this sinkquant reads"):
+        load(result.out_dir)

@@ -173,6 +173,8 @@ def gptq_quantize_weight(
 
     `log_scales` (int4): each group's scale is fitted on the log grid a log-scale layer stores."""
     out_f, in_f = weight.shape
+    if log_scales and refine_rounds:
+        raise ValueError("refine_rounds refits scales off the log grid; use refine_rounds=0 with log_scales")
     idx = torch.as_tensor(outlier_idx, dtype=torch.long).sort().values
     keep = complement_indices(idx, in_f)
     n_keep = keep.numel()

@@ -79,7 +79,10 @@ def log_scale_exponent(scale: torch.Tensor) -> torch.Tensor:
     splits off the power of two, and the mantissa is compared with fixed midpoints (no log2, whose
     last bit may differ between CPUs' vector libraries)."""
     mantissa, exponent = torch.frexp(scale.double().clamp(min=_EPS))  # scale = mantissa * 2^exponent
-    step = torch.searchsorted(_LOG_MIDPOINTS, (2 * mantissa).contiguous(), right=True)  # 0..32
+    midpoints = _LOG_MIDPOINTS.to(
+        mantissa.device
+    )  # the tables live on the CPU; a GPU weight reads them there
+    step = torch.searchsorted(midpoints, (2 * mantissa).contiguous(), right=True)  # 0..32
     return ((exponent.long() - 1) * LOG_SCALE_STEPS + step).to(torch.int32)
 
 
@@ -87,7 +90,7 @@ def log_scale_value(exponent: torch.Tensor) -> torch.Tensor:
     """int e -> bf16 2^(e/32): a table mantissa shifted by an exact power of two, rounded once to bf16."""
     e = exponent.long()
     octave, step = torch.div(e, LOG_SCALE_STEPS, rounding_mode="floor"), e.remainder(LOG_SCALE_STEPS)
-    return torch.ldexp(_LOG_MANTISSAS[step], octave.double()).to(torch.bfloat16)
+    return torch.ldexp(_LOG_MANTISSAS.to(e.device)[step], octave.double()).to(torch.bfloat16)
 
 
 def snap_log_scale(scale: torch.Tensor) -> torch.Tensor:

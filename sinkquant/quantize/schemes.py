@@ -383,7 +383,8 @@ class Int4Grouped(WeightScheme):
         scale_code, top, clamped = encode_log_scales(stored.scale, relevant)
         if bool(clamped.any()):
             # a group more than 8 octaves below the layer's largest scale: its values (tiny next to the
-            # layer's others) are rounded again on the finest scale the byte holds
+            # layer's others) are rounded again on the finest scale the byte holds (from their first
+            # rounding: the error stays under one finest step)
             minimum = self.minimum(stored).float()
             values = dequantize_grouped(codes, stored.scale, minimum, group_size)
             floor_scale = log_scale_value(top.long() - (LOG_SCALE_CODES - 1)).float()

@@ -399,6 +399,6 @@ def test_the_best_recipe_quantizes_other_architectures_and_loads_back(
     assert torch.equal(logits, through_hf)
     # a loose bound: random weights and 288 calibration tokens give GPTQ little structure to exploit, so
     # this asks only that the layers kept their weights (logits of a model that lost them are off by ~100%;
-    # symmetric groups on Gaussian weights lose more than asymmetric ones, so the bound sits between)
+    # symmetric groups on Gaussian weights lose more than asymmetric ones, so theirs is looser)
     error = float((logits - reference).abs().mean() / reference.abs().mean())
-    assert torch.isfinite(logits).all() and error < 0.5
+    assert torch.isfinite(logits).all() and error < (0.5 if recipe.weights.symmetric else 0.35)

@@ -215,20 +215,24 @@ def test_a_log_scale_layer_computes_as_a_layer_holding_its_decoded_scales(symmet
 
 def test_a_log_scale_layer_keeps_groups_far_below_its_largest_scale():
     """A group 12 octaves below the layer's largest scale cannot be coded under its exponent: it is
-    rounded again on the finest scale a byte holds, so it keeps its values to within that half step,
-    and an all-zero group stays exactly zero."""
+    rounded again on the finest scale a byte holds, so it keeps its values to within one such step
+    (its own rounding and that one's), and an all-zero group stays exactly zero."""
     torch.manual_seed(1)
     w = torch.randn(16, 128)
     w[2, 32:64] *= 2.0**-12
     w[5, 64:96] = 0
+    w[7, 0:32] *= 2.0**-9  # clamped too, but large enough to keep nonzero codes on the finest scale
     layer = SinkQuantLinear.from_float(w, None, 4, 32, [], True, log_scales=True)
     got = layer.dequantized_weight()
-    assert int(layer.weight_scale_code[2, 1]) == 255
     finest = float(layer.group_scale()[2, 1])
-    assert float((got[2, 32:64] - w[2, 32:64]).abs().max()) <= finest / 2 + 1e-9
+    for row, cols in ((2, slice(32, 64)), (7, slice(0, 32))):
+        assert int(layer.weight_scale_code[row, cols.start // 32]) == 255
+        # rounded twice: on its own (finer) scale, then on the finest stored one: under one finest step
+        assert float((got[row, cols] - w[row, cols]).abs().max()) <= finest + 1e-9
+    assert int((got[7, 0:32] != 0).sum()) >= 8  # requantized, not zeroed
     assert torch.equal(got[5, 64:96], torch.zeros(32))
     fine = torch.ones(16, 4, dtype=torch.bool)
-    fine[2, 1] = fine[5, 2] = False
+    fine[2, 1] = fine[5, 2] = fine[7, 0] = False
     assert float(((got - w).view(16, 4, 32).abs().amax(-1) / layer.group_scale().float())[fine].max()) <= 1.01
 
 
@@ -238,3 +242,16 @@ def test_a_log_scale_layer_refuses_scales_off_its_grid():
     scale = torch.full((8, 2), 0.013, dtype=torch.bfloat16)  # bf16 0.013000, between 0.01294 and 0.01312
     with pytest.raises(ValueError, match="log grid"):
         SinkQuantLinear.from_float(w, None, 4, 32, [], True, codes=codes, scale=scale, log_scales=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_log_scale_layer_quantizes_and_decodes_on_cuda_as_on_cpu():
+    """The log grid's tables live on the CPU; a layer quantized from a GPU weight (`--device cuda`)
+    must read them there and store the same bytes as on the CPU."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 300)
+    cpu = SinkQuantLinear.from_float(w, None, 4, 32, [3, 70], True, log_scales=True)
+    gpu = SinkQuantLinear.from_float(w.cuda(), None, 4, 32, [3, 70], True, log_scales=True)
+    for name, buffer in cpu.named_buffers():
+        assert torch.equal(getattr(gpu, name).cpu(), buffer), name
+    assert torch.equal(gpu.dequantized_weight().cpu(), cpu.dequantized_weight())
