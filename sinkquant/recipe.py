@@ -131,7 +131,8 @@ class WeightsSection(StrictModel):
     group_size: int | Literal["channel"] | None = None
     symmetric: bool = False
     # int4: each group's scale stored in one byte on a grid of 1/32 octave (8 octaves below one exponent
-    # per layer) instead of bf16: 8 bits per group fewer, at a scale at most 1.1% from its min/max value
+    # per layer) instead of bf16: 8 bits per group fewer, each scale within half a grid step (2^(1/64):
+    # 1.09%) of its min/max value before bf16 rounds the grid point (at most 0.39% more)
     log_scales: bool = False
     algorithm: Literal["rtn", "gptq", "learned"] = "rtn"
     # int4 RTN: pick each group's range among shrunk min/max ranges by activation-weighted error

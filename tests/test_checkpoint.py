@@ -102,23 +102,31 @@ def test_reload_both_ways_gives_the_same_logits(quantized, tiny_dir):
         assert float((_logits(reloaded, ids) - expected).abs().max()) <= 1e-4
 
 
+def _quantized_and_reloaded(tiny_dir, out_dir, overrides: dict):
+    """`quantize_model` with `overrides` at tiny sizes; the checkpoint must load through sinkquant and
+    from_pretrained to the logits of the same recipe applied in memory."""
+    from sinkquant.loading import load_model
+    from sinkquant.quantize.weights import quantize_
+
+    recipe = Recipe().with_overrides(
+        **{"weights.group_size": 32, "calibration.samples": 2, "calibration.seq_len": 64, **overrides}
+    )
+    result = quantize_model(tiny_dir, out_dir, recipe, progress=False)
+    model = load_model(tiny_dir)
+    quantize_(model, recipe.weights, result.report, progress=False)
+    ids = torch.randint(0, 512, (2, 24))
+    expected = _logits(model, ids)
+    for reloaded in (load(result.out_dir), AutoModelForCausalLM.from_pretrained(result.out_dir)):
+        assert float((_logits(reloaded, ids) - expected).abs().max()) <= 1e-4
+    return result
+
+
 def test_a_symmetric_checkpoint_stores_no_minima_and_reloads_both_ways(tiny_dir, tmp_path):
     """Symmetric int4 drops weight_min from the files (its minima are -8 * scale) and still loads
     through sinkquant and from_pretrained to the model that was quantized."""
     from safetensors import safe_open
 
-    from sinkquant.loading import load_model
-    from sinkquant.quantize.weights import quantize_
-
-    recipe = Recipe().with_overrides(
-        **{
-            "weights.group_size": 32,
-            "weights.symmetric": True,
-            "calibration.samples": 2,
-            "calibration.seq_len": 64,
-        }
-    )
-    result = quantize_model(tiny_dir, tmp_path / "sym", recipe, progress=False)
+    result = _quantized_and_reloaded(tiny_dir, tmp_path / "sym", {"weights.symmetric": True})
     with safe_open(str(result.out_dir / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert any(k.endswith(".weight_scale") for k in keys) and not any(k.endswith(".weight_min") for k in keys)
@@ -126,12 +134,6 @@ def test_a_symmetric_checkpoint_stores_no_minima_and_reloads_both_ways(tiny_dir,
     assert all(spec["symmetric"] for spec in qc["layers"].values())
     # format 3: a reader of format 2 would expect every weight_min, so it must refuse, not misread
     assert qc["format_version"] == 3 == json.loads((result.out_dir / MANIFEST).read_text())["format_version"]
-    model = load_model(tiny_dir)
-    quantize_(model, recipe.weights, result.report, progress=False)
-    ids = torch.randint(0, 512, (2, 24))
-    expected = _logits(model, ids)
-    for reloaded in (load(result.out_dir), AutoModelForCausalLM.from_pretrained(result.out_dir)):
-        assert float((_logits(reloaded, ids) - expected).abs().max()) <= 1e-4
 
 
 def test_tampered_tensor_file_is_detected(quantized, tmp_path):
@@ -218,19 +220,9 @@ def test_a_log_scale_checkpoint_stores_one_byte_per_scale_and_reloads_both_ways(
     model that was quantized."""
     from safetensors import safe_open
 
-    from sinkquant.loading import load_model
-    from sinkquant.quantize.weights import quantize_
-
-    recipe = Recipe().with_overrides(
-        **{
-            "weights.group_size": 32,
-            "weights.symmetric": True,
-            "weights.log_scales": True,
-            "calibration.samples": 2,
-            "calibration.seq_len": 64,
-        }
+    result = _quantized_and_reloaded(
+        tiny_dir, tmp_path / "log", {"weights.symmetric": True, "weights.log_scales": True}
     )
-    result = quantize_model(tiny_dir, tmp_path / "log", recipe, progress=False)
     with safe_open(str(result.out_dir / "model.safetensors"), "pt") as f:
         dtypes = {k.rpartition(".")[2]: f.get_slice(k).get_dtype() for k in f.keys()}
     assert dtypes["weight_scale_code"] == "U8" and dtypes["weight_scale_top"] == "I32"
@@ -238,12 +230,6 @@ def test_a_log_scale_checkpoint_stores_one_byte_per_scale_and_reloads_both_ways(
     qc = json.loads((result.out_dir / "config.json").read_text())["quantization_config"]
     assert all(spec["log_scales"] for spec in qc["layers"].values())
     assert qc["format_version"] == 4 == json.loads((result.out_dir / MANIFEST).read_text())["format_version"]
-    model = load_model(tiny_dir)
-    quantize_(model, recipe.weights, result.report, progress=False)
-    ids = torch.randint(0, 512, (2, 24))
-    expected = _logits(model, ids)
-    for reloaded in (load(result.out_dir), AutoModelForCausalLM.from_pretrained(result.out_dir)):
-        assert float((_logits(reloaded, ids) - expected).abs().max()) <= 1e-4
 
     # a reader of format 3 (no log scales) refuses the checkpoint instead of misreading it
     import sinkquant.checkpoint as checkpoint

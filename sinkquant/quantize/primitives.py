@@ -79,9 +79,7 @@ def log_scale_exponent(scale: torch.Tensor) -> torch.Tensor:
     splits off the power of two, and the mantissa is compared with fixed midpoints (no log2, whose
     last bit may differ between CPUs' vector libraries)."""
     mantissa, exponent = torch.frexp(scale.double().clamp(min=_EPS))  # scale = mantissa * 2^exponent
-    midpoints = _LOG_MIDPOINTS.to(
-        mantissa.device
-    )  # the tables live on the CPU; a GPU weight reads them there
+    midpoints = _LOG_MIDPOINTS.to(mantissa.device)  # the tables live on the CPU; a GPU scale reads them
     step = torch.searchsorted(midpoints, (2 * mantissa).contiguous(), right=True)  # 0..32
     return ((exponent.long() - 1) * LOG_SCALE_STEPS + step).to(torch.int32)
 

@@ -374,9 +374,8 @@ class Int4Grouped(WeightScheme):
         if not log_scales:
             return super().buffers(stored, kept, group_size, symmetric)
         codes = unpack_bits(stored.weight, 4, kept)
-        zero_code = (
-            self.SYMMETRIC_OFFSET if symmetric else 0
-        )  # the code whose value is the same for any scale
+        # the code whose value is the same under any scale: a group holding only it needs none
+        zero_code = self.SYMMETRIC_OFFSET if symmetric else 0
         groups = stored.scale.shape[1]
         grouped = F.pad(codes, (0, groups * group_size - kept), value=zero_code)
         relevant = grouped.view(codes.shape[0], groups, group_size).ne(zero_code).any(-1)

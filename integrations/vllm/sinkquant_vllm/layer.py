@@ -79,14 +79,12 @@ class LayerSpec:
         outlier_dtype = getattr(torch, self.dtype)
         if self.bits == 4:
             groups = math.ceil(self.kept / self.stored_group) if self.kept else 0
-            scheme = {
-                "weight": ((out, math.ceil(self.kept / 2)), torch.uint8),
-                "weight_scale": ((out, groups), torch.bfloat16),
-            }
+            scheme = {"weight": ((out, math.ceil(self.kept / 2)), torch.uint8)}
             if self.log_scales:
-                del scheme["weight_scale"]
                 scheme["weight_scale_code"] = ((out, groups), torch.uint8)
                 scheme["weight_scale_top"] = ((shards,), torch.int32)
+            else:
+                scheme["weight_scale"] = ((out, groups), torch.bfloat16)
             if not self.symmetric:
                 scheme["weight_min"] = ((out, groups), torch.bfloat16)
         elif self.bits == 8:
