@@ -165,13 +165,27 @@ def _as_param(scale: torch.Tensor, param_dtype: torch.dtype, log_scales: bool) -
     return snap_log_scale(scale)
 
 
+def per_column(params: torch.Tensor, group_size: int, n: int) -> torch.Tensor:
+    """Per-group values [..., groups] -> the value of each of the n columns [..., n]."""
+    return params.repeat_interleave(group_size, dim=-1)[..., :n]
+
+
+def round_grouped(
+    x: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int, bits: int
+) -> torch.Tensor:
+    """Codes uint8 [..., n] of x [..., n] on given per-group grids [..., groups]; values beyond a
+    grid clip to its ends."""
+    n = x.shape[-1]
+    s, m = (per_column(t.float(), group_size, n) for t in (scale, minimum))
+    return torch.round((x.float() - m) / s).clamp_(0, 2**bits - 1).to(torch.uint8)
+
+
 def dequantize_grouped(
     codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int
 ) -> torch.Tensor:
     """Inverse of `quantize_grouped`: codes [..., n] -> float32 [..., n]."""
     n = codes.shape[-1]
-    s = scale.float().repeat_interleave(group_size, dim=-1)[..., :n]
-    m = minimum.float().repeat_interleave(group_size, dim=-1)[..., :n]
+    s, m = (per_column(t.float(), group_size, n) for t in (scale, minimum))
     return codes.float() * s + m
 
 
@@ -251,14 +265,7 @@ def quantize_grouped_clipped(
             x * ratio, bits, group_size, symmetric, param_dtype, log_scales
         )
         # requantize the unscaled values against the shrunk grid (values beyond it are clipped)
-        codes = (
-            torch.round(
-                (x.float() - minimum.float().repeat_interleave(group_size, -1)[..., :n])
-                / scale.float().repeat_interleave(group_size, -1)[..., :n]
-            )
-            .clamp_(0, 2**bits - 1)
-            .to(torch.uint8)
-        )
+        codes = round_grouped(x, scale, minimum, group_size, bits)
         err = (x.float() - dequantize_grouped(codes, scale, minimum, group_size)).pow(2) * weight
         pad = num_groups(n, group_size) * group_size - n
         err = torch.nn.functional.pad(err, (0, pad)).reshape(*err.shape[:-1], -1, group_size).sum(dim=-1)
@@ -269,5 +276,5 @@ def quantize_grouped_clipped(
         best[3] = torch.where(better, err, best[3])
         best[1] = torch.where(better, scale, best[1])
         best[2] = torch.where(better, minimum, best[2])
-        best[0] = torch.where(better.repeat_interleave(group_size, -1)[..., :n], codes, best[0])
+        best[0] = torch.where(per_column(better, group_size, n), codes, best[0])
     return best[0], best[1], best[2]

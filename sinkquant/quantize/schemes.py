@@ -44,9 +44,11 @@ from .primitives import (
     log_scale_value,
     pack_bits,
     packed_size,
+    per_column,
     quantize_grouped,
     quantize_grouped_clipped,
     quantize_int8_per_channel,
+    round_grouped,
     unpack_bits,
 )
 
@@ -390,9 +392,8 @@ class Int4Grouped(WeightScheme):
             new_min = -self.SYMMETRIC_OFFSET * floor_scale if symmetric else minimum
             new_min = torch.where(clamped, new_min, minimum)
             new_scale = torch.where(clamped, floor_scale, stored.scale.float())
-            expand = lambda t: t.repeat_interleave(group_size, dim=1)[:, :kept]  # noqa: E731
-            again = torch.round((values - expand(new_min)) / expand(new_scale)).clamp_(0, 15).to(torch.uint8)
-            codes = torch.where(expand(clamped), again, codes)
+            again = round_grouped(values, new_scale, new_min, group_size, 4)
+            codes = torch.where(per_column(clamped, group_size, kept), again, codes)
         buffers = {"weight": pack_bits(codes, 4), "weight_scale_code": scale_code, "weight_scale_top": top}
         if not symmetric:
             buffers["weight_min"] = stored.minimum
