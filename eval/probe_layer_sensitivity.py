@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -40,29 +39,22 @@ from common import RUNS, WIKITEXT, default_model, machine  # noqa: E402
 
 from sinkquant.checkpoint import load  # noqa: E402
 from sinkquant.data import load_documents  # noqa: E402
-from sinkquant.evaluate.perplexity import evaluation_windows  # noqa: E402
+from sinkquant.evaluate.perplexity import evaluation_windows, score_window, window_logits  # noqa: E402
 from sinkquant.loading import load_model  # noqa: E402
 from sinkquant.modeling import load_tokenizer  # noqa: E402
 from sinkquant.quantize.linear import SinkQuantLinear  # noqa: E402
 
 
-@torch.no_grad()
-def reference_logprobs(model, windows: torch.Tensor) -> list[torch.Tensor]:
-    return [
-        F.log_softmax(model(input_ids=w[None], use_cache=False).logits[0, :-1].float(), -1) for w in windows
-    ]
+def reference_logits(model, windows: torch.Tensor) -> list[torch.Tensor]:
+    return [window_logits(model, w[None]) for w in windows]
 
 
-@torch.no_grad()
 def score(model, windows: torch.Tensor, ref: list[torch.Tensor]) -> dict:
-    nll = kl = agree = count = 0.0
-    for w, ref_logp in zip(windows, ref, strict=True):
-        logp = F.log_softmax(model(input_ids=w[None], use_cache=False).logits[0, :-1].float(), -1)
-        targets = w[1:]
-        nll += float(-logp.gather(1, targets[:, None]).sum(dtype=torch.float64))
-        kl += float((ref_logp.exp() * (ref_logp - logp)).sum(dtype=torch.float64))
-        agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
-        count += targets.numel()
+    """Perplexity, KL and top-1 against `ref` (the float model's logits), as `evaluate` scores them."""
+    totals = [0.0, 0.0, 0, 0]  # nll, kl, top-1 agreements, predicted tokens
+    for w, ref_logits in zip(windows, ref, strict=True):
+        score_window(window_logits(model, w[None]), w[None], ref_logits, totals)
+    nll, kl, agree, count = totals
     return {"ppl": math.exp(nll / count), "kl": kl / count, "top1": agree / count}
 
 
@@ -116,7 +108,7 @@ def main() -> None:
     text = "\n\n".join(load_documents(WIKITEXT))
     windows = evaluation_windows(tokenizer, text, 1024, args.tokens)
     model = load_model(model_dir, torch.float32)
-    ref = reference_logprobs(model, windows)
+    ref = reference_logits(model, windows)
     swap = Swapper(model, load(args.checkpoint))
     out: dict = {
         "checkpoint": str(args.checkpoint),
@@ -155,7 +147,7 @@ def main() -> None:
     ranked = sorted(single, key=lambda n: -single[n])
     windows = evaluation_windows(tokenizer, text, 1024, args.final_tokens)
     swap.set(set(swap.linears))  # the float model again: the reference
-    ref = reference_logprobs(model, windows)
+    ref = reference_logits(model, windows)
     out["final_tokens"] = args.final_tokens
     probe(f"final all quantized ({args.final_tokens} tokens)", set())
     for fraction in args.restore_fraction:

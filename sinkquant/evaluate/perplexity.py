@@ -162,7 +162,7 @@ def evaluate(
     )
 
 
-def _score(logits: torch.Tensor, ids: torch.Tensor, ref_logits: torch.Tensor | None, totals: list) -> None:
+def score_window(logits: torch.Tensor, ids: torch.Tensor, ref_logits: torch.Tensor | None, totals: list) -> None:
     """Add one window's NLL (and KL / top-1 against the reference) to `totals`."""
     targets = ids[0, 1:].to(logits.device)
     logp = F.log_softmax(logits[0, :-1].float(), dim=-1)
@@ -179,7 +179,7 @@ def _whole_model_scores(model, windows, reference, chunk_size, cache_factory, pr
     for i in tqdm(range(windows.shape[0]), desc="evaluating", unit="window", disable=not progress):
         ids = windows[i : i + 1]
         ref = window_logits(reference, ids) if reference is not None else None
-        _score(window_logits(model, ids, chunk_size, cache_factory), ids, ref, totals)
+        score_window(window_logits(model, ids, chunk_size, cache_factory), ids, ref, totals)
     return totals
 
 
@@ -216,5 +216,5 @@ def _layerwise_scores(host: ModelHost, windows, ref: ModelHost | None, progress:
             ids = windows[w : w + 1]
             logits = head_logits(host.model, mine[w]).logits
             ref_logits = head_logits(ref.model, theirs[w]).logits if ref is not None else None
-            _score(logits, ids, ref_logits, totals)
+            score_window(logits, ids, ref_logits, totals)
     return totals
