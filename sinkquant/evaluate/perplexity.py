@@ -162,7 +162,9 @@ def evaluate(
     )
 
 
-def score_window(logits: torch.Tensor, ids: torch.Tensor, ref_logits: torch.Tensor | None, totals: list) -> None:
+def score_window(
+    logits: torch.Tensor, ids: torch.Tensor, ref_logits: torch.Tensor | None, totals: list
+) -> None:
     """Add one window's NLL (and KL / top-1 against the reference) to `totals`."""
     targets = ids[0, 1:].to(logits.device)
     logp = F.log_softmax(logits[0, :-1].float(), dim=-1)

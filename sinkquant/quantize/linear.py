@@ -299,13 +299,17 @@ class SinkQuantLinear(nn.Module):
                 clip_search=clip_search,
                 log_scales=log_scales,
             )
-        else:
+        else:  # parameters chosen elsewhere (GPTQ): they must be ones this layer's storage can hold
             stored = module.scheme.store(codes, scale, minimum)
-        if symmetric and stored.minimum is not None:
-            if not torch.equal(stored.minimum, module.scheme.minimum(stored._replace(minimum=None))):
-                raise ValueError("a symmetric int4 layer's minima must be -8 * its scales (it stores none)")
-        if log_scales and not torch.equal(snap_log_scale(stored.scale), stored.scale):
-            raise ValueError("a log-scale layer takes scales on the log grid (quantize with log_scales=True)")
+            if symmetric and stored.minimum is not None:
+                if not torch.equal(stored.minimum, module.scheme.minimum(stored._replace(minimum=None))):
+                    raise ValueError(
+                        "a symmetric int4 layer's minima must be -8 * its scales (it stores none)"
+                    )
+            if log_scales and not torch.equal(snap_log_scale(stored.scale), stored.scale):
+                raise ValueError(
+                    "a log-scale layer takes scales on the log grid (quantize with log_scales=True)"
+                )
         buffers = module.scheme.buffers(stored, module.in_kept, module.group_size, symmetric, log_scales)
         for name, tensor in buffers.items():
             getattr(module, name).copy_(tensor)
