@@ -1,0 +1,228 @@
+"""Does rotating each linear's inputs (incoherence processing) lower the W4 GPTQ error? A probe before
+building it into the format.
+
+    python eval/probe_rotation.py NAME=SPEC ... [--recipe recipes/w4-g128-best.yaml] [--tokens 16384]
+        [--json runs/bench/rotation.json] [--out eval/results/rotation_w4_smollm2.md]
+    python eval/probe_rotation.py --render [--json ...] [--out ...]     (the page again from the JSON)
+
+SPEC is `plain` (the recipe as it is) or `rotate:BLOCK`, then optional JSON recipe overrides after a
+colon, e.g. `rot64=rotate:64:{"weights.outliers": null}` or `best=plain`. A negative BLOCK: the
+largest power of two up to |BLOCK| that divides each linear's input width.
+
+QuIP#, QuaRot and HIGGS multiply a weight by an orthogonal matrix R before rounding (W' = W R, the
+input rotated to x R at run time, so W' (x R)ᵀ... = W x): a Hadamard transform spreads each row's
+large weights and each input's large activations over a block, so a group's range is set by many
+values instead of a few, and the rounding error is closer to white noise. Here R is block diagonal:
+blocks of BLOCK inputs, each a normalised Sylvester-Hadamard matrix with random signs (fixed seed), so
+each 128-column group holds whole blocks and the run-time cost would be a BLOCK-point transform.
+
+The probe runs the real pipeline in memory (the recipe's calibration, then `quantize_weights`, decoder
+layer by decoder layer) with `gptq.quantize_module` wrapped: each linear's float weight and Hessian
+are rotated (W R, Rᵀ H R), GPTQ quantizes those, and the result is a `SinkQuantLinear` subclass that
+rotates its input before the stored int4 weights apply (and reports W' Rᵀ as its effective weight, so
+the later layers' calibration inputs are the quantized model's). Outlier columns (the recipe's rule)
+stay exact in the original basis: those inputs are zeroed before the rotation (their rows and columns
+of H too) and multiply their float weights apart, so the int4 part spans every input column, the
+outlier ones at zero. Not a checkpoint format: no file is written. Scored in memory against the float
+model: perplexity, KL and top-1 on WikiText-2 test; bits per weight from the quantized layers'
+buffers (outlier columns in the folder's dtype; the int4 codes of zeroed columns counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RUNS, WIKITEXT, default_model, machine  # noqa: E402
+
+import sinkquant.quantize.gptq as gptq  # noqa: E402
+from sinkquant.calibrate.report import CalibrationReport  # noqa: E402
+from sinkquant.evaluate import evaluate  # noqa: E402
+from sinkquant.loading import load_model  # noqa: E402
+from sinkquant.modeling import load_tokenizer  # noqa: E402
+from sinkquant.pipeline import calibrate_for  # noqa: E402
+from sinkquant.quantize.algorithms import quantize_weights  # noqa: E402
+from sinkquant.quantize.linear import SinkQuantLinear  # noqa: E402
+from sinkquant.quantize.weights import float_weight  # noqa: E402
+from sinkquant.recipe import load_recipe  # noqa: E402
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """Sylvester's Hadamard matrix of order n (a power of two), normalised to be orthogonal."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / n**0.5
+
+
+def block_rotation(n: int, block: int, seed: int = 0) -> torch.Tensor:
+    """[n, n] float64 orthogonal: diagonal blocks of `block` (n must be a multiple), each diag(±1) H.
+    A negative `block`: the largest power of two up to -block that divides n."""
+    if block < 0:
+        block = next(b for b in (2**k for k in range(20, -1, -1)) if b <= -block and n % b == 0)
+    if n % block:
+        raise SystemExit(f"input width {n} is not a multiple of the rotation block {block}")
+    gen = torch.Generator().manual_seed(seed + n)
+    signs = torch.randint(0, 2, (n,), generator=gen).to(torch.float64) * 2 - 1
+    return torch.block_diag(*[hadamard(block)] * (n // block)) * signs[:, None]
+
+
+class RotatedLinear(SinkQuantLinear):
+    """Stored int4 weights of W R: forward rotates the input by R first, so the product is W x. With
+    outlier columns: those inputs are zeroed before the rotation and multiply their float weights
+    (`kept_idx`, `kept_weight`) apart."""
+
+    rotation: torch.Tensor
+
+    def keep_exact(self, idx: list[int], weight: torch.Tensor) -> None:
+        self.register_buffer("kept_idx", torch.tensor(idx, dtype=torch.int32))
+        self.register_buffer("kept_weight", weight[:, idx].to(self.outlier_weight.dtype).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = getattr(self, "kept_idx", None)
+        if idx is None or not idx.numel():
+            return super().forward(x @ self.rotation.to(x.dtype))
+        body = x.clone()
+        body[..., idx.long()] = 0
+        y = super().forward(body @ self.rotation.to(x.dtype))
+        return y + x[..., idx.long()] @ self.kept_weight.to(x.dtype).T
+
+    def dequantized_weight(self) -> torch.Tensor:
+        w = super().dequantized_weight() @ self.rotation.float().T
+        idx = getattr(self, "kept_idx", None)
+        if idx is not None and idx.numel():
+            w[:, idx.long()] = self.kept_weight.float()
+        return w
+
+
+def rotating_quantize_module(block: int):
+    """`gptq.quantize_module`, on the rotated weight and Hessian."""
+    rotated_hessians: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(H) -> (H, Rᵀ H R)
+
+    def quantize_module(name, module, hessian, idx, weights, storage, factor_cache=None, source=None):
+        weight = (float_weight(module) if source is None else source).detach().cpu()
+        r = block_rotation(weight.shape[1], block)
+        key = id(hessian)
+        if key not in rotated_hessians:
+            rotated_hessians.clear()  # the Hessians of one input (q/k/v, gate/up) arrive together
+            h = hessian.to(torch.float64).clone()
+            h[idx] = 0  # outlier inputs are zeroed before the rotation
+            h[:, idx] = 0
+            rotated_hessians[key] = (hessian, (r.T @ h @ r).to(hessian.dtype))
+        h_rot = rotated_hessians[key][1]
+        body = weight.to(torch.float64).clone()
+        body[:, idx] = 0
+        w_rot = (body @ r).float()
+        bias = module.bias.detach().cpu() if module.bias is not None else None
+        res = gptq._gptq_weight(name, w_rot, h_rot, [], weights, factor_cache)
+        if res is None:
+            raise SystemExit(f"GPTQ failed on {name}")
+        new = RotatedLinear.from_float(
+            w_rot, bias, weights.bits, weights.group, [], weights.symmetric, codes=res.codes,
+            scale=res.scale, minimum=res.minimum, storage_dtype=storage, log_scales=weights.log_scales,
+        )  # fmt: skip
+        new.rotation = r.float()
+        if idx:
+            new.keep_exact(idx, weight)
+        return new.to(module.weight.device)
+
+    return quantize_module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("variants", nargs="*")
+    parser.add_argument("--render", action="store_true", help="only write the page from the JSON")
+    parser.add_argument("--recipe", type=Path, default=Path("recipes/w4-g128-best.yaml"))
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--report", type=Path, default=RUNS / "rotation_report.json")
+    parser.add_argument("--json", type=Path, default=RUNS / "rotation.json")
+    parser.add_argument("--out", type=Path, default=Path("eval/results/rotation_w4_smollm2.md"))
+    args = parser.parse_args()
+    if args.render:
+        write_page(json.loads(args.json.read_text()), args.out)
+        return
+    model_dir = default_model()
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    storage = getattr(torch, config.get("torch_dtype") or config.get("dtype") or "float32")
+    tokenizer = load_tokenizer(model_dir)
+    reference = load_model(model_dir, torch.float32)
+    done = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": []}
+    if done.get("tokens") != args.tokens:
+        done = {"rows": [], "tokens": args.tokens, "machine": machine()}
+        done["fp32"] = evaluate(reference, tokenizer, WIKITEXT, 1024, args.tokens, progress=False).perplexity
+    original = gptq.quantize_module
+    for variant in args.variants:
+        name, _, spec = variant.partition("=")
+        kind, _, rest = spec.partition(":")
+        block, overrides = 0, {}
+        if kind == "rotate":
+            block_text, _, rest = rest.partition(":")
+            block = int(block_text)
+        if rest:
+            overrides = json.loads(rest)
+        recipe = load_recipe(args.recipe)
+        recipe = recipe.with_overrides(**overrides) if overrides else recipe
+        model = load_model(model_dir, torch.float32)
+        start = time.perf_counter()
+        report = CalibrationReport.load(args.report) if args.report.is_file() else None
+        run = calibrate_for(model, tokenizer, recipe, report, progress=False)
+        if report is None:
+            run.report.save(args.report)
+        gptq.quantize_module = rotating_quantize_module(block) if block else original
+        try:
+            summary = quantize_weights(model, recipe.weights, run, progress=True, storage_dtype=storage)
+        finally:
+            gptq.quantize_module = original
+        seconds = time.perf_counter() - start
+        result = evaluate(model, tokenizer, WIKITEXT, 1024, args.tokens, reference=reference, progress=False)
+        bits = 8 * summary.bytes_after / (summary.bytes_before / 2)
+        row = {"name": name, "spec": spec, "ppl": result.perplexity, "kl": result.kl,
+               "top1": result.top1_agreement, "bits": bits, "seconds": seconds, "machine": machine()}  # fmt: skip
+        done["rows"] = [r for r in done["rows"] if r["name"] != name] + [row]
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(done, indent=1))
+        print(f"{name}: {row['ppl']:.4f} ({100 * (row['ppl'] / done['fp32'] - 1):+.2f}%) KL {row['kl']:.4f} "
+              f"top-1 {row['top1']:.4f} bits {bits:.3f} ({seconds:.0f} s)", flush=True)  # fmt: skip
+    write_page(done, args.out)
+    print(f"wrote {args.json} and {args.out}")
+
+
+def write_page(run: dict, path: Path) -> None:
+    fp32 = run["fp32"]
+    info = run["machine"]
+    lines = [
+        "# Rotated inputs for W4 GPTQ (SmolLM2-135M): a probe",
+        "",
+        f"`python eval/probe_rotation.py NAME=SPEC ...` on {info['cpu']} ({info['cpu_capability']}), "
+        f"{info['threads']} threads. Each row: recipes/w4-g128-best.yaml (GPTQ, act_order, 128 x 512 embedded "
+        "C4 calibration) with the row's overrides, run in memory on the float model, each linear's weight "
+        "and Hessian rotated by block-diagonal random-sign Hadamard matrices of the row's block (`plain`: "
+        "not rotated); see the script's docstring. WikiText-2 test, first "
+        f"{run['tokens']} tokens, windows of 1024, fp32 {fp32:.4f}; KL(fp32 ‖ row) and top-1 against the "
+        "float model. Seconds: calibration report (reused from the first row when it exists) and "
+        "quantization.",
+        "",
+        "| row | spec | bits per weight | perplexity | vs fp32 | KL | KL vs `best` | top-1 | seconds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = next((r for r in run["rows"] if r["name"] == "best"), None)
+    for r in run["rows"]:
+        versus = f"{100 * (r['kl'] / base['kl'] - 1):+.1f}%" if base else "–"
+        lines.append(
+            f"| {r['name']} | `{r['spec']}` | {r['bits']:.3f} | {r['ppl']:.4f} | {100 * (r['ppl'] / fp32 - 1):+.2f}% "
+            f"| {r['kl']:.4f} | {versus} | {r['top1']:.4f} | {r['seconds']:.0f} |"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([*lines, ""]))
+
+
+if __name__ == "__main__":
+    main()
