@@ -9,12 +9,13 @@ SPEC is `plain` (the recipe as it is) or `rotate:BLOCK`, then optional JSON reci
 colon, e.g. `rot64=rotate:64:{"weights.outliers": null}` or `best=plain`. A negative BLOCK: the
 largest power of two up to |BLOCK| that divides each linear's input width.
 
-QuIP#, QuaRot and HIGGS multiply a weight by an orthogonal matrix R before rounding (W' = W R, the
-input rotated to x R at run time, so W' (x R)ᵀ... = W x): a Hadamard transform spreads each row's
-large weights and each input's large activations over a block, so a group's range is set by many
-values instead of a few, and the rounding error is closer to white noise. Here R is block diagonal:
-blocks of BLOCK inputs, each a normalised Sylvester-Hadamard matrix with random signs (fixed seed), so
-each 128-column group holds whole blocks and the run-time cost would be a BLOCK-point transform.
+QuIP#, QuaRot and HIGGS multiply a weight by an orthogonal matrix R before rounding: W' = W R is
+stored and the input is rotated to x R at run time, so (x R) W'ᵀ = x R Rᵀ Wᵀ = x Wᵀ. A Hadamard
+transform spreads each row's large weights and each input's large activations over a block, so a
+group's range is set by many values instead of a few, and the rounding error is closer to white noise.
+Here R is block diagonal: blocks of BLOCK inputs, each a normalised Sylvester-Hadamard matrix with
+random signs (fixed seed), so with BLOCK up to 128 each 128-column group holds whole blocks, and the
+run-time cost would be a BLOCK-point transform per input row.
 
 The probe runs the real pipeline in memory (the recipe's calibration, then `quantize_weights`, decoder
 layer by decoder layer) with `gptq.quantize_module` wrapped: each linear's float weight and Hessian
