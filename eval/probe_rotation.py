@@ -5,8 +5,8 @@ building it into the format.
         [--json runs/bench/rotation.json] [--out eval/results/rotation_w4_smollm2.md]
     python eval/probe_rotation.py --render [--json ...] [--out ...]     (the page again from the JSON)
 
-SPEC is `plain` (the recipe as it is) or `rotate:BLOCK`, then optional JSON recipe overrides after a
-colon, e.g. `rot64=rotate:64:{"weights.outliers": null}` or `best=plain`. A negative BLOCK: the
+SPEC is `plain` (the recipe as it is), `rotate:BLOCK` or `rotatekept:BLOCK` (below), then optional
+JSON recipe overrides after a colon, e.g. `rot64=rotate:64:{"weights.outliers": null}` or `best=plain`. A negative BLOCK: the
 largest power of two up to |BLOCK| that divides each linear's input width.
 
 QuIP#, QuaRot and HIGGS multiply a weight by an orthogonal matrix R before rounding: W' = W R is
@@ -24,7 +24,9 @@ rotates its input before the stored int4 weights apply (and reports W' Rᵀ as i
 the later layers' calibration inputs are the quantized model's). Outlier columns (the recipe's rule)
 stay exact in the original basis: those inputs are zeroed before the rotation (their rows and columns
 of H too) and multiply their float weights apart, so the int4 part spans every input column, the
-outlier ones at zero. Not a checkpoint format: no file is written. Scored in memory against the float
+outlier ones at zero. `rotatekept` instead rotates only the kept columns among themselves (the last
+blocks the powers of two that make up the rest of their count) and leaves the outlier columns to
+the layer's own exact storage: no int4 codes for them, the same bits as unrotated. Not a checkpoint format: no file is written. Scored in memory against the float
 model: perplexity, KL and top-1 on WikiText-2 test; bits per weight from the quantized layers'
 buffers (outlier columns in the folder's dtype; the int4 codes of zeroed columns counted).
 """
@@ -75,6 +77,23 @@ def block_rotation(n: int, block: int, seed: int = 0) -> torch.Tensor:
     return torch.block_diag(*[hadamard(block)] * (n // block)) * signs[:, None]
 
 
+def kept_rotation(n: int, idx: list[int], block: int, seed: int = 0) -> torch.Tensor:
+    """[n, n] float64 orthogonal: the identity on the outlier columns `idx`; on the kept columns (in
+    ascending order) diagonal blocks of `block`, the last ones the powers of two that make up the rest
+    (570 kept, blocks of 32: 17 of 32, then 16, 8 and 2), each diag(±1) H."""
+    keep = [c for c in range(n) if c not in set(idx)]
+    rest = len(keep) % block
+    sizes = [block] * (len(keep) // block) + [2**k for k in range(block.bit_length(), -1, -1) if rest & 2**k]
+    gen = torch.Generator().manual_seed(seed + n)
+    signs = torch.randint(0, 2, (len(keep),), generator=gen).to(torch.float64) * 2 - 1
+    rotation = torch.eye(n, dtype=torch.float64)
+    index = torch.tensor(keep)
+    rotation[index[:, None], index[None, :]] = (
+        torch.block_diag(*[hadamard(b) for b in sizes]) * signs[:, None]
+    )
+    return rotation
+
+
 class RotatedLinear(SinkQuantLinear):
     """Stored int4 weights of W R: forward rotates the input by R first, so the product is W x. With
     outlier columns: those inputs are zeroed before the rotation and multiply their float weights
@@ -103,12 +122,16 @@ class RotatedLinear(SinkQuantLinear):
         return w
 
 
-def rotating_quantize_module(block: int):
-    """`gptq.quantize_module`, on the rotated weight and Hessian."""
+def rotating_quantize_module(block: int, kept_only: bool = False):
+    """`gptq.quantize_module`, on the rotated weight and Hessian. `kept_only`: R rotates the kept
+    columns among themselves (`kept_rotation`) and the outlier columns stay the layer's own, so the
+    int4 part holds no zeroed columns."""
     rotated_hessians: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(H) -> (H, Rᵀ H R)
 
     def quantize_module(name, module, hessian, idx, weights, storage, factor_cache=None, source=None):
         weight = (float_weight(module) if source is None else source).detach().cpu()
+        if kept_only:
+            return quantize_kept(name, module, weight, hessian, idx, weights, storage, factor_cache)
         r = block_rotation(weight.shape[1], block)
         key = id(hessian)
         if key not in rotated_hessians:
@@ -132,6 +155,24 @@ def rotating_quantize_module(block: int):
         new.rotation = r.float()
         if idx:
             new.keep_exact(idx, weight)
+        return new.to(module.weight.device)
+
+    def quantize_kept(name, module, weight, hessian, idx, weights, storage, factor_cache):
+        r = kept_rotation(weight.shape[1], idx, block)
+        key = id(hessian)
+        if key not in rotated_hessians:
+            rotated_hessians.clear()
+            rotated_hessians[key] = (hessian, (r.T @ hessian.to(torch.float64) @ r).to(hessian.dtype))
+        w_rot = (weight.to(torch.float64) @ r).float()  # its outlier columns are the layer's, exactly
+        bias = module.bias.detach().cpu() if module.bias is not None else None
+        res = gptq._gptq_weight(name, w_rot, rotated_hessians[key][1], idx, weights, factor_cache)
+        if res is None:
+            raise SystemExit(f"GPTQ failed on {name}")
+        new = RotatedLinear.from_float(
+            w_rot, bias, weights.bits, weights.group, idx, weights.symmetric, codes=res.codes,
+            scale=res.scale, minimum=res.minimum, storage_dtype=storage, log_scales=weights.log_scales,
+        )  # fmt: skip
+        new.rotation = r.float()
         return new.to(module.weight.device)
 
     return quantize_module
@@ -164,7 +205,7 @@ def main() -> None:
         name, _, spec = variant.partition("=")
         kind, _, rest = spec.partition(":")
         block, overrides = 0, {}
-        if kind == "rotate":
+        if kind in ("rotate", "rotatekept"):
             block_text, _, rest = rest.partition(":")
             block = int(block_text)
         if rest:
@@ -177,7 +218,7 @@ def main() -> None:
         run = calibrate_for(model, tokenizer, recipe, report, progress=False)
         if report is None:
             run.report.save(args.report)
-        gptq.quantize_module = rotating_quantize_module(block) if block else original
+        gptq.quantize_module = rotating_quantize_module(block, kind == "rotatekept") if block else original
         try:
             summary = quantize_weights(model, recipe.weights, run, progress=True, storage_dtype=storage)
         finally:
