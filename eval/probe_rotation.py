@@ -6,8 +6,7 @@ building it into the format.
     python eval/probe_rotation.py --render [--json ...] [--out ...]     (the page again from the JSON)
 
 SPEC is `plain` (the recipe as it is), `rotate:BLOCK` or `rotatekept:BLOCK` (below), then optional
-JSON recipe overrides after a colon, e.g. `rot64=rotate:64:{"weights.outliers": null}` or `best=plain`. A negative BLOCK: the
-largest power of two up to |BLOCK| that divides each linear's input width.
+JSON recipe overrides after a colon, e.g. `rot64=rotate:64:{"weights.outliers": null}` or `best=plain`.
 
 QuIP#, QuaRot and HIGGS multiply a weight by an orthogonal matrix R before rounding: W' = W R is
 stored and the input is rotated to x R at run time, so (x R) W'ᵀ = x R Rᵀ Wᵀ = x Wᵀ. A Hadamard
@@ -49,7 +48,7 @@ import sinkquant.quantize.gptq as gptq  # noqa: E402
 from sinkquant.calibrate.report import CalibrationReport  # noqa: E402
 from sinkquant.evaluate import evaluate  # noqa: E402
 from sinkquant.loading import load_model  # noqa: E402
-from sinkquant.modeling import load_tokenizer  # noqa: E402
+from sinkquant.modeling import load_tokenizer, stored_dtype  # noqa: E402
 from sinkquant.pipeline import calibrate_for  # noqa: E402
 from sinkquant.quantize.algorithms import quantize_weights  # noqa: E402
 from sinkquant.quantize.linear import SinkQuantLinear  # noqa: E402
@@ -65,29 +64,17 @@ def hadamard(n: int) -> torch.Tensor:
     return h / n**0.5
 
 
-def block_rotation(n: int, block: int, seed: int = 0) -> torch.Tensor:
-    """[n, n] float64 orthogonal: diagonal blocks of `block` (n must be a multiple), each diag(±1) H.
-    A negative `block`: the largest power of two up to -block that divides n."""
-    if block < 0:
-        block = next(b for b in (2**k for k in range(20, -1, -1)) if b <= -block and n % b == 0)
-    if n % block:
-        raise SystemExit(f"input width {n} is not a multiple of the rotation block {block}")
+def block_rotation(n: int, fixed: list[int], block: int, seed: int = 0) -> torch.Tensor:
+    """[n, n] float64 orthogonal: the identity on the columns `fixed`; on the others (in ascending
+    order) diagonal blocks of `block`, the last ones the powers of two that make up the rest (570
+    columns, blocks of 32: 17 of 32, then 16, 8 and 2), each diag(±1) H."""
+    moved = [c for c in range(n) if c not in set(fixed)]
+    rest = len(moved) % block
+    sizes = [block] * (len(moved) // block) + [2**k for k in range(block.bit_length(), -1, -1) if rest & 2**k]
     gen = torch.Generator().manual_seed(seed + n)
-    signs = torch.randint(0, 2, (n,), generator=gen).to(torch.float64) * 2 - 1
-    return torch.block_diag(*[hadamard(block)] * (n // block)) * signs[:, None]
-
-
-def kept_rotation(n: int, idx: list[int], block: int, seed: int = 0) -> torch.Tensor:
-    """[n, n] float64 orthogonal: the identity on the outlier columns `idx`; on the kept columns (in
-    ascending order) diagonal blocks of `block`, the last ones the powers of two that make up the rest
-    (570 kept, blocks of 32: 17 of 32, then 16, 8 and 2), each diag(±1) H."""
-    keep = [c for c in range(n) if c not in set(idx)]
-    rest = len(keep) % block
-    sizes = [block] * (len(keep) // block) + [2**k for k in range(block.bit_length(), -1, -1) if rest & 2**k]
-    gen = torch.Generator().manual_seed(seed + n)
-    signs = torch.randint(0, 2, (len(keep),), generator=gen).to(torch.float64) * 2 - 1
+    signs = torch.randint(0, 2, (len(moved),), generator=gen).to(torch.float64) * 2 - 1
     rotation = torch.eye(n, dtype=torch.float64)
-    index = torch.tensor(keep)
+    index = torch.tensor(moved)
     rotation[index[:, None], index[None, :]] = (
         torch.block_diag(*[hadamard(b) for b in sizes]) * signs[:, None]
     )
@@ -123,56 +110,37 @@ class RotatedLinear(SinkQuantLinear):
 
 
 def rotating_quantize_module(block: int, kept_only: bool = False):
-    """`gptq.quantize_module`, on the rotated weight and Hessian. `kept_only`: R rotates the kept
-    columns among themselves (`kept_rotation`) and the outlier columns stay the layer's own, so the
-    int4 part holds no zeroed columns."""
+    """`gptq.quantize_module`, on the rotated weight and Hessian. By default R rotates every column and
+    the outlier inputs are zeroed before it (their rows and columns of H too), their float weights
+    applied apart; `kept_only`: R rotates the kept columns among themselves and is the identity on the
+    outlier columns, which stay the layer's own exact columns (no int4 codes for them)."""
     rotated_hessians: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(H) -> (H, Rᵀ H R)
 
     def quantize_module(name, module, hessian, idx, weights, storage, factor_cache=None, source=None):
         weight = (float_weight(module) if source is None else source).detach().cpu()
-        if kept_only:
-            return quantize_kept(name, module, weight, hessian, idx, weights, storage, factor_cache)
-        r = block_rotation(weight.shape[1], block)
+        zeroed, exact = ([], idx) if kept_only else (idx, [])
+        r = block_rotation(weight.shape[1], exact, block)
         key = id(hessian)
         if key not in rotated_hessians:
             rotated_hessians.clear()  # the Hessians of one input (q/k/v, gate/up) arrive together
             h = hessian.to(torch.float64).clone()
-            h[idx] = 0  # outlier inputs are zeroed before the rotation
-            h[:, idx] = 0
+            h[zeroed] = 0
+            h[:, zeroed] = 0
             rotated_hessians[key] = (hessian, (r.T @ h @ r).to(hessian.dtype))
-        h_rot = rotated_hessians[key][1]
         body = weight.to(torch.float64).clone()
-        body[:, idx] = 0
-        w_rot = (body @ r).float()
+        body[:, zeroed] = 0
+        w_rot = (body @ r).float()  # its `exact` columns are the layer's, exactly
         bias = module.bias.detach().cpu() if module.bias is not None else None
-        res = gptq._gptq_weight(name, w_rot, h_rot, [], weights, factor_cache)
+        res = gptq._gptq_weight(name, w_rot, rotated_hessians[key][1], exact, weights, factor_cache)
         if res is None:
             raise SystemExit(f"GPTQ failed on {name}")
         new = RotatedLinear.from_float(
-            w_rot, bias, weights.bits, weights.group, [], weights.symmetric, codes=res.codes,
+            w_rot, bias, weights.bits, weights.group, exact, weights.symmetric, codes=res.codes,
             scale=res.scale, minimum=res.minimum, storage_dtype=storage, log_scales=weights.log_scales,
         )  # fmt: skip
         new.rotation = r.float()
-        if idx:
-            new.keep_exact(idx, weight)
-        return new.to(module.weight.device)
-
-    def quantize_kept(name, module, weight, hessian, idx, weights, storage, factor_cache):
-        r = kept_rotation(weight.shape[1], idx, block)
-        key = id(hessian)
-        if key not in rotated_hessians:
-            rotated_hessians.clear()
-            rotated_hessians[key] = (hessian, (r.T @ hessian.to(torch.float64) @ r).to(hessian.dtype))
-        w_rot = (weight.to(torch.float64) @ r).float()  # its outlier columns are the layer's, exactly
-        bias = module.bias.detach().cpu() if module.bias is not None else None
-        res = gptq._gptq_weight(name, w_rot, rotated_hessians[key][1], idx, weights, factor_cache)
-        if res is None:
-            raise SystemExit(f"GPTQ failed on {name}")
-        new = RotatedLinear.from_float(
-            w_rot, bias, weights.bits, weights.group, idx, weights.symmetric, codes=res.codes,
-            scale=res.scale, minimum=res.minimum, storage_dtype=storage, log_scales=weights.log_scales,
-        )  # fmt: skip
-        new.rotation = r.float()
+        if zeroed:
+            new.keep_exact(zeroed, weight)
         return new.to(module.weight.device)
 
     return quantize_module
@@ -192,8 +160,7 @@ def main() -> None:
         write_page(json.loads(args.json.read_text()), args.out)
         return
     model_dir = default_model()
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    storage = getattr(torch, config.get("torch_dtype") or config.get("dtype") or "float32")
+    storage = stored_dtype(model_dir)
     tokenizer = load_tokenizer(model_dir)
     reference = load_model(model_dir, torch.float32)
     done = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": []}
