@@ -142,6 +142,10 @@ class WeightsSection(StrictModel):
     # range to that one token, whatever the model; the outlier columns still see every token
     clip_sink_tokens: Literal["include", "exclude"] = "exclude"
     outliers: OutlierSection | None = Field(default_factory=OutlierSection)
+    # each layer's kept input columns rotated by a block-diagonal Hadamard matrix with random signs
+    # (blocks of this many columns) before GPTQ rounds them; the layer rotates its inputs the same way
+    # at run time (quantize/rotation.py). null: no rotation. Not served by the vLLM plugin or exported.
+    rotation: Literal[2, 4, 8, 16, 32, 64, 128] | None = None
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
     gptq: GPTQSection = Field(default_factory=GPTQSection)
     learned: LearnedSection = Field(default_factory=LearnedSection)
@@ -177,6 +181,15 @@ class WeightsSection(StrictModel):
         if self.algorithm == "gptq" and self.gptq.refine_rounds:
             raise ValueError(
                 "gptq.refine_rounds refits scales off the log grid; set refine_rounds: 0 with log_scales"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _rotation_needs_gptq(self) -> WeightsSection:
+        if self.rotation is not None and self.algorithm != "gptq":
+            raise ValueError(
+                f"rotation needs algorithm gptq (it rounds against the rotated Hessian; {self.algorithm} "
+                "weighs each input column apart); set algorithm: gptq or drop rotation"
             )
         return self
 

@@ -415,6 +415,16 @@ CASES = [
         lambda e: e.recipe("weights:\n  outliers:\n    select: threshold\n"),
     ),
     Case(
+        "recipe-rotation-without-gptq",
+        "weights.rotation with round-to-nearest (it needs GPTQ's Hessian)",
+        lambda e: e.recipe("weights:\n  rotation: 32\n"),
+    ),
+    Case(
+        "recipe-rotation-block",
+        "weights.rotation not a power of two up to 128",
+        lambda e: e.recipe("weights:\n  algorithm: gptq\n  rotation: 48\n"),
+    ),
+    Case(
         "recipe-kv-group-not-whole-bytes",
         "kv_cache.group_size whose codes do not fill whole bytes (9 x 2 bits)",
         lambda e: e.recipe("kv_cache:\n  bits: 2\n  group_size: 9\n"),

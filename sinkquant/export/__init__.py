@@ -256,6 +256,12 @@ def export(
     checkpoint = Path(checkpoint).expanduser()
     config, qc = _read_checkpoint_config(checkpoint)
     verify_manifest(checkpoint)
+    rotated = sorted(name for name, spec in qc["layers"].items() if spec.get("rotation"))
+    if rotated:
+        raise InputError(
+            f"{checkpoint} has layers with rotated inputs (weights.rotation, e.g. {rotated[0]}); no export "
+            "format stores the rotation, so re-quantize without weights.rotation to export it"
+        )
     args, scheme = _scheme(qc, settings)
     scale_dtype = getattr(torch, settings.scale_dtype, None)
     if not isinstance(scale_dtype, torch.dtype) or not scale_dtype.is_floating_point:

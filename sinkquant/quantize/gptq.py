@@ -24,6 +24,8 @@ sinkquant's choices:
 * H: each batch's xᵀx is a float32 matmul, summed into float64; Cholesky runs in float64, the column
   loop in float32. Tokens at the report's sink positions enter H as they are (`include`), not at all
   (`exclude`), or clipped per channel to the largest |x| of the other tokens (`cap`).
+* `rotation` (recipe `weights.rotation`): each layer's kept columns are rotated first
+  (`rotation.py`): GPTQ rounds W Q against Qᵀ H Q, and the layer rotates its inputs to match.
 * Damping adds `damping * mean(diag H)` to the diagonal; a dead input (diag 0) then has only that and
   passes no error on (its weights are kept, not zeroed). The mean is over the quantized columns
   only: the outlier columns' huge diag(H) would otherwise inflate it. A failed Cholesky is retried
@@ -61,6 +63,7 @@ from .hessian import inverse_hessian_factor
 from .linear import SinkQuantLinear
 from .primitives import complement_indices, dequantize_grouped
 from .refit import refit_group_params, row_errors
+from .rotation import InputRotation, draw_signs
 from .schemes import Int4Grouped, WeightScheme, scheme_for
 from .target import GPTQObserver, ReferenceInputs
 from .weights import QuantizeSummary, choose_outliers, compute_with, effective_weights, float_weight, targets
@@ -317,10 +320,10 @@ def _current(positions: list[int], w, block, err, u, i1: int, i2: int, i: int) -
     return values
 
 
-def _rtn(weight, bias, weights: WeightsSection, idx, storage) -> SinkQuantLinear:
+def _rtn(weight, bias, weights: WeightsSection, idx, storage, rotation=None) -> SinkQuantLinear:
     return SinkQuantLinear.from_float(
         weight, bias, weights.bits, weights.group, idx, weights.symmetric, storage_dtype=storage,
-        log_scales=weights.log_scales,
+        log_scales=weights.log_scales, rotation=rotation,
     )  # fmt: skip
 
 
@@ -359,15 +362,35 @@ def quantize_module(
     device = module.weight.device
     weight = (float_weight(module) if source is None else source).detach().cpu()
     bias = module.bias.detach().cpu() if module.bias is not None else None
-    res = _gptq_weight(name, weight, hessian, idx, weights, factor_cache)
+    rotation, target, target_hessian = None, weight, hessian
+    if weights.rotation is not None:
+        keep = complement_indices(torch.as_tensor(idx, dtype=torch.long).sort().values, weight.shape[1])
+        rotation = InputRotation(draw_signs(weight.shape[1], keep.numel()), weights.rotation)
+        target = rotation.rotate_columns(weight, keep).float()
+        target_hessian = _rotated_hessian(hessian, rotation, keep, factor_cache)
+    res = _gptq_weight(name, target, target_hessian, idx, weights, factor_cache)
     if res is None:
-        return _rtn(weight, bias, weights, idx, storage).to(device)
+        return _rtn(weight, bias, weights, idx, storage, rotation).to(device)
     new = SinkQuantLinear.from_float(
         weight, bias, weights.bits, weights.group, idx, weights.symmetric,
         codes=res.codes, scale=res.scale, minimum=res.minimum, storage_dtype=storage,
-        log_scales=weights.log_scales,
+        log_scales=weights.log_scales, rotation=rotation,
     )  # fmt: skip
     return new.to(device)
+
+
+def _rotated_hessian(
+    hessian: torch.Tensor, rotation: InputRotation, keep: torch.Tensor, cache: dict | None
+) -> torch.Tensor:
+    """Qᵀ H Q (`InputRotation.rotate_hessian`) in H's dtype, computed once for the linears that share H
+    and outlier columns (q/k/v, gate/up): `cache` holds H beside it, so H's id stays its own."""
+    key = ("rotated", id(hessian), keep.numpy().tobytes(), rotation.block)
+    if cache is None or key not in cache:
+        rotated = rotation.rotate_hessian(hessian, keep).to(hessian.dtype)
+        if cache is None:
+            return rotated
+        cache[key] = (hessian, rotated)
+    return cache[key][1]
 
 
 def _sink_positions(report: CalibrationReport | None, sink_tokens: str) -> list[int]:

@@ -13,6 +13,11 @@ Buffers (the checkpoint keys, written by `from_float` and read back by `weights.
     outlier_idx     int32 [n_outliers]
     outlier_weight  [out, n_outliers] in the original weight dtype
     bias            [out] (if the layer has one)
+    input_signs     uint8 [ceil(in_kept / 8)] (with an input rotation: `rotation`'s signs, packed)
+
+With an input rotation (`rotation.InputRotation`, blocks of `rotation_block`), the integer part holds
+W' = W R for the kept columns and the forward rotates those inputs first: y = (x_kept R) W'ᵀ + ...;
+`dequantized_weight` gives W = W' Rᵀ, the weight in the input's own basis.
 
 Forward, on CPU where the scheme's PyTorch kernel serves the activation dtype (`use_kernels(False)`
 switches all kernels off), by input rows of bf16 activations:
@@ -39,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .primitives import complement_indices, snap_log_scale
+from .rotation import InputRotation, pack_signs, unpack_signs
 from .schemes import SCHEMES, BufferSpecs, PytorchKernel, Stored, WeightScheme, scheme_for
 
 _KERNELS = {"enabled": True, "fused": True}
@@ -157,6 +163,14 @@ class _Layouts:
         return complement_indices(self.layer.outlier_idx.long(), self.layer.in_features)
 
     @cached_property
+    def rotation(self) -> InputRotation | None:
+        """The kept inputs' rotation, None for a layer without one."""
+        layer = self.layer
+        if layer.rotation_block is None:
+            return None
+        return InputRotation(unpack_signs(layer.input_signs.cpu(), layer.in_kept), layer.rotation_block)
+
+    @cached_property
     def pytorch_kernel(self) -> PytorchKernel:
         layer = self.layer
         return layer.scheme.pytorch_kernel(
@@ -212,6 +226,7 @@ class SinkQuantLinear(nn.Module):
         device: torch.device | str | None = None,
         symmetric: bool = False,
         log_scales: bool = False,
+        rotation_block: int | None = None,
     ) -> None:
         super().__init__()
         scheme = scheme_for(bits)
@@ -236,6 +251,10 @@ class SinkQuantLinear(nn.Module):
             self.register_buffer("bias", torch.empty(out_features, dtype=outlier_dtype, device=device))
         else:
             self.bias = None
+        # the kept inputs' rotation (rotation.py): its block size, and its signs as a buffer
+        self.rotation_block = rotation_block
+        if rotation_block is not None:
+            self.register_buffer("input_signs", torch.empty(-(-kept // 8), dtype=torch.uint8, device=device))
         self._layouts = _Layouts(self)
 
     @property
@@ -264,6 +283,7 @@ class SinkQuantLinear(nn.Module):
         importance: torch.Tensor | None = None,
         clip_search: bool = False,
         log_scales: bool = False,
+        rotation: InputRotation | None = None,
     ) -> SinkQuantLinear:
         """Quantize `weight` [out, in] by round-to-nearest, keeping `outlier_idx` columns exact.
 
@@ -274,7 +294,9 @@ class SinkQuantLinear(nn.Module):
         each group's range is chosen among shrunk min/max ranges to minimise the error weighted by
         `importance` [in] (e.g. mean x^2 of each input column over the calibration tokens). With
         `log_scales` (int4), scales passed in must lie on the log grid already (GPTQ's do when it
-        quantized with log scales); they are stored one byte each."""
+        quantized with log scales); they are stored one byte each. With `rotation` (over the kept
+        columns), the layer stores the kept columns of W R: `weight` is in the input's own basis, and
+        codes passed in are those of W R (GPTQ's on the rotated weight)."""
         out_features, in_features = weight.shape
         idx = torch.as_tensor(outlier_idx, dtype=torch.long).sort().values
         keep = complement_indices(idx, in_features)
@@ -289,10 +311,16 @@ class SinkQuantLinear(nn.Module):
             dtype,
             symmetric=symmetric,
             log_scales=log_scales,
+            rotation_block=None if rotation is None else rotation.block,
         )
+        if rotation is not None and len(rotation) != keep.numel():
+            raise ValueError(f"the rotation spans {len(rotation)} columns; the layer keeps {keep.numel()}")
         if codes is None:
+            if rotation is not None and importance is not None:
+                raise ValueError("importance is per input column; a rotated layer mixes the columns")
+            kept_weight = weight.float()[:, keep]
             stored = module.scheme.quantize(
-                weight.float()[:, keep],
+                kept_weight if rotation is None else rotation.apply(kept_weight),
                 module.group_size,
                 symmetric=symmetric,
                 importance=None if importance is None else importance.float()[keep],
@@ -315,6 +343,8 @@ class SinkQuantLinear(nn.Module):
             getattr(module, name).copy_(tensor)
         module.outlier_idx.copy_(idx.to(torch.int32))
         module.outlier_weight.copy_(weight[:, idx].to(dtype))
+        if rotation is not None:
+            module.input_signs.copy_(pack_signs(rotation.signs))
         if bias is not None:
             module.bias.copy_(bias.to(dtype))
         return module
@@ -325,9 +355,11 @@ class SinkQuantLinear(nn.Module):
         return self.scheme.dequantize(self._stored(), self.in_kept, self.group_size)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """float32 [out, in]: the effective weight (outlier columns exactly as stored)."""
+        """float32 [out, in]: the effective weight in the input's own basis (outlier columns exactly as
+        stored; a rotated layer's kept columns W' Rᵀ)."""
         full = torch.empty(self.out_features, self.in_features)
-        full[:, self._layouts.keep] = self.dequantized_kept()
+        kept, rotation = self.dequantized_kept(), self._layouts.rotation
+        full[:, self._layouts.keep] = kept if rotation is None else rotation.apply_transposed(kept)
         full[:, self.outlier_idx.long()] = self.outlier_weight.float()
         return full
 
@@ -419,6 +451,7 @@ class SinkQuantLinear(nn.Module):
     def extra_repr(self) -> str:
         group = "per channel" if self.group_size == self.in_kept else f"group {self.group_size}"
         group += ", log scales" if self.log_scales else ""
+        group += f", inputs rotated in blocks of {self.rotation_block}" if self.rotation_block else ""
         return (
             f"in={self.in_features}, out={self.out_features}, int{self.bits} {group}, "
             f"outlier columns={self.n_outliers}, bias={self.bias is not None}"
@@ -442,15 +475,34 @@ def _bind_forward(layer: SinkQuantLinear, dtype: torch.dtype) -> Forward:
     else:
         middle = _dequantized_path(layer, dtype)
     compiling = torch.compiler.is_compiling  # sinkquant's kernels are opaque to torch.compile
+    rotate = _rotate_inputs(layer)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, in_f)
+        if rotate is not None:
+            x2 = rotate(x2)
         if fused is not None and not compiling():
             if x2.shape[0] <= FUSED_MAX_ROWS:
                 return fused(x2 if x2.is_contiguous() else x2.contiguous()).view(*x.shape[:-1], out_f)
             if x2.shape[0] >= DENSE_MIN_ROWS:
                 return many(x2).view(*x.shape[:-1], out_f)
         return middle(x2).view(*x.shape[:-1], out_f)
+
+    return run
+
+
+def _rotate_inputs(layer: SinkQuantLinear) -> Forward | None:
+    """x2 [rows, in] -> a new [rows, in] with the kept columns rotated (the outlier columns as they are),
+    for every path below to take as its input; None for a layer without a rotation."""
+    rotation = layer._layouts.rotation
+    if rotation is None:
+        return None
+    if not layer.n_outliers:
+        return rotation.apply
+    keep = layer._layouts.keep.to(layer.outlier_idx.device)
+
+    def run(x2: torch.Tensor) -> torch.Tensor:
+        return x2.index_copy(1, keep, rotation.apply(x2.index_select(1, keep)))
 
     return run
 

@@ -102,6 +102,12 @@ class SinkQuantVllmConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> SinkQuantVllmConfig:
         version = config.get("format_version", 1)
+        rotated = sorted(n for n, spec in (config.get("layers") or {}).items() if spec.get("rotation"))
+        if rotated:
+            raise ValueError(
+                f"this sinkquant checkpoint rotates its layers' inputs (weights.rotation, e.g. {rotated[0]}), "
+                "which this plugin does not serve: quantize without weights.rotation for vLLM"
+            )
         if version > FORMAT_VERSION:
             raise ValueError(
                 f"this sinkquant checkpoint is format {version}; this plugin reads formats up to "

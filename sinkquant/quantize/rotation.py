@@ -1,0 +1,115 @@
+"""Input rotation (incoherence processing, as in QuIP#, QuaRot and HIGGS) for a linear layer's kept columns.
+
+A layer stores W' = W R instead of W, with R orthogonal, and rotates its input first: (x R) W'ᵀ = x Wᵀ.
+R mixes each input with its neighbours, so a group's range is set by many comparable values instead
+of a few large ones and the rounding error is spread evenly; GPTQ then rounds W' against the rotated
+Hessian Rᵀ H R.
+
+R here is block diagonal over the kept input columns (in ascending order): blocks of `block` columns,
+the last ones the powers of two that make up the rest (570 kept columns, blocks of 32: 17 of 32, then
+16, 8 and 2), each the normalised Sylvester-Hadamard matrix Hb, with a random sign per column:
+R = diag(s) · blockdiag(Hb). Outlier columns are outside it: their massive activations stay in their
+own exact columns instead of being spread over a block's int4 inputs. At run time the rotation is a
+`block`-point transform per input row, a small cost beside the layer's matmul.
+
+The signs are drawn from a generator seeded by the layer's input width (so every layer of one width
+gets the same ones), and stored with the layer packed eight to a byte, so a checkpoint never depends on
+the random generator that drew them.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+
+#: the block sizes a recipe may ask for: powers of two, at most one int4 group
+BLOCKS = (2, 4, 8, 16, 32, 64, 128)
+
+
+@cache
+def _hadamard(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Sylvester's Hadamard matrix of order n (a power of two), normalised to be orthogonal (and symmetric)."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / n**0.5).to(dtype=dtype, device=device)
+
+
+def block_sizes(n: int, block: int) -> list[int]:
+    """The diagonal blocks of n columns: `block` as often as it fits, then the rest's powers of two."""
+    rest = n % block
+    return [block] * (n // block) + [2**k for k in range(block.bit_length(), -1, -1) if rest & 2**k]
+
+
+def pack_signs(signs: torch.Tensor) -> torch.Tensor:
+    """±1 [n] -> uint8 [ceil(n / 8)], bit k of byte i set where signs[8i + k] is -1."""
+    negative = torch.nn.functional.pad((signs < 0).to(torch.uint8), (0, -signs.numel() % 8))
+    weights = 2 ** torch.arange(8, dtype=torch.uint8)
+    return (negative.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_signs(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of `pack_signs`: float32 ±1 [n]."""
+    bits = (packed.to(torch.uint8)[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1
+    return 1.0 - 2.0 * bits.reshape(-1)[:n].float()
+
+
+def draw_signs(in_features: int, n_kept: int) -> torch.Tensor:
+    """The signs of a layer of `in_features` inputs of which `n_kept` are rotated: float32 ±1 [n_kept]."""
+    gen = torch.Generator().manual_seed(in_features)
+    return torch.randint(0, 2, (n_kept,), generator=gen).to(torch.float32) * 2 - 1
+
+
+class InputRotation:
+    """R = diag(signs) · blockdiag(Hb) over n = len(signs) columns; applies R or Rᵀ along a tensor's last
+    dimension, computing in the tensor's dtype (float32 for lower precisions) and returning that dtype."""
+
+    def __init__(self, signs: torch.Tensor, block: int) -> None:
+        if block not in BLOCKS:
+            raise ValueError(f"rotation block {block} is not one of {BLOCKS}")
+        self.signs, self.block = signs.float(), block
+        self.sizes = block_sizes(signs.numel(), block)
+
+    def __len__(self) -> int:
+        return self.signs.numel()
+
+    def _blocks(self, t: torch.Tensor) -> torch.Tensor:
+        """t [..., n] times blockdiag(Hb) (symmetric, so also its transpose)."""
+        lead, n = t.shape[:-1], t.shape[-1]
+        full = self.sizes.count(self.block) * self.block
+        out = torch.empty_like(t)
+        if full:
+            h = _hadamard(self.block, t.dtype, t.device)
+            out[..., :full] = (t[..., :full].reshape(*lead, -1, self.block) @ h).reshape(*lead, full)
+        start = full
+        for size in self.sizes[self.sizes.count(self.block) :]:
+            out[..., start : start + size] = t[..., start : start + size] @ _hadamard(size, t.dtype, t.device)
+            start += size
+        assert start == n, (start, n)
+        return out
+
+    def _compute_dtype(self, t: torch.Tensor) -> torch.dtype:
+        return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+
+    def apply(self, t: torch.Tensor) -> torch.Tensor:
+        """t R along the last dimension: rotated inputs, or the rows of the weight to store (W R)."""
+        x = t.to(self._compute_dtype(t))
+        return self._blocks(x * self.signs.to(device=x.device, dtype=x.dtype)).to(t.dtype)
+
+    def apply_transposed(self, t: torch.Tensor) -> torch.Tensor:
+        """t Rᵀ along the last dimension: a stored weight's rows back in the input basis (W' Rᵀ = W)."""
+        x = t.to(self._compute_dtype(t))
+        return (self._blocks(x) * self.signs.to(device=x.device, dtype=x.dtype)).to(t.dtype)
+
+    def rotate_columns(self, t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """t [..., in] with its `keep` columns times R (the others as they are), in float64: Q the
+        identity on the other columns and R on `keep`, this is t Q."""
+        out = t.to(torch.float64)  # a copy for lower precisions; cloned below otherwise
+        out = out.clone() if out is t else out
+        out[..., keep] = self.apply(out[..., keep])
+        return out
+
+    def rotate_hessian(self, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Qᵀ H Q of a symmetric [in, in] H (Q as in `rotate_columns`), in float64."""
+        return self.rotate_columns(self.rotate_columns(h, keep).T, keep)  # (H Q)ᵀ Q, H symmetric
