@@ -1,6 +1,7 @@
 """Micro-benchmark: one linear layer at batch 1 (a decode step), quantized vs bf16, side by side.
 
     python eval/bench_kernels.py [--threads N] [--reps 200] [--out eval/results/kernels.md]
+        [--rotation BLOCK] [--rows N] [--shapes small]
 
 For each shape: a bf16 `F.linear`, `SinkQuantLinear` int8 (per channel) and int4 (g128), both with 1%
 outlier input columns at full precision (on sinkquant's fused kernel, the layer's decode path, and
@@ -12,6 +13,10 @@ second (the bytes the call reads / time). The ratio's base is a bf16 `nn.Linear`
 `SinkQuantLinear` replaces in a model (a module call costs a few us more than the bare `F.linear`,
 which is listed too, with a second ratio against it). The gap between a layer and its bare kernel is the fixed
 cost of the full-precision columns and the op dispatch around them.
+
+`--rotation BLOCK` adds an int4 g128 layer whose kept inputs are rotated in blocks of BLOCK
+(`weights.rotation`), so its cost over the same layer unrotated is measured in the same run; `--rows N`
+times calls of N input rows (a prefill chunk) instead of one; `--shapes small` keeps SmolLM2's shapes.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from common import machine
 
 from sinkquant.kernels import best_isa
 from sinkquant.quantize.linear import SinkQuantLinear, use_fused_kernel
+from sinkquant.quantize.primitives import complement_indices
+from sinkquant.quantize.rotation import InputRotation, draw_signs
 
 SHAPES = [  # (in, out): SmolLM2-135M's projections, then Llama-7B-sized ones
     (576, 576),
@@ -96,10 +103,10 @@ def _pytorch_kernel(module: SinkQuantLinear):
     return call
 
 
-def run(reps: int) -> list[dict]:
+def run(reps: int, rotation: int | None = None, n_rows: int = 1, shapes=SHAPES) -> list[dict]:
     rows = []
     torch.manual_seed(0)
-    for in_f, out_f in SHAPES:
+    for in_f, out_f in shapes:
         weight = torch.randn(out_f, in_f) * 0.02
         outliers = torch.randperm(in_f)[: max(1, in_f // 100)]
         bf16 = weight.bfloat16()
@@ -128,7 +135,15 @@ def run(reps: int) -> list[dict]:
                 [_kernel_only(m) for m in modules],
                 module.weight.numel() + module.weight_scale.numel() * 2 * (1 if bits == 8 else 2),
             )
-        x = torch.randn(1, in_f, dtype=torch.bfloat16)
+        if rotation is not None:
+            kept = complement_indices(outliers.sort().values, in_f).numel()
+            module = SinkQuantLinear.from_float(
+                weight, None, 4, 128, outliers, storage_dtype=torch.bfloat16,
+                rotation=InputRotation(draw_signs(in_f, kept), rotation),
+            )  # fmt: skip
+            modules = [copy.deepcopy(module) for _ in range(copies_needed(module.nbytes(), reps))]
+            layers[f"int4 g128 +1% cols, inputs rotated (blocks of {rotation})"] = (modules, module.nbytes())
+        x = torch.randn(n_rows, in_f, dtype=torch.bfloat16)
         with torch.no_grad():
             timed = _median_times({name: fn for name, (fn, _) in layers.items()}, x, reps)
         base, functional = timed["bf16 nn.Linear"], timed["bf16 F.linear"]
@@ -154,12 +169,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernels.md")
+    parser.add_argument(
+        "--rotation", type=int, default=None, help="add a layer with inputs rotated in blocks of this"
+    )
+    parser.add_argument("--rows", type=int, default=1, help="input rows per call (1: a decode step)")
+    parser.add_argument(
+        "--shapes", choices=["all", "small"], default="all", help="small: SmolLM2's shapes only"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = run(args.reps)
+    shapes = SHAPES if args.shapes == "all" else [s for s in SHAPES if max(s) <= 1536]
+    rows = run(args.reps, args.rotation, args.rows, shapes)
     info = machine()
     lines = [
-        f"# Linear layer at batch 1: quantized vs bf16 ({time.strftime('%Y-%m-%d')})",
+        f"# Linear layer at {'batch 1' if args.rows == 1 else f'{args.rows} input rows'}: quantized vs bf16 "
+        f"({time.strftime('%Y-%m-%d')})",
         "",
         f"Machine: {info['cpu']} ({info['cpu_capability']}), {args.threads} threads, torch {torch.__version__}; "
         f"sinkquant's fused kernel: {best_isa() or 'off'} build. "

@@ -436,7 +436,7 @@ def rows_for(b: Bench) -> list[Row]:
         ),
         Row(
             "sq-best",
-            f"sinkquant best W4 {g} + 1% cols: GPTQ, act_order (w4-g128-best, {gq})",
+            f"sinkquant best W4 {g} + 1% cols: GPTQ, act_order, rotated inputs (w4-g128-best, {gq})",
             "sinkquant",
             "weights",
             sq_weights("w4-g128-best.yaml"),

@@ -124,6 +124,19 @@ def decode_log_scales(
     return replace(spec, log_scales=False), {**plain, "weight_scale": scale}
 
 
+def unserved_layers(layers: dict[str, dict]) -> str | None:
+    """Why this plugin cannot serve a checkpoint with these layer specs, or None where it can: a layer
+    whose spec says `rotation` (format 5) multiplies its inputs by a rotation first, which vLLM's
+    fused layers would have to apply per shard; this plugin does not."""
+    rotated = sorted(name for name, spec in layers.items() if spec.get("rotation"))
+    if rotated:
+        return (
+            f"this sinkquant checkpoint rotates its layers' inputs (weights.rotation, e.g. {rotated[0]}), "
+            "which this plugin does not serve: quantize without weights.rotation for vLLM"
+        )
+    return None
+
+
 def kept_columns(outlier_idx: torch.Tensor, in_features: int) -> torch.Tensor:
     mask = torch.ones(in_features, dtype=torch.bool, device=outlier_idx.device)
     mask[outlier_idx.long()] = False

@@ -33,7 +33,14 @@ from vllm.model_executor.parameter import (
     PerTensorScaleParameter,
 )
 
-from .layer import LayerSpec, decode_log_scales, effective_weight, reference_forward, sinkquant_layer
+from .layer import (
+    LayerSpec,
+    decode_log_scales,
+    effective_weight,
+    reference_forward,
+    sinkquant_layer,
+    unserved_layers,
+)
 
 #: the newest checkpoint format this plugin reads (4: one-byte log scales)
 FORMAT_VERSION = 4
@@ -102,12 +109,9 @@ class SinkQuantVllmConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> SinkQuantVllmConfig:
         version = config.get("format_version", 1)
-        rotated = sorted(n for n, spec in (config.get("layers") or {}).items() if spec.get("rotation"))
-        if rotated:
-            raise ValueError(
-                f"this sinkquant checkpoint rotates its layers' inputs (weights.rotation, e.g. {rotated[0]}), "
-                "which this plugin does not serve: quantize without weights.rotation for vLLM"
-            )
+        reason = unserved_layers(config.get("layers") or {})
+        if reason is not None:
+            raise ValueError(reason)
         if version > FORMAT_VERSION:
             raise ValueError(
                 f"this sinkquant checkpoint is format {version}; this plugin reads formats up to "
