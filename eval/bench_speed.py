@@ -16,7 +16,8 @@ the warm-up). Checkpoint bytes: the loaded model's state dict (what `save_pretra
 tensors once). KV bytes per token: the cache after a run, all layers, divided by the tokens it holds
 (a static cache by the tokens it has room for). Every ratio is to bf16 measured in the same run.
 
-Methods: fp32, bf16, sinkquant W8 and W4 g128 + 1% columns (+ the combined KV4 recipe), saved with
+Methods: fp32, bf16, sinkquant W8 and W4 g128 + 1% columns (+ the combined KV4 recipe; the best
+recipe with and without its input rotation, whose GPTQ checkpoints `--checkpoint NAME=PATH` can reuse), saved with
 `sinkquant.quantize_model` and loaded in bf16 (the int4/int8 CPU kernels take bf16 activations),
 bitsandbytes int8 / nf4 (bf16 compute), torchao int4 (CPU kernel, bf16); extra rows: a static cache
 (`cache_implementation="static"`) and `torch.compile` of the decode step on top of it, for bf16 and
@@ -79,6 +80,8 @@ METHODS = {
     "sq-w8": ("sinkquant W8 per channel", "ckpt:w8", {}),
     "sq-w4": ("sinkquant W4 {g} + 1% cols", "ckpt:w4", {}),
     "sq-w4-kv4": ("sinkquant W4 {g} + 1% cols + KV4 sinks", "ckpt:w4-kv4", {}),
+    "sq-best": ("sinkquant best W4 {g} (w4-g128-best: GPTQ, rotated inputs)", "ckpt:best", {}),
+    "sq-best-unrotated": ("sinkquant best W4 {g}, rotation: null", "ckpt:best-unrotated", {}),
     "bnb-int8": ("bitsandbytes LLM.int8 (threshold 6.0)", "bnb-int8", {}),
     "bnb-nf4": ("bitsandbytes nf4", "bnb-nf4", {}),
     "torchao-int4": ("torchao int4{peer_g} (CPU kernel)", "torchao", {}),
@@ -92,8 +95,14 @@ METHODS = {
     ),
 }  # fmt: skip
 
-#: checkpoint name -> recipe file
-CHECKPOINTS = {"w8": "w8.yaml", "w4": "w4-g128-outliers.yaml", "w4-kv4": "w4-g128-kv4-sinks.yaml"}
+#: checkpoint name -> recipe file, or (recipe file, overrides)
+CHECKPOINTS: dict[str, str | tuple[str, dict]] = {
+    "w8": "w8.yaml",
+    "w4": "w4-g128-outliers.yaml",
+    "w4-kv4": "w4-g128-kv4-sinks.yaml",
+    "best": "w4-g128-best.yaml",
+    "best-unrotated": ("w4-g128-best.yaml", {"weights.rotation": None}),
+}
 
 
 # -- process memory ---------------------------------------------------------------------------------------
@@ -406,12 +415,22 @@ def kernel_rows(shapes: list[tuple[int, int, int | None]], reps: int, bandwidth:
 
 
 def make_checkpoints(
-    model_path: str, names: list[str], group, calibration: str | None, quick: bool
+    model_path: str, names: list[str], group, calibration: str | None, quick: bool, reuse: dict | None = None
 ) -> tuple[dict, dict]:
-    """sinkquant checkpoints for the methods that load one (quantize_model, the recipes, fitted group)."""
+    """sinkquant checkpoints for the methods that load one (quantize_model, the recipes, fitted group);
+    `reuse`: name -> a folder made earlier from the same recipe (a GPTQ recipe takes minutes), used as is."""
     from sinkquant import load_recipe, quantize_model
     from sinkquant.loading import prepare_model
 
+    paths, info = {}, {}
+    for name, folder in (reuse or {}).items():
+        if name in names:
+            size = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+            paths[name], info[name] = (
+                str(folder),
+                {"checkpoint_bytes": size, "seconds": None, "reused": str(folder)},
+            )
+    names = [n for n in names if n not in paths]
     report = calibration
     if report is None and names:
         from sinkquant import calibrate
@@ -420,9 +439,12 @@ def make_checkpoints(
         model, tok = prepare_model(model_path, "float32")
         report = calibrate(model, tok, None, samples, seq_len, 0, progress=False)
         del model
-    paths, info = {}, {}
     for name in names:
-        recipe = load_recipe(RECIPES / CHECKPOINTS[name])
+        recipe_file, overrides = (
+            CHECKPOINTS[name] if isinstance(CHECKPOINTS[name], tuple) else (CHECKPOINTS[name], {})
+        )
+        recipe = load_recipe(RECIPES / recipe_file)
+        recipe = recipe.with_overrides(**overrides) if overrides else recipe
         if recipe.weights.bits == 4 and group != 128:
             recipe = recipe.with_overrides(**{"weights.group_size": group})
         out = RUNS / f"ckpt-{model_name(model_path)}-{name}"
@@ -609,6 +631,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--json", type=Path, default=None, help="default runs/bench/speed_<model>.json")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument(
+        "--checkpoint", action="append", default=[], metavar="NAME=PATH",
+        help=f"reuse a checkpoint made earlier for NAME (one of {', '.join(CHECKPOINTS)})",
+    )  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -668,7 +694,10 @@ def main(argv=None) -> int:
     checkpoints, ckpt_info = {}, {}
     if needed:
         print(f"sinkquant checkpoints: {', '.join(needed)} ...", flush=True)
-        checkpoints, ckpt_info = make_checkpoints(args.model, needed, group, args.calibration, args.quick)
+        reuse = dict(item.split("=", 1) for item in args.checkpoint)
+        checkpoints, ckpt_info = make_checkpoints(
+            args.model, needed, group, args.calibration, args.quick, reuse
+        )
     result["checkpoints"] = ckpt_info
     spec = {
         "model": str(args.model),
@@ -687,6 +716,8 @@ def main(argv=None) -> int:
         notes = []
         if how.startswith("ckpt:") and how[5:] in ckpt_info:
             notes.append(f"{ckpt_info[how[5:]]['checkpoint_bytes'] / 2**20:.1f} MiB safetensors on disk")
+            if ckpt_info[how[5:]].get("reused"):
+                notes.append(f"checkpoint made earlier: {ckpt_info[how[5:]]['reused']}")
         if "warmup_s" in row and options.get("compile"):
             notes.append(f"warm-up incl. compilation {row['warmup_s']:.0f} s")
         row["note"] = "; ".join(notes)

@@ -63,44 +63,60 @@ def draw_signs(in_features: int, n_kept: int) -> torch.Tensor:
 
 class InputRotation:
     """R = diag(signs) · blockdiag(Hb) over n = len(signs) columns; applies R or Rᵀ along a tensor's last
-    dimension, computing in the tensor's dtype (float32 for lower precisions) and returning that dtype."""
+    dimension, computing in the tensor's dtype (float32 for lower precisions) and returning that dtype.
+
+    A decode step rotates one row per layer, where each op's fixed cost dominates, so the transform is
+    four ops: the signs, one batched product for the full blocks, one product with the (small, dense)
+    block-diagonal matrix of the rest, and a concatenation."""
 
     def __init__(self, signs: torch.Tensor, block: int) -> None:
         if block not in BLOCKS:
             raise ValueError(f"rotation block {block} is not one of {BLOCKS}")
         self.signs, self.block = signs.float(), block
         self.sizes = block_sizes(signs.numel(), block)
+        self.full = self.sizes.count(block) * block  # columns in whole blocks; the rest in smaller ones
+        self._parts: dict[tuple[torch.dtype, torch.device], tuple] = {}
 
     def __len__(self) -> int:
         return self.signs.numel()
 
-    def _blocks(self, t: torch.Tensor) -> torch.Tensor:
+    def _parts_for(self, dtype: torch.dtype, device: torch.device) -> tuple:
+        """(signs, Hb, blockdiag of the rest's blocks or None) in `dtype` on `device`, built once each."""
+        parts = self._parts.get((dtype, device))
+        if parts is None:
+            rest = self.sizes[self.full // self.block :]
+            rest_matrix = torch.block_diag(*[_hadamard(b, dtype, device) for b in rest]) if rest else None
+            parts = (
+                self.signs.to(device=device, dtype=dtype),
+                _hadamard(self.block, dtype, device),
+                rest_matrix,
+            )
+            self._parts[(dtype, device)] = parts
+        return parts
+
+    def _blocks(self, t: torch.Tensor, hb: torch.Tensor, rest: torch.Tensor | None) -> torch.Tensor:
         """t [..., n] times blockdiag(Hb) (symmetric, so also its transpose)."""
-        lead, n = t.shape[:-1], t.shape[-1]
-        full = self.sizes.count(self.block) * self.block
-        out = torch.empty_like(t)
-        if full:
-            h = _hadamard(self.block, t.dtype, t.device)
-            out[..., :full] = (t[..., :full].reshape(*lead, -1, self.block) @ h).reshape(*lead, full)
-        start = full
-        for size in self.sizes[self.sizes.count(self.block) :]:
-            out[..., start : start + size] = t[..., start : start + size] @ _hadamard(size, t.dtype, t.device)
-            start += size
-        assert start == n, (start, n)
-        return out
+        if not self.full:
+            return t @ rest
+        lead = t.shape[:-1]
+        head = (t[..., : self.full].reshape(-1, self.block) @ hb).reshape(*lead, self.full)
+        return head if rest is None else torch.cat([head, t[..., self.full :] @ rest], -1)
 
     def _compute_dtype(self, t: torch.Tensor) -> torch.dtype:
         return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
 
     def apply(self, t: torch.Tensor) -> torch.Tensor:
         """t R along the last dimension: rotated inputs, or the rows of the weight to store (W R)."""
-        x = t.to(self._compute_dtype(t))
-        return self._blocks(x * self.signs.to(device=x.device, dtype=x.dtype)).to(t.dtype)
+        dtype = self._compute_dtype(t)
+        signs, hb, rest = self._parts_for(dtype, t.device)
+        out = self._blocks(t.to(dtype) * signs, hb, rest)
+        return out if out.dtype == t.dtype else out.to(t.dtype)
 
     def apply_transposed(self, t: torch.Tensor) -> torch.Tensor:
         """t Rᵀ along the last dimension: a stored weight's rows back in the input basis (W' Rᵀ = W)."""
-        x = t.to(self._compute_dtype(t))
-        return (self._blocks(x) * self.signs.to(device=x.device, dtype=x.dtype)).to(t.dtype)
+        dtype = self._compute_dtype(t)
+        signs, hb, rest = self._parts_for(dtype, t.device)
+        return (self._blocks(t.to(dtype), hb, rest) * signs).to(t.dtype)
 
     def rotate_columns(self, t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """t [..., in] with its `keep` columns times R (the others as they are), in float64: Q the
