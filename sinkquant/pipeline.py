@@ -477,6 +477,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
         key = f"int{spec['bits']}" + (
             f" g{spec['group_size']}" if spec["bits"] == 4 and spec["group_size"] else ""
         )
+        key += ", log scales" if spec.get("log_scales") else ""
+        key += f", inputs rotated (blocks of {spec['rotation']})" if spec.get("rotation") else ""
         by_bits[key] = by_bits.get(key, 0) + 1
     return {
         "path": str(path),

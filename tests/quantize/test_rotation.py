@@ -14,7 +14,7 @@ from tiny_models import save_tiny, tiny_llama
 from sinkquant.errors import InputError
 from sinkquant.export import export
 from sinkquant.loading import load_model
-from sinkquant.pipeline import quantize_model
+from sinkquant.pipeline import inspect_checkpoint, quantize_model
 from sinkquant.quantize.gptq import gptq_quantize_weight
 from sinkquant.quantize.hessian import HessianAccumulator
 from sinkquant.quantize.linear import SinkQuantLinear
@@ -156,6 +156,9 @@ def test_a_rotated_checkpoint_loads_every_way_and_scores_the_same(rotated_checkp
     ours = load_model(rotated_checkpoint)
     layers = [m for m in ours.modules() if isinstance(m, SinkQuantLinear)]
     assert layers and all(m.rotation_block == 16 for m in layers)
+    assert list(inspect_checkpoint(rotated_checkpoint)["schemes"]) == [
+        "int4 g32, inputs rotated (blocks of 16)"
+    ]
     ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = ours(ids).logits
