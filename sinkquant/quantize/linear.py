@@ -480,7 +480,7 @@ def _bind_forward(layer: SinkQuantLinear, dtype: torch.dtype) -> Forward:
     def run(x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, in_f)
         if rotate is not None:
-            x2 = rotate(x2)
+            x2 = rotate(x, x2)
         if fused is not None and not compiling():
             if x2.shape[0] <= FUSED_MAX_ROWS:
                 return fused(x2 if x2.is_contiguous() else x2.contiguous()).view(*x.shape[:-1], out_f)
@@ -491,18 +491,40 @@ def _bind_forward(layer: SinkQuantLinear, dtype: torch.dtype) -> Forward:
     return run
 
 
-def _rotate_inputs(layer: SinkQuantLinear) -> Forward | None:
+#: the last rotated input of this thread: (key, the input, its version, the rotated tensor). Linears that
+#: read one input (q/k/v, gate/up) rotate it the same way when they keep the same columns (the signs
+#: depend only on the width and the kept columns), so the second and third find it here. Holding the
+#: input keeps its memory from being reused by another tensor while it is the key.
+_LAST_ROTATED = threading.local()
+
+
+def _rotate_inputs(layer: SinkQuantLinear) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
     """x2 [rows, in] -> a new [rows, in] with the kept columns rotated (the outlier columns as they are),
-    for every path below to take as its input; None for a layer without a rotation."""
+    for every path below to take as its input; None for a layer without a rotation. The same input,
+    unchanged since (its version counter), rotated the same way by the layer called just before, is
+    taken from `_LAST_ROTATED` instead of rotated again."""
     rotation = layer._layouts.rotation
     if rotation is None:
         return None
-    if not layer.n_outliers:
-        return rotation.apply
     keep = layer._layouts.keep.to(layer.outlier_idx.device)
+    same_rotation = (layer.rotation_block, layer.in_features, bytes(layer.input_signs.cpu().numpy()),
+                     bytes(layer.outlier_idx.cpu().numpy()))  # fmt: skip
 
-    def run(x2: torch.Tensor) -> torch.Tensor:
+    def rotate(x2: torch.Tensor) -> torch.Tensor:
+        if not layer.n_outliers:
+            return rotation.apply(x2)
         return x2.index_copy(1, keep, rotation.apply(x2.index_select(1, keep)))
+
+    def run(x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """x: the layer's input as passed (what the next linear is called with too), x2 its 2-D view."""
+        if torch.is_grad_enabled():  # autograd: each call builds its own graph
+            return rotate(x2)
+        last = getattr(_LAST_ROTATED, "entry", None)
+        if last is not None and last[0] == same_rotation and last[1] is x and last[2] == x._version:
+            return last[3]
+        rotated = rotate(x2)
+        _LAST_ROTATED.entry = (same_rotation, x, x._version, rotated)
+        return rotated
 
     return run
 

@@ -178,3 +178,38 @@ def test_export_and_the_vllm_plugin_refuse_a_rotated_checkpoint(rotated_checkpoi
 def test_rotation_is_refused_without_gptq():
     with pytest.raises(ValueError, match="rotation needs algorithm gptq"):
         Recipe().with_overrides(**{"weights.rotation": 32})
+
+
+def test_linears_reading_one_input_share_its_rotation_only_while_it_is_unchanged(monkeypatch):
+    """q/k/v (and gate/up) read one input: the second and third reuse the first's rotation of it, but
+    an input changed in place, or a layer with other outlier columns, is rotated anew."""
+    torch.manual_seed(0)
+
+    def layer(outliers, seed):
+        weight = torch.randn(48, 160, generator=torch.Generator().manual_seed(seed)) * 0.05
+        keep = 160 - len(outliers)
+        return SinkQuantLinear.from_float(
+            weight, None, 4, 32, outliers, rotation=InputRotation(draw_signs(160, keep), 32)
+        )
+
+    q, k, other = layer([3, 70], 1), layer([3, 70], 2), layer([4, 70], 3)
+    x = torch.randn(5, 160)
+
+    def alone(module, inputs):  # the layer's output with nothing rotated before it
+        from sinkquant.quantize import linear
+
+        linear._LAST_ROTATED.entry = None
+        return module(inputs)
+
+    calls = []
+    real = InputRotation.apply
+    monkeypatch.setattr(InputRotation, "apply", lambda self, t: calls.append(1) or real(self, t))
+    with torch.no_grad():
+        want_k, want_other = alone(k, x.clone()), alone(other, x.clone())
+        calls.clear()
+        q(x)
+        assert torch.equal(k(x), want_k) and len(calls) == 1  # k reused q's rotation of x
+        assert torch.equal(other(x), want_other) and len(calls) == 2
+        q(x)
+        x.mul_(2)  # in place: the rotation held for x is stale
+        assert torch.equal(k(x), alone(k, x.clone()))
