@@ -15,7 +15,8 @@ which is listed too, with a second ratio against it). The gap between a layer an
 cost of the full-precision columns and the op dispatch around them.
 
 `--rotation BLOCK` adds an int4 g128 layer whose kept inputs are rotated in blocks of BLOCK
-(`weights.rotation`), so its cost over the same layer unrotated is measured in the same run; `--rows N`
+(`weights.rotation`), each call rotating its input as the first linear to read one does (q, gate), so
+its cost over the same layer unrotated is measured in the same run; `--rows N`
 times calls of N input rows (a prefill chunk) instead of one; `--shapes small` keeps SmolLM2's shapes.
 """
 
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from common import machine
 
 from sinkquant.kernels import best_isa
-from sinkquant.quantize.linear import SinkQuantLinear, use_fused_kernel
+from sinkquant.quantize.linear import SinkQuantLinear, forget_rotated_input, use_fused_kernel
 from sinkquant.quantize.primitives import complement_indices
 from sinkquant.quantize.rotation import InputRotation, draw_signs
 
@@ -103,6 +104,13 @@ def _pytorch_kernel(module: SinkQuantLinear):
     return call
 
 
+def _rotating_call(module: SinkQuantLinear, x):
+    """The layer as the first linear to read its input (q, gate): a layer that reads the input the one
+    before it rotated (k, v, up) reuses that rotation, which every call here would, on one shared x."""
+    forget_rotated_input()
+    return module(x)
+
+
 def run(reps: int, rotation: int | None = None, n_rows: int = 1, shapes=SHAPES) -> list[dict]:
     rows = []
     torch.manual_seed(0)
@@ -142,7 +150,10 @@ def run(reps: int, rotation: int | None = None, n_rows: int = 1, shapes=SHAPES) 
                 rotation=InputRotation(draw_signs(in_f, kept), rotation),
             )  # fmt: skip
             modules = [copy.deepcopy(module) for _ in range(copies_needed(module.nbytes(), reps))]
-            layers[f"int4 g128 +1% cols, inputs rotated (blocks of {rotation})"] = (modules, module.nbytes())
+            layers[f"int4 g128 +1% cols, inputs rotated (blocks of {rotation})"] = (
+                [functools.partial(_rotating_call, m) for m in modules],
+                module.nbytes(),
+            )
         x = torch.randn(n_rows, in_f, dtype=torch.bfloat16)
         with torch.no_grad():
             timed = _median_times({name: fn for name, (fn, _) in layers.items()}, x, reps)

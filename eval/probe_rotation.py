@@ -1,5 +1,5 @@
-"""Does rotating each linear's inputs (incoherence processing) lower the W4 GPTQ error? A probe before
-building it into the format.
+"""Does rotating each linear's inputs (incoherence processing) lower the W4 GPTQ error? The probe that
+led to `weights.rotation` (sinkquant/quantize/rotation.py), and its variants that sinkquant does not build.
 
     python eval/probe_rotation.py NAME=SPEC ... [--recipe recipes/w4-g128-best.yaml] [--tokens 16384]
         [--json runs/bench/rotation.json] [--out eval/results/rotation_w4_smollm2.md]
@@ -23,9 +23,10 @@ rotates its input before the stored int4 weights apply (and reports W' Rᵀ as i
 the later layers' calibration inputs are the quantized model's). Outlier columns (the recipe's rule)
 stay exact in the original basis: those inputs are zeroed before the rotation (their rows and columns
 of H too) and multiply their float weights apart, so the int4 part spans every input column, the
-outlier ones at zero. `rotatekept` instead rotates only the kept columns among themselves (the last
-blocks the powers of two that make up the rest of their count) and leaves the outlier columns to
-the layer's own exact storage: no int4 codes for them, the same bits as unrotated. Not a checkpoint format: no file is written. Scored in memory against the float
+outlier ones at zero. `rotatekept:BLOCK` is sinkquant's own `weights.rotation: BLOCK` (built from this
+probe's finding): the kept columns rotated among themselves, the outlier columns the layer's own exact
+storage, no int4 codes for them. The page's rotkept32 row ran the probe's copy of it (commit 1899c80),
+whose matrices were the same. The probe writes no file. Scored in memory against the float
 model: perplexity, KL and top-1 on WikiText-2 test; bits per weight from the quantized layers'
 buffers (outlier columns in the folder's dtype; the int4 codes of zeroed columns counted).
 """
@@ -52,33 +53,15 @@ from sinkquant.modeling import load_tokenizer, stored_dtype  # noqa: E402
 from sinkquant.pipeline import calibrate_for  # noqa: E402
 from sinkquant.quantize.algorithms import quantize_weights  # noqa: E402
 from sinkquant.quantize.linear import SinkQuantLinear  # noqa: E402
+from sinkquant.quantize.rotation import InputRotation, draw_signs  # noqa: E402
 from sinkquant.quantize.weights import float_weight  # noqa: E402
 from sinkquant.recipe import load_recipe  # noqa: E402
 
 
-def hadamard(n: int) -> torch.Tensor:
-    """Sylvester's Hadamard matrix of order n (a power of two), normalised to be orthogonal."""
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / n**0.5
-
-
-def block_rotation(n: int, fixed: list[int], block: int, seed: int = 0) -> torch.Tensor:
-    """[n, n] float64 orthogonal: the identity on the columns `fixed`; on the others (in ascending
-    order) diagonal blocks of `block`, the last ones the powers of two that make up the rest (570
-    columns, blocks of 32: 17 of 32, then 16, 8 and 2), each diag(±1) H."""
-    moved = [c for c in range(n) if c not in set(fixed)]
-    rest = len(moved) % block
-    sizes = [block] * (len(moved) // block) + [2**k for k in range(block.bit_length(), -1, -1) if rest & 2**k]
-    gen = torch.Generator().manual_seed(seed + n)
-    signs = torch.randint(0, 2, (len(moved),), generator=gen).to(torch.float64) * 2 - 1
-    rotation = torch.eye(n, dtype=torch.float64)
-    index = torch.tensor(moved)
-    rotation[index[:, None], index[None, :]] = (
-        torch.block_diag(*[hadamard(b) for b in sizes]) * signs[:, None]
-    )
-    return rotation
+def block_rotation(n: int, block: int) -> torch.Tensor:
+    """[n, n] float64: sinkquant's rotation of n columns (`InputRotation`: blocks of `block`, the rest
+    in smaller powers of two, the signs `draw_signs` gives a layer of n inputs), as a dense matrix."""
+    return InputRotation(draw_signs(n, n), block).apply(torch.eye(n, dtype=torch.float64))
 
 
 class RotatedLinear(SinkQuantLinear):
@@ -109,38 +92,35 @@ class RotatedLinear(SinkQuantLinear):
         return w
 
 
-def rotating_quantize_module(block: int, kept_only: bool = False):
-    """`gptq.quantize_module`, on the rotated weight and Hessian. By default R rotates every column and
-    the outlier inputs are zeroed before it (their rows and columns of H too), their float weights
-    applied apart; `kept_only`: R rotates the kept columns among themselves and is the identity on the
-    outlier columns, which stay the layer's own exact columns (no int4 codes for them)."""
+def rotating_quantize_module(block: int):
+    """`gptq.quantize_module`, on the rotated weight and Hessian: R rotates every column, the outlier
+    inputs zeroed before it (their rows and columns of H too) and their float weights applied apart."""
     rotated_hessians: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(H) -> (H, Rᵀ H R)
 
     def quantize_module(name, module, hessian, idx, weights, storage, factor_cache=None, source=None):
         weight = (float_weight(module) if source is None else source).detach().cpu()
-        zeroed, exact = ([], idx) if kept_only else (idx, [])
-        r = block_rotation(weight.shape[1], exact, block)
+        r = block_rotation(weight.shape[1], block)
         key = id(hessian)
         if key not in rotated_hessians:
             rotated_hessians.clear()  # the Hessians of one input (q/k/v, gate/up) arrive together
             h = hessian.to(torch.float64).clone()
-            h[zeroed] = 0
-            h[:, zeroed] = 0
+            h[idx] = 0
+            h[:, idx] = 0
             rotated_hessians[key] = (hessian, (r.T @ h @ r).to(hessian.dtype))
         body = weight.to(torch.float64).clone()
-        body[:, zeroed] = 0
-        w_rot = (body @ r).float()  # its `exact` columns are the layer's, exactly
+        body[:, idx] = 0
+        w_rot = (body @ r).float()
         bias = module.bias.detach().cpu() if module.bias is not None else None
-        res = gptq._gptq_weight(name, w_rot, rotated_hessians[key][1], exact, weights, factor_cache)
+        res = gptq._gptq_weight(name, w_rot, rotated_hessians[key][1], [], weights, factor_cache)
         if res is None:
             raise SystemExit(f"GPTQ failed on {name}")
         new = RotatedLinear.from_float(
-            w_rot, bias, weights.bits, weights.group, exact, weights.symmetric, codes=res.codes,
+            w_rot, bias, weights.bits, weights.group, [], weights.symmetric, codes=res.codes,
             scale=res.scale, minimum=res.minimum, storage_dtype=storage, log_scales=weights.log_scales,
         )  # fmt: skip
         new.rotation = r.float()
-        if zeroed:
-            new.keep_exact(zeroed, weight)
+        if idx:
+            new.keep_exact(idx, weight)
         return new.to(module.weight.device)
 
     return quantize_module
@@ -177,6 +157,8 @@ def main() -> None:
             block = int(block_text)
         if rest:
             overrides = json.loads(rest)
+        if kind == "rotatekept":  # sinkquant's own rotation, as a recipe sets it
+            overrides, block = {**overrides, "weights.rotation": block}, 0
         recipe = load_recipe(args.recipe)
         recipe = recipe.with_overrides(**overrides) if overrides else recipe
         model = load_model(model_dir, torch.float32)
@@ -185,7 +167,7 @@ def main() -> None:
         run = calibrate_for(model, tokenizer, recipe, report, progress=False)
         if report is None:
             run.report.save(args.report)
-        gptq.quantize_module = rotating_quantize_module(block, kind == "rotatekept") if block else original
+        gptq.quantize_module = rotating_quantize_module(block) if block else original
         try:
             summary = quantize_weights(model, recipe.weights, run, progress=True, storage_dtype=storage)
         finally:

@@ -498,6 +498,12 @@ def _bind_forward(layer: SinkQuantLinear, dtype: torch.dtype) -> Forward:
 _LAST_ROTATED = threading.local()
 
 
+def forget_rotated_input() -> None:
+    """Drop this thread's last rotated input (and the memory it holds): the next rotated layer rotates
+    its input itself, as the first linear to read an input does."""
+    _LAST_ROTATED.entry = None
+
+
 def _rotate_inputs(layer: SinkQuantLinear) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
     """x2 [rows, in] -> a new [rows, in] with the kept columns rotated (the outlier columns as they are),
     for every path below to take as its input; None for a layer without a rotation. The same input,
@@ -510,10 +516,10 @@ def _rotate_inputs(layer: SinkQuantLinear) -> Callable[[torch.Tensor, torch.Tens
     same_rotation = (layer.rotation_block, layer.in_features, bytes(layer.input_signs.cpu().numpy()),
                      bytes(layer.outlier_idx.cpu().numpy()))  # fmt: skip
 
-    def rotate(x2: torch.Tensor) -> torch.Tensor:
-        if not layer.n_outliers:
-            return rotation.apply(x2)
+    def rotate_kept(x2: torch.Tensor) -> torch.Tensor:
         return x2.index_copy(1, keep, rotation.apply(x2.index_select(1, keep)))
+
+    rotate = rotate_kept if layer.n_outliers else rotation.apply
 
     def run(x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """x: the layer's input as passed (what the next linear is called with too), x2 its 2-D view."""

@@ -17,7 +17,7 @@ from sinkquant.loading import load_model
 from sinkquant.pipeline import inspect_checkpoint, quantize_model
 from sinkquant.quantize.gptq import gptq_quantize_weight
 from sinkquant.quantize.hessian import HessianAccumulator
-from sinkquant.quantize.linear import SinkQuantLinear
+from sinkquant.quantize.linear import SinkQuantLinear, forget_rotated_input
 from sinkquant.quantize.primitives import complement_indices
 from sinkquant.quantize.refit import row_errors
 from sinkquant.quantize.rotation import (
@@ -196,9 +196,7 @@ def test_linears_reading_one_input_share_its_rotation_only_while_it_is_unchanged
     x = torch.randn(5, 160)
 
     def alone(module, inputs):  # the layer's output with nothing rotated before it
-        from sinkquant.quantize import linear
-
-        linear._LAST_ROTATED.entry = None
+        forget_rotated_input()
         return module(inputs)
 
     calls = []
