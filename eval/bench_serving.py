@@ -1,10 +1,13 @@
 """Serving on vLLM: sinkquant's checkpoints and exports beside vLLM bf16, measured in one run.
 
-    python eval/bench_serving.py [--model DIR] [--tokens 16384] [--compile] [--out eval/results/serving_smollm2.md]
+    python eval/bench_serving.py [--model DIR] [--tokens 16384] [--compile] [--best CHECKPOINT]
+        [--rows ...] [--out eval/results/serving_smollm2.md]
 
 Rows (SmolLM2-135M unless --model): vLLM bf16 on the source model; the native sinkquant W4 checkpoint
 (default recipe), W4 with symmetric groups and one-byte log scales (format 4; the default recipe with
-`symmetric` and `log_scales`) and W8 checkpoint through the sinkquant-vllm plugin; their compressed-tensors exports:
+`symmetric` and `log_scales`), the best W4 recipe (`recipes/w4-g128-best.yaml`: GPTQ with input rotation,
+format 5; `--best` reuses a checkpoint of it, since GPTQ takes minutes) and W8 checkpoint through the
+sinkquant-vllm plugin; their compressed-tensors exports:
 W4A16 pack-quantized (the checkpoint's asymmetric grid, group made to divide the widths; GPU kernels
 serve it, vLLM's AVX2 CPU build has none), W4A8 (symmetric int4 with per-token int8 activations: the 4-bit
 scheme that CPU build serves), W8A8 int8 (there is no weight-only int8 CPU kernel), with and without
@@ -107,6 +110,12 @@ def main() -> None:
         help="comma-separated rows to serve (bf16, w4, w8, or an export folder such as ct-w8a8-smooth); the "
         "native checkpoints are always scored by sinkquant's evaluator. Default: every row",
     )
+    parser.add_argument(
+        "--best",
+        type=Path,
+        default=None,
+        help="a checkpoint of recipes/w4-g128-best.yaml to reuse (row w4-best)",
+    )
     parser.add_argument("--out", default=str(ROOT / "eval" / "results" / "serving_smollm2.md"))
     args = parser.parse_args()
 
@@ -135,6 +144,11 @@ def main() -> None:
     quantize_model(
         model, native_w8, load_recipe(ROOT / "recipes" / "w8.yaml"), overwrite=True, progress=False
     )
+    chosen = set(args.rows.split(",")) if args.rows else None
+    native_best = args.best or work / "w4-best"
+    if args.best is None and (chosen is None or "w4-best" in chosen):
+        best = load_recipe(ROOT / "recipes" / "w4-g128-best.yaml")
+        quantize_model(model, native_best, best, overwrite=True, progress=False)
     # the inputs of q/k/v carry the sink token's massive activations into per-token int8
     qkv = [r"self_attn\.[qkv]_proj"]
     # (folder, its checkpoint, settings, label suffix, how vLLM runs it: "score" = perplexity and decode at
@@ -190,7 +204,6 @@ def main() -> None:
             "score",
         ),
     ]
-    chosen = set(args.rows.split(",")) if args.rows else None
     exports = [e for e in exports if chosen is None or e[0] in chosen]
     reports = {folder: export(source, work / folder, settings) for folder, source, settings, *_ in exports}
 
@@ -221,6 +234,9 @@ def main() -> None:
          "4 (1-byte scales) + 1% fp16 columns", ours(native_w4_log), None, wanted("w4-log", "score")),
         ("w8", "sinkquant W8 native (plugin)", native_w8, "8", ours(native_w8), None, wanted("w8", "score")),
     ]  # fmt: skip
+    if chosen is None or "w4-best" in chosen:
+        rows.append(("w4-best", "sinkquant W4 best recipe (GPTQ, inputs rotated), native (plugin)", native_best,
+                     "4 + 1% fp16 columns + signs", ours(native_best), None, "score"))  # fmt: skip
     for folder, source, _, suffix, mode in exports:
         report = reports[folder]
         rows.append(
@@ -259,7 +275,8 @@ def main() -> None:
         f"logprobs on the same token ids. `fold` is the export's sinkquant perplexity against its native "
         f"checkpoint's. Decode: 64 new tokens after a 6-token prompt, median of 3. "
         f"Preparing the checkpoints and exports took {prepare_s:.0f} s."
-        + (f" Rows served in this run: {args.rows}." if args.rows else ""),
+        + (f" Rows served in this run: {args.rows}." if args.rows else "")
+        + (f" The best recipe's checkpoint was reused from {args.best}." if args.best else ""),
         "",
         "| row | bits / weight | ppl sinkquant | fold | ppl vLLM | vLLM / sinkquant | vLLM / native (vLLM) | "
         "decode tok/s b1 | b1 vs bf16 | decode tok/s b8 | generation (greedy, 16 tokens) |",

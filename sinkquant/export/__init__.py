@@ -260,7 +260,8 @@ def export(
     if rotated:
         raise InputError(
             f"{checkpoint} has layers with rotated inputs (weights.rotation, e.g. {rotated[0]}); no export "
-            "format stores the rotation, so re-quantize without weights.rotation to export it"
+            "format stores the rotation: serve the checkpoint itself through the sinkquant-vllm plugin, or "
+            "re-quantize without weights.rotation to export it"
         )
     args, scheme = _scheme(qc, settings)
     scale_dtype = getattr(torch, settings.scale_dtype, None)

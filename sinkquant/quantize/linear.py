@@ -523,7 +523,9 @@ def _rotate_inputs(layer: SinkQuantLinear) -> Callable[[torch.Tensor, torch.Tens
 
     def run(x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """x: the layer's input as passed (what the next linear is called with too), x2 its 2-D view."""
-        if torch.is_grad_enabled():  # autograd: each call builds its own graph
+        # autograd: each call builds its own graph; an inference tensor (torch.inference_mode, as vLLM
+        # runs) has no version counter to tell whether it changed in place since
+        if torch.is_grad_enabled() or x.is_inference():
             return rotate(x2)
         last = getattr(_LAST_ROTATED, "entry", None)
         if last is not None and last[0] == same_rotation and last[1] is x and last[2] == x._version:

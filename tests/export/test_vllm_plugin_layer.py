@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sinkquant.quantize.linear import SinkQuantLinear, use_kernels
+from sinkquant.quantize.linear import SinkQuantLinear, forget_rotated_input, use_kernels
+from sinkquant.quantize.rotation import InputRotation, draw_signs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "integrations" / "vllm"))
 from sinkquant_vllm import layer as plugin  # noqa: E402
@@ -127,3 +128,49 @@ def test_a_fused_log_scale_layer_decodes_each_shard_under_its_own_exponent():
         assert torch.equal(served(x), torch.cat([s(x) for s in shards], dim=1))
     with pytest.raises(ValueError, match="exponents"):
         plugin.decode_log_scales(spec, fused, [96, 96])
+
+
+def test_a_fused_rotated_layer_is_served_by_sinkquant_linear_exactly():
+    """Format 5: q/k/v read one input, so their outlier columns and rotation signs are the same; vLLM's
+    fused layer takes one `input_signs` for all shards and, through sinkquant's module, gives each
+    shard's outputs bit for bit, on the decode, middle and prefill paths."""
+    idx = torch.tensor([5, 77, 140])
+    rotation = InputRotation(draw_signs(160, 157), 32)
+    shards = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        shards.append(
+            SinkQuantLinear.from_float(torch.randn(64, 160) * 0.05, None, 4, 32, idx, rotation=rotation)
+        )
+    assert all(torch.equal(s.input_signs, shards[0].input_signs) for s in shards)
+    shared = ("outlier_idx", "input_signs")
+    fused = {
+        name: torch.cat([_tensors(s)[name] for s in shards])
+        if name not in shared
+        else _tensors(shards[0])[name]
+        for name in _tensors(shards[0])
+    }
+    spec = plugin.LayerSpec.from_dict(
+        {"in_features": 160, "out_features": 64, "bits": 4, "group_size": 32, "outliers": 3,
+         "dtype": "float32", "rotation": 32}
+    )  # fmt: skip
+    assert {k: (tuple(v.shape), v.dtype) for k, v in fused.items()} == dict(spec.shapes(192, shards=3))
+    served = plugin.sinkquant_layer(spec, fused)
+    assert served.rotation_block == 32
+    for rows in (1, 7, 80):
+        x = torch.randn(rows, 160).to(torch.bfloat16)
+        with torch.no_grad():
+            forget_rotated_input()
+            want = torch.cat([s(x) for s in shards], dim=1)
+            forget_rotated_input()
+            assert torch.equal(served(x), want)
+    with pytest.raises(ValueError, match="rotated layer"):
+        plugin.effective_weight(spec, fused)
+
+
+def test_a_rotated_checkpoint_needs_sinkquant_beside_vllm():
+    layers = {"model.layers.0.mlp.down_proj": {"rotation": 32}, "model.layers.0.mlp.up_proj": {}}
+    assert plugin.unserved_layers(layers) is None  # sinkquant is importable here
+    reason = plugin.unserved_layers(layers, importable=False)
+    assert "model.layers.0.mlp.down_proj" in reason and "pip install --no-deps sinkquant" in reason
+    assert plugin.unserved_layers({"a": {"rotation": None}}, importable=False) is None

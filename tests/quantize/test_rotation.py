@@ -30,7 +30,8 @@ from sinkquant.quantize.rotation import (
 from sinkquant.recipe import Recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "integrations" / "vllm"))
-from sinkquant_vllm.layer import unserved_layers  # noqa: E402
+from sinkquant_vllm.layer import FORMAT_VERSION as PLUGIN_FORMAT  # noqa: E402
+from sinkquant_vllm.layer import LayerSpec, unserved_layers  # noqa: E402
 
 
 def _dense(rotation: InputRotation) -> torch.Tensor:
@@ -166,13 +167,22 @@ def test_a_rotated_checkpoint_loads_every_way_and_scores_the_same(rotated_checkp
     assert torch.equal(want, hf)
 
 
-def test_export_and_the_vllm_plugin_refuse_a_rotated_checkpoint(rotated_checkpoint, tmp_path):
+def test_export_refuses_a_rotated_checkpoint_and_the_vllm_plugin_reads_its_specs(
+    rotated_checkpoint, tmp_path
+):
     with pytest.raises(InputError, match="rotated inputs"):
         export(rotated_checkpoint, tmp_path / "exported")
     assert not (tmp_path / "exported").exists()
     qc = json.loads((rotated_checkpoint / "config.json").read_text())["quantization_config"]
-    assert "weights.rotation" in unserved_layers(qc["layers"])
-    assert unserved_layers({name: {**spec, "rotation": None} for name, spec in qc["layers"].items()}) is None
+    assert qc["format_version"] <= PLUGIN_FORMAT
+    assert unserved_layers(qc["layers"]) is None
+    assert "weights.rotation" in unserved_layers(qc["layers"], importable=False)
+    # every rotated layer's tensors are the ones the plugin's spec names, so vLLM can load them
+    model = load_model(rotated_checkpoint)
+    for name, spec in qc["layers"].items():
+        module = model.get_submodule(name)
+        buffers = {k: (tuple(v.shape), v.dtype) for k, v in module.named_buffers() if k != "bias"}
+        assert buffers == dict(LayerSpec.from_dict(spec).shapes()), name
 
 
 def test_rotation_is_refused_without_gptq():
@@ -211,3 +221,21 @@ def test_linears_reading_one_input_share_its_rotation_only_while_it_is_unchanged
         q(x)
         x.mul_(2)  # in place: the rotation held for x is stale
         assert torch.equal(k(x), alone(k, x.clone()))
+
+
+def test_a_rotated_layer_runs_under_inference_mode_rotating_each_input_itself():
+    """torch.inference_mode (how vLLM runs) makes inference tensors, which keep no version counter: a
+    rotated layer then rotates its input itself instead of reusing the last rotation, and still gives
+    what it gives under no_grad, on every path."""
+    weight = torch.randn(48, 160, generator=torch.Generator().manual_seed(0)) * 0.05
+    layer = SinkQuantLinear.from_float(
+        weight, None, 4, 32, [3, 70], rotation=InputRotation(draw_signs(160, 158), 32)
+    )
+    for rows in (1, 7, 80):
+        x = torch.randn(rows, 160).to(torch.bfloat16)
+        with torch.no_grad():
+            forget_rotated_input()
+            want = layer(x)
+        with torch.inference_mode():
+            first, second = layer(x.clone()), layer(x.clone())
+        assert torch.equal(first, want) and torch.equal(second, want)

@@ -1,7 +1,7 @@
 """sinkquant's quantized linear layer, read from its tensors without sinkquant, and its forward.
 
 This module imports only torch, so the tests of sinkquant check it without vLLM. The format is
-sinkquant's (format versions 2 to 4), one layer per `quantization_config.layers` entry:
+sinkquant's (format versions 2 to 5), one layer per `quantization_config.layers` entry:
 
     y = x[:, kept] @ dequant(W)^T + x[:, outlier_idx] @ outlier_weight^T (+ bias)
 
@@ -16,6 +16,9 @@ sinkquant's (format versions 2 to 4), one layer per `quantization_config.layers`
             weight_scale_top int32 [1] instead of weight_scale: scale = bf16(2^((top - code) / 32)),
             and `decode_log_scales` turns it into the form above before anything else reads it
     bits 8: weight int8 [out, kept]; weight_scale float32 [out]; value = c * scale
+    input_signs     uint8 [ceil(kept / 8)]  only where the spec says `rotation` (format 5): the kept
+                    inputs are rotated (block-Hadamard with these signs) before the integer part
+                    applies, which holds W R; such a layer is served by sinkquant's own module only
 
 Where sinkquant is importable (`pip install --no-deps sinkquant` beside vLLM), `sinkquant_layer` builds
 its `SinkQuantLinear` on the same tensors, so a served layer runs sinkquant's own CPU kernels and gives
@@ -28,6 +31,9 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
+
+#: the newest checkpoint format this plugin reads (5: input rotation)
+FORMAT_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class LayerSpec:
     dtype: str = "float16"
     symmetric: bool = False
     log_scales: bool = False
+    rotation: int | None = None  # the block of the kept inputs' rotation (format 5), None without one
 
     @classmethod
     def from_dict(cls, spec: dict) -> LayerSpec:
@@ -56,6 +63,7 @@ class LayerSpec:
             spec.get("dtype", "float16"),
             spec.get("symmetric", False),
             spec.get("log_scales", False),
+            spec.get("rotation"),
         )
 
     @property
@@ -91,10 +99,12 @@ class LayerSpec:
             scheme = {"weight": ((out, self.kept), torch.int8), "weight_scale": ((out,), torch.float32)}
         else:
             raise ValueError(f"sinkquant layers are 4- or 8-bit (got {self.bits})")
+        rotation = {"input_signs": ((math.ceil(self.kept / 8),), torch.uint8)} if self.rotation else {}
         return {
             **scheme,
             "outlier_idx": ((self.outliers,), torch.int32),
             "outlier_weight": ((out, self.outliers), outlier_dtype),
+            **rotation,
         }
 
 
@@ -124,15 +134,24 @@ def decode_log_scales(
     return replace(spec, log_scales=False), {**plain, "weight_scale": scale}
 
 
-def unserved_layers(layers: dict[str, dict]) -> str | None:
+def sinkquant_importable() -> bool:
+    try:
+        import sinkquant.quantize.linear  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def unserved_layers(layers: dict[str, dict], importable: bool | None = None) -> str | None:
     """Why this plugin cannot serve a checkpoint with these layer specs, or None where it can: a layer
-    whose spec says `rotation` (format 5) multiplies its inputs by a rotation first, which vLLM's
-    fused layers would have to apply per shard; this plugin does not."""
+    whose spec says `rotation` (format 5) rotates its inputs first, which this module does not do
+    itself; sinkquant's `SinkQuantLinear` does, so such a checkpoint needs sinkquant importable
+    beside vLLM. `importable`: whether it is (default: tried)."""
     rotated = sorted(name for name, spec in layers.items() if spec.get("rotation"))
-    if rotated:
+    if rotated and not (sinkquant_importable() if importable is None else importable):
         return (
             f"this sinkquant checkpoint rotates its layers' inputs (weights.rotation, e.g. {rotated[0]}), "
-            "which this plugin does not serve: quantize without weights.rotation for vLLM"
+            "which the plugin serves through sinkquant's own layer: pip install --no-deps sinkquant beside vLLM"
         )
     return None
 
@@ -159,6 +178,10 @@ def dequantize_kept(spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> torch.
 
 def effective_weight(spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """float32 [out, in]: the weight the layer multiplies by (outlier columns exactly as stored)."""
+    if spec.rotation:
+        raise ValueError(
+            "a rotated layer's weight is W' Rᵀ: take it from sinkquant_layer(...).dequantized_weight()"
+        )
     idx = tensors["outlier_idx"].long()
     out = tensors["weight"].shape[0]
     full = torch.empty(out, spec.in_features, device=idx.device)
@@ -199,6 +222,7 @@ def sinkquant_layer(spec: LayerSpec, tensors: dict[str, torch.Tensor], bias: tor
         tensors["outlier_weight"].dtype,
         device="meta",
         symmetric=spec.symmetric,
+        rotation_block=spec.rotation,
     )
     for name in spec.shapes(out):
         setattr(layer, name, tensors[name])

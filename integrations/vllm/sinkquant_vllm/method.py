@@ -10,7 +10,10 @@ on those tensors where sinkquant is importable, called through a registered cust
 torch.compile treats it as one opaque call; otherwise the weight is dequantized per call and
 multiplied (`layer.reference_forward`), which also serves GPUs. One-byte log scales (format 4) come
 with one exponent per checkpoint layer, so a fused layer holds one per shard (as vLLM holds fp8
-per-tensor scales) and decodes its scales to bf16 once, after loading.
+per-tensor scales) and decodes its scales to bf16 once, after loading. A layer with an input rotation
+(format 5) brings its signs like `outlier_idx`, one set for the whole fused layer (sinkquant draws them
+from the input's width and kept columns, which fused shards share), and is always served by
+sinkquant's module, on any device: it rotates the kept inputs before its integer kernel.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from vllm.model_executor.parameter import (
 )
 
 from .layer import (
+    FORMAT_VERSION,
     LayerSpec,
     decode_log_scales,
     effective_weight,
@@ -41,9 +45,6 @@ from .layer import (
     sinkquant_layer,
     unserved_layers,
 )
-
-#: the newest checkpoint format this plugin reads (4: one-byte log scales)
-FORMAT_VERSION = 4
 
 _LAYERS: list = []  # the served SinkQuantLinear modules, by the handle the custom op receives
 
@@ -59,16 +60,16 @@ def _(x: torch.Tensor, handle: int) -> torch.Tensor:
 
 
 class SharedAcrossShards(BasevLLMParameter):
-    """A tensor every shard of a fused layer brings whole (the outlier column indices): the first shard
-    sets it, later shards must agree."""
+    """A tensor every shard of a fused layer brings whole (the outlier column indices, the rotation's
+    signs): the first shard sets it, later shards must agree."""
 
     def _load_shared(self, loaded_weight: torch.Tensor, **kwargs) -> None:
         if getattr(self, "_loaded", False):
             if not torch.equal(self.data, loaded_weight.to(self.data.dtype)):
                 raise ValueError(
-                    "this sinkquant checkpoint keeps different outlier columns in projections that vLLM "
-                    "fuses into one layer (q/k/v or gate/up); re-quantize it with sinkquant >= 0.1, which "
-                    "chooses them from the shared input"
+                    "this sinkquant checkpoint keeps different outlier columns or input rotations in "
+                    "projections that vLLM fuses into one layer (q/k/v or gate/up); re-quantize it with a "
+                    "current sinkquant, which chooses both from the shared input"
                 )
             return
         self._assert_and_load(loaded_weight)
@@ -152,9 +153,9 @@ class SinkQuantLinearMethod(LinearMethodBase):
         first = specs[0]
         for spec in specs[1:]:
             same = (spec.in_features, spec.bits, spec.group_size, spec.outliers, spec.dtype, spec.symmetric,
-                    spec.log_scales)  # fmt: skip
+                    spec.log_scales, spec.rotation)  # fmt: skip
             if same != (first.in_features, first.bits, first.group_size, first.outliers, first.dtype,
-                        first.symmetric, first.log_scales):  # fmt: skip
+                        first.symmetric, first.log_scales, first.rotation):  # fmt: skip
                 raise ValueError(f"the projections vLLM fuses into {prefix} were quantized differently")
         self.prefix, self.spec = prefix, first
 
@@ -178,7 +179,7 @@ class SinkQuantLinearMethod(LinearMethodBase):
         layer.sinkquant_shard_sizes = list(output_partition_sizes)
         for name, (shape, dtype) in self.spec.shapes(out, len(output_partition_sizes)).items():
             data = torch.empty(shape, dtype=dtype)
-            if name == "outlier_idx":
+            if name in ("outlier_idx", "input_signs"):
                 param = SharedAcrossShards(data=data, weight_loader=weight_loader)
             elif name == "weight_scale_top":  # one exponent per shard, loaded at the shard's index
                 param = PerTensorScaleParameter(data=data, weight_loader=weight_loader)
@@ -199,7 +200,9 @@ class SinkQuantLinearMethod(LinearMethodBase):
         for name, tensor in tensors.items():
             setattr(layer, name, tensor)
         plain = {name: t.data for name, t in tensors.items()}
-        module = sinkquant_layer(self.spec, plain) if plain["weight"].device.type == "cpu" else None
+        # a rotated layer needs sinkquant's module wherever it runs (from_config checked it imports)
+        on_cpu = plain["weight"].device.type == "cpu"
+        module = sinkquant_layer(self.spec, plain) if on_cpu or self.spec.rotation else None
         layer.sinkquant_handle = None
         if module is not None:
             layer.sinkquant_handle = len(_LAYERS)
