@@ -123,6 +123,11 @@ class LearnedSection(StrictModel):
     start: Literal["rtn", "gptq"] = "rtn"
 
 
+#: the rotation blocks a recipe may ask for (`weights.rotation`): powers of two up to one int4 group of
+#: 128; `quantize/rotation.py` takes its list from here
+RotationBlock = Literal[2, 4, 8, 16, 32, 64, 128]
+
+
 class WeightsSection(StrictModel):
     """bits: 4 (groups along the input) or 8 (one scale per output channel). group_size: the int4
     group (null: 128), or "channel" for one group per output row; int8 takes none."""
@@ -144,8 +149,9 @@ class WeightsSection(StrictModel):
     outliers: OutlierSection | None = Field(default_factory=OutlierSection)
     # each layer's kept input columns rotated by a block-diagonal Hadamard matrix with random signs
     # (blocks of this many columns) before GPTQ rounds them; the layer rotates its inputs the same way
-    # at run time (quantize/rotation.py). null: no rotation. Not served by the vLLM plugin or exported.
-    rotation: Literal[2, 4, 8, 16, 32, 64, 128] | None = None
+    # at run time (quantize/rotation.py). null: no rotation. Served by sinkquant, transformers and the
+    # vLLM plugin (sinkquant beside it); not exported to compressed-tensors.
+    rotation: RotationBlock | None = None
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
     gptq: GPTQSection = Field(default_factory=GPTQSection)
     learned: LearnedSection = Field(default_factory=LearnedSection)

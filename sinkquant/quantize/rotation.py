@@ -20,11 +20,14 @@ the random generator that drew them.
 from __future__ import annotations
 
 from functools import cache
+from typing import get_args
 
 import torch
 
+from ..recipe import RotationBlock
+
 #: the block sizes a recipe may ask for: powers of two, at most one int4 group
-BLOCKS = (2, 4, 8, 16, 32, 64, 128)
+BLOCKS: tuple[int, ...] = get_args(RotationBlock)
 
 
 @cache
