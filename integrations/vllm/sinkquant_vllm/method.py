@@ -18,6 +18,7 @@ sinkquant's module, on any device: it rotates the kept inputs before its integer
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -152,10 +153,8 @@ class SinkQuantLinearMethod(LinearMethodBase):
     def __init__(self, prefix: str, specs: list[LayerSpec]) -> None:
         first = specs[0]
         for spec in specs[1:]:
-            same = (spec.in_features, spec.bits, spec.group_size, spec.outliers, spec.dtype, spec.symmetric,
-                    spec.log_scales, spec.rotation)  # fmt: skip
-            if same != (first.in_features, first.bits, first.group_size, first.outliers, first.dtype,
-                        first.symmetric, first.log_scales, first.rotation):  # fmt: skip
+            # shards differ in their outputs (and q/k/v may differ in bias); every other field must agree
+            if replace(spec, out_features=first.out_features, bias=first.bias) != first:
                 raise ValueError(f"the projections vLLM fuses into {prefix} were quantized differently")
         self.prefix, self.spec = prefix, first
 
