@@ -269,6 +269,26 @@ def torchao_int4(
     return model.eval(), count_converted(model, names)
 
 
+def score_in_memory(model, tokenizer, recipe, reference, storage, tokens: int, report=None, progress=False):
+    """A recipe's calibration (reusing `report` when given) and `quantize_weights` on `model` in memory,
+    as `quantize_model` runs them before it writes, then perplexity, KL and top-1 against `reference` on
+    WikiText-2 test (windows of 1024, first `tokens`): the probes' row. Returns (the row's numbers with
+    bits per weight of the quantized layers and the seconds calibration and quantization took, the
+    calibration report)."""
+    from sinkquant.evaluate import evaluate
+    from sinkquant.pipeline import calibrate_for
+    from sinkquant.quantize.algorithms import quantize_weights
+
+    start = time.perf_counter()
+    run = calibrate_for(model, tokenizer, recipe, report, progress=False)
+    summary = quantize_weights(model, recipe.weights, run, progress=progress, storage_dtype=storage)
+    seconds = time.perf_counter() - start
+    result = evaluate(model, tokenizer, WIKITEXT, 1024, tokens, reference=reference, progress=False)
+    row = {"ppl": result.perplexity, "kl": result.kl, "top1": result.top1_agreement,
+           "bits": 8 * summary.bytes_after / (summary.bytes_before / 2), "seconds": seconds}  # fmt: skip
+    return row, run.report
+
+
 def quantize_and_score(model: str, out: Path, recipe, tokenizer, tokens: int, reference=None):
     """One recipe as a user runs it: `quantize_model` from the model folder (calibration included),
     the checkpoint loaded back, perplexity on WikiText-2 test (windows of 1024, first `tokens`), with

@@ -36,22 +36,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RUNS, WIKITEXT, default_model, machine  # noqa: E402
+from common import RUNS, WIKITEXT, default_model, machine, score_in_memory  # noqa: E402
 
 import sinkquant.quantize.gptq as gptq  # noqa: E402
 from sinkquant.calibrate.report import CalibrationReport  # noqa: E402
 from sinkquant.evaluate import evaluate  # noqa: E402
 from sinkquant.loading import load_model  # noqa: E402
 from sinkquant.modeling import load_tokenizer, stored_dtype  # noqa: E402
-from sinkquant.pipeline import calibrate_for  # noqa: E402
-from sinkquant.quantize.algorithms import quantize_weights  # noqa: E402
 from sinkquant.quantize.linear import SinkQuantLinear  # noqa: E402
 from sinkquant.quantize.rotation import InputRotation, draw_signs  # noqa: E402
 from sinkquant.quantize.weights import float_weight  # noqa: E402
@@ -162,26 +159,22 @@ def main() -> None:
         recipe = load_recipe(args.recipe)
         recipe = recipe.with_overrides(**overrides) if overrides else recipe
         model = load_model(model_dir, torch.float32)
-        start = time.perf_counter()
         report = CalibrationReport.load(args.report) if args.report.is_file() else None
-        run = calibrate_for(model, tokenizer, recipe, report, progress=False)
-        if report is None:
-            run.report.save(args.report)
         gptq.quantize_module = rotating_quantize_module(block) if block else original
         try:
-            summary = quantize_weights(model, recipe.weights, run, progress=True, storage_dtype=storage)
+            scores, used = score_in_memory(
+                model, tokenizer, recipe, reference, storage, args.tokens, report, progress=True
+            )
         finally:
             gptq.quantize_module = original
-        seconds = time.perf_counter() - start
-        result = evaluate(model, tokenizer, WIKITEXT, 1024, args.tokens, reference=reference, progress=False)
-        bits = 8 * summary.bytes_after / (summary.bytes_before / 2)
-        row = {"name": name, "spec": spec, "ppl": result.perplexity, "kl": result.kl,
-               "top1": result.top1_agreement, "bits": bits, "seconds": seconds, "machine": machine()}  # fmt: skip
+        if report is None:
+            used.save(args.report)
+        row = {"name": name, "spec": spec, **scores, "machine": machine()}
         done["rows"] = [r for r in done["rows"] if r["name"] != name] + [row]
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(done, indent=1))
         print(f"{name}: {row['ppl']:.4f} ({100 * (row['ppl'] / done['fp32'] - 1):+.2f}%) KL {row['kl']:.4f} "
-              f"top-1 {row['top1']:.4f} bits {bits:.3f} ({seconds:.0f} s)", flush=True)  # fmt: skip
+              f"top-1 {row['top1']:.4f} bits {row['bits']:.3f} ({row['seconds']:.0f} s)", flush=True)  # fmt: skip
     write_page(done, args.out)
     print(f"wrote {args.json} and {args.out}")
 

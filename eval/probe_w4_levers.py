@@ -32,22 +32,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, RUNS, WIKITEXT, default_model, machine, write_report  # noqa: E402
+from common import ROOT, RUNS, WIKITEXT, default_model, machine, score_in_memory, write_report  # noqa: E402
 
 import sinkquant.quantize.gptq as gptq  # noqa: E402
 import sinkquant.quantize.hessian as hessian  # noqa: E402
 from sinkquant.evaluate import evaluate  # noqa: E402
 from sinkquant.loading import load_model  # noqa: E402
 from sinkquant.modeling import load_tokenizer, stored_dtype  # noqa: E402
-from sinkquant.pipeline import calibrate_for  # noqa: E402
-from sinkquant.quantize.algorithms import quantize_weights  # noqa: E402
 from sinkquant.quantize.weights import select_outliers  # noqa: E402
 from sinkquant.recipe import load_recipe  # noqa: E402
 
@@ -142,17 +139,12 @@ def run_row(name: str, lever: str, value: str | None) -> None:
         weigh_sink_rows(float(value))
     elif lever == "outlier_score":
         choose_outliers_by(value)
-    recipe = load_recipe(RECIPE)
-    start = time.perf_counter()
-    run = calibrate_for(model, tokenizer, recipe, None, progress=False)
-    summary = quantize_weights(model, recipe.weights, run, progress=False, storage_dtype=storage)
-    seconds = time.perf_counter() - start
-    result = evaluate(model, tokenizer, WIKITEXT, 1024, 16384, reference=reference, progress=False)
-    fp32 = evaluate(reference, tokenizer, WIKITEXT, 1024, 16384, progress=False).perplexity
-    row = {"name": name, "lever": lever, "value": value, "ppl": result.perplexity, "fp32": fp32,
-           "kl": result.kl, "top1": result.top1_agreement,
-           "bits": 8 * summary.bytes_after / (summary.bytes_before / 2), "seconds": seconds,
-           "machine": machine()}  # fmt: skip
+    scores, _ = score_in_memory(model, tokenizer, load_recipe(RECIPE), reference, storage, 16384)
+    done = [json.loads(line) for line in LINES.read_text().splitlines()] if LINES.is_file() else []
+    fp32 = next((r["fp32"] for r in done if "fp32" in r), None)  # the float model, scored once
+    if fp32 is None:
+        fp32 = evaluate(reference, tokenizer, WIKITEXT, 1024, 16384, progress=False).perplexity
+    row = {"name": name, "lever": lever, "value": value, **scores, "fp32": fp32, "machine": machine()}
     LINES.parent.mkdir(parents=True, exist_ok=True)
     with LINES.open("a") as f:
         f.write(json.dumps(row) + "\n")
