@@ -20,6 +20,13 @@ LEVER is one of
   1%, the columns with the largest mean x² over the calibration tokens (`energy`), or mean x² times the
   column's squared weight norm (`energy_w`), instead of mean |x|: under rotation a kept column's
   share of the output error is its energy.
+* `grid lloyd`: a non-uniform 16-level int4 grid instead of the uniform one. Each group keeps its
+  range (scale and minimum as stored, its endpoints exact); the 14 inner levels are placed by
+  Lloyd-Max on this model's own weights, rotated as the recipe rotates them and normalised per group
+  of 128 to [0, 1] (pooled over every linear, each value weighted by its group's squared range). GPTQ,
+  its clip search and the dequantized forward use the levels; the integer kernels, whose grid is
+  uniform, are switched off for the row. Not a format sinkquant stores: a bound on what a
+  per-format look-up grid would buy.
 * `none`: the recipe as it is, in memory.
 
 Each row: recipes/w4-g128-best.yaml, run in memory on the float model (the pipeline's calibration and
@@ -45,6 +52,7 @@ import sinkquant.quantize.hessian as hessian  # noqa: E402
 from sinkquant.evaluate import evaluate  # noqa: E402
 from sinkquant.loading import load_model  # noqa: E402
 from sinkquant.modeling import load_tokenizer, stored_dtype  # noqa: E402
+from sinkquant.quantize.linear import use_kernels  # noqa: E402
 from sinkquant.quantize.weights import select_outliers  # noqa: E402
 from sinkquant.recipe import load_recipe  # noqa: E402
 
@@ -111,10 +119,63 @@ def choose_outliers_by(score_name: str) -> None:
     gptq.choose_outliers = choose
 
 
+def lloyd_levels(model, seed: int = 0, sample: int = 4_000_000, rounds: int = 60) -> torch.Tensor:
+    """16 levels in [0, 1] with 0 and 1 fixed: Lloyd-Max on the decoder linears' weights (see the
+    docstring)."""
+    from sinkquant.quantize.rotation import InputRotation
+
+    gen = torch.Generator().manual_seed(seed)
+    positions, ranges = [], []
+    for name, p in model.named_parameters():
+        if p.dim() != 2 or ".layers." not in name:
+            continue
+        w = p.detach().float()[:, : (p.shape[1] // 128) * 128]
+        signs = torch.randint(0, 2, (w.shape[1],), generator=gen).float() * 2 - 1
+        groups = InputRotation(signs, 32).apply(w).reshape(-1, 128)
+        low, high = groups.min(1, keepdim=True).values, groups.max(1, keepdim=True).values
+        positions.append(((groups - low) / (high - low)).flatten())
+        ranges.append((high - low).expand(-1, 128).flatten())
+    t, r = torch.cat(positions), torch.cat(ranges)
+    pick = torch.randperm(t.numel(), generator=gen)[:sample]
+    t, weight = t[pick].double(), r[pick].double() ** 2
+    levels = torch.linspace(0, 1, 16, dtype=torch.float64)
+    for _ in range(rounds):
+        bucket = torch.bucketize(t, (levels[1:] + levels[:-1]) / 2)
+        for k in range(1, 15):
+            inside = bucket == k
+            levels[k] = (t[inside] * weight[inside]).sum() / weight[inside].sum()
+    return levels.float()
+
+
+def use_grid(levels: torch.Tensor) -> None:
+    """int4 codes index `levels` (in [0, 1]) instead of the uniform grid, everywhere GPTQ and the
+    dequantized forward round or expand them."""
+    import sinkquant.quantize.schemes as schemes
+
+    table = levels * 15  # in units of the group's scale: value = table[code] * scale + minimum
+    bounds = (table[1:] + table[:-1]) / 2
+    int4 = type(schemes.SCHEMES[4])
+
+    def round_to_range(self, values, scale, minimum):
+        s, m = (t.float()[:, None] if values.dim() == 2 else t.float() for t in (scale, minimum))
+        code = torch.bucketize((values - m) / s, bounds).clamp_(0, 15)
+        return code.float(), table[code] * s + m
+
+    def dequantize_grouped(codes, scale, minimum, group_size):
+        n = codes.shape[-1]
+        s, m = (schemes.per_column(t.float(), group_size, n) for t in (scale, minimum))
+        return table[codes.long()] * s + m
+
+    int4.round_to_range = round_to_range
+    schemes.dequantize_grouped = gptq.dequantize_grouped = dequantize_grouped
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", nargs="?")
-    parser.add_argument("lever", nargs="?", choices=["none", "residual", "sink_weight", "outlier_score"])
+    parser.add_argument(
+        "lever", nargs="?", choices=["none", "residual", "sink_weight", "outlier_score", "grid"]
+    )
     parser.add_argument("value", nargs="?")
     parser.add_argument("--render", action="store_true")
     args = parser.parse_args()
@@ -139,7 +200,14 @@ def run_row(name: str, lever: str, value: str | None) -> None:
         weigh_sink_rows(float(value))
     elif lever == "outlier_score":
         choose_outliers_by(value)
-    scores, _ = score_in_memory(model, tokenizer, load_recipe(RECIPE), reference, storage, 16384)
+    kernels = True
+    if lever == "grid":
+        levels = lloyd_levels(model)
+        print("levels:", " ".join(f"{v:.4f}" for v in levels.tolist()), flush=True)
+        use_grid(levels)
+        kernels = False
+    with use_kernels(kernels):
+        scores, _ = score_in_memory(model, tokenizer, load_recipe(RECIPE), reference, storage, 16384)
     done = [json.loads(line) for line in LINES.read_text().splitlines()] if LINES.is_file() else []
     fp32 = next((r["fp32"] for r in done if "fp32" in r), None)  # the float model, scored once
     if fp32 is None:

@@ -43,16 +43,20 @@ from .stream.writer import SHARD_BYTES, ShardWriter
 #: `symmetric`) stores no `weight_min`. A checkpoint is written in the oldest format that holds it, so
 #: one without symmetric int4 layers stays readable by a sinkquant that reads format 2. 4: an int4 layer
 #: whose spec says `log_scales` stores its scales as `weight_scale_code` and `weight_scale_top`. 5: a
-#: layer whose spec says `rotation` stores the integers of its rotated weight and `input_signs`.
+#: layer whose spec says `rotation` stores the integers of its rotated weight and `input_signs`. 6: an
+#: int4 layer whose spec says `grid: lloyd` stores its 16 levels as `weight_levels`.
 MINIMAL_FORMAT_VERSION = 2
 NO_MINIMA_FORMAT_VERSION = 3
 LOG_SCALES_FORMAT_VERSION = 4
 ROTATION_FORMAT_VERSION = 5
-FORMAT_VERSION = ROTATION_FORMAT_VERSION
+GRID_FORMAT_VERSION = 6
+FORMAT_VERSION = GRID_FORMAT_VERSION
 
 
 def format_version_for(layers: dict[str, dict]) -> int:
     """The oldest format whose readers rebuild every layer of `layers` (their specs) correctly."""
+    if any(spec.get("grid") for spec in layers.values()):
+        return GRID_FORMAT_VERSION
     if any(spec.get("rotation") for spec in layers.values()):
         return ROTATION_FORMAT_VERSION
     if any(spec.get("log_scales") for spec in layers.values()):

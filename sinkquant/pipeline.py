@@ -479,6 +479,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
         )
         key += ", log scales" if spec.get("log_scales") else ""
         key += f", inputs rotated (blocks of {spec['rotation']})" if spec.get("rotation") else ""
+        key += f", {spec['grid']} grid" if spec.get("grid") else ""
         by_bits[key] = by_bits.get(key, 0) + 1
     return {
         "path": str(path),

@@ -127,6 +127,9 @@ class LearnedSection(StrictModel):
 #: 128; `quantize/rotation.py` takes its list from here
 RotationBlock = Literal[2, 4, 8, 16, 32, 64, 128]
 
+#: the int4 grids a recipe may ask for (`weights.grid`; quantize/grid.py)
+Grid = Literal["uniform", "lloyd"]
+
 
 class WeightsSection(StrictModel):
     """bits: 4 (groups along the input) or 8 (one scale per output channel). group_size: the int4
@@ -152,6 +155,10 @@ class WeightsSection(StrictModel):
     # at run time (quantize/rotation.py). null: no rotation. Served by sinkquant, transformers and the
     # vLLM plugin (sinkquant beside it); not exported to compressed-tensors.
     rotation: RotationBlock | None = None
+    # int4 with GPTQ: `lloyd` gives each layer its own 16 levels, placed by Lloyd-Max on its weights
+    # (quantize/grid.py), instead of the uniform grid. Served by sinkquant and transformers (through the
+    # dequantized weight: no integer kernel takes it); not by the vLLM plugin or export.
+    grid: Grid = "uniform"
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
     gptq: GPTQSection = Field(default_factory=GPTQSection)
     learned: LearnedSection = Field(default_factory=LearnedSection)
@@ -196,6 +203,22 @@ class WeightsSection(StrictModel):
             raise ValueError(
                 f"rotation needs algorithm gptq (it rounds against the rotated Hessian; {self.algorithm} "
                 "weighs each input column apart); set algorithm: gptq or drop rotation"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _grid_fits(self) -> WeightsSection:
+        if self.grid == "uniform":
+            return self
+        if self.bits != 4 or self.algorithm != "gptq":
+            raise ValueError(
+                f"grid {self.grid} is for int4 with GPTQ (it rounds each column to the layer's levels); set "
+                "bits: 4 and algorithm: gptq, or grid: uniform"
+            )
+        if self.symmetric or self.log_scales or self.gptq.refine_rounds:
+            raise ValueError(
+                f"grid {self.grid} keeps each group's bf16 minimum and scale as they are; drop symmetric, "
+                "log_scales and gptq.refine_rounds, or use grid: uniform"
             )
         return self
 

@@ -59,6 +59,7 @@ from ..stream.layerwise import (
     run_layer,
 )
 from ..stream.store import HiddenStore
+from .grid import fit_levels, round_to_levels
 from .hessian import inverse_hessian_factor
 from .linear import SinkQuantLinear
 from .primitives import complement_indices, dequantize_grouped
@@ -85,6 +86,7 @@ class GPTQResult:
     minimum: torch.Tensor | None  # bf16 [out, groups] (bits 4)
     weight: torch.Tensor
     damping: float  # the damping fraction that was used (after retries)
+    levels: torch.Tensor | None = None  # float32 [16]: the layer's non-uniform int4 grid (grid.py)
 
 
 _CLIP_GRID = [1.0 - 0.025 * k for k in range(9)]  # shrink factors of the range tried by clip search
@@ -97,10 +99,11 @@ class _Quantizer:
 
     def __init__(
         self, scheme: WeightScheme, symmetric: bool, rows: int, groups: int, clip_search: bool = False,
-        log_scales: bool = False,
+        log_scales: bool = False, levels: torch.Tensor | None = None,
     ) -> None:  # fmt: skip
         self.scheme, self.symmetric, self.clip_search = scheme, symmetric, clip_search
         self.log_scales = log_scales
+        self.levels = levels  # int4 on a non-uniform grid (grid.py); None: the scheme's uniform grid
         self.scale = torch.zeros(rows, groups, dtype=scheme.scale_dtype)
         self.minimum = torch.zeros(rows, groups, dtype=torch.bfloat16)
         self.frozen = False
@@ -132,11 +135,16 @@ class _Quantizer:
             self.minimum[:, group] = best[1]
 
     def _error(self, values, params, importance) -> torch.Tensor:
-        return ((self.scheme.round_to_range(values, *params)[1] - values) ** 2 * importance).sum(1)
+        return ((self._round(values, *params)[1] - values) ** 2 * importance).sum(1)
+
+    def _round(self, values, scale, minimum) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.levels is None:
+            return self.scheme.round_to_range(values, scale, minimum)
+        return round_to_levels(values, scale, minimum, self.levels)
 
     def round(self, w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """w [out] float32 -> (codes [out] float, dequantized [out] float32)."""
-        return self.scheme.round_to_range(w, self.scale[:, group], self.minimum[:, group])
+        return self._round(w, self.scale[:, group], self.minimum[:, group])
 
     def params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.scheme.group_params(self.scale, self.minimum)
@@ -158,6 +166,7 @@ def gptq_quantize_weight(
     refine_rounds: int = 0,
     sweep_dtype: torch.dtype = torch.float32,
     log_scales: bool = False,
+    grid: str = "uniform",
 ) -> GPTQResult:
     """GPTQ on weight [out, in] with hessian [in, in] (see the module docstring for every choice).
 
@@ -174,10 +183,16 @@ def gptq_quantize_weight(
     `precision: float64`, so its products' last bits, which depend on the BLAS's code path, stay far
     below anything that decides a code).
 
-    `log_scales` (int4): each group's scale is fitted on the log grid a log-scale layer stores."""
+    `log_scales` (int4): each group's scale is fitted on the log grid a log-scale layer stores.
+
+    `grid` (int4, asymmetric): "lloyd" rounds to the layer's own 16 levels (`grid.fit_levels` on the
+    kept columns of `weight`) instead of the uniform grid."""
     out_f, in_f = weight.shape
     if log_scales and refine_rounds:
         raise ValueError("refine_rounds refits scales off the log grid; use refine_rounds=0 with log_scales")
+    nonuniform = grid == "lloyd"
+    if nonuniform and (bits != 4 or symmetric or log_scales or refine_rounds):
+        raise ValueError("grid 'lloyd' is for asymmetric int4 groups without log_scales or refine_rounds")
     idx = torch.as_tensor(outlier_idx, dtype=torch.long).sort().values
     keep = complement_indices(idx, in_f)
     n_keep = keep.numel()
@@ -187,7 +202,8 @@ def gptq_quantize_weight(
     order = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(n_keep)
     cols = keep[order]  # processing order
     group_of = (order // gs).tolist()
-    quant = _Quantizer(scheme, symmetric, out_f, -(-n_keep // gs), clip_search, log_scales)
+    levels = fit_levels(weight[:, keep], gs) if nonuniform else None
+    quant = _Quantizer(scheme, symmetric, out_f, -(-n_keep // gs), clip_search, log_scales, levels)
     # the factorisation is a few large BLAS calls (all threads); the column sweep is many small ops
     key = (id(hessian), cols.numpy().tobytes(), damping, n_keep)
     if factor_cache is not None and key in factor_cache:
@@ -221,7 +237,7 @@ def gptq_quantize_weight(
     effective = source.clone()
     effective[:, keep] = kept_values
     scale, minimum = quant.params()
-    return GPTQResult(codes.to(scheme.code_dtype), scale, minimum, effective, used)
+    return GPTQResult(codes.to(scheme.code_dtype), scale, minimum, effective, used, levels)
 
 
 def _natural(columns: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -337,7 +353,7 @@ def _gptq_weight(
     res = gptq_quantize_weight(
         weight, hessian, weights.bits, weights.group, idx, weights.symmetric,
         opts.block_size, opts.damping, opts.act_order, name, opts.clip_search, factor_cache, opts.refine_rounds,
-        torch.float64 if opts.precision == "float64" else torch.float32, weights.log_scales,
+        torch.float64 if opts.precision == "float64" else torch.float32, weights.log_scales, weights.grid,
     )  # fmt: skip
     if not all(bool(torch.isfinite(t.float()).all()) for t in (res.weight, res.scale)):
         warnings.warn(f"GPTQ gave non-finite weights for {name}; using round-to-nearest", stacklevel=3)
@@ -374,7 +390,7 @@ def quantize_module(
     new = SinkQuantLinear.from_float(
         weight, bias, weights.bits, weights.group, idx, weights.symmetric,
         codes=res.codes, scale=res.scale, minimum=res.minimum, storage_dtype=storage,
-        log_scales=weights.log_scales, rotation=rotation,
+        log_scales=weights.log_scales, rotation=rotation, levels=res.levels,
     )  # fmt: skip
     return new.to(device)
 

@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .primitives import complement_indices, snap_log_scale
+from .grid import LEVELS, expand_codes
+from .primitives import complement_indices, dequantize_grouped, snap_log_scale, unpack_bits
 from .rotation import InputRotation, pack_signs, unpack_signs
 from .schemes import SCHEMES, BufferSpecs, PytorchKernel, Stored, WeightScheme, scheme_for
 
@@ -227,6 +228,7 @@ class SinkQuantLinear(nn.Module):
         symmetric: bool = False,
         log_scales: bool = False,
         rotation_block: int | None = None,
+        nonuniform: bool = False,
     ) -> None:
         super().__init__()
         scheme = scheme_for(bits)
@@ -255,6 +257,12 @@ class SinkQuantLinear(nn.Module):
         self.rotation_block = rotation_block
         if rotation_block is not None:
             self.register_buffer("input_signs", torch.empty(-(-kept // 8), dtype=torch.uint8, device=device))
+        # int4 on the layer's own 16 levels (grid.py) instead of the uniform grid
+        self.nonuniform = nonuniform
+        if nonuniform:
+            if bits != 4:
+                raise ValueError("a non-uniform grid is for int4 layers")
+            self.register_buffer("weight_levels", torch.empty(LEVELS, dtype=torch.float32, device=device))
         self._layouts = _Layouts(self)
 
     @property
@@ -284,6 +292,7 @@ class SinkQuantLinear(nn.Module):
         clip_search: bool = False,
         log_scales: bool = False,
         rotation: InputRotation | None = None,
+        levels: torch.Tensor | None = None,
     ) -> SinkQuantLinear:
         """Quantize `weight` [out, in] by round-to-nearest, keeping `outlier_idx` columns exact.
 
@@ -296,7 +305,8 @@ class SinkQuantLinear(nn.Module):
         `log_scales` (int4), scales passed in must lie on the log grid already (GPTQ's do when it
         quantized with log scales); they are stored one byte each. With `rotation` (over the kept
         columns), the layer stores the kept columns of W R: `weight` is in the input's own basis, and
-        codes passed in are those of W R (GPTQ's on the rotated weight)."""
+        codes passed in are those of W R (GPTQ's on the rotated weight). With `levels` (int4, float32
+        [16], grid.py), the codes passed in index those levels instead of the uniform grid."""
         out_features, in_features = weight.shape
         idx = torch.as_tensor(outlier_idx, dtype=torch.long).sort().values
         keep = complement_indices(idx, in_features)
@@ -312,7 +322,10 @@ class SinkQuantLinear(nn.Module):
             symmetric=symmetric,
             log_scales=log_scales,
             rotation_block=None if rotation is None else rotation.block,
+            nonuniform=levels is not None,
         )
+        if levels is not None and codes is None:
+            raise ValueError("a non-uniform grid takes the codes chosen on it (GPTQ with grid 'lloyd')")
         if rotation is not None and len(rotation) != keep.numel():
             raise ValueError(f"the rotation spans {len(rotation)} columns; the layer keeps {keep.numel()}")
         if codes is None:
@@ -345,6 +358,8 @@ class SinkQuantLinear(nn.Module):
         module.outlier_weight.copy_(weight[:, idx].to(dtype))
         if rotation is not None:
             module.input_signs.copy_(pack_signs(rotation.signs))
+        if levels is not None:
+            module.weight_levels.copy_(levels)
         if bias is not None:
             module.bias.copy_(bias.to(dtype))
         return module
@@ -352,7 +367,11 @@ class SinkQuantLinear(nn.Module):
     # -- numbers ------------------------------------------------------------------------------------
     def dequantized_kept(self) -> torch.Tensor:
         """float32 [out, in_kept]: the integer part as real numbers."""
-        return self.scheme.dequantize(self._stored(), self.in_kept, self.group_size)
+        stored = self._stored()
+        if self.nonuniform:
+            levels = expand_codes(unpack_bits(stored.weight, 4, self.in_kept), self.weight_levels)
+            return dequantize_grouped(levels, stored.scale, self.scheme.minimum(stored), self.group_size)
+        return self.scheme.dequantize(stored, self.in_kept, self.group_size)
 
     def dequantized_weight(self) -> torch.Tensor:
         """float32 [out, in]: the effective weight in the input's own basis (outlier columns exactly as
@@ -389,6 +408,7 @@ class SinkQuantLinear(nn.Module):
         scheme = self.scheme
         return (
             _KERNELS["enabled"]
+            and not self.nonuniform  # the kernels' grid is the uniform one
             and self.weight.device.type == "cpu"
             and scheme.kernel_available()
             and scheme.kernel_applies(act_dtype, self.out_features, self.group_size)
@@ -401,7 +421,7 @@ class SinkQuantLinear(nn.Module):
         """A callable x2 [rows, in] (contiguous, float32 or bf16) -> [rows, out] in x2's dtype: the fused
         kernel with this layer's layout bound, or None where it does not apply (not on CPU, switched
         off, not built here)."""
-        if not _KERNELS["fused"] or self.weight.device.type != "cpu":
+        if not _KERNELS["fused"] or self.weight.device.type != "cpu" or self.nonuniform:
             return None
         return self._layouts.fused
 
@@ -452,6 +472,7 @@ class SinkQuantLinear(nn.Module):
         group = "per channel" if self.group_size == self.in_kept else f"group {self.group_size}"
         group += ", log scales" if self.log_scales else ""
         group += f", inputs rotated in blocks of {self.rotation_block}" if self.rotation_block else ""
+        group += ", non-uniform grid" if self.nonuniform else ""
         return (
             f"in={self.in_features}, out={self.out_features}, int{self.bits} {group}, "
             f"outlier columns={self.n_outliers}, bias={self.bias is not None}"

@@ -262,6 +262,7 @@ def layer_spec(module: SinkQuantLinear) -> dict:
         # only where set, so a checkpoint without log scales keeps the format older readers know
         **({"log_scales": True} if module.log_scales else {}),
         **({"rotation": module.rotation_block} if module.rotation_block else {}),
+        **({"grid": "lloyd"} if module.nonuniform else {}),
     }
 
 
@@ -278,4 +279,5 @@ def empty_from_spec(spec: dict, device=None) -> SinkQuantLinear:
         symmetric=spec.get("symmetric", False),  # checkpoints before it stored every minimum
         log_scales=spec.get("log_scales", False),
         rotation_block=spec.get("rotation"),
+        nonuniform=spec.get("grid") == "lloyd",
     )
