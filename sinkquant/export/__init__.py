@@ -256,19 +256,19 @@ def export(
     checkpoint = Path(checkpoint).expanduser()
     config, qc = _read_checkpoint_config(checkpoint)
     verify_manifest(checkpoint)
-    rotated = sorted(name for name, spec in qc["layers"].items() if spec.get("rotation"))
-    if rotated:
-        raise InputError(
-            f"{checkpoint} has layers with rotated inputs (weights.rotation, e.g. {rotated[0]}); no export "
-            "format stores the rotation: serve the checkpoint itself through the sinkquant-vllm plugin, or "
-            "re-quantize without weights.rotation to export it"
-        )
     nonuniform = sorted(name for name, spec in qc["layers"].items() if spec.get("grid"))
     if nonuniform:
         raise InputError(
             f"{checkpoint} has int4 layers on a non-uniform grid (weights.grid, e.g. {nonuniform[0]}); "
             "compressed-tensors stores only the uniform grid: use the checkpoint with sinkquant, or "
             "re-quantize with grid: uniform to export it"
+        )
+    rotated = sorted(name for name, spec in qc["layers"].items() if spec.get("rotation"))
+    if rotated:
+        raise InputError(
+            f"{checkpoint} has layers with rotated inputs (weights.rotation, e.g. {rotated[0]}); no export "
+            "format stores the rotation: serve the checkpoint itself through the sinkquant-vllm plugin, or "
+            "re-quantize without weights.rotation to export it"
         )
     args, scheme = _scheme(qc, settings)
     scale_dtype = getattr(torch, settings.scale_dtype, None)

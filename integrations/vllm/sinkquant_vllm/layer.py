@@ -146,7 +146,14 @@ def unserved_layers(layers: dict[str, dict], importable: bool | None = None) -> 
     """Why this plugin cannot serve a checkpoint with these layer specs, or None where it can: a layer
     whose spec says `rotation` (format 5) rotates its inputs first, which this module does not do
     itself; sinkquant's `SinkQuantLinear` does, so such a checkpoint needs sinkquant importable
-    beside vLLM. `importable`: whether it is (default: tried)."""
+    beside vLLM. `importable`: whether it is (default: tried). A layer whose spec names a `grid` (format
+    6: int4 on the layer's own 16 levels) is not served: no kernel here takes a non-uniform grid."""
+    nonuniform = sorted(name for name, spec in layers.items() if spec.get("grid"))
+    if nonuniform:
+        return (
+            f"this sinkquant checkpoint keeps int4 layers on a non-uniform grid (weights.grid, e.g. "
+            f"{nonuniform[0]}), which the plugin does not serve: re-quantize with grid: uniform to serve it"
+        )
     rotated = sorted(name for name, spec in layers.items() if spec.get("rotation"))
     if rotated and not (sinkquant_importable() if importable is None else importable):
         return (
