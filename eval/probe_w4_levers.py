@@ -29,7 +29,8 @@ LEVER is one of
   per-format look-up grid would buy.
 * `none`: the recipe as it is, in memory.
 
-Each row: recipes/w4-g128-best.yaml, run in memory on the float model (the pipeline's calibration and
+Each row: recipes/w4-g128-best.yaml with `weights.grid: uniform` (the recipe before it shipped the
+`grid` lever's idea as `grid: lloyd`), run in memory on the float model (the pipeline's calibration and
 `quantize_weights`), scored against the float model on WikiText-2 test, first 16,384 tokens, windows of
 1024: perplexity, KL(fp32 ‖ row), top-1; bits per weight from the quantized layers' buffers.
 """
@@ -207,7 +208,8 @@ def run_row(name: str, lever: str, value: str | None) -> None:
         use_grid(levels)
         kernels = False
     with use_kernels(kernels):
-        scores, _ = score_in_memory(model, tokenizer, load_recipe(RECIPE), reference, storage, 16384)
+        recipe = load_recipe(RECIPE).with_overrides(**{"weights.grid": "uniform"})
+        scores, _ = score_in_memory(model, tokenizer, recipe, reference, storage, 16384)
     done = [json.loads(line) for line in LINES.read_text().splitlines()] if LINES.is_file() else []
     fp32 = next((r["fp32"] for r in done if "fp32" in r), None)  # the float model, scored once
     if fp32 is None:
@@ -224,7 +226,8 @@ def write_page(rows: list[dict]) -> None:
         "# Levers tried on the best W4 recipe (SmolLM2-135M): a probe",
         "",
         f"`python eval/probe_w4_levers.py NAME LEVER [VALUE]`, one row per invocation, on {info['cpu']} "
-        f"({info['cpu_capability']}), {info['threads']} threads. Each row: recipes/w4-g128-best.yaml (GPTQ, "
+        f"({info['cpu_capability']}), {info['threads']} threads. Each row: recipes/w4-g128-best.yaml with "
+        "`grid: uniform`, as it was before it shipped `grid: lloyd` (GPTQ, "
         "act_order, input rotation 32, 1% columns, 128 x 512 embedded C4 calibration) run in memory with "
         "the row's lever (see the script's docstring); WikiText-2 test, first 16,384 tokens, windows of "
         "1024; KL(fp32 ‖ row) and top-1 against the float model. Row `best-rotation32` of "

@@ -37,6 +37,15 @@ static inline void run_codes(const uint8_t* w, int64_t c, vec& lo, vec& hi) {
     hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c + 16))));
   }
 }
+// int4 codes as indices into a layer's 16 levels (a non-uniform grid): one register holds all 16
+static inline vec lookup16(__m512i idx, const float* levels) {
+  return _mm512_permutexvar_ps(idx, _mm512_loadu_ps(levels));
+}
+static inline __m512i low_codes(__m512i q) { return _mm512_and_si512(q, _mm512_set1_epi32(15)); }
+static inline __m512i high_codes(__m512i q) { return _mm512_srli_epi32(q, 4); }
+static inline __m512i widen_run(const uint8_t* w, int64_t c) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c / 2)));
+}
 #else
 constexpr int W = 8;
 using vec = __m256;
@@ -65,17 +74,42 @@ static inline void run_codes(const uint8_t* w, int64_t c, vec& lo, vec& hi) {
     hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + c + 8))));
   }
 }
+// int4 codes as indices into a layer's 16 levels: two registers of 8, the code's bit 3 picks one
+static inline vec lookup16(__m256i idx, const float* levels) {
+  const __m256 a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(levels), idx);
+  const __m256 b = _mm256_permutevar8x32_ps(_mm256_loadu_ps(levels + 8), idx);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+static inline __m256i low_codes(__m256i q) { return _mm256_and_si256(q, _mm256_set1_epi32(15)); }
+static inline __m256i high_codes(__m256i q) { return _mm256_srli_epi32(q, 4); }
+static inline __m256i widen_run(const uint8_t* w, int64_t c) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + c / 2)));
+}
 #endif
 
+// A run's codes as the values they stand for before scale and minimum: the codes themselves, or with
+// `LUT` (int4 only) the layer's levels at them
+template <int BITS, bool LUT>
+static inline void run_values(const uint8_t* w, int64_t c, const float* levels, vec& lo, vec& hi) {
+  if (LUT) {
+    const auto q = widen_run(w, c);
+    lo = lookup16(low_codes(q), levels);
+    hi = lookup16(high_codes(q), levels);
+  } else {
+    run_codes<BITS>(w, c, lo, hi);
+  }
+}
+
 // lane sums of code[j] * x[j] over `len` codes (a multiple of 2W) of two rows: shared x loads, four chains
-template <int BITS>
-static inline void dot2(const uint8_t* w0, const uint8_t* w1, const float* x, int64_t len, vec& d0, vec& d1) {
+template <int BITS, bool LUT>
+static inline void dot2(const uint8_t* w0, const uint8_t* w1, const float* x, int64_t len, const float* levels,
+                        vec& d0, vec& d1) {
   vec a0 = vzero(), a1 = vzero(), b0 = vzero(), b1 = vzero();
   for (int64_t c = 0; c < len; c += 2 * W) {
     const vec x0 = vload(x + c), x1 = vload(x + c + W);
     vec p0, p1, q0, q1;
-    run_codes<BITS>(w0, c, p0, p1);
-    run_codes<BITS>(w1, c, q0, q1);
+    run_values<BITS, LUT>(w0, c, levels, p0, p1);
+    run_values<BITS, LUT>(w1, c, levels, q0, q1);
     a0 = vfma(p0, x0, a0);
     a1 = vfma(p1, x1, a1);
     b0 = vfma(q0, x0, b0);
@@ -85,12 +119,12 @@ static inline void dot2(const uint8_t* w0, const uint8_t* w1, const float* x, in
   d1 = vadd(b0, b1);
 }
 
-template <int BITS>
-static inline vec dot1(const uint8_t* w, const float* x, int64_t len) {
+template <int BITS, bool LUT>
+static inline vec dot1(const uint8_t* w, const float* x, int64_t len, const float* levels) {
   vec a0 = vzero(), a1 = vzero();
   for (int64_t c = 0; c < len; c += 2 * W) {
     vec p0, p1;
-    run_codes<BITS>(w, c, p0, p1);
+    run_values<BITS, LUT>(w, c, levels, p0, p1);
     a0 = vfma(p0, vload(x + c), a0);
     a1 = vfma(p1, vload(x + c + W), a1);
   }
@@ -101,9 +135,10 @@ static inline vec dot1(const uint8_t* w, const float* x, int64_t len) {
 // x's dtype (float32 or bfloat16), accumulated in float32. A class, so a call converts one argument.
 // bits 4: `packed` uint8 [out, groups * stride / 2], scale and minimum float32 [out, groups];
 // bits 8: `packed` the int8 codes as uint8 bytes [out, stride] (one group: the whole kept row, padded
-// with zero codes), scale float32 [out, 1], minimum unused (symmetric).
+// with zero codes), scale float32 [out, 1], minimum unused (symmetric). `levels`: float32 [16] for int4
+// on a non-uniform grid (a code stands for levels[code] * scale + minimum), empty for the uniform one.
 struct GemvLayer {
-  torch::Tensor packed, scale, minimum, keep, outlier_idx, outlier_weight, bias;
+  torch::Tensor packed, scale, minimum, keep, outlier_idx, outlier_weight, bias, levels;
   int64_t bits, group, stride, parallel_codes, prefetch_rows;
   // the kept columns as runs of consecutive input columns (first kept index, length): where a dense
   // dequantization writes them
@@ -112,10 +147,11 @@ struct GemvLayer {
   GemvLayer(int64_t bits_, torch::Tensor packed_, torch::Tensor scale_, torch::Tensor minimum_,
             torch::Tensor keep_, int64_t group_, int64_t stride_, torch::Tensor outlier_idx_,
             torch::Tensor outlier_weight_, torch::Tensor bias_, int64_t parallel_codes_,
-            int64_t prefetch_rows_)
+            int64_t prefetch_rows_, torch::Tensor levels_)
       : packed(packed_.contiguous()), scale(scale_.contiguous()), minimum(minimum_.contiguous()),
         keep(keep_.contiguous()), outlier_idx(outlier_idx_.contiguous()),
-        outlier_weight(outlier_weight_.contiguous()), bias(bias_.contiguous()), bits(bits_), group(group_),
+        outlier_weight(outlier_weight_.contiguous()), bias(bias_.contiguous()), levels(levels_.contiguous()),
+        bits(bits_), group(group_),
         stride(stride_), parallel_codes(parallel_codes_), prefetch_rows(prefetch_rows_) {
     TORCH_CHECK(bits == 4 || bits == 8, "GemvLayer: bits must be 4 or 8");
     TORCH_CHECK(packed.dim() == 2 && scale.dim() == 2 && scale.size(0) == packed.size(0),
@@ -133,6 +169,8 @@ struct GemvLayer {
                 "GemvLayer: outlier_weight must be float32 [out, n_outliers]");
     TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == torch::kFloat32 && bias.numel() == packed.size(0)),
                 "GemvLayer: bias must be float32 [out] or empty");
+    TORCH_CHECK(levels.numel() == 0 || (bits == 4 && levels.scalar_type() == torch::kFloat32 && levels.numel() == 16),
+                "GemvLayer: levels must be float32 [16] (int4) or empty");
     const int64_t* kp = keep.data_ptr<int64_t>();
     for (int64_t k = 0; k < keep.numel(); ++k) {
       if (k == 0 || kp[k] != kp[k - 1] + 1) kept_runs.emplace_back(k, 0);
@@ -156,7 +194,7 @@ struct GemvLayer {
     for (int64_t o = 0; o < n_o; ++o) xo[o] = static_cast<float>(xr[op[o]]);
   }
 
-  template <int BITS, typename T>
+  template <int BITS, bool LUT, typename T>
   void rows_out(const float* xk, const float* xsum, const float* xo, T* yr) const {
     const int64_t n_out = packed.size(0), groups = scale.size(1), n_o = outlier_idx.size(0);
     const int64_t row_bytes = packed.size(1), group_bytes = stride * BITS / 8;
@@ -165,6 +203,7 @@ struct GemvLayer {
     const float* m = BITS == 4 ? minimum.data_ptr<float>() : nullptr;
     const float* wo = n_o ? outlier_weight.data_ptr<float>() : nullptr;
     const float* b = bias.numel() ? bias.data_ptr<float>() : nullptr;
+    const float* lv = LUT ? levels.data_ptr<float>() : nullptr;
     // below `parallel_codes` codes a second thread costs more to wake than it saves
     const int64_t grain = n_out * groups * stride < parallel_codes ? n_out : 16;
     at::parallel_for(0, n_out, grain, [&](int64_t begin, int64_t end) {
@@ -183,7 +222,8 @@ struct GemvLayer {
             }
           }
           vec d0, d1;
-          dot2<BITS>(w0 + g * group_bytes, w0 + row_bytes + g * group_bytes, xk + g * stride, stride, d0, d1);
+          dot2<BITS, LUT>(w0 + g * group_bytes, w0 + row_bytes + g * group_bytes, xk + g * stride, stride, lv, d0,
+                          d1);
           v0 = vfma(d0, vset(s0[g]), v0);
           v1 = vfma(d1, vset(s0[groups + g]), v1);
           if (BITS == 4) {
@@ -206,7 +246,7 @@ struct GemvLayer {
         vec v = vzero();
         float acc = 0.f;
         for (int64_t g = 0; g < groups; ++g) {
-          v = vfma(dot1<BITS>(wr + g * group_bytes, xk + g * stride, stride), vset(s[n * groups + g]), v);
+          v = vfma(dot1<BITS, LUT>(wr + g * group_bytes, xk + g * stride, stride, lv), vset(s[n * groups + g]), v);
           if (BITS == 4) acc += m[n * groups + g] * xsum[g];
         }
         acc += vsum(v);
@@ -220,7 +260,9 @@ struct GemvLayer {
   template <typename T>
   void row(const T* xr, float* xk, float* xsum, float* xo, T* yr) const {
     gather(xr, xk, xsum, xo);
-    if (bits == 4) rows_out<4>(xk, xsum, xo, yr); else rows_out<8>(xk, xsum, xo, yr);
+    if (bits == 8) rows_out<8, false>(xk, xsum, xo, yr);
+    else if (levels.numel()) rows_out<4, true>(xk, xsum, xo, yr);
+    else rows_out<4, false>(xk, xsum, xo, yr);
   }
 
   // The weight as real numbers, [out, in] float32 or bfloat16 (round to nearest even), the outlier
@@ -243,10 +285,12 @@ struct GemvLayer {
                 (out.scalar_type() == torch::kFloat32 || out.scalar_type() == torch::kBFloat16),
                 "GemvLayer: out must be a contiguous float32 or bfloat16 [out, in]");
     const bool to_bf16 = out.scalar_type() == torch::kBFloat16;
-    if (bits == 4) fill_dequantized<4>(out, to_bf16); else fill_dequantized<8>(out, to_bf16);
+    if (bits == 8) fill_dequantized<8, false>(out, to_bf16);
+    else if (levels.numel()) fill_dequantized<4, true>(out, to_bf16);
+    else fill_dequantized<4, false>(out, to_bf16);
   }
 
-  template <int BITS>
+  template <int BITS, bool LUT>
   void fill_dequantized(torch::Tensor& out, bool to_bf16) const {
     const int64_t n_out = packed.size(0), groups = scale.size(1), kept = keep.size(0);
     const int64_t in_f = out.size(1), n_o = outlier_idx.size(0);
@@ -256,6 +300,7 @@ struct GemvLayer {
     const float* m = BITS == 4 ? minimum.data_ptr<float>() : nullptr;
     const int64_t* kp = keep.data_ptr<int64_t>();
     const int64_t* op = outlier_idx.data_ptr<int64_t>();
+    const float* lv = LUT ? levels.data_ptr<float>() : nullptr;
     float* out_f = to_bf16 ? nullptr : out.data_ptr<float>();
     uint16_t* out_h = to_bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
     at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
@@ -266,7 +311,7 @@ struct GemvLayer {
           const uint8_t* wg = w + n * row_bytes + g * group_bytes;
           for (int64_t c = 0; c < stride; c += 2 * W) {
             vec lo, hi;
-            run_codes<BITS>(wg, c, lo, hi);
+            run_values<BITS, LUT>(wg, c, lv, lo, hi);
             vstore(buf.data() + c, vfma(lo, sv, mv));
             vstore(buf.data() + c + W, vfma(hi, sv, mv));
           }

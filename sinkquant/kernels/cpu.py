@@ -89,10 +89,11 @@ def bind_layer(
     outlier_idx: torch.Tensor,
     outlier_weight: torch.Tensor,
     bias: torch.Tensor | None,
+    levels: torch.Tensor | None = None,
 ):
     """One layer's numbers in the kernel's layout, bound into a `GemvLayer` of the extension `module`.
     codes: int8 [out, kept] (bits 8, scale [out]) or uint8 [out, kept] (bits 4, scale and minimum
-    [out, groups])."""
+    [out, groups]); `levels` float32 [16]: int4 codes index them (a non-uniform grid)."""
     run = int(module.CODES_PER_RUN)
     if bits == 4:
         packed, stride = int4_layout(codes, group_size, run)
@@ -113,6 +114,7 @@ def bind_layer(
         bias.float().contiguous() if bias is not None else torch.empty(0),
         PARALLEL_CODES,
         PREFETCH_ROWS,
+        levels.float().contiguous() if levels is not None else torch.empty(0),
     )
 
 

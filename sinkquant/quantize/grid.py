@@ -9,9 +9,10 @@ they mean on the uniform grid and its two ends stay exact. The 14 inner levels c
 range; each value counts with its group's squared range, since that is what an error in the normalised
 position costs. A code then stands for `levels[code] * scale + minimum`.
 
-The layer stores the 16 levels as one float32 buffer (`weight_levels`, 64 bytes a layer). PyTorch's
-integer kernels and sinkquant's fused kernel assume the uniform grid, so such a layer computes through
-its dequantized weight.
+The layer stores the 16 levels as one float32 buffer (`weight_levels`, 64 bytes a layer), each on
+bf16's grid so that a cast of the model to any float dtype keeps them exact. PyTorch's
+integer kernels assume the uniform grid; sinkquant's fused kernel looks each code up in the levels
+(bf16 activations on CPU), and every other call computes through the layer's dequantized weight.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def fit_levels(weight: torch.Tensor, group_size: int) -> torch.Tensor:
         update[inner] = moment[1:-1][inner] / mass[1:-1][inner]
         levels[1:-1] = update
         levels = levels.sort().values
-    return (levels * (LEVELS - 1)).to(torch.float32)
+    # on bf16's grid: whatever dtype a loader casts the buffer to (bf16, fp16, float32), the levels the
+    # codes were chosen against come back exactly
+    return (levels * (LEVELS - 1)).to(torch.bfloat16).to(torch.float32)
 
 
 def round_to_levels(

@@ -396,10 +396,10 @@ class SinkQuantLinear(nn.Module):
 
     def _fused_numbers(self) -> tuple:
         """What `kernels.bind_layer` takes after the extension: bits, codes (unpacked for int4),
-        scale, minimum, kept column indices, group size, outlier indices and weights, bias."""
+        scale, minimum, kept column indices, group size, outlier indices and weights, bias, levels."""
         scheme_part = self.scheme.fused_args(self._stored(), self.in_kept)
-        keep = self._layouts.keep
-        return (*scheme_part, keep, self.group_size, self.outlier_idx, self.outlier_weight, self.bias)
+        keep, levels = self._layouts.keep, self.weight_levels if self.nonuniform else None
+        return (*scheme_part, keep, self.group_size, self.outlier_idx, self.outlier_weight, self.bias, levels)
 
     # -- kernels ------------------------------------------------------------------------------------
     def _kernel_ok(self, act_dtype: torch.dtype = torch.bfloat16) -> bool:
@@ -421,7 +421,7 @@ class SinkQuantLinear(nn.Module):
         """A callable x2 [rows, in] (contiguous, float32 or bf16) -> [rows, out] in x2's dtype: the fused
         kernel with this layer's layout bound, or None where it does not apply (not on CPU, switched
         off, not built here)."""
-        if not _KERNELS["fused"] or self.weight.device.type != "cpu" or self.nonuniform:
+        if not _KERNELS["fused"] or self.weight.device.type != "cpu":
             return None
         return self._layouts.fused
 
@@ -495,6 +495,9 @@ def _bind_forward(layer: SinkQuantLinear, dtype: torch.dtype) -> Forward:
             fused, many = layer._fused(), layer._many_rows()
     else:
         middle = _dequantized_path(layer, dtype)
+        # levels of a non-uniform grid: no PyTorch kernel takes them, the fused kernel does
+        if layer.nonuniform and _KERNELS["enabled"] and dtype == torch.bfloat16:
+            fused, many = layer._fused(), layer._many_rows()
     compiling = torch.compiler.is_compiling  # sinkquant's kernels are opaque to torch.compile
     rotate = _rotate_inputs(layer)
 

@@ -71,6 +71,49 @@ def test_every_instruction_set_build_computes_the_same_layer(bits, group):
         assert float((y32 - reference).abs().max() / reference.abs().max()) < 1e-5, isa
 
 
+@pytest.mark.parametrize("group", [128, 48])
+def test_every_instruction_set_build_reads_a_non_uniform_grid(group):
+    """int4 codes indexing a layer's 16 levels: the decode product and the dense dequantization of both
+    builds against the dequantized weight, and a bf16 layer's forward at decode and prefill sizes."""
+    _fused_or_skip()
+    torch.manual_seed(4)
+    idx = torch.randperm(300)[:4]
+    codes = torch.randint(0, 16, (70, 296), dtype=torch.uint8)
+    groups = -(-296 // group)
+    scale, minimum = (
+        (torch.rand(70, groups) * 0.1 + 0.01).bfloat16(),
+        (torch.randn(70, groups) * 0.3).bfloat16(),
+    )
+    levels = torch.cat([torch.zeros(1), torch.sort(torch.rand(14) * 15).values, torch.full((1,), 15.0)])
+    layer = SinkQuantLinear.from_float(
+        torch.randn(70, 300),
+        torch.randn(70),
+        4,
+        group,
+        idx,
+        codes=codes,
+        scale=scale,
+        minimum=minimum,
+        levels=levels,
+    )
+    weight = layer.dequantized_weight()
+    x = torch.randn(2, 300)
+    x[:, idx] *= 30
+    reference = F.linear(x.bfloat16().float(), weight, layer.bias.float())
+    dense = weight.clone()
+    dense[:, idx] = 0
+    for isa in _buildable_isas():
+        bound = bind_layer(fused_kernels(isa), *layer._fused_numbers())
+        y32 = bound(x.bfloat16().float().contiguous())
+        assert float((y32 - reference).abs().max() / reference.abs().max()) < 1e-5, isa
+        assert torch.allclose(bound.dequantized(False), dense, rtol=1e-6, atol=1e-7), isa  # FMA rounds once
+    served = layer.to(torch.bfloat16)
+    for rows in (x[:1], x.repeat(40, 1)):  # the fused decode path and the dense prefill path
+        want = F.linear(rows.bfloat16().float(), weight, layer.bias.float())
+        got = served(rows.bfloat16()).float()
+        assert float((got - want).abs().max() / want.abs().max()) < 2e-2
+
+
 def test_switched_off_kernel_is_none_without_a_warning(monkeypatch):
     monkeypatch.setenv("SINKQUANT_FUSED_KERNEL", "0")
     monkeypatch.setattr(cpu, "_BUILT", {})
