@@ -80,7 +80,8 @@ METHODS = {
     "sq-w8": ("sinkquant W8 per channel", "ckpt:w8", {}),
     "sq-w4": ("sinkquant W4 {g} + 1% cols", "ckpt:w4", {}),
     "sq-w4-kv4": ("sinkquant W4 {g} + 1% cols + KV4 sinks", "ckpt:w4-kv4", {}),
-    "sq-best": ("sinkquant best W4 {g} (w4-g128-best: GPTQ, rotated inputs)", "ckpt:best", {}),
+    "sq-best": ("sinkquant best W4 {g} (w4-g128-best: GPTQ, rotated inputs, Lloyd grid)", "ckpt:best", {}),
+    "sq-best-uniform": ("sinkquant best W4 {g}, grid: uniform", "ckpt:best-uniform", {}),
     "sq-best-unrotated": ("sinkquant best W4 {g}, rotation: null", "ckpt:best-unrotated", {}),
     "bnb-int8": ("bitsandbytes LLM.int8 (threshold 6.0)", "bnb-int8", {}),
     "bnb-nf4": ("bitsandbytes nf4", "bnb-nf4", {}),
@@ -102,6 +103,7 @@ CHECKPOINTS: dict[str, str | tuple[str, dict]] = {
     "w4-kv4": "w4-g128-kv4-sinks.yaml",
     "best": "w4-g128-best.yaml",
     "best-unrotated": ("w4-g128-best.yaml", {"weights.rotation": None}),
+    "best-uniform": ("w4-g128-best.yaml", {"weights.grid": "uniform"}),
 }
 
 
