@@ -359,7 +359,7 @@ def test_float64_gptq_checkpoint_does_not_depend_on_the_blas_code_path(stories_p
 def test_the_best_recipe_quantizes_other_architectures_and_loads_back(
     make, recipe_file, stories_path, tmp_path
 ):
-    """recipes/w4-g128-best.yaml (GPTQ with act_order and input rotation) as shipped, and w4-g128-compact.yaml (the same
+    """recipes/w4-g128-best.yaml (GPTQ with act_order, input rotation and the Lloyd grid) as shipped, and w4-g128-compact.yaml (the same
     with symmetric groups, one-byte log scales and 0.7% columns), at sizes a tiny model takes (group 32,
     3 x 96 calibration tokens), on Qwen2 (q/k/v biases), Gemma 3 (sliding windows, soft-capping) and
     gpt-oss (learned sink logits, fused experts): every linear layer but lm_head is quantized with its
@@ -387,10 +387,11 @@ def test_the_best_recipe_quantizes_other_architectures_and_loads_back(
             assert idx.numel() > 0
             exact = originals[name].weight.detach()[:, idx]
             assert torch.equal(module.dequantized_weight()[:, idx], exact), name
-            assert (module.symmetric, module.log_scales, module.rotation_block) == (
+            assert (module.symmetric, module.log_scales, module.rotation_block, module.nonuniform) == (
                 recipe.weights.symmetric,
                 recipe.weights.log_scales,
                 recipe.weights.rotation,
+                recipe.weights.grid == "lloyd",
             )
     ids = torch.randint(3, 500, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

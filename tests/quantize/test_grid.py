@@ -47,6 +47,18 @@ def test_levels_crowd_where_gaussian_weights_are_and_lower_the_rounding_error():
     assert _group_error(weight, levels, 128) < 0.9 * _group_error(weight, uniform_levels(), 128)
 
 
+def test_levels_are_the_same_at_any_thread_count():
+    weight = torch.randn(1536, 576, generator=torch.Generator().manual_seed(2))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fit_levels(weight, 128)
+        torch.set_num_threads(2)
+        assert torch.equal(fit_levels(weight, 128), one)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_levels_of_uniform_weights_stay_close_to_the_uniform_grid():
     weight = torch.rand(256, 512, generator=torch.Generator().manual_seed(1))
     assert (fit_levels(weight, 128) - uniform_levels()).abs().max() < 0.3
