@@ -5,8 +5,8 @@
 
 Rows (SmolLM2-135M unless --model): vLLM bf16 on the source model; the native sinkquant W4 checkpoint
 (default recipe), W4 with symmetric groups and one-byte log scales (format 4; the default recipe with
-`symmetric` and `log_scales`), the best W4 recipe (`recipes/w4-g128-best.yaml`: GPTQ with input rotation,
-format 5; `--best` reuses a checkpoint of it, since GPTQ takes minutes) and W8 checkpoint through the
+`symmetric` and `log_scales`), the best W4 recipe (`recipes/w4-g128-best.yaml`: GPTQ with input rotation
+and a non-uniform grid, format 6; `--best` reuses a checkpoint of it, since GPTQ takes minutes) and W8 checkpoint through the
 sinkquant-vllm plugin; their compressed-tensors exports:
 W4A16 pack-quantized (the checkpoint's asymmetric grid, group made to divide the widths; GPU kernels
 serve it, vLLM's AVX2 CPU build has none), W4A8 (symmetric int4 with per-token int8 activations: the 4-bit
@@ -235,7 +235,7 @@ def main() -> None:
         ("w8", "sinkquant W8 native (plugin)", native_w8, "8", ours(native_w8), None, wanted("w8", "score")),
     ]  # fmt: skip
     if chosen is None or "w4-best" in chosen:
-        rows.append(("w4-best", "sinkquant W4 best recipe (GPTQ, inputs rotated), native (plugin)", native_best,
+        rows.append(("w4-best", "sinkquant W4 best recipe (GPTQ, inputs rotated, Lloyd grid), native (plugin)", native_best,
                      "4 + 1% fp16 columns + signs", ours(native_best), None, "score"))  # fmt: skip
     for folder, source, _, suffix, mode in exports:
         report = reports[folder]

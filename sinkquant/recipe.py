@@ -156,8 +156,8 @@ class WeightsSection(StrictModel):
     # vLLM plugin (sinkquant beside it); not exported to compressed-tensors.
     rotation: RotationBlock | None = None
     # int4 with GPTQ: `lloyd` gives each layer its own 16 levels, placed by Lloyd-Max on its weights
-    # (quantize/grid.py), instead of the uniform grid. Served by sinkquant and transformers (through the
-    # dequantized weight: no integer kernel takes it); not by the vLLM plugin or export.
+    # (quantize/grid.py), instead of the uniform grid. Served by sinkquant, transformers and the vLLM
+    # plugin (sinkquant beside it; the fused kernel looks the codes up); not exported to compressed-tensors.
     grid: Grid = "uniform"
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
     gptq: GPTQSection = Field(default_factory=GPTQSection)

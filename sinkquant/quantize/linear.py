@@ -500,13 +500,15 @@ def _bind_forward(layer: SinkQuantLinear, dtype: torch.dtype) -> Forward:
             fused, many = layer._fused(), layer._many_rows()
     compiling = torch.compiler.is_compiling  # sinkquant's kernels are opaque to torch.compile
     rotate = _rotate_inputs(layer)
+    # the middle sizes' PyTorch kernel does not take a grid's levels: the fused kernel serves them
+    fused_max = DENSE_MIN_ROWS - 1 if layer.nonuniform else FUSED_MAX_ROWS
 
     def run(x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, in_f)
         if rotate is not None:
             x2 = rotate(x, x2)
         if fused is not None and not compiling():
-            if x2.shape[0] <= FUSED_MAX_ROWS:
+            if x2.shape[0] <= fused_max:
                 return fused(x2 if x2.is_contiguous() else x2.contiguous()).view(*x.shape[:-1], out_f)
             if x2.shape[0] >= DENSE_MIN_ROWS:
                 return many(x2).view(*x.shape[:-1], out_f)

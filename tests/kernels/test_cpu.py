@@ -108,7 +108,7 @@ def test_every_instruction_set_build_reads_a_non_uniform_grid(group):
         assert float((y32 - reference).abs().max() / reference.abs().max()) < 1e-5, isa
         assert torch.allclose(bound.dequantized(False), dense, rtol=1e-6, atol=1e-7), isa  # FMA rounds once
     served = layer.to(torch.bfloat16)
-    for rows in (x[:1], x.repeat(40, 1)):  # the fused decode path and the dense prefill path
+    for rows in (x[:1], x.repeat(4, 1), x.repeat(40, 1)):  # decode, middle sizes (fused too), prefill (dense)
         want = F.linear(rows.bfloat16().float(), weight, layer.bias.float())
         got = served(rows.bfloat16()).float()
         assert float((got - want).abs().max() / want.abs().max()) < 2e-2

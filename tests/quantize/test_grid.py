@@ -23,7 +23,8 @@ from sinkquant.quantize.refit import row_errors
 from sinkquant.recipe import Recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "integrations" / "vllm"))
-from sinkquant_vllm.layer import unserved_layers  # noqa: E402
+from sinkquant_vllm.layer import FORMAT_VERSION as PLUGIN_FORMAT  # noqa: E402
+from sinkquant_vllm.layer import LayerSpec, served_layer, unserved_layers  # noqa: E402
 
 
 def _group_error(weight: torch.Tensor, levels: torch.Tensor, group: int) -> float:
@@ -143,12 +144,32 @@ def test_a_checkpoint_on_levels_loads_every_way_and_scores_the_same(grid_checkpo
     assert torch.equal(want, hf)
 
 
-def test_export_and_the_vllm_plugin_refuse_levels(grid_checkpoint, tmp_path):
+def test_export_refuses_levels_and_the_vllm_plugin_serves_them_through_sinkquant(grid_checkpoint, tmp_path):
     with pytest.raises(InputError, match="non-uniform grid"):
         export(grid_checkpoint, tmp_path / "exported")
     assert not (tmp_path / "exported").exists()
     qc = json.loads((grid_checkpoint / "config.json").read_text())["quantization_config"]
-    assert "weights.grid" in unserved_layers(qc["layers"])
+    assert qc["format_version"] <= PLUGIN_FORMAT
+    assert unserved_layers(qc["layers"]) is None
+    assert "pip install --no-deps sinkquant" in unserved_layers(qc["layers"], importable=False)
+    model = load_model(grid_checkpoint)
+    attention = model.model.layers[0].self_attn
+    shards = [attention.q_proj, attention.k_proj, attention.v_proj]
+    for name, spec in qc["layers"].items():
+        module = model.get_submodule(name)
+        buffers = {k: (tuple(v.shape), v.dtype) for k, v in module.named_buffers() if k != "bias"}
+        assert buffers == dict(LayerSpec.from_dict(spec).shapes()), name
+    # vLLM's fused q/k/v: the shards' tensors side by side, each shard's levels at its index
+    spec = LayerSpec.from_dict(qc["layers"]["model.layers.0.self_attn.q_proj"])
+    sizes = [m.out_features for m in shards]
+    fused = {}
+    for name in spec.shapes():
+        parts = [getattr(m, name) for m in shards]
+        fused[name] = parts[0] if name in ("outlier_idx", "input_signs") else torch.cat(parts, 0)
+    served = served_layer(spec, fused, sizes)
+    x = torch.randn(5, spec.in_features)
+    with torch.no_grad():
+        assert torch.equal(served(x), torch.cat([m(x) for m in shards], -1))
 
 
 @pytest.mark.parametrize(

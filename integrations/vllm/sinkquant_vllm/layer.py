@@ -1,7 +1,7 @@
 """sinkquant's quantized linear layer, read from its tensors without sinkquant, and its forward.
 
 This module imports only torch, so the tests of sinkquant check it without vLLM. The format is
-sinkquant's (format versions 2 to 5), one layer per `quantization_config.layers` entry:
+sinkquant's (format versions 2 to 6), one layer per `quantization_config.layers` entry:
 
     y = x[:, kept] @ dequant(W)^T + x[:, outlier_idx] @ outlier_weight^T (+ bias)
 
@@ -19,6 +19,9 @@ sinkquant's (format versions 2 to 5), one layer per `quantization_config.layers`
     input_signs     uint8 [ceil(kept / 8)]  only where the spec says `rotation` (format 5): the kept
                     inputs are rotated (block-Hadamard with these signs) before the integer part
                     applies, which holds W R; such a layer is served by sinkquant's own module only
+    weight_levels   float32 [16]         only where the spec says `grid` (format 6, int4): a code c stands for
+                    weight_levels[c] * scale + min; served by sinkquant's own module only (a fused
+                    layer brings one table per shard, and runs one module per shard)
 
 Where sinkquant is importable (`pip install --no-deps sinkquant` beside vLLM), `sinkquant_layer` builds
 its `SinkQuantLinear` on the same tensors, so a served layer runs sinkquant's own CPU kernels and gives
@@ -32,8 +35,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-#: the newest checkpoint format this plugin reads (5: input rotation)
-FORMAT_VERSION = 5
+#: the newest checkpoint format this plugin reads (5: input rotation, 6: non-uniform int4 grids)
+FORMAT_VERSION = 6
+LEVELS = 16  # an int4 grid's levels
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class LayerSpec:
     symmetric: bool = False
     log_scales: bool = False
     rotation: int | None = None  # the block of the kept inputs' rotation (format 5), None without one
+    grid: str | None = None  # "lloyd": int4 codes index the layer's own levels (format 6)
 
     @classmethod
     def from_dict(cls, spec: dict) -> LayerSpec:
@@ -64,6 +69,7 @@ class LayerSpec:
             spec.get("symmetric", False),
             spec.get("log_scales", False),
             spec.get("rotation"),
+            spec.get("grid"),
         )
 
     @property
@@ -100,11 +106,13 @@ class LayerSpec:
         else:
             raise ValueError(f"sinkquant layers are 4- or 8-bit (got {self.bits})")
         rotation = {"input_signs": ((math.ceil(self.kept / 8),), torch.uint8)} if self.rotation else {}
+        grid = {"weight_levels": ((LEVELS * shards,), torch.float32)} if self.grid else {}
         return {
             **scheme,
             "outlier_idx": ((self.outliers,), torch.int32),
             "outlier_weight": ((out, self.outliers), outlier_dtype),
             **rotation,
+            **grid,
         }
 
 
@@ -146,19 +154,19 @@ def unserved_layers(layers: dict[str, dict], importable: bool | None = None) -> 
     """Why this plugin cannot serve a checkpoint with these layer specs, or None where it can: a layer
     whose spec says `rotation` (format 5) rotates its inputs first, which this module does not do
     itself; sinkquant's `SinkQuantLinear` does, so such a checkpoint needs sinkquant importable
-    beside vLLM. `importable`: whether it is (default: tried). A layer whose spec names a `grid` (format
-    6: int4 on the layer's own 16 levels) is not served: no kernel here takes a non-uniform grid."""
-    nonuniform = sorted(name for name, spec in layers.items() if spec.get("grid"))
-    if nonuniform:
-        return (
-            f"this sinkquant checkpoint keeps int4 layers on a non-uniform grid (weights.grid, e.g. "
-            f"{nonuniform[0]}), which the plugin does not serve: re-quantize with grid: uniform to serve it"
+    beside vLLM. `importable`: whether it is (default: tried). So does a layer whose spec names a `grid`
+    (format 6: int4 codes that index the layer's own 16 levels)."""
+    needing = sorted(name for name, spec in layers.items() if spec.get("rotation") or spec.get("grid"))
+    if needing and not (sinkquant_importable() if importable is None else importable):
+        spec = layers[needing[0]]
+        what = (
+            "rotates its layers' inputs (weights.rotation"
+            if spec.get("rotation")
+            else "keeps int4 layers on a non-uniform grid (weights.grid"
         )
-    rotated = sorted(name for name, spec in layers.items() if spec.get("rotation"))
-    if rotated and not (sinkquant_importable() if importable is None else importable):
         return (
-            f"this sinkquant checkpoint rotates its layers' inputs (weights.rotation, e.g. {rotated[0]}), "
-            "which the plugin serves through sinkquant's own layer: pip install --no-deps sinkquant beside vLLM"
+            f"this sinkquant checkpoint {what}, e.g. {needing[0]}), which the plugin serves through "
+            "sinkquant's own layer: pip install --no-deps sinkquant beside vLLM"
         )
     return None
 
@@ -185,9 +193,10 @@ def dequantize_kept(spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> torch.
 
 def effective_weight(spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """float32 [out, in]: the weight the layer multiplies by (outlier columns exactly as stored)."""
-    if spec.rotation:
+    if spec.rotation or spec.grid:
         raise ValueError(
-            "a rotated layer's weight is W' Rᵀ: take it from sinkquant_layer(...).dequantized_weight()"
+            "a rotated layer's weight is W' Rᵀ, a grid layer's codes index its levels: take the weight "
+            "from sinkquant_layer(...).dequantized_weight()"
         )
     idx = tensors["outlier_idx"].long()
     out = tensors["weight"].shape[0]
@@ -230,6 +239,7 @@ def sinkquant_layer(spec: LayerSpec, tensors: dict[str, torch.Tensor], bias: tor
         device="meta",
         symmetric=spec.symmetric,
         rotation_block=spec.rotation,
+        nonuniform=spec.grid == "lloyd",
     )
     for name in spec.shapes(out):
         setattr(layer, name, tensors[name])
@@ -237,3 +247,41 @@ def sinkquant_layer(spec: LayerSpec, tensors: dict[str, torch.Tensor], bias: tor
         layer.bias = bias.to(tensors["outlier_weight"].dtype)
     layer.reset_layouts()
     return layer
+
+
+class ShardedLayer(torch.nn.Module):
+    """A fused layer (q/k/v, gate/up) whose shards cannot share one `SinkQuantLinear`: each shard's
+    module on the same input, outputs side by side."""
+
+    def __init__(self, shards: list[torch.nn.Module]) -> None:
+        super().__init__()
+        self.shards = torch.nn.ModuleList(shards)
+        self.out_features = sum(shard.out_features for shard in shards)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([shard(x) for shard in self.shards], dim=-1)
+
+
+def served_layer(spec: LayerSpec, tensors: dict[str, torch.Tensor], shard_sizes: list[int]):
+    """sinkquant's module for vLLM's (possibly fused) layer of `shard_sizes` output rows: one
+    `SinkQuantLinear` on the fused tensors, or, for a grid layer of several shards (each with its own
+    levels), one per shard in a `ShardedLayer`. None where sinkquant is not importable."""
+    if not spec.grid or len(shard_sizes) == 1:
+        return sinkquant_layer(spec, tensors)
+    out = sum(shard_sizes)
+    shards, start = [], 0
+    for index, rows in enumerate(shard_sizes):
+        part = {}
+        for name, tensor in tensors.items():
+            if name == "weight_levels":
+                part[name] = tensor[index * LEVELS : (index + 1) * LEVELS]
+            elif tensor.dim() >= 1 and tensor.shape[0] == out and name not in ("outlier_idx", "input_signs"):
+                part[name] = tensor[start : start + rows]
+            else:
+                part[name] = tensor
+        module = sinkquant_layer(replace(spec, out_features=rows), part)
+        if module is None:
+            return None
+        shards.append(module)
+        start += rows
+    return ShardedLayer(shards)

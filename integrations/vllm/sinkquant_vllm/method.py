@@ -39,11 +39,12 @@ from vllm.model_executor.parameter import (
 
 from .layer import (
     FORMAT_VERSION,
+    LEVELS,
     LayerSpec,
     decode_log_scales,
     effective_weight,
     reference_forward,
-    sinkquant_layer,
+    served_layer,
     unserved_layers,
 )
 
@@ -80,6 +81,20 @@ class SharedAcrossShards(BasevLLMParameter):
     load_row_parallel_weight = _load_shared
     load_merged_column_weight = _load_shared
     load_qkv_weight = _load_shared
+
+
+class LevelsPerShard(BasevLLMParameter):
+    """A grid layer's levels (16 per checkpoint layer): a fused layer holds each shard's 16 at the
+    shard's index, one layer its own."""
+
+    def _load_into_shard(self, loaded_weight: torch.Tensor, shard_id: str | int, **kwargs) -> None:
+        index = self._shard_id_as_int(shard_id)
+        part = self.data[index * LEVELS : (index + 1) * LEVELS]
+        assert part.shape == loaded_weight.shape
+        part.copy_(loaded_weight)
+
+    load_merged_column_weight = _load_into_shard
+    load_qkv_weight = _load_into_shard
 
 
 @register_quantization_config("sinkquant")
@@ -182,6 +197,8 @@ class SinkQuantLinearMethod(LinearMethodBase):
                 param = SharedAcrossShards(data=data, weight_loader=weight_loader)
             elif name == "weight_scale_top":  # one exponent per shard, loaded at the shard's index
                 param = PerTensorScaleParameter(data=data, weight_loader=weight_loader)
+            elif name == "weight_levels":  # one table per shard, loaded at the shard's index
+                param = LevelsPerShard(data=data, weight_loader=weight_loader)
             elif len(shape) == 1:
                 param = ChannelQuantScaleParameter(output_dim=0, data=data, weight_loader=weight_loader)
             else:
@@ -199,9 +216,12 @@ class SinkQuantLinearMethod(LinearMethodBase):
         for name, tensor in tensors.items():
             setattr(layer, name, tensor)
         plain = {name: t.data for name, t in tensors.items()}
-        # a rotated layer needs sinkquant's module wherever it runs (from_config checked it imports)
+        # a rotated or grid layer needs sinkquant's module wherever it runs (from_config checked it imports)
         on_cpu = plain["weight"].device.type == "cpu"
-        module = sinkquant_layer(self.spec, plain) if on_cpu or self.spec.rotation else None
+        needs_sinkquant = self.spec.rotation or self.spec.grid
+        module = (
+            served_layer(self.spec, plain, layer.sinkquant_shard_sizes) if on_cpu or needs_sinkquant else None
+        )
         layer.sinkquant_handle = None
         if module is not None:
             layer.sinkquant_handle = len(_LAYERS)
