@@ -26,25 +26,28 @@ static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 static inline vec vset(float v) { return _mm512_set1_ps(v); }
 static inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
 static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+// an int4 run widened to W int32 lanes, each holding code j (low nibble) and code j + W (high nibble)
+static inline __m512i widen_run(const uint8_t* w, int64_t c) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c / 2)));
+}
+static inline __m512i low_codes(__m512i q) { return _mm512_and_si512(q, _mm512_set1_epi32(15)); }
+static inline __m512i high_codes(__m512i q) { return _mm512_srli_epi32(q, 4); }
+// a layer's 16 levels (a non-uniform int4 grid), loaded once per call: one register holds all 16
+struct Levels {
+  vec all;
+};
+static inline Levels load_levels(const float* levels) { return {_mm512_loadu_ps(levels)}; }
+static inline vec lookup16(__m512i idx, const Levels& t) { return _mm512_permutexvar_ps(idx, t.all); }
 template <int BITS>
 static inline void run_codes(const uint8_t* w, int64_t c, vec& lo, vec& hi) {
   if (BITS == 4) {
-    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c / 2)));
-    lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15)));
-    hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+    const __m512i q = widen_run(w, c);
+    lo = _mm512_cvtepi32_ps(low_codes(q));
+    hi = _mm512_cvtepi32_ps(high_codes(q));
   } else {
     lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c))));
     hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c + 16))));
   }
-}
-// int4 codes as indices into a layer's 16 levels (a non-uniform grid): one register holds all 16
-static inline vec lookup16(__m512i idx, const float* levels) {
-  return _mm512_permutexvar_ps(idx, _mm512_loadu_ps(levels));
-}
-static inline __m512i low_codes(__m512i q) { return _mm512_and_si512(q, _mm512_set1_epi32(15)); }
-static inline __m512i high_codes(__m512i q) { return _mm512_srli_epi32(q, 4); }
-static inline __m512i widen_run(const uint8_t* w, int64_t c) {
-  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c / 2)));
 }
 #else
 constexpr int W = 8;
@@ -63,34 +66,39 @@ static inline float vsum(vec v) {
   sh = _mm_movehl_ps(sh, lo);
   return _mm_cvtss_f32(_mm_add_ss(lo, sh));
 }
+// an int4 run widened to W int32 lanes, each holding code j (low nibble) and code j + W (high nibble)
+static inline __m256i widen_run(const uint8_t* w, int64_t c) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + c / 2)));
+}
+static inline __m256i low_codes(__m256i q) { return _mm256_and_si256(q, _mm256_set1_epi32(15)); }
+static inline __m256i high_codes(__m256i q) { return _mm256_srli_epi32(q, 4); }
+// a layer's 16 levels (a non-uniform int4 grid), loaded once per call: two registers of 8, the code's
+// bit 3 picks one
+struct Levels {
+  vec first, second;
+};
+static inline Levels load_levels(const float* levels) { return {_mm256_loadu_ps(levels), _mm256_loadu_ps(levels + 8)}; }
+static inline vec lookup16(__m256i idx, const Levels& t) {
+  const __m256 a = _mm256_permutevar8x32_ps(t.first, idx), b = _mm256_permutevar8x32_ps(t.second, idx);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
 template <int BITS>
 static inline void run_codes(const uint8_t* w, int64_t c, vec& lo, vec& hi) {
   if (BITS == 4) {
-    const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + c / 2)));
-    lo = _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(15)));
-    hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4));
+    const __m256i q = widen_run(w, c);
+    lo = _mm256_cvtepi32_ps(low_codes(q));
+    hi = _mm256_cvtepi32_ps(high_codes(q));
   } else {
     lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + c))));
     hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + c + 8))));
   }
-}
-// int4 codes as indices into a layer's 16 levels: two registers of 8, the code's bit 3 picks one
-static inline vec lookup16(__m256i idx, const float* levels) {
-  const __m256 a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(levels), idx);
-  const __m256 b = _mm256_permutevar8x32_ps(_mm256_loadu_ps(levels + 8), idx);
-  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-}
-static inline __m256i low_codes(__m256i q) { return _mm256_and_si256(q, _mm256_set1_epi32(15)); }
-static inline __m256i high_codes(__m256i q) { return _mm256_srli_epi32(q, 4); }
-static inline __m256i widen_run(const uint8_t* w, int64_t c) {
-  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + c / 2)));
 }
 #endif
 
 // A run's codes as the values they stand for before scale and minimum: the codes themselves, or with
 // `LUT` (int4 only) the layer's levels at them
 template <int BITS, bool LUT>
-static inline void run_values(const uint8_t* w, int64_t c, const float* levels, vec& lo, vec& hi) {
+static inline void run_values(const uint8_t* w, int64_t c, const Levels& levels, vec& lo, vec& hi) {
   if (LUT) {
     const auto q = widen_run(w, c);
     lo = lookup16(low_codes(q), levels);
@@ -102,7 +110,7 @@ static inline void run_values(const uint8_t* w, int64_t c, const float* levels, 
 
 // lane sums of code[j] * x[j] over `len` codes (a multiple of 2W) of two rows: shared x loads, four chains
 template <int BITS, bool LUT>
-static inline void dot2(const uint8_t* w0, const uint8_t* w1, const float* x, int64_t len, const float* levels,
+static inline void dot2(const uint8_t* w0, const uint8_t* w1, const float* x, int64_t len, const Levels& levels,
                         vec& d0, vec& d1) {
   vec a0 = vzero(), a1 = vzero(), b0 = vzero(), b1 = vzero();
   for (int64_t c = 0; c < len; c += 2 * W) {
@@ -120,7 +128,7 @@ static inline void dot2(const uint8_t* w0, const uint8_t* w1, const float* x, in
 }
 
 template <int BITS, bool LUT>
-static inline vec dot1(const uint8_t* w, const float* x, int64_t len, const float* levels) {
+static inline vec dot1(const uint8_t* w, const float* x, int64_t len, const Levels& levels) {
   vec a0 = vzero(), a1 = vzero();
   for (int64_t c = 0; c < len; c += 2 * W) {
     vec p0, p1;
@@ -203,7 +211,7 @@ struct GemvLayer {
     const float* m = BITS == 4 ? minimum.data_ptr<float>() : nullptr;
     const float* wo = n_o ? outlier_weight.data_ptr<float>() : nullptr;
     const float* b = bias.numel() ? bias.data_ptr<float>() : nullptr;
-    const float* lv = LUT ? levels.data_ptr<float>() : nullptr;
+    const Levels lv = LUT ? load_levels(levels.data_ptr<float>()) : Levels{};
     // below `parallel_codes` codes a second thread costs more to wake than it saves
     const int64_t grain = n_out * groups * stride < parallel_codes ? n_out : 16;
     at::parallel_for(0, n_out, grain, [&](int64_t begin, int64_t end) {
@@ -300,7 +308,7 @@ struct GemvLayer {
     const float* m = BITS == 4 ? minimum.data_ptr<float>() : nullptr;
     const int64_t* kp = keep.data_ptr<int64_t>();
     const int64_t* op = outlier_idx.data_ptr<int64_t>();
-    const float* lv = LUT ? levels.data_ptr<float>() : nullptr;
+    const Levels lv = LUT ? load_levels(levels.data_ptr<float>()) : Levels{};
     float* out_f = to_bf16 ? nullptr : out.data_ptr<float>();
     uint16_t* out_h = to_bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
     at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
