@@ -150,25 +150,20 @@ def lloyd_levels(model, seed: int = 0, sample: int = 4_000_000, rounds: int = 60
 
 def use_grid(levels: torch.Tensor) -> None:
     """int4 codes index `levels` (in [0, 1]) instead of the uniform grid, everywhere GPTQ and the
-    dequantized forward round or expand them."""
+    dequantized forward round or expand them (with the package's own rounding and expansion, grid.py)."""
     import sinkquant.quantize.schemes as schemes
+    from sinkquant.quantize.grid import expand_codes, round_to_levels
+    from sinkquant.quantize.primitives import dequantize_grouped
 
     table = levels * 15  # in units of the group's scale: value = table[code] * scale + minimum
-    bounds = (table[1:] + table[:-1]) / 2
-    int4 = type(schemes.SCHEMES[4])
 
-    def round_to_range(self, values, scale, minimum):
-        s, m = (t.float()[:, None] if values.dim() == 2 else t.float() for t in (scale, minimum))
-        code = torch.bucketize((values - m) / s, bounds).clamp_(0, 15)
-        return code.float(), table[code] * s + m
+    def on_levels(codes, scale, minimum, group_size):
+        return dequantize_grouped(expand_codes(codes, table), scale, minimum, group_size)
 
-    def dequantize_grouped(codes, scale, minimum, group_size):
-        n = codes.shape[-1]
-        s, m = (schemes.per_column(t.float(), group_size, n) for t in (scale, minimum))
-        return table[codes.long()] * s + m
-
-    int4.round_to_range = round_to_range
-    schemes.dequantize_grouped = gptq.dequantize_grouped = dequantize_grouped
+    type(schemes.SCHEMES[4]).round_to_range = lambda self, values, scale, minimum: round_to_levels(
+        values, scale, minimum, table
+    )
+    schemes.dequantize_grouped = gptq.dequantize_grouped = on_levels
 
 
 def main() -> None:

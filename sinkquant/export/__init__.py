@@ -232,6 +232,13 @@ def _keys_by_module(keys: list[str], modules: set[str]) -> tuple[dict[str, list[
     return by_module, outside
 
 
+#: layer spec keys no export format stores: (what the layers have, why it cannot be exported)
+_UNEXPORTABLE = {
+    "grid": ("int4 layers on a non-uniform grid", "compressed-tensors stores only the uniform grid"),
+    "rotation": ("layers with rotated inputs", "no export format stores the rotation"),
+}
+
+
 def export(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -256,20 +263,13 @@ def export(
     checkpoint = Path(checkpoint).expanduser()
     config, qc = _read_checkpoint_config(checkpoint)
     verify_manifest(checkpoint)
-    nonuniform = sorted(name for name, spec in qc["layers"].items() if spec.get("grid"))
-    if nonuniform:
-        raise InputError(
-            f"{checkpoint} has int4 layers on a non-uniform grid (weights.grid, e.g. {nonuniform[0]}); "
-            "compressed-tensors stores only the uniform grid: use the checkpoint with sinkquant, or "
-            "re-quantize with grid: uniform to export it"
-        )
-    rotated = sorted(name for name, spec in qc["layers"].items() if spec.get("rotation"))
-    if rotated:
-        raise InputError(
-            f"{checkpoint} has layers with rotated inputs (weights.rotation, e.g. {rotated[0]}); no export "
-            "format stores the rotation: serve the checkpoint itself through the sinkquant-vllm plugin, or "
-            "re-quantize without weights.rotation to export it"
-        )
+    for key, (what, why) in _UNEXPORTABLE.items():
+        found = sorted(name for name, spec in qc["layers"].items() if spec.get(key))
+        if found:
+            raise InputError(
+                f"{checkpoint} has {what} (weights.{key}, e.g. {found[0]}); {why}: serve the checkpoint itself "
+                f"with sinkquant or its vLLM plugin, or re-quantize without weights.{key} to export it"
+            )
     args, scheme = _scheme(qc, settings)
     scale_dtype = getattr(torch, settings.scale_dtype, None)
     if not isinstance(scale_dtype, torch.dtype) or not scale_dtype.is_floating_point:

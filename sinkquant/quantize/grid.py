@@ -54,8 +54,7 @@ def fit_levels(weight: torch.Tensor, group_size: int) -> torch.Tensor:
         inner = mass[1:-1] > 0  # an empty cell keeps its level
         update = levels[1:-1].clone()
         update[inner] = moment[1:-1][inner] / mass[1:-1][inner]
-        levels[1:-1] = update
-        levels = levels.sort().values
+        levels[1:-1] = update  # centroids of ordered cells stay ordered
     # on bf16's grid: whatever dtype a loader casts the buffer to (bf16, fp16, float32), the levels the
     # codes were chosen against come back exactly
     return (levels * (LEVELS - 1)).to(torch.bfloat16).to(torch.float32)

@@ -38,6 +38,8 @@ import torch
 #: the newest checkpoint format this plugin reads (5: input rotation, 6: non-uniform int4 grids)
 FORMAT_VERSION = 6
 LEVELS = 16  # an int4 grid's levels
+#: tensors every shard of a fused layer brings whole (the others are the shard's rows, or its levels)
+SHARED_ACROSS_SHARDS = ("outlier_idx", "input_signs")
 
 
 @dataclass(frozen=True)
@@ -268,17 +270,16 @@ def served_layer(spec: LayerSpec, tensors: dict[str, torch.Tensor], shard_sizes:
     levels), one per shard in a `ShardedLayer`. None where sinkquant is not importable."""
     if not spec.grid or len(shard_sizes) == 1:
         return sinkquant_layer(spec, tensors)
-    out = sum(shard_sizes)
     shards, start = [], 0
     for index, rows in enumerate(shard_sizes):
         part = {}
         for name, tensor in tensors.items():
-            if name == "weight_levels":
-                part[name] = tensor[index * LEVELS : (index + 1) * LEVELS]
-            elif tensor.dim() >= 1 and tensor.shape[0] == out and name not in ("outlier_idx", "input_signs"):
-                part[name] = tensor[start : start + rows]
-            else:
+            if name in SHARED_ACROSS_SHARDS:
                 part[name] = tensor
+            elif name == "weight_levels":
+                part[name] = tensor[index * LEVELS : (index + 1) * LEVELS]
+            else:  # the output rows
+                part[name] = tensor[start : start + rows]
         module = sinkquant_layer(replace(spec, out_features=rows), part)
         if module is None:
             return None

@@ -40,6 +40,7 @@ from vllm.model_executor.parameter import (
 from .layer import (
     FORMAT_VERSION,
     LEVELS,
+    SHARED_ACROSS_SHARDS,
     LayerSpec,
     decode_log_scales,
     effective_weight,
@@ -193,7 +194,7 @@ class SinkQuantLinearMethod(LinearMethodBase):
         layer.sinkquant_shard_sizes = list(output_partition_sizes)
         for name, (shape, dtype) in self.spec.shapes(out, len(output_partition_sizes)).items():
             data = torch.empty(shape, dtype=dtype)
-            if name in ("outlier_idx", "input_signs"):
+            if name in SHARED_ACROSS_SHARDS:
                 param = SharedAcrossShards(data=data, weight_loader=weight_loader)
             elif name == "weight_scale_top":  # one exponent per shard, loaded at the shard's index
                 param = PerTensorScaleParameter(data=data, weight_loader=weight_loader)
