@@ -52,6 +52,21 @@ def save_tiny(model, folder: Path, tokenizer_from: Path | None = None) -> Path:
     return folder
 
 
+def quantized_tiny_llama(folder: Path, tokenizer_from: Path, **overrides) -> Path:
+    """A tiny Llama (vocab 512) saved under `folder` and quantized there by GPTQ at group 32 on 4 x 64
+    calibration tokens, with the recipe `overrides` on top; returns the checkpoint's folder."""
+    from sinkquant.pipeline import quantize_model
+    from sinkquant.recipe import Recipe
+
+    source = save_tiny(tiny_llama(vocab=512), folder / "model", tokenizer_from)
+    recipe = Recipe().with_overrides(**{
+        "weights.group_size": 32, "weights.algorithm": "gptq", "calibration.samples": 4,
+        "calibration.seq_len": 64, **overrides,
+    })  # fmt: skip
+    quantize_model(source, folder / "out", recipe, progress=False)
+    return folder / "out"
+
+
 def tiny_qwen2(seed: int = 0, vocab: int = 512):
     """Qwen2's shape of a decoder: q/k/v biases, untied LM head, no BOS."""
     from transformers import Qwen2Config, Qwen2ForCausalLM

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import save_tiny, tiny_llama
+from tiny_models import quantized_tiny_llama
 
 from sinkquant.errors import InputError
 from sinkquant.export import export
 from sinkquant.loading import load_model
-from sinkquant.pipeline import inspect_checkpoint, quantize_model
+from sinkquant.pipeline import inspect_checkpoint
 from sinkquant.quantize.gptq import gptq_quantize_weight
 from sinkquant.quantize.grid import fit_levels, round_to_levels, uniform_levels
 from sinkquant.quantize.hessian import HessianAccumulator
@@ -24,7 +24,7 @@ from sinkquant.recipe import Recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "integrations" / "vllm"))
 from sinkquant_vllm.layer import FORMAT_VERSION as PLUGIN_FORMAT  # noqa: E402
-from sinkquant_vllm.layer import LayerSpec, served_layer, unserved_layers  # noqa: E402
+from sinkquant_vllm.layer import SHARED_ACROSS_SHARDS, LayerSpec, served_layer, unserved_layers  # noqa: E402
 
 
 def _group_error(weight: torch.Tensor, levels: torch.Tensor, group: int) -> float:
@@ -115,14 +115,8 @@ def test_a_layer_on_its_levels_multiplies_by_its_dequantized_weight():
 
 @pytest.fixture(scope="module")
 def grid_checkpoint(tmp_path_factory, stories_path):
-    tmp = tmp_path_factory.mktemp("grid")
-    source = save_tiny(tiny_llama(vocab=512), tmp / "model", stories_path)
-    recipe = Recipe().with_overrides(**{
-        "weights.group_size": 32, "weights.algorithm": "gptq", "weights.rotation": 16, "weights.grid": "lloyd",
-        "calibration.samples": 4, "calibration.seq_len": 64,
-    })  # fmt: skip
-    quantize_model(source, tmp / "out", recipe, progress=False)
-    return tmp / "out"
+    overrides = {"weights.rotation": 16, "weights.grid": "lloyd"}
+    return quantized_tiny_llama(tmp_path_factory.mktemp("grid"), stories_path, **overrides)
 
 
 def test_a_checkpoint_on_levels_loads_every_way_and_scores_the_same(grid_checkpoint):
@@ -165,7 +159,7 @@ def test_export_refuses_levels_and_the_vllm_plugin_serves_them_through_sinkquant
     fused = {}
     for name in spec.shapes():
         parts = [getattr(m, name) for m in shards]
-        fused[name] = parts[0] if name in ("outlier_idx", "input_signs") else torch.cat(parts, 0)
+        fused[name] = parts[0] if name in SHARED_ACROSS_SHARDS else torch.cat(parts, 0)
     served = served_layer(spec, fused, sizes)
     x = torch.randn(5, spec.in_features)
     with torch.no_grad():

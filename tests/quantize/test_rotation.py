@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import save_tiny, tiny_llama
+from tiny_models import quantized_tiny_llama
 
 from sinkquant.errors import InputError
 from sinkquant.export import export
 from sinkquant.loading import load_model
-from sinkquant.pipeline import inspect_checkpoint, quantize_model
+from sinkquant.pipeline import inspect_checkpoint
 from sinkquant.quantize.gptq import gptq_quantize_weight
 from sinkquant.quantize.hessian import HessianAccumulator
 from sinkquant.quantize.linear import SinkQuantLinear, forget_rotated_input
@@ -138,14 +138,7 @@ def test_gptq_on_rotated_weights_lowers_the_output_error_of_heavy_tailed_rows():
 
 @pytest.fixture(scope="module")
 def rotated_checkpoint(tmp_path_factory, stories_path):
-    tmp = tmp_path_factory.mktemp("rotated")
-    source = save_tiny(tiny_llama(vocab=512), tmp / "model", stories_path)
-    recipe = Recipe().with_overrides(**{
-        "weights.group_size": 32, "weights.algorithm": "gptq", "weights.rotation": 16,
-        "calibration.samples": 4, "calibration.seq_len": 64,
-    })  # fmt: skip
-    quantize_model(source, tmp / "out", recipe, progress=False)
-    return tmp / "out"
+    return quantized_tiny_llama(tmp_path_factory.mktemp("rotated"), stories_path, **{"weights.rotation": 16})
 
 
 def test_a_rotated_checkpoint_loads_every_way_and_scores_the_same(rotated_checkpoint):
