@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .grid import LEVELS, expand_codes
-from .primitives import complement_indices, dequantize_grouped, snap_log_scale, unpack_bits
+from .grid import LEVELS
+from .primitives import complement_indices, snap_log_scale
 from .rotation import InputRotation, pack_signs, unpack_signs
 from .schemes import SCHEMES, BufferSpecs, PytorchKernel, Stored, WeightScheme, scheme_for
 
@@ -367,11 +367,7 @@ class SinkQuantLinear(nn.Module):
     # -- numbers ------------------------------------------------------------------------------------
     def dequantized_kept(self) -> torch.Tensor:
         """float32 [out, in_kept]: the integer part as real numbers."""
-        stored = self._stored()
-        if self.nonuniform:
-            levels = expand_codes(unpack_bits(stored.weight, 4, self.in_kept), self.weight_levels)
-            return dequantize_grouped(levels, stored.scale, self.scheme.minimum(stored), self.group_size)
-        return self.scheme.dequantize(stored, self.in_kept, self.group_size)
+        return self.scheme.dequantize(self._stored(), self.in_kept, self.group_size)
 
     def dequantized_weight(self) -> torch.Tensor:
         """float32 [out, in]: the effective weight in the input's own basis (outlier columns exactly as

@@ -35,6 +35,7 @@ from typing import ClassVar, NamedTuple, TypeVar
 import torch
 import torch.nn.functional as F
 
+from .grid import expand_codes
 from .primitives import (
     LOG_SCALE_CODES,
     decode_log_scales,
@@ -62,6 +63,7 @@ class Stored(NamedTuple):
     weight: torch.Tensor
     scale: torch.Tensor
     minimum: torch.Tensor | None = None
+    levels: torch.Tensor | None = None  # int4 on a non-uniform grid: what each code stands for (grid.py)
 
 
 class PytorchKernel(ABC):
@@ -401,9 +403,9 @@ class Int4Grouped(WeightScheme):
 
     def read(self, buffers: Mapping[str, torch.Tensor | None]) -> Stored:
         if buffers.get("weight_scale_code") is None:
-            return super().read(buffers)
+            return super().read(buffers)._replace(levels=buffers.get("weight_levels"))
         scale = decode_log_scales(buffers["weight_scale_code"], buffers["weight_scale_top"])
-        return Stored(buffers["weight"], scale, buffers.get("weight_min"))
+        return Stored(buffers["weight"], scale, buffers.get("weight_min"), buffers.get("weight_levels"))
 
     def store(self, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> Stored:
         return Stored(pack_bits(codes, 4), scale, minimum)
@@ -433,7 +435,8 @@ class Int4Grouped(WeightScheme):
 
     def dequantize(self, stored: Stored, kept: int, group_size: int) -> torch.Tensor:
         codes = unpack_bits(stored.weight, 4, kept)
-        return dequantize_grouped(codes, stored.scale, self.minimum(stored), group_size)
+        values = codes if stored.levels is None else expand_codes(codes, stored.levels)
+        return dequantize_grouped(values, stored.scale, self.minimum(stored), group_size)
 
     def fused_args(self, stored: Stored, kept: int) -> tuple:
         return (self.bits, unpack_bits(stored.weight, 4, kept), stored.scale, self.minimum(stored))
