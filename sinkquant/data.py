@@ -1,12 +1,15 @@
 """Text for calibration and evaluation: local files or hub datasets, sampled deterministically.
 
-Every source becomes a list of documents (strings) through `datasets`, so local text, JSON-lines and
-parquet files and hub datasets share one path. Line ends are normalised to "\\n" before tokenizing
-(WikiText-2 ships with CRLF). With no source, calibration uses the C4 slice embedded in the package.
+Every source becomes a list of documents (strings). Local text and JSON files are read with the
+standard library; parquet files and hub datasets go through `datasets` (the optional `data` extra: it
+brings pyarrow and pandas, which a text file does not need and vLLM's environment, where sinkquant's
+layers also run, does not have). Line ends are normalised to "\\n" before tokenizing (WikiText-2 ships
+with CRLF). With no source, calibration uses the C4 slice embedded in the package.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
@@ -95,11 +98,18 @@ def network_failure(exc: BaseException) -> str | None:
     return None
 
 
-def _quiet_datasets() -> None:
-    import datasets
-
+def _datasets():
+    """The `datasets` package, quietened, or a one-line error that says how to install it."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise InputError(
+            "hub datasets and .parquet files are read with the `datasets` package, which is not installed; "
+            "pip install 'sinkquant[data]', or give a .txt or .jsonl file"
+        ) from exc
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+    return datasets
 
 
 _EXPECTED = {
@@ -120,9 +130,45 @@ def _root_cause(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _load_local(path: Path, text_field: str) -> list[str]:
-    import datasets
+def _unreadable(path: Path, builder: str, reason: str) -> InputError:
+    return InputError(
+        f"dataset {path} could not be read as {builder} ({reason.splitlines()[0]}); it should hold {_EXPECTED[builder]}"
+    )
 
+
+def _json_rows(path: Path) -> list:
+    """The rows of a JSON-lines file, or of a .json file holding one array."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except ValueError as exc:
+            raise _unreadable(path, "json", str(exc)) from None
+        return rows if isinstance(rows, list) else [rows]
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as exc:
+                raise _unreadable(path, "json", f"line {number}: {exc}") from None
+    return rows
+
+
+def _column(path: Path, rows: list, text_field: str) -> list:
+    """`text_field` of every row, or a one-line error naming the fields the rows do have."""
+    if any(not isinstance(row, dict) for row in rows):
+        raise _unreadable(path, "json", "a row is not an object")
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    if text_field not in fields:
+        raise InputError(
+            f"dataset {path} has no {text_field!r} field (it has {', '.join(fields)}); "
+            f"store each document's text under {text_field!r}"
+        )
+    return [row.get(text_field) for row in rows]
+
+
+def _load_local(path: Path, text_field: str) -> list[str]:
     builder = _LOCAL_BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise InputError(
@@ -131,24 +177,23 @@ def _load_local(path: Path, text_field: str) -> list[str]:
         )
     if path.stat().st_size == 0:
         raise InputError(f"dataset {path} is empty; give a file with text in it")
-    kwargs = {"sample_by": "document"} if builder == "text" else {}
     try:
-        table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
-    except Exception as exc:  # datasets raises many types for a malformed file
-        raise InputError(
-            f"dataset {path} could not be read as {builder} ({_root_cause(exc)}); it should hold {_EXPECTED[builder]}"
-        ) from exc
-    if text_field not in table.column_names:
-        raise InputError(
-            f"dataset {path} has no {text_field!r} field (it has {', '.join(table.column_names)}); "
-            f"store each document's text under {text_field!r}"
-        )
-    return [t for t in table[text_field] if isinstance(t, str) and t.strip()]
+        if builder == "text":  # the whole file is one document; text mode reads CRLF and CR as "\n"
+            return [t for t in [path.read_text(encoding="utf-8")] if t.strip()]
+        if builder == "json":
+            texts = _column(path, _json_rows(path), text_field)
+        else:
+            table = _datasets().load_dataset("parquet", data_files=str(path), split="train")
+            _column(path, [dict.fromkeys(table.column_names)], text_field)  # the same check of the field
+            texts = table[text_field]
+    except (InputError, SinkQuantError):
+        raise
+    except Exception as exc:  # a parser's error for a malformed file: its own first line
+        raise _unreadable(path, builder, _root_cause(exc)) from exc
+    return [t for t in texts if isinstance(t, str) and t.strip()]
 
 
 def _load_hub(name: str, text_field: str) -> list[str]:
-    import datasets
-
     spec = HUB_DATASETS.get(name, {"path": name, "split": "train", "join": False})
     if hub_set_offline():
         raise InputError(
@@ -156,6 +201,7 @@ def _load_hub(name: str, text_field: str) -> list[str]:
             "HF_DATASETS_OFFLINE); pass a local .txt/.jsonl/.parquet file instead"
         )
     check_hub_reachable(f"dataset {name!r}")
+    datasets = _datasets()
     load_kwargs = {k: v for k, v in spec.items() if k in ("name", "data_files")}
     try:
         table = datasets.load_dataset(spec["path"], split=spec["split"], **load_kwargs)
@@ -177,7 +223,6 @@ def load_documents(dataset: str | os.PathLike | None, text_field: str = "text") 
     per row, read from `text_field`), a hub name (`wikitext2`, `c4`, or any hub id), or None for the
     embedded C4 calibration slice.
     """
-    _quiet_datasets()
     if dataset is None or str(dataset) == EMBEDDED_CALIBRATION:
         docs = _load_local(embedded_calibration_path(), "text")
     else:

@@ -5,13 +5,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import InputError
 from .report import CalibrationReport
 
 
 def save_plots(report: CalibrationReport, folder: str | os.PathLike) -> list[Path]:
     """Write `attention_position0.png` (layer x head heat map of the mean attention position 0
     receives) and `massive_activations.png` (max |hidden| per layer, log scale)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:  # an optional extra: only --plots needs it
+        raise InputError(
+            "--plots needs matplotlib, which is not installed; pip install 'sinkquant[plots]'"
+        ) from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

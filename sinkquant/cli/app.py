@@ -11,6 +11,7 @@ import warnings
 import click
 
 from .. import __version__
+from ..compat import check_transformers
 from ..errors import SinkQuantError
 
 DTYPE_CHOICE = click.Choice(["auto", "float32", "bfloat16", "float16"])
@@ -135,4 +136,5 @@ class _Group(click.Group):
 def main(debug: bool) -> None:
     """Sink-aware quantization for Hugging Face causal language models."""
     _quiet_libraries()
+    check_transformers()
     signal.signal(signal.SIGTERM, _terminated)
