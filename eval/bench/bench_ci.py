@@ -1,6 +1,6 @@
 """How long CI takes, at two git refs, run one after the other on this machine.
 
-    python eval/bench_ci.py [--baseline 61f3431] [--ref HEAD] [--out eval/results/ci_time.md]
+    python -m eval.bench.bench_ci [--baseline 61f3431] [--ref HEAD] [--out eval/results/bench/ci_time.md]
 
 Each ref is cloned afresh into a temporary folder with `shared` beside it (a link to this checkout's
 `../shared`), and its own `.ci/run` runs there under `CI=true`, as the CI machine runs it: a new virtual
@@ -22,9 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SHARED, machine
+from eval.lib.common import BENCH_RESULTS, ROOT, SHARED, machine
 
-ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "61f3431"
 
 
@@ -54,7 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline", default=BASELINE)
     ap.add_argument("--ref", default="HEAD")
-    ap.add_argument("--out", default=str(ROOT / "eval" / "results" / "ci_time.md"))
+    ap.add_argument("--out", default=str(BENCH_RESULTS / "ci_time.md"))
     args = ap.parse_args()
     ref = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.ref],
                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
@@ -65,7 +64,7 @@ def main() -> None:
     lines = [
         "# CI time: `.ci/run` at two refs, one after the other on this machine",
         "",
-        f"Command: `python eval/bench_ci.py --baseline {args.baseline} --ref {args.ref}`. Each run: a fresh clone, "
+        f"Command: `python -m eval.bench.bench_ci --baseline {args.baseline} --ref {args.ref}`. Each run: a fresh clone, "
         "`CI=true bash .ci/run` (new virtual environment, install, README's test command), empty torch "
         "extension and model caches.",
         "",

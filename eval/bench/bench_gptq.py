@@ -1,7 +1,7 @@
 """GPTQ vs round-to-nearest on SmolLM2-135M: perplexity, KL and top-1 agreement against fp32.
 
-    python eval/bench_gptq.py [--samples 128] [--seq-len 512] [--max-tokens 16384] [--rows a,b,...]
-                              [--out eval/results/gptq_smollm2.md]
+    python -m eval.bench.bench_gptq [--samples 128] [--seq-len 512] [--max-tokens 16384] [--rows a,b,...]
+                                    [--out eval/results/bench/gptq_smollm2.md]
 
 Protocol: WikiText-2 test, `sinkquant.evaluate` (windows of 1024 tokens, the first `max-tokens`
 tokens), fp32 reference for KL / top-1. The calibration report (outlier columns, sink positions) comes
@@ -11,7 +11,7 @@ layer-by-layer passes and the quantization itself); the default row is run twice
 compared byte for byte.
 
 Peer (row `llmcompressor`): llm-compressor's GPTQ W4A16 on the same calibration token ids, run in a
-virtual environment of its own (`eval/peers`, its pins clash with ours); its compressed-tensors
+virtual environment of its own (`eval/lib/peers`, its pins clash with ours); its compressed-tensors
 checkpoint is decompressed there and scored here with the same evaluator. llm-compressor refuses a
 group size that does not divide every layer's width, so it runs at the largest of 128/64/32 that does
 (64 on SmolLM2, whose hidden size is 576), and `gptq-g64` is sinkquant at that group size.
@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import default_model
 from torch import nn
 
+from eval.lib.common import BENCH_RESULTS, ROOT, SHARED, WIKITEXT, default_model
 from sinkquant import calibrate, evaluate
 from sinkquant.calibrate import Calibration
 from sinkquant.data import calibration_samples
@@ -38,10 +38,7 @@ from sinkquant.quantize.gptq import gptq_quantize_
 from sinkquant.quantize.weights import quantize_
 from sinkquant.recipe import Recipe
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SINKQUANT_SHARED", ROOT.parent / "shared"))
 C4 = SHARED / "data" / "c4-validation-2k.jsonl"
-WIKITEXT = SHARED / "data" / "wikitext-2-raw-test.txt"
 
 #: row name -> (label, recipe overrides on top of the GPTQ base (W4 g128 + 1% columns by mean |x|,
 #: clip search on: the shipped `w4-g128-gptq.yaml` settings), None for RTN or the extra keyword options
@@ -149,8 +146,7 @@ def run(args) -> tuple[list[dict], dict]:
 
 def peer_row(fp32: nn.Module, tok, base: Recipe, args, score, info_model: str) -> dict:
     """llm-compressor's GPTQ W4A16 on the same calibration ids, scored like every other row."""
-    from peers import PeerUnavailable, llmcompressor_w4a16
-
+    from eval.lib.peers import PeerUnavailable, llmcompressor_w4a16
     from sinkquant.data import calibration_samples
 
     widths = {m.in_features for m in fp32.modules() if isinstance(m, nn.Linear)}
@@ -230,7 +226,7 @@ def main() -> None:
         "--no-repeat", dest="repeat", action="store_false", help="skip the determinism re-run"
     )
     parser.add_argument("--notes", type=Path, help="markdown appended to the results file")
-    parser.add_argument("--out", type=Path, default=Path("eval/results/gptq_smollm2.md"))
+    parser.add_argument("--out", type=Path, default=BENCH_RESULTS / "gptq_smollm2.md")
     args = parser.parse_args()
     args.rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in args.rows if r not in choices]

@@ -1,6 +1,6 @@
 """Micro-benchmark: one linear layer at batch 1 (a decode step), quantized vs bf16, side by side.
 
-    python eval/bench_kernels.py [--threads N] [--reps 200] [--out eval/results/kernels.md]
+    python -m eval.bench.bench_kernels [--threads N] [--reps 200] [--out eval/results/bench/kernels.md]
         [--rotation BLOCK] [--rows N] [--shapes small]
 
 For each shape: a bf16 `F.linear`, `SinkQuantLinear` int8 (per channel) and int4 (g128), both with 1%
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import machine
 
+from eval.lib.common import BENCH_RESULTS, machine
 from sinkquant.kernels import best_isa
 from sinkquant.quantize.linear import SinkQuantLinear, forget_rotated_input, use_fused_kernel
 from sinkquant.quantize.primitives import complement_indices
@@ -179,7 +179,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--reps", type=int, default=200)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernels.md")
+    parser.add_argument("--out", type=Path, default=BENCH_RESULTS / "kernels.md")
     parser.add_argument(
         "--rotation", type=int, default=None, help="add a layer with inputs rotated in blocks of this"
     )

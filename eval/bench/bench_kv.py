@@ -1,7 +1,7 @@
 """Measured table for the sink-aware KV cache: perplexity, ratio to fp32 and KV bytes per token.
 
-    python eval/bench_kv.py MODEL [--tokens 16384] [--stream-tokens 8192] [--stream-max-tokens 256,1024]
-                              [--out eval/results/kv_smollm2.md]
+    python -m eval.bench.bench_kv MODEL [--tokens 16384] [--stream-tokens 8192] [--stream-max-tokens 256,1024]
+                                    [--out eval/results/bench/kv_smollm2.md]
 
 Protocol: WikiText-2 test, the first --tokens tokens, windows of 1024 fed 64 tokens at a time through
 the cache under test (sinkquant.evaluate), residual 64, float32 model. Calibration (sinks, massive
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from eval.lib.common import BENCH_RESULTS, SHARED, WIKITEXT, tensor_bytes
 from sinkquant import calibrate
 from sinkquant.architecture import decoder_layers, hidden_of
 from sinkquant.calibrate.keys import key_channel_stats, top_key_channels
@@ -30,20 +31,7 @@ from sinkquant.evaluate import evaluate
 from sinkquant.kv import KVCacheConfig, SinkDetection, SinkQuantizedCache, build_cache
 from sinkquant.loading import prepare_model
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "data"
-WIKITEXT = SHARED / "wikitext-2-raw-test.txt"
-C4 = SHARED / "c4-validation-2k.jsonl"
-
-
-def tensor_bytes(t) -> int:
-    """Bytes of a tensor, following tensor subclasses (quanto's packed tensors) down to plain storage."""
-    if t is None:
-        return 0
-    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor:
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, n)) for n in names)
-    return t.numel() * t.element_size()
+C4 = SHARED / "data" / "c4-validation-2k.jsonl"
 
 
 class Recorder:
@@ -194,7 +182,7 @@ def main(argv=None) -> int:
         default="quant,stream",
         help="which tables to measure: quant (quantized cache rows), stream (eviction rows), or both",
     )
-    parser.add_argument("--out", default=str(ROOT / "eval" / "results" / "kv_smollm2.md"))
+    parser.add_argument("--out", default=str(BENCH_RESULTS / "kv_smollm2.md"))
     args = parser.parse_args(argv)
 
     model, tok = prepare_model(args.model, "float32")

@@ -1,8 +1,8 @@
 """Quality of sinkquant against fp32, bf16 and the peer quantizers on one model, every row in one run.
 
-    python eval/bench_quality.py [MODEL] [--tokens 16384] [--rows PATTERNS] [--skip PATTERNS] [--quick]
-                                 [--list] [--calib-samples 32] [--gptq-samples 128] [--json PATH]
-                                 [--save-calibration PATH]
+    python -m eval.bench.bench_quality [MODEL] [--tokens 16384] [--rows PATTERNS] [--skip PATTERNS] [--quick]
+                                       [--list] [--calib-samples 32] [--gptq-samples 128] [--json PATH]
+                                       [--save-calibration PATH]
 
 MODEL: any HF causal-LM folder (default SmolLM2-135M, materialized by ../shared/tools).
 
@@ -19,7 +19,7 @@ fp32, bf16; sinkquant W8, W4 g128 with and without 1% outlier columns (RTN with 
 recipes), GPTQ W4 g128 with and without columns and the best recipe (GPTQ with act_order), KV8/KV4/KV2 with and without sinks (the kv recipes),
 the combined W4 + KV4 recipe with and without sinks; peers: bitsandbytes LLM.int8 (threshold 6.0) and
 nf4, optimum-quanto int8/int4, torchao int4 (CPU kernel), HQQ 4-bit, llm-compressor GPTQ, AWQ and AWQ +
-GPTQ W4A16 and AutoRound W4A16 (each in its own venv, eval/peers), transformers QuantizedCache (quanto 4/2, HQQ 8/4/2 bits; its defaults: group 64,
+GPTQ W4A16 and AutoRound W4A16 (each in its own venv, eval/lib/peers), transformers QuantizedCache (quanto 4/2, HQQ 8/4/2 bits; its defaults: group 64,
 residual 128). A row that cannot run is kept, with the one-line reason.
 
 Shared work: one calibration report (--calib-samples x 512 tokens of the C4 slice embedded in
@@ -50,8 +50,9 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from bench_kv import Recorder
-from common import (
+
+from eval.bench.bench_kv import Recorder
+from eval.lib.common import (
     RECIPES,
     RUNS,
     WIKITEXT,
@@ -72,7 +73,6 @@ from common import (
     tensor_bytes,
     torchao_int4,
 )
-
 from sinkquant import calibrate, evaluate, load_recipe
 from sinkquant.calibrate import Calibration
 from sinkquant.calibrate.keys import measure_key_outlier_idx
@@ -308,10 +308,10 @@ LLMCOMPRESSOR_METHODS = {"gptq": "GPTQ", "awq": "AWQ", "awq-gptq": "AWQ + GPTQ"}
 
 
 def peer_llmcompressor(method: str) -> Callable[[Bench], Built]:
-    """llm-compressor's W4A16 `method` (eval/peers/llmcompressor_oneshot.py) on the GPTQ ids."""
+    """llm-compressor's W4A16 `method` (eval/lib/peers/llmcompressor_oneshot.py) on the GPTQ ids."""
 
     def build(b: Bench) -> Built:
-        from peers import llmcompressor_w4a16
+        from eval.lib.peers import llmcompressor_w4a16
 
         group = b.peer_group
         if group is None:
@@ -339,10 +339,10 @@ def peer_llmcompressor(method: str) -> Callable[[Bench], Built]:
 
 
 def peer_autoround(preset: str) -> Callable[[Bench], Built]:
-    """AutoRound W4A16 (eval/peers/autoround_run.py), symmetric as its preset, on the GPTQ ids."""
+    """AutoRound W4A16 (eval/lib/peers/autoround_run.py), symmetric as its preset, on the GPTQ ids."""
 
     def build(b: Bench) -> Built:
-        from peers import autoround_w4a16
+        from eval.lib.peers import autoround_w4a16
 
         group = b.group if isinstance(b.group, int) else 128
         ids = b.gptq_ids()

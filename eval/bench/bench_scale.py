@@ -1,7 +1,7 @@
 """Memory and time of quantizing and scoring models of growing size, streamed from disk layer by layer.
 
-    python eval/bench_scale.py [--limit-mib 3072] [--rows smollm2,rtn-24,gptq-24,eval-24,rtn-48]
-                               [--baseline REF] [--out eval/results/scale.md]
+    python -m eval.bench.bench_scale [--limit-mib 3072] [--rows smollm2,rtn-24,gptq-24,eval-24,rtn-48]
+                                     [--baseline REF] [--out eval/results/bench/scale.md]
 
 Every job is the `sinkquant` command a user types, run as a child process (inside a cgroup memory limit
 through `../shared/tools/memlimit.sh` when the machine allows one; that limit counts page cache too, and
@@ -34,9 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SHARED, WIKITEXT, default_model, machine
+from eval.lib.common import BENCH_RESULTS, ROOT, SHARED, WIKITEXT, default_model, machine
 
-ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "scale"
 MEMLIMIT = SHARED / "tools" / "memlimit.sh"
 BASELINE = "fc6ae61"  # the last commit that loaded the whole model in float32
@@ -121,7 +120,7 @@ def main() -> None:
     ap.add_argument("--limit-mib", type=int, default=3072)
     ap.add_argument("--rows", default="smollm2,rtn-24,gptq-24,eval-24,rtn-48")
     ap.add_argument("--baseline", default=BASELINE)
-    ap.add_argument("--out", default=str(ROOT / "eval" / "results" / "scale.md"))
+    ap.add_argument("--out", default=str(BENCH_RESULTS / "scale.md"))
     args = ap.parse_args()
     rows = args.rows.split(",")
     RUNS.mkdir(parents=True, exist_ok=True)
@@ -194,7 +193,7 @@ def write_table(table: list[dict], args, limit: int | None) -> None:
     lines = [
         "# Scale: peak memory and time, models streamed from disk layer by layer",
         "",
-        f"Command: `python eval/bench_scale.py --limit-mib {args.limit_mib} --rows {args.rows}`; "
+        f"Command: `python -m eval.bench.bench_scale --limit-mib {args.limit_mib} --rows {args.rows}`; "
         f"memory limit: {f'{limit} MiB (cgroup)' if limit else 'none could be set'}.",
         "",
         "| row | model | parameters | safetensors | job | exit | peak (cgroup) | peak RSS | load | calibrate | "

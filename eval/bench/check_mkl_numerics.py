@@ -1,6 +1,6 @@
 """Can the BLAS under torch be pinned to one code path, so float32 products are the same bits on every CPU?
 
-    python eval/check_mkl_numerics.py [--out eval/results/mkl_numerics.md]
+    python -m eval.bench.check_mkl_numerics [--out eval/results/bench/mkl_numerics.md]
 
 GPTQ checkpoints differ across instruction sets because the layers' inputs differ in their last bits
 (docs/gptq.md). A fix by pinning would need MKL, which computes torch's float32 products on x86, to run
@@ -20,9 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import machine, write_report  # noqa: E402
+from eval.lib.common import BENCH_RESULTS, machine, write_report
 
 PROBE = r"""
 import ctypes, hashlib, json, os, sys, time, importlib.util
@@ -73,7 +71,7 @@ def probe(value: int, threads: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("eval/results/mkl_numerics.md"))
+    parser.add_argument("--out", type=Path, default=BENCH_RESULTS / "mkl_numerics.md")
     args = parser.parse_args()
     info = machine()
     rows = []
@@ -87,7 +85,7 @@ def main() -> None:
     lines = [
         "# MKL's code paths under torch: can float32 products be pinned across CPUs?",
         "",
-        f"`python eval/check_mkl_numerics.py` on {info['cpu']} ({info['cpu_capability']}), {info['date']}; "
+        f"`python -m eval.bench.check_mkl_numerics` on {info['cpu']} ({info['cpu_capability']}), {info['date']}; "
         f"torch {info.get('torch', '')}. Values as in mkl_service.h (1: no CNR, 2: AUTO, 3: COMPATIBLE, "
         "+65536: STRICT). Hashes: the first 10 hex digits of the sha256 of each product; time: 10 aligned "
         "products at 2 threads.",

@@ -1,6 +1,6 @@
 """Is vLLM's CPU W8A8 product exact? oneDNN's int8 GEMM, as vLLM calls it, against the exact integer sum.
 
-    python eval/check_onednn_int8.py [--out eval/results/onednn_int8_avx2.md]
+    python -m eval.bench.check_onednn_int8 [--out eval/results/bench/onednn_int8_avx2.md]
 
 vLLM's CPU backend runs compressed-tensors W8A8 through oneDNN (`CPUInt8ScaledMMLinearKernel`): the
 activations are quantized per token to int8, multiplied by the int8 weights, and the int32 sums are
@@ -10,7 +10,8 @@ saturating int16. This script measures, for weight codes drawn uniformly from [-
 quantized by vLLM's own dynamic per-token op, how far oneDNN's integer sums are from the exact ones.
 The export's `--narrow-int8` (codes in [-64, 64]) rests on it.
 
-It runs inside vLLM's virtual environment (made on first use, as bench_serving.py makes it).
+It runs inside vLLM's virtual environment (made on first use, as bench_serving.py makes it): this
+file, by path, with `--inside`, which imports only torch and vLLM (nothing from eval.lib or sinkquant).
 """
 
 from __future__ import annotations
@@ -18,10 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 LIMITS = (127, 96, 65, 64, 48)
 SHAPES = ((64, 576, 576), (64, 1536, 576))  # tokens, in, out: SmolLM2's q_proj and down_proj
@@ -72,8 +70,8 @@ def main() -> None:
         print(json.dumps(measure()))
         return
 
-    from bench_serving import VLLM_SPEC, int8_isa, vllm_python
-    from common import ROOT, machine
+    from eval.bench.bench_serving import VLLM_SPEC, int8_isa, vllm_python
+    from eval.lib.common import BENCH_RESULTS, machine
 
     python = vllm_python()
     done = subprocess.run([str(python), __file__, "--inside"], capture_output=True, text=True, check=True)
@@ -82,7 +80,7 @@ def main() -> None:
     lines = [
         "# vLLM's CPU W8A8 product (oneDNN) against the exact integer sum",
         "",
-        f"`python eval/check_onednn_int8.py` on {info['cpu']} ({info['cpu_capability']}, {int8_isa()}), "
+        f"`python -m eval.bench.check_onednn_int8` on {info['cpu']} ({info['cpu_capability']}, {int8_isa()}), "
         f"{VLLM_SPEC}. Weight codes uniform in [-L, L]; activations N(0, 1) with one token carrying 300 in "
         "four channels, quantized by vLLM's dynamic per-token int8 op; `error` is oneDNN's sum (its "
         "output divided by the token's scale) against the exact integer sum of the same int8 operands.",
@@ -97,7 +95,7 @@ def main() -> None:
         )
     lines.append("")
     text = "\n".join(lines)
-    out = Path(args.out) if args.out else ROOT / "eval" / "results" / "onednn_int8_avx2.md"
+    out = Path(args.out) if args.out else BENCH_RESULTS / "onednn_int8_avx2.md"
     out.write_text(text)
     print(text)
 

@@ -1,8 +1,8 @@
 """Is a GPTQ checkpoint the same whatever the machine does? One recipe, one set of calibration ids, run at
 1 and 2 torch threads, each checkpoint scored through the fused kernel and through PyTorch's kernels.
 
-    python eval/check_reproducible.py [--recipe recipes/w4-g128-gptq.yaml] [--tokens 16384]
-        [--precision float32|float64] [--setups 1,2,mkl,sse] [--out eval/results/reproducible_smollm2.md]
+    python -m eval.bench.check_reproducible [--recipe recipes/w4-g128-gptq.yaml] [--tokens 16384]
+        [--precision float32|float64] [--setups 1,2,mkl,sse] [--out eval/results/bench/reproducible_smollm2.md]
 
 Each quantize and each evaluation runs in a process of its own (the thread count and
 `SINKQUANT_FUSED_KERNEL` are process-wide). The checkpoints are compared tensor by tensor
@@ -13,7 +13,7 @@ SSE2 one every x86 CPU runs) and oneDNN limited to SSE4.1 (`NARROW_ISA`). Vector
 choice are what differ between CPUs, so this row stands in for another machine where none is at hand;
 it is evaluated on the same narrowed build. A fourth (`mkl`) narrows MKL alone, to its `COMPATIBLE` path:
 MKL picks its code path by CPU and, unlike ATen (`ATEN_CPU_CAPABILITY`), cannot be pinned to one across
-AVX2 and AVX-512 CPUs ([mkl_numerics.md](results/mkl_numerics.md)). The AVX-512 leg proper needs an
+AVX2 and AVX-512 CPUs ([mkl_numerics.md](../results/bench/mkl_numerics.md)). The AVX-512 leg proper needs an
 AVX-512 machine: the table names this one's CPU, and a run there adds its rows. `--precision` sets the
 recipe's `weights.gptq.precision`.
 """
@@ -28,12 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import RECIPES, RUNS, WIKITEXT, default_model, machine, write_report  # noqa: E402
-from tensor_hashes import tensor_hashes  # noqa: E402
-
-from sinkquant.recipe import load_recipe  # noqa: E402
+from eval.bench.tensor_hashes import tensor_hashes
+from eval.lib.common import BENCH_RESULTS, RECIPES, RUNS, WIKITEXT, default_model, machine, write_report
+from sinkquant.recipe import load_recipe
 
 QUANTIZE = """
 import sys, torch
@@ -89,7 +86,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--precision", choices=["float32", "float64"], default=None)
     parser.add_argument("--setups", default=",".join(SETUPS), help="comma-separated keys of SETUPS, in order")
-    parser.add_argument("--out", type=Path, default=Path("eval/results/reproducible_smollm2.md"))
+    parser.add_argument("--out", type=Path, default=BENCH_RESULTS / "reproducible_smollm2.md")
     args = parser.parse_args()
     keys = [k.strip() for k in args.setups.split(",") if k.strip()]
     if not keys or any(k not in SETUPS for k in keys):
@@ -133,7 +130,7 @@ def main() -> None:
     lines = [
         "# One GPTQ recipe across thread counts and kernel paths",
         "",
-        f"`python eval/check_reproducible.py --setups {','.join(keys)}{flags}` on {info['cpu']} "
+        f"`python -m eval.bench.check_reproducible --setups {','.join(keys)}{flags}` on {info['cpu']} "
         f"({info['cpu_capability']}), {info['date']}; recipe `{args.recipe.name}` (embedded calibration, "
         f"`gptq.precision: {precision}`), SmolLM2-135M; WikiText-2 test, first {args.tokens} tokens, "
         "windows of 1024.",

@@ -1,7 +1,7 @@
 """SmolLM2 before and after the streaming executor: the same tensors, the same calibration report.
 
-    python eval/compare_streaming.py [--baseline REF] [--recipes w4-g128-outliers,w4-g128-gptq,w8]
-                                     [--out eval/results/streaming_identical.md]
+    python -m eval.bench.compare_streaming [--baseline REF] [--recipes w4-g128-outliers,w4-g128-gptq,w8]
+                                           [--out eval/results/bench/streaming_identical.md]
 
 Each recipe runs as a user runs it (`sinkquant quantize MODEL OUT --recipe recipes/NAME.yaml`) once with
 sinkquant at git ref `--baseline` (a worktree; that code loaded the whole model in float32 and saved
@@ -25,10 +25,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import WIKITEXT, default_model
 from safetensors import safe_open
 
-ROOT = Path(__file__).resolve().parent.parent
+from eval.lib.common import BENCH_RESULTS, ROOT, WIKITEXT, default_model
+
 BASELINE = "fc6ae61"
 
 
@@ -76,7 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline", default=BASELINE)
     ap.add_argument("--recipes", default="w4-g128-outliers,w4-g128-gptq,w8")
-    ap.add_argument("--out", default=str(ROOT / "eval" / "results" / "streaming_identical.md"))
+    ap.add_argument("--out", default=str(BENCH_RESULTS / "streaming_identical.md"))
     ap.add_argument(
         "--score",
         action="store_true",
@@ -91,7 +91,7 @@ def main() -> None:
     lines = [
         "# SmolLM2 before and after the streaming executor",
         "",
-        f"`python eval/compare_streaming.py --baseline {args.baseline} --recipes {args.recipes}`: each recipe run "
+        f"`python -m eval.bench.compare_streaming --baseline {args.baseline} --recipes {args.recipes}`: each recipe run "
         f"by sinkquant at {args.baseline} (whole model in float32, every tensor saved float32) and by this "
         "checkout (streamed layer by layer, tensors outside the quantized layers saved in the source's fp16).",
         "",

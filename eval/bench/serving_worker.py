@@ -1,9 +1,9 @@
 """One model on vLLM: a generation, perplexity from prompt logprobs, decode speed. Run by bench_serving.py.
 
-    <vllm-venv>/bin/python eval/serving_worker.py MODEL_DIR WINDOWS.json OUT.json [--compile]
+    <vllm-venv>/bin/python eval/bench/serving_worker.py MODEL_DIR WINDOWS.json OUT.json [--compile]
 
-Runs inside vLLM's own virtual environment (vLLM 0.32 pins transformers < 5.20), so it imports nothing
-from sinkquant; a sinkquant checkpoint is served through the sinkquant-vllm plugin installed there.
+Runs inside vLLM's own virtual environment (vLLM 0.32 pins transformers < 5.20), by path, not as a
+module of `eval`, so it imports nothing from sinkquant or eval.lib; a sinkquant checkpoint is served through the sinkquant-vllm plugin installed there.
 WINDOWS.json holds the evaluation windows sinkquant's protocol cut (token ids, BOS included where the
 tokenizer adds it), so both evaluators score the same tokens: the perplexity is exp of the mean of
 -log p(token | prefix) over every token after the first of each window, from vLLM's prompt logprobs.

@@ -1,7 +1,7 @@
 """sha256 of every tensor in a checkpoint folder, to show two checkpoints hold identical numbers.
 
-    python eval/tensor_hashes.py OUT_DIR [--json FILE]
-    python eval/tensor_hashes.py --compare A.json B.json
+    python -m eval.bench.tensor_hashes OUT_DIR [--json FILE]
+    python -m eval.bench.tensor_hashes --compare A.json B.json
 
 Hashes cover each tensor's dtype, shape and raw bytes, so sharding, file order and safetensors
 metadata do not matter: two folders agree exactly when every tensor name maps to the same numbers.

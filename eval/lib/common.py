@@ -1,7 +1,7 @@
-"""Pieces the eval/ benchmarks share: paths, the default model, the machine, group sizes, byte counts,
-and the peer quantizers loaded the way their own documentation loads them.
+"""Pieces the eval/ benchmarks and probes share: paths, the default model, the machine, group sizes,
+byte counts, and the peer quantizers loaded the way their own documentation loads them.
 
-Not a benchmark: `bench_quality.py`, `bench_speed.py` and `run_all.py` import it.
+Not a benchmark: the scripts of `eval.bench` and `eval.probes` import it (`from eval.lib.common import ...`).
 Every peer loader raises on failure; the caller turns the exception into a one-line table row
 (`one_line`), so a peer that cannot run is never a silent gap.
 """
@@ -17,17 +17,18 @@ import time
 from pathlib import Path
 
 import torch
-from bench_kv import tensor_bytes  # follows tensor subclasses (quanto, torchao) down to plain storage
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("SINKQUANT_SHARED", ROOT.parent / "shared"))
 WIKITEXT = SHARED / "data" / "wikitext-2-raw-test.txt"
 RECIPES = ROOT / "recipes"
 RUNS = ROOT / "runs" / "bench"  # scratch: checkpoints, peer outputs, JSON results (git-ignored)
+BENCH_RESULTS = ROOT / "eval" / "results" / "bench"  # the pages eval.bench writes
+PROBE_RESULTS = ROOT / "eval" / "results" / "probes"  # the pages eval.probes write
 GROUP_CHOICES = (128, 64, 32)
 
 
@@ -133,6 +134,17 @@ def sinkquant_group(widths: list[int]) -> tuple[int | str, str]:
 
 
 # -- bytes --------------------------------------------------------------------------------------------
+
+
+def tensor_bytes(t) -> int:
+    """Bytes of a tensor, following tensor subclasses (quanto's packed tensors, torchao) down to plain
+    storage."""
+    if t is None:
+        return 0
+    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor:
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
 
 
 def state_bytes(module: nn.Module) -> int:

@@ -1,7 +1,8 @@
 """What GPTQ's calibration data does to its result: the shipped GPTQ recipe on SmolLM2, one calibration
 source per row, every row through the user's path (`quantize_model`, then the evaluator).
 
-    python eval/gptq_calibration.py [VARIANT ...] [--tokens 16384] [--out eval/results/gptq_calibration_smollm2.md]
+    python -m eval.probes.gptq_calibration [VARIANT ...] [--tokens 16384]
+        [--out eval/results/probes/gptq_calibration_smollm2.md]
 
 Variants (default: all): `first128` (the first 128 documents of the shared C4 file, the slice sinkquant
 embedded before, 112 x 512: nearly all of its tokens), `random112-seed0/1` (112 x 512 from the whole
@@ -13,15 +14,11 @@ embedded before, 112 x 512: nearly all of its tokens), `random112-seed0/1` (112 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import RECIPES, RUNS, SHARED, default_model, machine, quantize_and_score  # noqa: E402
-
-from sinkquant.modeling import load_tokenizer  # noqa: E402
-from sinkquant.recipe import load_recipe  # noqa: E402
+from eval.lib.common import PROBE_RESULTS, RECIPES, RUNS, SHARED, default_model, machine, quantize_and_score
+from sinkquant.modeling import load_tokenizer
+from sinkquant.recipe import load_recipe
 
 C4 = SHARED / "data" / "c4-validation-2k.jsonl"
 
@@ -51,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--out", type=Path, default=Path("eval/results/gptq_calibration_smollm2.md"))
+    parser.add_argument("--out", type=Path, default=PROBE_RESULTS / "gptq_calibration_smollm2.md")
     args = parser.parse_args()
     model = default_model()
     tokenizer = load_tokenizer(model)
@@ -72,9 +69,9 @@ def main() -> None:
     lines = [
         "# GPTQ and its calibration data (SmolLM2-135M, recipes/w4-g128-gptq.yaml)",
         "",
-        f"`python eval/gptq_calibration.py {' '.join(args.variants)}` on {info['cpu']}, {info['threads']} threads, "
+        f"`python -m eval.probes.gptq_calibration {' '.join(args.variants)}` on {info['cpu']}, {info['threads']} threads, "
         f"{info['date']}. WikiText-2 test, first {args.tokens} tokens, windows of 1024; fp32 scores 22.552 "
-        "on this protocol (eval/results/gptq_smollm2.md).",
+        "on this protocol (eval/results/bench/gptq_smollm2.md).",
         "",
         "| variant | calibration text | samples | seed | perplexity | quantize s |",
         "|---|---|---|---:|---:|---:|",

@@ -1,6 +1,6 @@
 """What would cheaper int4 group parameters cost? A probe before building a storage format for them.
 
-    python eval/probe_group_params.py TOKENS RECIPE MODE[:JSON_OVERRIDES] ...
+    python -m eval.probes.probe_group_params TOKENS RECIPE MODE[:JSON_OVERRIDES] ...
 
 Today an int4 group of 128 stores a bf16 scale and a bf16 minimum: 32 bits, 0.25 bits per weight, as
 much as 1% of full-precision input columns cost. Cheaper parameters would pay for more columns at the
@@ -24,23 +24,19 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import RUNS, WIKITEXT, default_model  # noqa: E402
-
-import sinkquant.quantize.primitives as primitives  # noqa: E402
-import sinkquant.quantize.schemes as schemes  # noqa: E402
-from sinkquant.checkpoint import load  # noqa: E402
-from sinkquant.evaluate import evaluate  # noqa: E402
-from sinkquant.loading import open_model  # noqa: E402
-from sinkquant.modeling import load_tokenizer  # noqa: E402
-from sinkquant.pipeline import quantize_model  # noqa: E402
-from sinkquant.quantize.linear import SinkQuantLinear  # noqa: E402
-from sinkquant.recipe import load_recipe  # noqa: E402
+import sinkquant.quantize.primitives as primitives
+import sinkquant.quantize.schemes as schemes
+from eval.lib.common import RUNS, WIKITEXT, default_model
+from sinkquant.checkpoint import load
+from sinkquant.evaluate import evaluate
+from sinkquant.loading import open_model
+from sinkquant.modeling import load_tokenizer
+from sinkquant.pipeline import quantize_model
+from sinkquant.quantize.linear import SinkQuantLinear
+from sinkquant.recipe import load_recipe
 
 _plain_quantize_grouped = primitives.quantize_grouped
 MODE: set[str] = set()
@@ -61,9 +57,11 @@ def snap(scale: torch.Tensor, minimum: torch.Tensor | None, dtype: torch.dtype):
     return s, minimum
 
 
-def snapped_quantize_grouped(x, bits, group_size, symmetric=False, param_dtype=torch.float32):
+def snapped_quantize_grouped(
+    x, bits, group_size, symmetric=False, param_dtype=torch.float32, log_scales=False
+):
     """`quantize_grouped` with its int4 parameters snapped and the codes recomputed against them."""
-    codes, scale, minimum = _plain_quantize_grouped(x, bits, group_size, symmetric, param_dtype)
+    codes, scale, minimum = _plain_quantize_grouped(x, bits, group_size, symmetric, param_dtype, log_scales)
     if bits != 4 or not MODE & {"A", "B", "F"}:
         return codes, scale, minimum
     scale, minimum = snap(scale, minimum, param_dtype)

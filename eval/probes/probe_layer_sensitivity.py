@@ -1,8 +1,9 @@
 """Where does a W4 checkpoint's error live? A probe before building per-layer mixed precision.
 
-    python eval/probe_layer_sensitivity.py CHECKPOINT [--model DIR] [--tokens 4096] [--restore-fraction 0.037 ...]
-        [--final-tokens 16384] [--json runs/bench/layer_sensitivity.json] [--out eval/results/PAGE.md]
-    python eval/probe_layer_sensitivity.py --render [--json ...] [--out ...]      (the page again from the JSON)
+    python -m eval.probes.probe_layer_sensitivity CHECKPOINT [--model DIR] [--tokens 4096]
+        [--restore-fraction 0.037 ...] [--final-tokens 16384] [--json runs/bench/layer_sensitivity.json]
+        [--out eval/results/probes/PAGE.md]
+    python -m eval.probes.probe_layer_sensitivity --render [--json ...] [--out ...]   (the page again from the JSON)
 
 Mixed precision (llama.cpp's `_M` variants, AutoRound's and GPTQModel's per-layer bits) spends extra
 bits on the layers whose rounding costs the most. That pays only if the error is concentrated: if a
@@ -27,22 +28,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import RUNS, WIKITEXT, default_model, machine  # noqa: E402
-
-from sinkquant.checkpoint import load  # noqa: E402
-from sinkquant.data import load_documents  # noqa: E402
-from sinkquant.evaluate.perplexity import evaluation_windows, score_window, window_logits  # noqa: E402
-from sinkquant.loading import load_model  # noqa: E402
-from sinkquant.modeling import load_tokenizer  # noqa: E402
-from sinkquant.quantize.linear import SinkQuantLinear  # noqa: E402
+from eval.lib.common import PROBE_RESULTS, RUNS, WIKITEXT, default_model, machine
+from sinkquant.checkpoint import load
+from sinkquant.data import load_documents
+from sinkquant.evaluate.perplexity import evaluation_windows, score_window, window_logits
+from sinkquant.loading import load_model
+from sinkquant.modeling import load_tokenizer
+from sinkquant.quantize.linear import SinkQuantLinear
 
 
 def reference_logits(model, windows: torch.Tensor) -> list[torch.Tensor]:
@@ -86,7 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, nargs="?")
     parser.add_argument("--render", action="store_true", help="only write the page from the JSON of a run")
-    parser.add_argument("--out", type=Path, default=Path("eval/results/layer_sensitivity_smollm2.md"))
+    parser.add_argument("--out", type=Path, default=PROBE_RESULTS / "layer_sensitivity_smollm2.md")
     parser.add_argument(
         "--model", default=None, help="the float model the checkpoint was made from (default: SmolLM2)"
     )
@@ -188,7 +185,7 @@ def write_page(run: dict, path: Path) -> None:
     text = [
         "# Where the W4 error lives (SmolLM2-135M): per-linear sensitivity of a checkpoint",
         "",
-        f"`python eval/probe_layer_sensitivity.py {run['checkpoint']}` on {info['cpu']} ({info['cpu_capability']}), "
+        f"`python -m eval.probes.probe_layer_sensitivity {run['checkpoint']}` on {info['cpu']} ({info['cpu_capability']}), "
         f"{info['threads']} threads, {info['date']}. The float model with every quantized linear's weight "
         "replaced by the checkpoint's dequantized weight; the named linears put back to their float weights. "
         f"KL(fp32 ‖ model) and top-1 against the float model; WikiText-2 test, windows of 1024, first "

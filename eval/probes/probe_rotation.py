@@ -1,9 +1,9 @@
 """Does rotating each linear's inputs (incoherence processing) lower the W4 GPTQ error? The probe that
 led to `weights.rotation` (sinkquant/quantize/rotation.py), and its variants that sinkquant does not build.
 
-    python eval/probe_rotation.py NAME=SPEC ... [--recipe recipes/w4-g128-best.yaml] [--tokens 16384]
-        [--json runs/bench/rotation.json] [--out eval/results/rotation_w4_smollm2.md]
-    python eval/probe_rotation.py --render [--json ...] [--out ...]     (the page again from the JSON)
+    python -m eval.probes.probe_rotation NAME=SPEC ... [--recipe recipes/w4-g128-best.yaml] [--tokens 16384]
+        [--json runs/bench/rotation.json] [--out eval/results/probes/rotation_w4_smollm2.md]
+    python -m eval.probes.probe_rotation --render [--json ...] [--out ...]     (the page again from the JSON)
 
 SPEC is `plain` (the recipe as it is), `rotate:BLOCK` or `rotatekept:BLOCK` (below), then optional
 JSON recipe overrides after a colon, e.g. `rot64=rotate:64:{"weights.outliers": null}` or `best=plain`.
@@ -35,24 +35,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import RUNS, WIKITEXT, default_model, machine, score_in_memory  # noqa: E402
-
-import sinkquant.quantize.gptq as gptq  # noqa: E402
-from sinkquant.calibrate.report import CalibrationReport  # noqa: E402
-from sinkquant.evaluate import evaluate  # noqa: E402
-from sinkquant.loading import load_model  # noqa: E402
-from sinkquant.modeling import load_tokenizer, stored_dtype  # noqa: E402
-from sinkquant.quantize.linear import SinkQuantLinear  # noqa: E402
-from sinkquant.quantize.rotation import InputRotation, draw_signs  # noqa: E402
-from sinkquant.quantize.weights import float_weight  # noqa: E402
-from sinkquant.recipe import load_recipe  # noqa: E402
+import sinkquant.quantize.gptq as gptq
+from eval.lib.common import PROBE_RESULTS, ROOT, RUNS, WIKITEXT, default_model, machine, score_in_memory
+from sinkquant.calibrate.report import CalibrationReport
+from sinkquant.evaluate import evaluate
+from sinkquant.loading import load_model
+from sinkquant.modeling import load_tokenizer, stored_dtype
+from sinkquant.quantize.linear import SinkQuantLinear
+from sinkquant.quantize.rotation import InputRotation, draw_signs
+from sinkquant.quantize.weights import float_weight
+from sinkquant.recipe import load_recipe
 
 
 def block_rotation(n: int, block: int) -> torch.Tensor:
@@ -94,8 +90,8 @@ def rotating_quantize_module(block: int):
     inputs zeroed before it (their rows and columns of H too) and their float weights applied apart."""
     rotated_hessians: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(H) -> (H, Rᵀ H R)
 
-    def quantize_module(name, module, hessian, idx, weights, storage, factor_cache=None, source=None):
-        weight = (float_weight(module) if source is None else source).detach().cpu()
+    def quantize_module(name, module, hessian, idx, weights, storage, factor_cache=None):
+        weight = float_weight(module).detach().cpu()
         r = block_rotation(weight.shape[1], block)
         key = id(hessian)
         if key not in rotated_hessians:
@@ -127,11 +123,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variants", nargs="*")
     parser.add_argument("--render", action="store_true", help="only write the page from the JSON")
-    parser.add_argument("--recipe", type=Path, default=Path("recipes/w4-g128-best.yaml"))
+    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "w4-g128-best.yaml")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--report", type=Path, default=RUNS / "rotation_report.json")
     parser.add_argument("--json", type=Path, default=RUNS / "rotation.json")
-    parser.add_argument("--out", type=Path, default=Path("eval/results/rotation_w4_smollm2.md"))
+    parser.add_argument("--out", type=Path, default=PROBE_RESULTS / "rotation_w4_smollm2.md")
     args = parser.parse_args()
     if args.render:
         write_page(json.loads(args.json.read_text()), args.out)
@@ -185,7 +181,7 @@ def write_page(run: dict, path: Path) -> None:
     lines = [
         "# Rotated inputs for W4 GPTQ (SmolLM2-135M): a probe",
         "",
-        f"`python eval/probe_rotation.py NAME=SPEC ...` on {info['cpu']} ({info['cpu_capability']}), "
+        f"`python -m eval.probes.probe_rotation NAME=SPEC ...` on {info['cpu']} ({info['cpu_capability']}), "
         f"{info['threads']} threads. Each row: recipes/w4-g128-best.yaml (GPTQ, act_order, 128 x 512 embedded "
         "C4 calibration) with the row's overrides, run in memory on the float model, each linear's weight "
         "and Hessian rotated by block-diagonal random-sign Hadamard matrices of the row's block (`plain`: "

@@ -2,8 +2,8 @@
 rotating the whole residual stream, weighting the sink token's rows in GPTQ's Hessian, or choosing the
 outlier columns by energy lower the error further?
 
-    python eval/probe_w4_levers.py NAME LEVER [VALUE]      (one row per invocation, one heavy job at a time)
-    python eval/probe_w4_levers.py --render                (the page again from the JSON lines)
+    python -m eval.probes.probe_w4_levers NAME LEVER [VALUE]   (one row per invocation, one heavy job at a time)
+    python -m eval.probes.probe_w4_levers --render             (the page again from the JSON lines)
 
 LEVER is one of
 * `residual`: QuaRot's R1, folded into the weights (no run-time cost): every RMSNorm's weight is folded
@@ -39,27 +39,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import ROOT, RUNS, WIKITEXT, default_model, machine, score_in_memory, write_report  # noqa: E402
-
-import sinkquant.quantize.gptq as gptq  # noqa: E402
-import sinkquant.quantize.hessian as hessian  # noqa: E402
-from sinkquant.evaluate import evaluate  # noqa: E402
-from sinkquant.loading import load_model  # noqa: E402
-from sinkquant.modeling import load_tokenizer, stored_dtype  # noqa: E402
-from sinkquant.quantize.linear import use_kernels  # noqa: E402
-from sinkquant.quantize.weights import select_outliers  # noqa: E402
-from sinkquant.recipe import load_recipe  # noqa: E402
+import sinkquant.quantize.gptq as gptq
+import sinkquant.quantize.hessian as hessian
+from eval.lib.common import (
+    PROBE_RESULTS,
+    ROOT,
+    RUNS,
+    WIKITEXT,
+    default_model,
+    machine,
+    score_in_memory,
+    write_report,
+)
+from sinkquant.evaluate import evaluate
+from sinkquant.loading import load_model
+from sinkquant.modeling import load_tokenizer, stored_dtype
+from sinkquant.quantize.linear import use_kernels
+from sinkquant.quantize.weights import select_outliers
+from sinkquant.recipe import load_recipe
 
 RECIPE = ROOT / "recipes" / "w4-g128-best.yaml"
 LINES = RUNS / "w4_levers.jsonl"
-PAGE = ROOT / "eval" / "results" / "w4_levers_smollm2.md"
+PAGE = PROBE_RESULTS / "w4_levers_smollm2.md"
 
 
 def random_orthogonal(n: int, seed: int = 0) -> torch.Tensor:
@@ -163,7 +167,7 @@ def use_grid(levels: torch.Tensor) -> None:
     type(schemes.SCHEMES[4]).round_to_range = lambda self, values, scale, minimum: round_to_levels(
         values, scale, minimum, table
     )
-    schemes.dequantize_grouped = gptq.dequantize_grouped = on_levels
+    schemes.dequantize_grouped = on_levels
 
 
 def main() -> None:
@@ -220,13 +224,13 @@ def write_page(rows: list[dict]) -> None:
     lines = [
         "# Levers tried on the best W4 recipe (SmolLM2-135M): a probe",
         "",
-        f"`python eval/probe_w4_levers.py NAME LEVER [VALUE]`, one row per invocation, on {info['cpu']} "
+        f"`python -m eval.probes.probe_w4_levers NAME LEVER [VALUE]`, one row per invocation, on {info['cpu']} "
         f"({info['cpu_capability']}), {info['threads']} threads. Each row: recipes/w4-g128-best.yaml with "
         "`grid: uniform`, as it was before it shipped `grid: lloyd` (GPTQ, "
         "act_order, input rotation 32, 1% columns, 128 x 512 embedded C4 calibration) run in memory with "
         "the row's lever (see the script's docstring); WikiText-2 test, first 16,384 tokens, windows of "
         "1024; KL(fp32 ‖ row) and top-1 against the float model. Row `best-rotation32` of "
-        "eval/results/sweep_w4_smollm2.md is the same recipe run as a user runs it: 24.2090, KL 0.0836.",
+        "eval/results/probes/sweep_w4_smollm2.md is the same recipe run as a user runs it: 24.2090, KL 0.0836.",
         "",
         "| row | lever | value | bits per weight | perplexity | vs fp32 | KL | top-1 | seconds | note |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---|",

@@ -1,7 +1,7 @@
 """SmoothQuant's strength for a W8A8 export, swept: the export's perplexity at each alpha, in one run.
 
-    python eval/sweep_smooth_alpha.py [CHECKPOINT] [--alphas 0.3,0.4,...] [--tokens 4096] [--full-range]
-        [--out eval/results/smooth_alpha_smollm2.md]
+    python -m eval.probes.sweep_smooth_alpha [CHECKPOINT] [--alphas 0.3,0.4,...] [--tokens 4096] [--full-range]
+        [--out eval/results/probes/smooth_alpha_smollm2.md]
 
 CHECKPOINT is a sinkquant W8 checkpoint (default: SmolLM2-135M quantized with recipes/w8.yaml into
 runs/bench/). Each alpha is exported with `--activations int8 --smooth --smooth-alpha A` (plus
@@ -13,18 +13,14 @@ weights with per-token int8 activations, as vLLM computes them; the native check
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import RECIPES, RUNS, WIKITEXT, default_model, machine  # noqa: E402
-
-from sinkquant.checkpoint import load  # noqa: E402
-from sinkquant.evaluate import evaluate  # noqa: E402
-from sinkquant.export import ExportSettings, export, exported_model  # noqa: E402
-from sinkquant.modeling import load_tokenizer  # noqa: E402
+from eval.lib.common import PROBE_RESULTS, RECIPES, RUNS, WIKITEXT, default_model, machine
+from sinkquant.checkpoint import load
+from sinkquant.evaluate import evaluate
+from sinkquant.export import ExportSettings, export, exported_model
+from sinkquant.modeling import load_tokenizer
 
 
 def native_w8() -> Path:
@@ -43,7 +39,7 @@ def main() -> None:
     parser.add_argument("--alphas", default="0.3,0.4,0.5,0.6,0.7,0.8")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--full-range", action="store_true", help="codes in [-127, 127], not [-64, 64]")
-    parser.add_argument("--out", type=Path, default=Path("eval/results/smooth_alpha_smollm2.md"))
+    parser.add_argument("--out", type=Path, default=PROBE_RESULTS / "smooth_alpha_smollm2.md")
     args = parser.parse_args()
     checkpoint = Path(args.checkpoint) if args.checkpoint else native_w8()
     tokenizer = load_tokenizer(str(checkpoint))
@@ -74,7 +70,7 @@ def main() -> None:
     lines = [
         "# SmoothQuant's strength for the W8A8 export",
         "",
-        f"`python eval/sweep_smooth_alpha.py` on {info['cpu']} ({info['cpu_capability']}), "
+        f"`python -m eval.probes.sweep_smooth_alpha` on {info['cpu']} ({info['cpu_capability']}), "
         f"{info['threads']} threads; checkpoint `{checkpoint.name}`; weight codes in {codes}, per-token int8 "
         f"activations as vLLM computes them, scored by sinkquant's evaluator on the export's effective weights. "
         f"WikiText-2 test, first {args.tokens} tokens, windows of 1024. {time.perf_counter() - start:.0f} s.",

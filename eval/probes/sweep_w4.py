@@ -2,10 +2,10 @@
 model folder (calibration on the recipe's data, embedded slice when it names none), the checkpoint
 loaded back, perplexity on WikiText-2 test (windows of 1024).
 
-    python eval/sweep_w4.py NAME=RECIPE[:JSON_OVERRIDES] ... [--tokens 16384]
-        [--json runs/bench/sweep_w4.json] [--out eval/results/sweep_w4_smollm2.md]
+    python -m eval.probes.sweep_w4 NAME=RECIPE[:JSON_OVERRIDES] ... [--tokens 16384]
+        [--json runs/bench/sweep_w4.json] [--out eval/results/probes/sweep_w4_smollm2.md]
 
-e.g. `learned-lr005=recipes/w4-g128-outliers.yaml:{"weights.algorithm": "learned", "weights.learned.lr": 0.005}`.
+e.g. `gptq-damp005=recipes/w4-g128-gptq.yaml:{"weights.gptq.damping": 0.05}`.
 Each run adds its row to the JSON file (rows of earlier invocations stay, a row of the same name is
 replaced), and the markdown table is rendered from all of them, with the commit each row ran at:
 one heavy job at a time on 2 cores, so a sweep is several invocations.
@@ -16,17 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import ROOT, RUNS, WIKITEXT, default_model, machine, quantize_and_score  # noqa: E402
-
-from sinkquant.evaluate import evaluate  # noqa: E402
-from sinkquant.loading import open_model  # noqa: E402
-from sinkquant.modeling import load_tokenizer  # noqa: E402
-from sinkquant.recipe import load_recipe  # noqa: E402
+from eval.lib.common import PROBE_RESULTS, ROOT, RUNS, WIKITEXT, default_model, machine, quantize_and_score
+from sinkquant.evaluate import evaluate
+from sinkquant.loading import open_model
+from sinkquant.modeling import load_tokenizer
+from sinkquant.recipe import load_recipe
 
 
 def parse_variant(text: str) -> tuple[str, Path, dict]:
@@ -66,7 +62,7 @@ def main() -> None:
     parser.add_argument("variants", nargs="*", type=parse_variant, help="none: re-render the table")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--json", type=Path, default=RUNS / "sweep_w4.json")
-    parser.add_argument("--out", type=Path, default=Path("eval/results/sweep_w4_smollm2.md"))
+    parser.add_argument("--out", type=Path, default=PROBE_RESULTS / "sweep_w4_smollm2.md")
     args = parser.parse_args()
     at = commit()  # the code this invocation runs, taken before it runs
     model = default_model()
@@ -98,7 +94,7 @@ def main() -> None:
     text = "\n".join([
         "# W4 settings tried (SmolLM2-135M)",
         "",
-        f"`python eval/sweep_w4.py ...` (one invocation per row or few rows, see the commit column) on {info['cpu']}, "
+        f"`python -m eval.probes.sweep_w4 ...` (one invocation per row or few rows, see the commit column) on {info['cpu']}, "
         f"{info['threads']} threads. Each row: `quantize_model` from the model folder as `sinkquant quantize` runs it "
         f"(calibration included in the time), the checkpoint loaded back, WikiText-2 test, first {done['tokens']} "
         f"tokens, windows of 1024; fp32 {done['fp32']:.4f}. KL(fp32 ‖ row) and top-1 agreement against the float "

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from eval.lib.common import ROOT
+
 VENVS = ROOT / "runs"
 LLMCOMPRESSOR_SPEC = "llmcompressor==0.14.*"
 AUTOROUND_SPEC = "auto-round==0.16.*"

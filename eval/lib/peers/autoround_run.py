@@ -1,13 +1,13 @@
 """Intel's AutoRound (sign-gradient rounding and clipping per decoder block) on a model, in its own venv.
 
-    <venv>/bin/python eval/peers/autoround_run.py MODEL CALIB_IDS.safetensors OUT_DIR [GROUP_SIZE] [PRESET] [SYM]
+    <venv>/bin/python eval/lib/peers/autoround_run.py MODEL CALIB_IDS.safetensors OUT_DIR [GROUP_SIZE] [PRESET] [SYM]
 
 GROUP_SIZE defaults to 128, PRESET to `default`: the iterations and learning rate of AutoRound's own CLI
 recipes (`default` 200 iterations at its default lr; `light` 50 at 5e-3; `best` 1000), SYM to 1 (its
 W4A16 preset is symmetric). The calibration token ids come from the harness (the exact samples
 sinkquant calibrates on) and set nsamples and seqlen; they are fed as batches of 8, the presets' batch.
 
-Runs inside the virtual environment `eval/peers/__init__.py` makes (auto-round 0.16 takes a newer
+Runs inside the virtual environment `eval/lib/peers/__init__.py` makes (auto-round 0.16 takes a newer
 transformers than sinkquant pins), so it imports nothing from sinkquant. Writes:
 
 * OUT_DIR/compressed: the checkpoint AutoRound saves (its `auto_round` format, packed int4);

@@ -1,6 +1,6 @@
 """llm-compressor's W4A16 recipes on a model, run in its own venv: GPTQ, AWQ, and AWQ then GPTQ.
 
-    <venv>/bin/python eval/peers/llmcompressor_oneshot.py MODEL CALIB_IDS.safetensors OUT_DIR [GROUP_SIZE] [METHOD]
+    <venv>/bin/python eval/lib/peers/llmcompressor_oneshot.py MODEL CALIB_IDS.safetensors OUT_DIR [GROUP_SIZE] [METHOD]
 
 METHOD (default gptq):
 
@@ -13,7 +13,7 @@ GROUP_SIZE defaults to 128 (the W4A16 presets). llm-compressor refuses a group s
 every layer's input width (SmolLM2's 576 is not a multiple of 128), and crashes when that check is
 bypassed, so the harness asks for the largest group size that divides them all (64 on SmolLM2) and says so.
 
-Runs inside the virtual environment that `eval/peers/__init__.py` makes (llmcompressor 0.14 pins
+Runs inside the virtual environment that `eval/lib/peers/__init__.py` makes (llmcompressor 0.14 pins
 transformers <= 5.17, which sinkquant does not support), so it imports nothing from sinkquant. The
 calibration token ids come from the harness (the exact samples sinkquant calibrates on). Writes:
 
