@@ -31,6 +31,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .architecture import replace_module
 from .errors import InputError, SinkQuantError
+from .format import FORMAT_VERSION, format_version_for
 from .kv.config import KVCacheConfig
 from .kv.wiring import install_default_cache
 from .quantize.linear import SinkQuantLinear
@@ -38,33 +39,10 @@ from .quantize.weights import empty_from_spec
 from .stream.host import ModelHost, ResidentModel
 from .stream.writer import SHARD_BYTES, ShardWriter
 
-#: the newest format this sinkquant reads. 2: the KV cache's key outlier channels are stored as
-#: `key_outlier_idx` (format 1: `kv_key_channels`); 3: a symmetric int4 layer (its spec says
-#: `symmetric`) stores no `weight_min`. A checkpoint is written in the oldest format that holds it, so
-#: one without symmetric int4 layers stays readable by a sinkquant that reads format 2. 4: an int4 layer
-#: whose spec says `log_scales` stores its scales as `weight_scale_code` and `weight_scale_top`. 5: a
-#: layer whose spec says `rotation` stores the integers of its rotated weight and `input_signs`. 6: an
-#: int4 layer whose spec says `grid: lloyd` stores its 16 levels as `weight_levels`.
-MINIMAL_FORMAT_VERSION = 2
-NO_MINIMA_FORMAT_VERSION = 3
-LOG_SCALES_FORMAT_VERSION = 4
-ROTATION_FORMAT_VERSION = 5
-GRID_FORMAT_VERSION = 6
-FORMAT_VERSION = GRID_FORMAT_VERSION
-
-
-def format_version_for(layers: dict[str, dict]) -> int:
-    """The oldest format whose readers rebuild every layer of `layers` (their specs) correctly."""
-    if any(spec.get("grid") for spec in layers.values()):
-        return GRID_FORMAT_VERSION
-    if any(spec.get("rotation") for spec in layers.values()):
-        return ROTATION_FORMAT_VERSION
-    if any(spec.get("log_scales") for spec in layers.values()):
-        return LOG_SCALES_FORMAT_VERSION
-    no_minima = any(spec.get("symmetric") and spec.get("bits") == 4 for spec in layers.values())
-    return NO_MINIMA_FORMAT_VERSION if no_minima else MINIMAL_FORMAT_VERSION
-
-
+# Format versions: 1 stored the KV cache's key outlier channels as `kv_key_channels`, 2 as
+# `key_outlier_idx` with per-layer specs; each layer feature's `since` (sinkquant/format/features)
+# raises it for checkpoints whose layers use the feature. A checkpoint is written in the oldest format
+# that holds it, so older readers keep reading checkpoints without the newer features.
 MANIFEST = "sinkquant-manifest.json"
 
 

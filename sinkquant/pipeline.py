@@ -459,6 +459,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     import json
 
     from .checkpoint import MANIFEST, stored_shapes
+    from .format import LayerSpec
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -474,12 +475,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     layers = qc.get("layers", {})
     by_bits: dict[str, int] = {}
     for spec in layers.values():
-        key = f"int{spec['bits']}" + (
-            f" g{spec['group_size']}" if spec["bits"] == 4 and spec["group_size"] else ""
-        )
-        key += ", log scales" if spec.get("log_scales") else ""
-        key += f", inputs rotated (blocks of {spec['rotation']})" if spec.get("rotation") else ""
-        key += f", {spec['grid']} grid" if spec.get("grid") else ""
+        key = LayerSpec.from_dict(spec).scheme_text()
         by_bits[key] = by_bits.get(key, 0) + 1
     return {
         "path": str(path),

@@ -83,7 +83,8 @@ def test_format_1_checkpoints_still_read():
 
 
 def test_config_round_trips():
-    cfg = SinkQuantConfig(layers={"a": {"bits": 4}}, bits=4, group_size=128, kv_cache={"bits": 4})
+    spec = {"in_features": 64, "out_features": 32, "bits": 4, "group_size": 32, "outliers": 1, "bias": False}
+    cfg = SinkQuantConfig(layers={"a": spec}, bits=4, group_size=128, kv_cache={"bits": 4})
     assert SinkQuantConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
 
 

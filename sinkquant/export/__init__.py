@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..format import export_refusals
 from ..quantize.primitives import unpack_bits
 from . import compressed_tensors as ct
 from . import smooth
@@ -232,13 +233,6 @@ def _keys_by_module(keys: list[str], modules: set[str]) -> tuple[dict[str, list[
     return by_module, outside
 
 
-#: layer spec keys no export format stores: (what the layers have, why it cannot be exported)
-_UNEXPORTABLE = {
-    "grid": ("int4 layers on a non-uniform grid", "compressed-tensors stores only the uniform grid"),
-    "rotation": ("layers with rotated inputs", "no export format stores the rotation"),
-}
-
-
 def export(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -263,13 +257,12 @@ def export(
     checkpoint = Path(checkpoint).expanduser()
     config, qc = _read_checkpoint_config(checkpoint)
     verify_manifest(checkpoint)
-    for key, (what, why) in _UNEXPORTABLE.items():
-        found = sorted(name for name, spec in qc["layers"].items() if spec.get(key))
-        if found:
-            raise InputError(
-                f"{checkpoint} has {what} (weights.{key}, e.g. {found[0]}); {why}: serve the checkpoint itself "
-                f"with sinkquant or its vLLM plugin, or re-quantize without weights.{key} to export it"
-            )
+    for feature, found in export_refusals(qc["layers"])[:1]:
+        what, why = feature.export_refusal
+        raise InputError(
+            f"{checkpoint} has {what} (weights.{feature.field}, e.g. {found[0]}); {why}: serve the checkpoint "
+            f"itself with sinkquant or its vLLM plugin, or re-quantize without weights.{feature.field} to export it"
+        )
     args, scheme = _scheme(qc, settings)
     scale_dtype = getattr(torch, settings.scale_dtype, None)
     if not isinstance(scale_dtype, torch.dtype) or not scale_dtype.is_floating_point:

@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .grid import LEVELS
+from ..format import BufferSpecs, LayerSpec
 from .primitives import complement_indices, snap_log_scale
 from .rotation import InputRotation, pack_signs, unpack_signs
-from .schemes import SCHEMES, BufferSpecs, PytorchKernel, Stored, WeightScheme, scheme_for
+from .schemes import SCHEMES, PytorchKernel, Stored, WeightScheme, scheme_for
 
 _KERNELS = {"enabled": True, "fused": True}
 #: input rows up to which bf16 calls take the fused kernel: it reads the weights once per row, so it
@@ -241,38 +241,50 @@ class SinkQuantLinear(nn.Module):
         kept = in_features - n_outliers
         self.in_kept = kept
         self.group_size = scheme.group_size(kept, group_size)
-        for name, (shape, dtype) in self._storage().items():
+        # the kept inputs' rotation (rotation.py): its block size; int4 on the layer's own levels (grid.py)
+        self.rotation_block, self.nonuniform = rotation_block, nonuniform
+        self.outlier_dtype = outlier_dtype
+        self._has_bias = bias
+        # the buffers as the format lays them out (the scheme's as the features change them, the
+        # outlier columns, then each feature's own), the bias after the outlier columns
+        for name, (shape, dtype) in self.spec.shapes().items():
             self.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
+            if name == "outlier_weight":
+                if bias:
+                    self.register_buffer(
+                        "bias", torch.empty(out_features, dtype=outlier_dtype, device=device)
+                    )
+                else:
+                    self.bias = None
         if "weight_min" not in self._buffers:
             self.weight_min = None  # a scheme or grid without minima (int8, symmetric int4)
-        self.register_buffer("outlier_idx", torch.empty(n_outliers, dtype=torch.int32, device=device))
-        self.register_buffer(
-            "outlier_weight", torch.empty(out_features, n_outliers, dtype=outlier_dtype, device=device)
-        )
-        if bias:
-            self.register_buffer("bias", torch.empty(out_features, dtype=outlier_dtype, device=device))
-        else:
-            self.bias = None
-        # the kept inputs' rotation (rotation.py): its block size, and its signs as a buffer
-        self.rotation_block = rotation_block
-        if rotation_block is not None:
-            self.register_buffer("input_signs", torch.empty(-(-kept // 8), dtype=torch.uint8, device=device))
-        # int4 on the layer's own 16 levels (grid.py) instead of the uniform grid
-        self.nonuniform = nonuniform
-        if nonuniform:
-            if bits != 4:
-                raise ValueError("a non-uniform grid is for int4 layers")
-            self.register_buffer("weight_levels", torch.empty(LEVELS, dtype=torch.float32, device=device))
         self._layouts = _Layouts(self)
+
+    @classmethod
+    def from_spec(cls, spec: LayerSpec, device: torch.device | str | None = None) -> SinkQuantLinear:
+        """An empty layer of `spec`'s shapes (a loader fills its buffers)."""
+        return cls(
+            spec.in_features, spec.out_features, spec.bits, spec.group_size, spec.outliers, spec.bias,
+            getattr(torch, spec.dtype), device=device, symmetric=spec.symmetric, log_scales=spec.log_scales,
+            rotation_block=spec.rotation, nonuniform=spec.grid is not None,
+        )  # fmt: skip
+
+    @property
+    def spec(self) -> LayerSpec:
+        """The layer in the checkpoint's format (`quantization_config.layers`)."""
+        return LayerSpec(
+            self.in_features, self.out_features, self.bits,
+            None if self.group_size == self.in_kept else self.group_size, self.n_outliers,
+            self._has_bias, str(self.outlier_dtype).replace("torch.", ""), self.symmetric,
+            self.log_scales, self.rotation_block, "lloyd" if self.nonuniform else None,
+        )  # fmt: skip
 
     @property
     def scheme(self) -> WeightScheme:
         return SCHEMES[self.bits]
 
     def _storage(self) -> BufferSpecs:
-        return self.scheme.storage(
-            self.out_features, self.in_kept, self.group_size, self.symmetric, self.log_scales
-        )
+        return self.spec.scheme_storage()
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -465,12 +477,8 @@ class SinkQuantLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
-        group = "per channel" if self.group_size == self.in_kept else f"group {self.group_size}"
-        group += ", log scales" if self.log_scales else ""
-        group += f", inputs rotated in blocks of {self.rotation_block}" if self.rotation_block else ""
-        group += ", non-uniform grid" if self.nonuniform else ""
         return (
-            f"in={self.in_features}, out={self.out_features}, int{self.bits} {group}, "
+            f"in={self.in_features}, out={self.out_features}, {self.spec.scheme_text()}, "
             f"outlier columns={self.n_outliers}, bias={self.bias is not None}"
         )
 

@@ -1,24 +1,21 @@
-"""Weight schemes: how a `SinkQuantLinear` stores its kept columns as integers, one registry entry each.
+"""Weight schemes: how a `SinkQuantLinear` computes with its kept columns as integers, one registry
+entry each.
 
 A scheme is stateless. It supplies the quantization (round-to-nearest, or integers chosen elsewhere,
-e.g. by GPTQ), the storage layout (which buffers, with which shapes and dtypes), the dequantization,
-and what PyTorch's integer CPU kernel and sinkquant's fused kernel need. The layer owns the buffers,
-the outlier columns and the bias, and picks the forward path.
+e.g. by GPTQ), what its buffers hold (`buffers`, `read`; their names, shapes and dtypes are the layer
+format's, `sinkquant.format.LayerSpec`), the dequantization, and what PyTorch's integer CPU kernel and
+sinkquant's fused kernel need. The layer owns the buffers, the outlier columns and the bias, and picks
+the forward path.
 
 Registered schemes:
 
 * `Int8PerChannel` (bits 8): symmetric int8, one scale per output channel.
-      weight int8 [out, kept], weight_scale float32 [out]
 * `Int4Grouped` (bits 4): min/max in groups of `group_size` consecutive kept columns (the last may be
-  shorter), codes packed two to a byte, low nibble first.
-      weight uint8 [out, ceil(kept / 2)], weight_scale bf16 [out, groups], weight_min bf16 [out, groups]
-  A symmetric layer stores no `weight_min`: its minimum is always -8 * scale (exact in bf16), so the
-  buffer would cost 16 bits per group for nothing (4.125 bits per weight at group 128, not 4.25).
-  A layer with log scales stores each scale as one byte on a grid of 1/32 octave below one exponent
-  per layer (`primitives.encode_log_scales`), in place of `weight_scale`:
-      weight_scale_code uint8 [out, groups], weight_scale_top int32 [1]
-  (symmetric: 4.0625 bits per weight at group 128). Everything past storage sees the decoded bf16
-  scales (`read`), so the kernels, the dequantization and the exports are the same for both.
+  shorter), codes packed two to a byte, low nibble first. A symmetric layer's minimum is always
+  -8 * scale (exact in bf16), so it stores none. A layer with log scales stores each scale as one byte on
+  a grid of 1/32 octave below one exponent per layer (`primitives.encode_log_scales`); everything past
+  storage sees the decoded bf16 scales (`read`), so the kernels, the dequantization and the exports are
+  the same for both.
 
 `SCHEMES` is keyed by bits because bits alone name a storage format everywhere else: the recipe's
 `weights.bits`, the checkpoint's layer spec and `SinkQuantLinear(bits=...)`. A second scheme at the same
@@ -44,7 +41,6 @@ from .primitives import (
     encode_log_scales,
     log_scale_value,
     pack_bits,
-    packed_size,
     per_column,
     quantize_grouped,
     quantize_grouped_clipped,
@@ -52,9 +48,6 @@ from .primitives import (
     round_grouped,
     unpack_bits,
 )
-
-#: buffer name -> (shape, dtype), in the order the layer registers them (the checkpoint's key order)
-BufferSpecs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
 class Stored(NamedTuple):
@@ -92,13 +85,6 @@ class WeightScheme(ABC):
     @abstractmethod
     def group_size(self, kept: int, requested: int | None) -> int:
         """The group size the layer stores for `kept` columns when `requested` was asked for."""
-
-    @abstractmethod
-    def storage(
-        self, out_features: int, kept: int, group_size: int, symmetric: bool = False, log_scales: bool = False
-    ) -> BufferSpecs:
-        """The buffers of the integer part (`symmetric`: a grid whose minimum follows from its scale;
-        `log_scales`: one byte per scale)."""
 
     @abstractmethod
     def quantize(
@@ -222,16 +208,6 @@ class Int8PerChannel(WeightScheme):
     def group_size(self, kept: int, requested: int | None) -> int:
         return kept  # one scale per row: the group is the whole row
 
-    def storage(
-        self, out_features: int, kept: int, group_size: int, symmetric: bool = False, log_scales: bool = False
-    ) -> BufferSpecs:
-        if log_scales:
-            raise ValueError("int8 layers store float32 scales, one per row (log scales are int4 only)")
-        return {
-            "weight": ((out_features, kept), torch.int8),
-            "weight_scale": ((out_features,), torch.float32),
-        }
-
     def quantize(
         self,
         weight: torch.Tensor,
@@ -332,20 +308,6 @@ class Int4Grouped(WeightScheme):
 
     #: a symmetric group's minimum is this many scales below zero (its codes 0..15 are -8..7 steps)
     SYMMETRIC_OFFSET = 8
-
-    def storage(
-        self, out_features: int, kept: int, group_size: int, symmetric: bool = False, log_scales: bool = False
-    ) -> BufferSpecs:
-        groups = math.ceil(kept / group_size) if kept else 0
-        specs: BufferSpecs = {"weight": ((out_features, packed_size(kept, 4)), torch.uint8)}
-        if log_scales:
-            specs["weight_scale_code"] = ((out_features, groups), torch.uint8)
-            specs["weight_scale_top"] = ((1,), torch.int32)
-        else:
-            specs["weight_scale"] = ((out_features, groups), torch.bfloat16)
-        if not symmetric:
-            specs["weight_min"] = ((out_features, groups), torch.bfloat16)
-        return specs
 
     def minimum(self, stored: Stored) -> torch.Tensor:
         """Each group's minimum [out, groups] bf16: stored, or -8 * scale for a symmetric layer."""

@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sinkquant.format import LayerSpec
 from sinkquant.quantize.linear import SinkQuantLinear, kernels_available, use_kernels
 from sinkquant.quantize.primitives import (
     dequantize_grouped,
@@ -59,7 +60,7 @@ def test_quantize_dequantize_round_trip(bits, group, kept, tolerance):
     w = torch.randn(48, kept)
     gs = scheme.group_size(kept, group)
     stored = scheme.quantize(w, gs)
-    specs = scheme.storage(48, kept, gs)
+    specs = LayerSpec(kept, 48, bits, None if gs == kept else gs, 0, False).scheme_storage()
     got = {"weight": stored.weight, "weight_scale": stored.scale, "weight_min": stored.minimum}
     for name, (shape, dtype) in specs.items():  # quantize returns exactly the storage layout
         assert got[name].shape == shape and got[name].dtype == dtype, name
@@ -154,7 +155,7 @@ def test_storage_is_really_packed():
 def test_layer_buffers_are_the_scheme_storage(bits, group, symmetric):
     w, b, idx, _ = _layer(bits, group, 6)
     layer = SinkQuantLinear.from_float(w, b, bits, group, idx, symmetric, storage_dtype=torch.float16)
-    specs = layer.scheme.storage(192, 570, layer.group_size, symmetric)
+    specs = LayerSpec(576, 192, bits, group, 6, True, symmetric=symmetric).scheme_storage()
     for name, (shape, dtype) in specs.items():
         assert getattr(layer, name).shape == shape and getattr(layer, name).dtype == dtype
     names = list(layer.state_dict())
