@@ -81,46 +81,11 @@ class GPTQSection(StrictModel):
     # each group's range shrunk per row to the factor that minimises the diag(H)-weighted rounding
     # error of the group's current weights (GPTQ's counterpart of weights.clip_search)
     clip_search: bool = False
-    # int4: rounds of a least-squares refit of each group's scale and minimum to the chosen codes
-    # (H-weighted, all groups of a row at once), each followed by a sweep on the refitted parameters;
-    # a row keeps a round's result only where its error drops (quantize/refit.py)
-    refine_rounds: int = Field(0, ge=0, le=8)
-    # what each linear layer's quantized output should match on the inputs the quantized layers before
-    # it give: its own float output on those inputs (`layer`, GPTQ as published), or the float model's
-    # output at that point (`model`, after GPTAQ: also corrects error inherited from earlier layers;
-    # runs every layer once more, in float, on a second stream of hidden states) (quantize/target.py)
-    target: Literal["layer", "model"] = "layer"
     # the dtype each decoder layer computes its calibration forward pass and Hessians in. float64 makes
     # the checkpoint independent of the BLAS's code path (which differs between CPUs and cannot be
     # pinned: eval/results/mkl_numerics.md): its last-bit differences fall far below float32's rounding
     # of the layer's output, so GPTQ's sweep sees the same inputs. float32 is faster.
     precision: Literal["float32", "float64"] = "float32"
-
-    @model_validator(mode="after")
-    def _target_modes(self) -> GPTQSection:
-        if self.target == "model" and self.sink_tokens == "cap":
-            raise ValueError("sink_tokens: cap is not available with target: model; use include or exclude")
-        return self
-
-
-class LearnedSection(StrictModel):
-    """Options of learned rounding (weights.algorithm: learned): per decoder layer, every int4 weight's
-    rounding offset and each group's clipping are moved by sign-gradient descent to minimise the layer's
-    output error on the calibration tokens (the idea of AutoRound / OmniQuant), from the clip-searched
-    round-to-nearest start."""
-
-    iters: int = Field(40, ge=1)
-    # calibration samples per step; each step runs the layer forward and backward on them
-    batch_samples: int = Field(2, ge=1)
-    # step size of the signed updates (rounding offsets live in [-0.5, 0.5], clip factors in [0.5, 1])
-    lr: float = Field(0.025, gt=0, le=0.5)
-    # whether the sink tokens' rows count in the output error: their massive activations make their
-    # error orders of magnitude larger than any other token's, so by default the loss leaves them out
-    sink_tokens: Literal["include", "exclude"] = "exclude"
-    # where the rounding starts: round-to-nearest with the clip search, or each linear layer's GPTQ result
-    # (weights.gptq's settings, Hessians from the float layer's inputs); the steps then round GPTQ's
-    # weights, each code free to move one step, and keep the start when no step lowers the error
-    start: Literal["rtn", "gptq"] = "rtn"
 
 
 #: the rotation blocks a recipe may ask for (`weights.rotation`): powers of two up to one int4 group of
@@ -142,7 +107,7 @@ class WeightsSection(StrictModel):
     # per layer) instead of bf16: 8 bits per group fewer, each scale within half a grid step (2^(1/64):
     # 1.09%) of its min/max value before bf16 rounds the grid point (at most 0.39% more)
     log_scales: bool = False
-    algorithm: Literal["rtn", "gptq", "learned"] = "rtn"
+    algorithm: Literal["rtn", "gptq"] = "rtn"
     # int4 RTN: pick each group's range among shrunk min/max ranges by activation-weighted error
     clip_search: bool = True
     # whether the sink positions' tokens weigh that error. `exclude` (mean |x| over the other tokens) by
@@ -161,7 +126,6 @@ class WeightsSection(StrictModel):
     grid: Grid = "uniform"
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
     gptq: GPTQSection = Field(default_factory=GPTQSection)
-    learned: LearnedSection = Field(default_factory=LearnedSection)
 
     @field_validator("group_size")
     @classmethod
@@ -187,14 +151,6 @@ class WeightsSection(StrictModel):
             raise ValueError(
                 "log_scales is for 4-bit groups (int8 keeps float32 scales); set bits: 4 or drop it"
             )
-        if self.algorithm == "learned":
-            raise ValueError(
-                "algorithm learned moves scales off the log grid; use algorithm gptq or rtn with log_scales"
-            )
-        if self.algorithm == "gptq" and self.gptq.refine_rounds:
-            raise ValueError(
-                "gptq.refine_rounds refits scales off the log grid; set refine_rounds: 0 with log_scales"
-            )
         return self
 
     @model_validator(mode="after")
@@ -215,10 +171,10 @@ class WeightsSection(StrictModel):
                 f"grid {self.grid} is for int4 with GPTQ (it rounds each column to the layer's levels); set "
                 "bits: 4 and algorithm: gptq, or grid: uniform"
             )
-        if self.symmetric or self.log_scales or self.gptq.refine_rounds:
+        if self.symmetric or self.log_scales:
             raise ValueError(
-                f"grid {self.grid} keeps each group's bf16 minimum and scale as they are; drop symmetric, "
-                "log_scales and gptq.refine_rounds, or use grid: uniform"
+                f"grid {self.grid} keeps each group's bf16 minimum and scale as they are; drop symmetric "
+                "and log_scales, or use grid: uniform"
             )
         return self
 

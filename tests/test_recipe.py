@@ -64,8 +64,6 @@ def test_overrides_are_validated():
     "overrides, message",
     [
         ({"weights.bits": 8}, "4-bit groups"),
-        ({"weights.algorithm": "learned"}, "off the log grid"),
-        ({"weights.algorithm": "gptq", "weights.gptq.refine_rounds": 1}, "refine_rounds: 0"),
     ],
 )
 def test_log_scales_refuse_what_would_leave_their_grid(overrides, message):

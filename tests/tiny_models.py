@@ -1,4 +1,5 @@
-"""Tiny random models built from configs (no download), shared by tests."""
+"""Tiny random models built from configs (no download), and the layer error GPTQ minimises, shared by
+tests."""
 
 from __future__ import annotations
 
@@ -65,6 +66,14 @@ def quantized_tiny_llama(folder: Path, tokenizer_from: Path, **overrides) -> Pat
     })  # fmt: skip
     quantize_model(source, folder / "out", recipe, progress=False)
     return folder / "out"
+
+
+def row_errors(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """float64 [out]: (w_r - ŵ_r)ᵀ H (w_r - ŵ_r) per row, the layer's output error on the calibration
+    tokens that row by row GPTQ minimises."""
+    dtype = hessian.dtype if hessian.dtype in (torch.float32, torch.float64) else torch.float32
+    diff = weight.to(dtype) - dequantized.to(dtype)
+    return ((diff @ hessian.to(dtype)) * diff).sum(1, dtype=torch.float64)
 
 
 def tiny_qwen2(seed: int = 0, vocab: int = 512):

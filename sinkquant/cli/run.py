@@ -411,12 +411,6 @@ def _print_summary(result, recipe) -> None:
         )
         if result.outside_linears:
             click.echo(_outside_line(result))
-        if s.layer_error_ratios:
-            ratios = sorted(s.layer_error_ratios)
-            click.echo(
-                f"layer output error vs its {w.learned.start.upper()} start: median {ratios[len(ratios) // 2]:.3f}x "
-                f"(best layer {ratios[0]:.3f}x, worst {ratios[-1]:.3f}x; 1.000x: no step improved it)"
-            )
     click.echo(
         f"model: {_mib(result.params_bytes_fp16)} fp16 -> {_mib(result.checkpoint_bytes)} safetensors "
         f"({result.checkpoint_bytes / result.params_bytes_fp16:.3f}x); without embeddings "

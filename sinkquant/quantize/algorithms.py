@@ -19,7 +19,6 @@ from ..errors import InputError
 from ..recipe import WeightsSection
 from ..stream.host import LayerWriter, ModelHost
 from .gptq import gptq_quantize_
-from .learned import learned_quantize_
 from .weights import QuantizeSummary, rtn_quantize_
 
 
@@ -39,11 +38,10 @@ class WeightAlgorithm(Protocol):
 ALGORITHMS: dict[str, WeightAlgorithm] = {
     "rtn": rtn_quantize_,  # round-to-nearest, int4 ranges by activation-weighted clip search
     "gptq": gptq_quantize_,  # error-compensating, decoder layer by decoder layer
-    "learned": learned_quantize_,  # rounding and clipping learned on each decoder layer's output error
 }
 
 #: algorithms that read the calibration samples themselves (all need the report for outlier columns)
-NEEDS_SAMPLES = {"gptq", "learned"}
+NEEDS_SAMPLES = {"gptq"}
 
 
 def quantize_weights(

@@ -15,10 +15,6 @@ sinkquant's choices:
   groups" variant, with parameters from updated rather than original weights.
 * `clip_search=True` (recipe `gptq.clip_search`) shrinks each group's range per row by the factor of a small
   grid that minimises the diag(H)-weighted rounding error of the group's current weights.
-* `refine_rounds=N` (recipe `gptq.refine_rounds`, int4): N rounds of refitting every group's scale and
-  minimum to the chosen codes by H-weighted least squares (`refit.py`), each followed by a sweep with
-  the refitted parameters frozen; a row takes a candidate only where its error (w - ŵ)ᵀ H (w - ŵ)
-  drops, so the result is never worse than the plain sweep's.
 * Parameters and codes use the primitives' formulas (`quantize_grouped` / `quantize_int8_per_channel`,
   scales rounded to bf16 for int4), so `SinkQuantLinear` stores exactly what GPTQ chose.
 * H: each batch's xᵀx is a float32 matmul, summed into float64; Cholesky runs in float64, the column
@@ -50,23 +46,19 @@ from ..errors import InputError
 from ..recipe import WeightsSection
 from ..stream.host import LayerWriter, ModelHost, as_host
 from ..stream.layerwise import (
-    LayerInputs,
     capture_inputs,
     computing_in,
     merge_batches,
     observe_inputs,
-    run_batch,
     run_layer,
 )
 from ..stream.store import HiddenStore
 from .grid import fit_levels, round_to_levels
-from .hessian import inverse_hessian_factor
+from .hessian import HessianAccumulator, inverse_hessian_factor
 from .linear import SinkQuantLinear
-from .primitives import complement_indices, dequantize_grouped
-from .refit import refit_group_params, row_errors
+from .primitives import complement_indices
 from .rotation import InputRotation, draw_signs
-from .schemes import Int4Grouped, WeightScheme, scheme_for
-from .target import GPTQObserver, ReferenceInputs
+from .schemes import WeightScheme, scheme_for
 from .weights import QuantizeSummary, choose_outliers, compute_with, effective_weights, float_weight, targets
 
 BATCH_SIZE = 8  # calibration samples per forward pass of one layer (the two-pass route)
@@ -106,19 +98,9 @@ class _Quantizer:
         self.levels = levels  # int4 on a non-uniform grid (grid.py); None: the scheme's uniform grid
         self.scale = torch.zeros(rows, groups, dtype=scheme.scale_dtype)
         self.minimum = torch.zeros(rows, groups, dtype=torch.bfloat16)
-        self.frozen = False
-
-    def freeze(self, scale: torch.Tensor, minimum: torch.Tensor | None) -> None:
-        """Use these parameters [out, groups] for every group: `fit` no longer changes them."""
-        self.scale.copy_(scale)
-        if minimum is not None:
-            self.minimum.copy_(minimum)
-        self.frozen = True
 
     def fit(self, group: int, values: torch.Tensor, importance: torch.Tensor) -> None:
         """Parameters of `group` from its current weights [out, n]; `importance` [n] = diag(H)."""
-        if self.frozen:
-            return
         best, best_err = self.scheme.group_range(values, self.symmetric, self.log_scales), None
         for shrink in _CLIP_GRID[1:] if self.clip_search else []:
             if best_err is None:
@@ -163,7 +145,6 @@ def gptq_quantize_weight(
     name: str = "weight",
     clip_search: bool = False,
     factor_cache: dict | None = None,
-    refine_rounds: int = 0,
     sweep_dtype: torch.dtype = torch.float32,
     log_scales: bool = False,
     grid: str = "uniform",
@@ -176,9 +157,6 @@ def gptq_quantize_weight(
     bits 4: groups of `group_size` consecutive kept columns (None: one group per row), asymmetric
     min/max or `symmetric`; bits 8: symmetric per row (`group_size` ignored).
 
-    `refine_rounds` (int4): that many rounds of a least-squares refit of the group parameters for the
-    chosen codes, each followed by a sweep on the refitted parameters held fixed (`_refine`).
-
     `sweep_dtype`: the precision of the column sweep and of the factor it reads (float64 for
     `precision: float64`, so its products' last bits, which depend on the BLAS's code path, stay far
     below anything that decides a code).
@@ -188,11 +166,9 @@ def gptq_quantize_weight(
     `grid` (int4, asymmetric): "lloyd" rounds to the layer's own 16 levels (`grid.fit_levels` on the
     kept columns of `weight`) instead of the uniform grid."""
     out_f, in_f = weight.shape
-    if log_scales and refine_rounds:
-        raise ValueError("refine_rounds refits scales off the log grid; use refine_rounds=0 with log_scales")
     nonuniform = grid == "lloyd"
-    if nonuniform and (bits != 4 or symmetric or log_scales or refine_rounds):
-        raise ValueError("grid 'lloyd' is for asymmetric int4 groups without log_scales or refine_rounds")
+    if nonuniform and (bits != 4 or symmetric or log_scales):
+        raise ValueError("grid 'lloyd' is for asymmetric int4 groups without log_scales")
     idx = torch.as_tensor(outlier_idx, dtype=torch.long).sort().values
     keep = complement_indices(idx, in_f)
     n_keep = keep.numel()
@@ -216,24 +192,9 @@ def gptq_quantize_weight(
     source = weight.detach().to(sweep_dtype)
     importance = hessian.diagonal()[cols].to(sweep_dtype)
 
-    def sweep(frozen: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One GPTQ sweep (parameters fitted per group, or `frozen`): (dequantized, codes) in natural order."""
-        q = quant if frozen is None else _Quantizer(scheme, symmetric, out_f, quant.scale.shape[1])
-        if frozen is not None:
-            q.freeze(*frozen)
-        result, codes = _gptq_columns(source[:, cols].clone(), upper, group_of, q, block_size, importance)
-        return _natural(result, order), _natural(codes, order)
-
-    # one thread also for the refit's products: a row's choice between candidates compares errors to
-    # the last bit, and those must not depend on how a product was split over threads
     with _one_thread():
-        kept_values, codes = sweep()
-        if refine_rounds and bits == 4:
-            codes, quant.scale, quant.minimum = _refine(
-                source[:, keep], codes, quant.scale, quant.minimum, hessian[keep][:, keep], gs, symmetric,
-                refine_rounds, lambda frozen: sweep(frozen)[1],
-            )  # fmt: skip
-            kept_values = dequantize_grouped(codes, quant.scale, quant.minimum, gs)
+        result, codes = _gptq_columns(source[:, cols].clone(), upper, group_of, quant, block_size, importance)
+        kept_values, codes = _natural(result, order), _natural(codes, order)
     effective = source.clone()
     effective[:, keep] = kept_values
     scale, minimum = quant.params()
@@ -245,37 +206,6 @@ def _natural(columns: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     natural = torch.empty_like(columns)
     natural[:, order] = columns
     return natural
-
-
-def _refine(w, codes, scale, minimum, hessian, group_size, symmetric, rounds, sweep):
-    """`rounds` of: refit the group parameters to the codes by least squares (`refit.py`), then re-run
-    the sweep with the refitted parameters frozen. Each candidate replaces a row's current result only
-    where it lowers that row's error (w - ŵ)ᵀ H (w - ŵ) with the parameters rounded as stored, so the
-    result is never worse than the plain sweep's, row by row. Returns (codes, scale, minimum)."""
-
-    def dequantized(c, s, m):
-        return dequantize_grouped(c, s, m, group_size)
-
-    def keep_better(err, best, *pairs):
-        better = err < best
-        picked = [torch.where(better[:, None], new, old) for new, old in pairs]
-        return (torch.where(better, err, best), *picked)
-
-    best = row_errors(w, dequantized(codes, scale, minimum), hessian)
-    half = Int4Grouped.SYMMETRIC_OFFSET  # a symmetric group's minimum is -half * scale
-    for _ in range(rounds):
-        s, m = refit_group_params(w, codes, hessian, group_size, symmetric)
-        s = s.to(scale.dtype)
-        m = (-half * s.float()).to(minimum.dtype) if symmetric else m.to(minimum.dtype)
-        usable = (torch.isfinite(s.float()) & torch.isfinite(m.float()) & (s.float() > 0)).all(1)
-        s = torch.where(usable[:, None], s, scale)
-        m = torch.where(usable[:, None], m, minimum)
-        best, scale, minimum = keep_better(row_errors(w, dequantized(codes, s, m), hessian), best,
-                                           (s, scale), (m, minimum))  # fmt: skip
-        swept = sweep((s, m))
-        best, codes, scale, minimum = keep_better(row_errors(w, dequantized(swept, s, m), hessian), best,
-                                                  (swept, codes), (s, scale), (m, minimum))  # fmt: skip
-    return codes, scale, minimum
 
 
 def _gptq_columns(
@@ -352,7 +282,7 @@ def _gptq_weight(
     opts = weights.gptq
     res = gptq_quantize_weight(
         weight, hessian, weights.bits, weights.group, idx, weights.symmetric,
-        opts.block_size, opts.damping, opts.act_order, name, opts.clip_search, factor_cache, opts.refine_rounds,
+        opts.block_size, opts.damping, opts.act_order, name, opts.clip_search, factor_cache,
         torch.float64 if opts.precision == "float64" else torch.float32, weights.log_scales, weights.grid,
     )  # fmt: skip
     if not all(bool(torch.isfinite(t.float()).all()) for t in (res.weight, res.scale)):
@@ -369,14 +299,12 @@ def quantize_module(
     weights: WeightsSection,
     storage: torch.dtype,
     factor_cache: dict | None = None,
-    source: torch.Tensor | None = None,
 ) -> SinkQuantLinear:
     """One linear layer -> `SinkQuantLinear` by GPTQ (round-to-nearest if GPTQ gave non-finite numbers).
-    `source`: the float weight to approach instead of the module's own (`target.py`). The column
-    sweep runs on the CPU, beside the Hessian (thousands of small dependent steps); the result goes
-    back to the module's device."""
+    The column sweep runs on the CPU, beside the Hessian (thousands of small dependent steps); the
+    result goes back to the module's device."""
     device = module.weight.device
-    weight = (float_weight(module) if source is None else source).detach().cpu()
+    weight = float_weight(module).detach().cpu()
     bias = module.bias.detach().cpu() if module.bias is not None else None
     rotation, target, target_hessian = None, weight, hessian
     if weights.rotation is not None:
@@ -421,36 +349,6 @@ def _sink_positions(report: CalibrationReport | None, sink_tokens: str) -> list[
 
 
 @torch.no_grad()
-def gptq_layer_results(
-    layer: nn.Module,
-    index: int,
-    inputs,
-    mine: dict[str, nn.Module],
-    weights: WeightsSection,
-    report: CalibrationReport | None,
-) -> dict[str, tuple[GPTQResult, list[int]]]:
-    """GPTQ for the linear layers `mine` of decoder layer `index`, from the Hessians of their inputs as
-    the float layer computes them on `inputs` (the two-pass route's first pass), without changing the
-    layer: name -> (result, outlier columns). Learned rounding starts from these (`learned.start:
-    gptq`); a linear the forward never calls, or whose GPTQ is not finite, is left out (it starts from
-    round-to-nearest)."""
-    mode = weights.gptq.sink_tokens
-    sinks = _sink_positions(report, mode)
-    with observe_inputs(mine, lambda name, n: GPTQObserver(name, n, sinks, mode == "cap", None)) as observers:
-        run_layer(layer, inputs, index, keep=False)
-    factors, found = {}, {}
-    for name, module in mine.items():
-        if name not in observers:
-            continue
-        weight = float_weight(module).detach().cpu()
-        idx = choose_outliers(name, weight, weights, report)
-        result = _gptq_weight(name, weight, observers[name].hessians.hessian(mode), idx, weights, factors)
-        if result is not None:
-            found[name] = result, idx
-    return found
-
-
-@torch.no_grad()
 def gptq_quantize_(
     model: nn.Module | ModelHost,
     weights: WeightsSection,
@@ -488,39 +386,27 @@ def gptq_quantize_(
     ids = calibration.samples.input_ids
     with host.outside("input"):
         inputs = capture_inputs(host.model, ids, batch_size, host.device)
-    toward_model = weights.gptq.target == "model"
     wide = weights.gptq.precision == "float64"
-    merged = (
-        merge_batches(inputs) if _one_pass_fits(ids, chosen, one_pass, host, toward_model, wide) else None
-    )
+    merged = merge_batches(inputs) if _one_pass_fits(ids, chosen, one_pass, host, wide) else None
     if merged is not None:
         inputs = merged
-    references = ReferenceInputs() if toward_model else None
     mode = weights.gptq.sink_tokens
 
-    def make_observer(name: str, in_features: int) -> GPTQObserver:
-        return GPTQObserver(name, in_features, sinks, mode == "cap", references)
+    def make_observer(name: str, in_features: int) -> HessianAccumulator:
+        return HessianAccumulator(in_features, sinks, track_max=mode == "cap")
 
-    def quantize(name: str, module: nn.Module, observer: GPTQObserver | None, factors: dict, stored: dict):
+    def quantize(
+        name: str, module: nn.Module, observer: HessianAccumulator | None, factors: dict, stored: dict
+    ):
         idx = choose_outliers(name, float_weight(module), weights, report)
         storage = stored[name]
         if observer is None:
             warnings.warn(f"GPTQ: {name} saw no calibration input; using round-to-nearest", stacklevel=3)
             return _rtn(float_weight(module), module.bias, weights, idx, storage), idx
-        hessian = observer.hessians.hessian(mode)
-        source = None
-        if toward_model:
-            kept = complement_indices(torch.as_tensor(idx, dtype=torch.long).sort().values, hessian.shape[0])
-            source = observer.target_weight(
-                float_weight(module).cpu(), hessian, mode, kept, weights.gptq.damping
-            )
-        return quantize_module(name, module, hessian, idx, weights, storage, factors, source), idx
+        hessian = observer.hessian(mode)
+        return quantize_module(name, module, hessian, idx, weights, storage, factors), idx
 
-    # with target: model, a second stream: the float model's hidden states (each store gets half the budget)
-    budget = host.memory_budget // 2 if toward_model else host.memory_budget
-    with HiddenStore(inputs.hidden, budget) as store, \
-            HiddenStore(list(inputs.hidden) if toward_model else [], budget) as float_store:  # fmt: skip
-        float_inputs = LayerInputs(float_store, inputs.calls) if toward_model else None
+    with HiddenStore(inputs.hidden, host.memory_budget) as store:
         inputs.hidden = store
         for index in tqdm(range(len(host.layers)), desc=f"GPTQ int{weights.bits}", unit="layer",
                           disable=not progress):  # fmt: skip
@@ -536,8 +422,7 @@ def gptq_quantize_(
                 }
                 with _precision(layer, weights.gptq.precision):
                     done = step(layer, index, inputs, mine, make_observer,
-                                partial(quantize, factors=factors, stored=stored), batch_size, float_inputs,
-                                references)  # fmt: skip
+                                partial(quantize, factors=factors, stored=stored), batch_size)  # fmt: skip
                 for name, (new, idx) in done.items():
                     old = chosen.pop(name)
                     summary.swap_in(host.model, name, float_weight(old), old.bias, new, idx)
@@ -563,17 +448,10 @@ def _precision(layer: nn.Module, precision: str):
     return computing_in(layer, torch.float64) if precision == "float64" else contextlib.nullcontext()
 
 
-def _one_pass_layer(
-    layer, index, inputs, mine, make_observer, quantize, batch_size, float_inputs=None, references=None
-) -> dict:
+def _one_pass_layer(layer, index, inputs, mine, make_observer, quantize, batch_size) -> dict:
     """One call over all tokens: each linear is quantized as its input arrives and computes with its
-    quantized weights in the same forward, whose output is the next layer's input. With
-    `float_inputs`, the float layer first runs on the float model's hidden states (all tokens at once),
-    its linear layers' inputs recorded in `references`."""
+    quantized weights in the same forward, whose output is the next layer's input."""
     done: dict[str, tuple[SinkQuantLinear, list[int]]] = {}
-    if float_inputs is not None:
-        with references.record(mine):
-            run_layer(layer, float_inputs, index)
 
     def arrive(name, module, observer):
         done[name] = quantize(name, module, observer)
@@ -583,26 +461,13 @@ def _one_pass_layer(
         run_layer(layer, inputs, index)
     for name in mine.keys() - done.keys():  # never called in this layer's forward
         done[name] = quantize(name, mine[name], None)
-    if references is not None:
-        references.clear()
     return done
 
 
-def _two_pass_layer(
-    layer, index, inputs, mine, make_observer, quantize, batch_size, float_inputs=None, references=None
-) -> dict:
-    """Batch by batch: Hessians from the float layer, then the layer re-run with quantized weights.
-    With `float_inputs`, each batch first goes through the float layer on the float model's hidden
-    states, its linear layers' inputs recorded in `references` for the observers."""
-
-    def float_batch(b: int) -> None:
-        with references.record(mine):
-            run_batch(layer, float_inputs, index, b)
-
+def _two_pass_layer(layer, index, inputs, mine, make_observer, quantize, batch_size) -> dict:
+    """Batch by batch: Hessians from the float layer, then the layer re-run with quantized weights."""
     with observe_inputs(mine, make_observer) as observers:
-        run_layer(layer, inputs, index, keep=False, before=float_batch if float_inputs is not None else None)
-    if references is not None:
-        references.clear()
+        run_layer(layer, inputs, index, keep=False)
     done = {name: quantize(name, m, observers.get(name)) for name, m in mine.items()}
     del observers
     with effective_weights(mine, {n: new for n, (new, _) in done.items()}):
@@ -612,15 +477,13 @@ def _two_pass_layer(
 
 def _one_pass_fits(
     ids: torch.Tensor, chosen: dict[str, nn.Module], one_pass: bool | None, host: ModelHost,
-    toward_model: bool = False, float64: bool = False,
+    float64: bool = False,
 ) -> bool:  # fmt: skip
     """Whether to merge the calibration batches: one layer's activations for every token at once,
-    estimated as 4 float32 copies of the widest linear output per token (8 with `toward_model`: the
-    float layer's linear inputs are held too; twice the bytes in float64), must fit ONE_PASS_BYTES and
-    the host's memory budget."""
+    estimated as 4 float32 copies of the widest linear output per token (twice the bytes in float64),
+    must fit ONE_PASS_BYTES and the host's memory budget."""
     if one_pass is not None:
         return one_pass
     widest = max((m.out_features if isinstance(m, nn.Linear) else m.weight.shape[1] for m in chosen.values()),
                  default=0)  # fmt: skip
-    copies = 8 if toward_model else 4
-    return ids.numel() * widest * (8 if float64 else 4) * copies <= min(ONE_PASS_BYTES, host.memory_budget)
+    return ids.numel() * widest * (8 if float64 else 4) * 4 <= min(ONE_PASS_BYTES, host.memory_budget)

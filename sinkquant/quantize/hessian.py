@@ -103,40 +103,6 @@ class HessianAccumulator:
         return _float32_by_rows(h) if h.shape[0] >= WIDE_FACTOR else h
 
 
-class CrossAccumulator:
-    """Σ x̃ xᵀ over the calibration tokens: x̃ the float model's input to a linear layer, x the input the
-    quantized model gives it, with the rows at sink positions kept apart as `HessianAccumulator` keeps
-    them. `cross(mode)` includes or drops those rows and scales by 2/n like `HessianAccumulator.hessian`,
-    so C and H are comparable term by term (C = H where the two inputs agree)."""
-
-    def __init__(self, in_features: int, sink_positions: list[int]) -> None:
-        self.body = torch.zeros(in_features, in_features, dtype=torch.float64)
-        self.sink = torch.zeros(in_features, in_features, dtype=torch.float64)
-        self.count = 0
-        self.sink_count = 0
-        self.sink_positions = sorted(set(sink_positions))
-
-    def add(self, x: torch.Tensor, reference: torch.Tensor) -> None:
-        if reference.shape != x.shape:
-            raise SinkQuantError(
-                f"float-model input {tuple(reference.shape)} does not match {tuple(x.shape)}"
-            )
-        x_sinks, x_body = split_sink_rows(x.detach().float(), self.sink_positions)
-        ref_sinks, ref_body = split_sink_rows(reference.detach().float(), self.sink_positions)
-        if x_sinks is not None:
-            self.sink += (ref_sinks.T @ x_sinks).double().cpu()
-            self.sink_count += x_sinks.shape[0]
-        self.body += (ref_body.T @ x_body).double().cpu()
-        self.count += x_body.shape[0]
-
-    def cross(self, sink_tokens: str = "include") -> torch.Tensor:
-        """float64 [in, in]: 2/n Σ x̃ xᵀ with the sink rows included or excluded (`cap` is refused by the
-        recipe for this target: capping would need the float inputs' own per-channel bounds)."""
-        if sink_tokens == "exclude":
-            return self.body * (2.0 / max(self.count, 1))
-        return (self.body + self.sink) * (2.0 / max(self.count + self.sink_count, 1))
-
-
 _ROWS_PER_COPY = 256  # rows per step where a whole-matrix temporary would double a wide layer's memory
 
 

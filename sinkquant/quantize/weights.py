@@ -36,9 +36,6 @@ class QuantizeSummary:
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
     layers: dict[str, dict] = field(default_factory=dict)  # name -> spec for the checkpoint config
-    # algorithms that fit each decoder layer's output (learned): its error on the calibration tokens
-    # at the end as a fraction of the error at its start (round-to-nearest, or GPTQ's result), one per layer
-    layer_error_ratios: list[float] = field(default_factory=list)
 
     def swap_in(
         self,

@@ -16,7 +16,6 @@ from sinkquant.pipeline import quantization_config
 from sinkquant.quantize.gptq import gptq_quantize_, gptq_quantize_weight
 from sinkquant.quantize.hessian import HessianAccumulator
 from sinkquant.quantize.linear import SinkQuantLinear
-from sinkquant.quantize.refit import row_errors
 from sinkquant.recipe import load_recipe, parse_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -91,29 +90,6 @@ def test_clip_search_never_raises_the_weighted_rounding_error(bits, symmetric):
     weighted = [float(((w - r.weight) ** 2 * h.diagonal().float()).sum()) for r in (plain, clipped)]
     assert weighted[1] < weighted[0]
     assert torch.equal(_module(w, clipped, bits, 32, [3], symmetric).dequantized_weight(), clipped.weight)
-
-
-@pytest.mark.parametrize(
-    "symmetric, act_order, group", [(False, False, 64), (True, True, 32), (False, True, None)]
-)
-def test_refine_rounds_never_raise_a_rows_error_and_store_what_they_chose(symmetric, act_order, group):
-    x, w, idx = _inputs(), _weight(), [3, 77]
-    h = _hessian(x)
-    kept = [c for c in range(w.shape[1]) if c not in idx]
-    h_kept = h[kept][:, kept]
-    errors, results = [], []
-    for rounds in (0, 1, 3):
-        res = gptq_quantize_weight(w, h, 4, group, idx, symmetric, block_size=64, act_order=act_order,
-                                   clip_search=True, refine_rounds=rounds)  # fmt: skip
-        module = _module(w, res, 4, group, idx, symmetric)
-        assert torch.equal(module.dequantized_weight(), res.weight)  # the layer holds the refined numbers
-        assert torch.equal(res.weight[:, idx], w[:, idx])  # outlier columns untouched
-        errors.append(row_errors(w[:, kept], res.weight[:, kept], h_kept))
-        results.append(res)
-    assert (errors[1] <= errors[0]).all() and (errors[2] <= errors[1]).all()
-    assert errors[2].sum() < 0.99 * errors[0].sum()  # the refit finds something on correlated inputs
-    if symmetric:  # the stored minimum stays tied to the scale
-        assert torch.equal(results[2].minimum.float(), -8 * results[2].scale.float())
 
 
 def test_cholesky_failure_retries_with_more_damping_and_warns():
@@ -252,16 +228,13 @@ def test_recipe_options_validate():
     recipe = load_recipe(RECIPES / "w4-g128-gptq.yaml")
     assert recipe.weights.algorithm == "gptq" and recipe.weights.outliers.fraction == 0.01
     assert recipe.calibration.dataset is None and recipe.calibration.seq_len == 512
-    ok = parse_recipe(
-        "weights: {algorithm: gptq, gptq: {sink_tokens: cap, act_order: true, damping: 0.1, refine_rounds: 2}}"
-    )
-    assert ok.weights.gptq.sink_tokens == "cap" and ok.weights.gptq.refine_rounds == 2
+    ok = parse_recipe("weights: {algorithm: gptq, gptq: {sink_tokens: cap, act_order: true, damping: 0.1}}")
+    assert ok.weights.gptq.sink_tokens == "cap" and ok.weights.gptq.damping == 0.1
     for bad in (
         "{sink_tokens: drop}",
         "{block_size: 0}",
         "{damping: 0}",
         "{dampening: 0.1}",
-        "{refine_rounds: -1}",
     ):
         with pytest.raises(InputError, match="gptq"):
             parse_recipe(f"weights: {{algorithm: gptq, gptq: {bad}}}")
@@ -274,8 +247,7 @@ def test_sink_modes_need_a_report():
         )
 
 
-@pytest.mark.parametrize("refine_rounds", [0, 2])
-def test_a_layer_quantizes_to_the_same_codes_at_one_and_two_threads(refine_rounds):
+def test_a_layer_quantizes_to_the_same_codes_at_one_and_two_threads():
     """H's matmuls and the factorisation use every torch thread; the codes must not depend on how many."""
     from sinkquant.quantize.hessian import HessianAccumulator
 
@@ -292,9 +264,7 @@ def test_a_layer_quantizes_to_the_same_codes_at_one_and_two_threads(refine_round
             for batch in x.split(2):
                 acc.add(batch)
             hessian = acc.hessian()
-            got = gptq_quantize_weight(
-                weight.clone(), hessian, 4, 128, [5, 11, 300], clip_search=True, refine_rounds=refine_rounds
-            )
+            got = gptq_quantize_weight(weight.clone(), hessian, 4, 128, [5, 11, 300], clip_search=True)
             results.append((hessian, got))
     finally:
         torch.set_num_threads(threads)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import quantized_tiny_llama
+from tiny_models import quantized_tiny_llama, row_errors
 
 from sinkquant.errors import InputError
 from sinkquant.export import export
@@ -19,7 +19,6 @@ from sinkquant.quantize.gptq import gptq_quantize_weight
 from sinkquant.quantize.grid import fit_levels, round_to_levels, uniform_levels
 from sinkquant.quantize.hessian import HessianAccumulator
 from sinkquant.quantize.linear import SinkQuantLinear
-from sinkquant.quantize.refit import row_errors
 from sinkquant.recipe import Recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "integrations" / "vllm"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import quantized_tiny_llama
+from tiny_models import quantized_tiny_llama, row_errors
 
 from sinkquant.errors import InputError
 from sinkquant.export import export
@@ -19,7 +19,6 @@ from sinkquant.quantize.gptq import gptq_quantize_weight
 from sinkquant.quantize.hessian import HessianAccumulator
 from sinkquant.quantize.linear import SinkQuantLinear, forget_rotated_input
 from sinkquant.quantize.primitives import complement_indices
-from sinkquant.quantize.refit import row_errors
 from sinkquant.quantize.rotation import (
     InputRotation,
     block_sizes,

@@ -163,16 +163,13 @@ def test_a_sharded_checkpoint_loads_every_way_and_scores_the_same(stories_path, 
 
 
 @pytest.mark.parametrize("make", [tiny_qwen2, tiny_gemma3], ids=["qwen2", "gemma3"])
-def test_gptq_toward_the_float_model_streams_and_spills_to_the_tensors_in_memory(
-    make, stories_path, tmp_path
-):
-    """target: model keeps a second stream of hidden states (the float model's): spilled to disk with
-    a zero memory budget (which also takes the two-pass route), streamed from the folder, it gives the
-    tensors of the model in memory on the same route, on Qwen2 (biases) and Gemma 3 (sliding-window
-    layers with their own masks)."""
+def test_gptq_streams_and_spills_to_the_tensors_in_memory(make, stories_path, tmp_path):
+    """GPTQ's hidden states spilled to disk with a zero memory budget (which also takes the two-pass
+    route), streamed from the folder, give the tensors of the model in memory on the same route, on
+    Qwen2 (biases) and Gemma 3 (sliding-window layers with their own masks)."""
     model = make()
     folder = save_tiny(model, tmp_path / "src", tokenizer_from=stories_path)
-    recipe = GPTQ.with_overrides(**{"weights.gptq.target": "model", "weights.gptq.refine_rounds": 1})
+    recipe = GPTQ
     run = quantize_model(
         folder, tmp_path / "streamed", recipe, progress=False, execution=Execution(memory_budget=0)
     )
