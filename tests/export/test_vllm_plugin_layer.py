@@ -1,5 +1,6 @@
 """The vLLM plugin's linear layer (integrations/vllm), called on tensors without vLLM: it must give
-what `SinkQuantLinear` gives on the same checkpoint tensors, alone and fused the way vLLM fuses q/k/v."""
+what `SinkQuantLinear` gives on the same checkpoint tensors, alone and fused the way vLLM fuses q/k/v,
+and read the tensors by sinkquant's own layer format (no copy of it)."""
 
 import sys
 from pathlib import Path
@@ -7,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sinkquant.quantize.linear import SinkQuantLinear, forget_rotated_input, use_kernels
+from sinkquant.format import FORMAT_VERSION, LayerSpec
+from sinkquant.quantize.linear import SinkQuantLinear, forget_rotated_input
 from sinkquant.quantize.rotation import InputRotation, draw_signs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "integrations" / "vllm"))
@@ -33,35 +35,20 @@ def _tensors(layer: SinkQuantLinear) -> dict[str, torch.Tensor]:
     return {name: buf for name, buf in layer.named_buffers() if name != "bias"}
 
 
-def _spec(layer: SinkQuantLinear) -> plugin.LayerSpec:
-    return plugin.LayerSpec(
-        layer.in_features,
-        layer.out_features,
-        layer.bits,
-        32 if layer.bits == 4 else None,
-        layer.n_outliers,
-        layer.bias is not None,
-        "float16",
-        layer.symmetric,
-    )
+def _spec(layer: SinkQuantLinear) -> LayerSpec:
+    return layer.spec
+
+
+def test_the_plugin_reads_sinkquants_own_format():
+    assert plugin.LayerSpec is LayerSpec and plugin.FORMAT_VERSION == FORMAT_VERSION
 
 
 @pytest.mark.parametrize("bits, symmetric", [(4, False), (4, True), (8, False)])
 @pytest.mark.parametrize("outliers", [0, 3])
-def test_the_plugins_reference_forward_is_sinkquant_linear(bits, symmetric, outliers):
+def test_a_layers_tensors_are_the_ones_its_spec_names(bits, symmetric, outliers):
     layer = _layer(bits, outliers, bias=True, symmetric=symmetric)
-    spec, tensors = _spec(layer), _tensors(layer)
-    assert {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()} == {
-        k: (shape, dtype) for k, (shape, dtype) in spec.shapes().items()
-    }
-    assert torch.equal(plugin.effective_weight(spec, tensors), layer.dequantized_weight())
-    # bf16 activations (as vLLM serves them) in a float32 tensor, against sinkquant's dequantizing path
-    # (float32 products; PyTorch's int4 kernel would round its output to bf16)
-    x = torch.randn(5, 160).to(torch.bfloat16).float()
-    with torch.no_grad(), use_kernels(False):
-        expected = layer(x)
-        got = plugin.reference_forward(x, spec, tensors, layer.bias)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    spec = LayerSpec.from_dict(layer.spec.to_dict())  # as vLLM reads it from config.json
+    assert {k: (tuple(v.shape), v.dtype) for k, v in _tensors(layer).items()} == dict(spec.shapes())
 
 
 @pytest.mark.parametrize("bits, symmetric", [(4, False), (4, True), (8, False)])
@@ -85,16 +72,11 @@ def test_a_fused_layer_gives_each_shard_its_own_outputs():
         name: torch.cat([_tensors(s)[name] for s in shards]) if name != "outlier_idx" else idx.int()
         for name in _tensors(shards[0])
     }
-    spec = plugin.LayerSpec(160, 64, 4, 32, 3, False, "float32")
-    served = plugin.sinkquant_layer(spec, fused)
-    x = torch.randn(4, 160).to(torch.bfloat16)
-    with torch.no_grad():
-        assert torch.equal(served(x), torch.cat([s(x) for s in shards], dim=1))
-        with use_kernels(False):
-            expected = torch.cat([s(x.float()) for s in shards], dim=1)
-        torch.testing.assert_close(
-            plugin.reference_forward(x.float(), spec, fused), expected, rtol=1e-5, atol=1e-5
-        )
+    spec = LayerSpec(160, 64, 4, 32, 3, False, "float32")
+    served = plugin.served_layer(spec, fused, [64, 64, 64])
+    for x in (torch.randn(4, 160).to(torch.bfloat16), torch.randn(4, 160)):  # kernels; dequantized
+        with torch.no_grad():
+            assert torch.equal(served(x), torch.cat([s(x) for s in shards], dim=1))
 
 
 def test_a_fused_log_scale_layer_decodes_each_shard_under_its_own_exponent():
@@ -115,7 +97,7 @@ def test_a_fused_log_scale_layer_decodes_each_shard_under_its_own_exponent():
         name: torch.cat([_tensors(s)[name] for s in shards]) if name != "outlier_idx" else idx.int()
         for name in _tensors(shards[0])
     }
-    spec = plugin.LayerSpec(160, 64, 4, 32, 3, False, "float32", symmetric=True, log_scales=True)
+    spec = LayerSpec(160, 64, 4, 32, 3, False, "float32", symmetric=True, log_scales=True)
     assert {k: (tuple(v.shape), v.dtype) for k, v in fused.items()} == {
         k: shape_dtype for k, shape_dtype in spec.shapes(192, shards=3).items()
     }
@@ -150,9 +132,9 @@ def test_a_fused_rotated_layer_is_served_by_sinkquant_linear_exactly():
         else _tensors(shards[0])[name]
         for name in _tensors(shards[0])
     }
-    spec = plugin.LayerSpec.from_dict(
+    spec = LayerSpec.from_dict(
         {"in_features": 160, "out_features": 64, "bits": 4, "group_size": 32, "outliers": 3,
-         "dtype": "float32", "rotation": 32}
+         "bias": False, "dtype": "float32", "rotation": 32}
     )  # fmt: skip
     assert {k: (tuple(v.shape), v.dtype) for k, v in fused.items()} == dict(spec.shapes(192, shards=3))
     served = plugin.sinkquant_layer(spec, fused)
@@ -164,13 +146,3 @@ def test_a_fused_rotated_layer_is_served_by_sinkquant_linear_exactly():
             want = torch.cat([s(x) for s in shards], dim=1)
             forget_rotated_input()
             assert torch.equal(served(x), want)
-    with pytest.raises(ValueError, match="rotated layer"):
-        plugin.effective_weight(spec, fused)
-
-
-def test_a_rotated_checkpoint_needs_sinkquant_beside_vllm():
-    layers = {"model.layers.0.mlp.down_proj": {"rotation": 32}, "model.layers.0.mlp.up_proj": {}}
-    assert plugin.unserved_layers(layers) is None  # sinkquant is importable here
-    reason = plugin.unserved_layers(layers, importable=False)
-    assert "model.layers.0.mlp.down_proj" in reason and "pip install --no-deps sinkquant" in reason
-    assert plugin.unserved_layers({"a": {"rotation": None}}, importable=False) is None

@@ -23,7 +23,7 @@ from sinkquant.recipe import Recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "integrations" / "vllm"))
 from sinkquant_vllm.layer import FORMAT_VERSION as PLUGIN_FORMAT  # noqa: E402
-from sinkquant_vllm.layer import SHARED_ACROSS_SHARDS, LayerSpec, served_layer, unserved_layers  # noqa: E402
+from sinkquant_vllm.layer import SHARED_ACROSS_SHARDS, LayerSpec, served_layer  # noqa: E402
 
 
 def _group_error(weight: torch.Tensor, levels: torch.Tensor, group: int) -> float:
@@ -137,14 +137,12 @@ def test_a_checkpoint_on_levels_loads_every_way_and_scores_the_same(grid_checkpo
     assert torch.equal(want, hf)
 
 
-def test_export_refuses_levels_and_the_vllm_plugin_serves_them_through_sinkquant(grid_checkpoint, tmp_path):
+def test_export_refuses_levels_and_the_vllm_plugin_serves_them(grid_checkpoint, tmp_path):
     with pytest.raises(InputError, match="non-uniform grid"):
         export(grid_checkpoint, tmp_path / "exported")
     assert not (tmp_path / "exported").exists()
     qc = json.loads((grid_checkpoint / "config.json").read_text())["quantization_config"]
     assert qc["format_version"] <= PLUGIN_FORMAT
-    assert unserved_layers(qc["layers"]) is None
-    assert "pip install --no-deps sinkquant" in unserved_layers(qc["layers"], importable=False)
     model = load_model(grid_checkpoint)
     attention = model.model.layers[0].self_attn
     shards = [attention.q_proj, attention.k_proj, attention.v_proj]

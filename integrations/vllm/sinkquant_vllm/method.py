@@ -2,18 +2,12 @@
 
 vLLM builds each linear layer (fused ones too: q/k/v as `qkv_proj`, gate/up as `gate_up_proj`) and
 asks `SinkQuantVllmConfig.get_quant_method` how to hold its weights. A quantized layer gets sinkquant's
-tensors as vLLM parameters: every tensor of shape [out, ...] is loaded shard by shard along the output
-dimension; `outlier_idx` is one for the whole fused layer, so every shard must bring the same columns
-(sinkquant chooses them from the layer's input, which fused shards share; a checkpoint where they
-differ is refused with a message). After loading, the layer's forward is sinkquant's `SinkQuantLinear`
-on those tensors where sinkquant is importable, called through a registered custom op so that vLLM's
-torch.compile treats it as one opaque call; otherwise the weight is dequantized per call and
-multiplied (`layer.reference_forward`), which also serves GPUs. One-byte log scales (format 4) come
-with one exponent per checkpoint layer, so a fused layer holds one per shard (as vLLM holds fp8
-per-tensor scales) and decodes its scales to bf16 once, after loading. A layer with an input rotation
-(format 5) brings its signs like `outlier_idx`, one set for the whole fused layer (sinkquant draws them
-from the input's width and kept columns, which fused shards share), and is always served by
-sinkquant's module, on any device: it rotates the kept inputs before its integer kernel.
+tensors as vLLM parameters, named and shaped by sinkquant's layer format (`LayerSpec.shapes`): every
+tensor of shape [out, ...] is loaded shard by shard along the output dimension; the tensors a fused
+layer's shards share (`outlier_idx`, a rotation's `input_signs`) are loaded once and every shard must
+bring the same; a log-scale exponent and a grid's levels are loaded at the shard's index. After loading,
+the layer's forward is sinkquant's own `SinkQuantLinear` on those tensors (`layer.served_layer`), called
+through a registered custom op so that vLLM's torch.compile treats it as one opaque call.
 """
 
 from __future__ import annotations
@@ -37,17 +31,7 @@ from vllm.model_executor.parameter import (
     PerTensorScaleParameter,
 )
 
-from .layer import (
-    FORMAT_VERSION,
-    LEVELS,
-    SHARED_ACROSS_SHARDS,
-    LayerSpec,
-    decode_log_scales,
-    effective_weight,
-    reference_forward,
-    served_layer,
-    unserved_layers,
-)
+from .layer import FORMAT_VERSION, LEVELS, SHARED_ACROSS_SHARDS, LayerSpec, decode_log_scales, served_layer
 
 _LAYERS: list = []  # the served SinkQuantLinear modules, by the handle the custom op receives
 
@@ -118,7 +102,7 @@ class SinkQuantVllmConfig(QuantizationConfig):
 
     @classmethod
     def get_min_capability(cls) -> int:
-        return -1  # dequantize + matmul runs on any GPU; on CPU the capability is not asked
+        return -1  # sinkquant's layer dequantizes per call on any GPU; on CPU the capability is not asked
 
     @staticmethod
     def get_config_filenames() -> list[str]:
@@ -127,13 +111,10 @@ class SinkQuantVllmConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> SinkQuantVllmConfig:
         version = config.get("format_version", 1)
-        reason = unserved_layers(config.get("layers") or {})
-        if reason is not None:
-            raise ValueError(reason)
         if version > FORMAT_VERSION:
             raise ValueError(
                 f"this sinkquant checkpoint is format {version}; this plugin reads formats up to "
-                f"{FORMAT_VERSION}: upgrade sinkquant-vllm"
+                f"{FORMAT_VERSION}: upgrade sinkquant beside it"
             )
         return cls(
             config.get("layers") or {}, config.get("modules_to_not_convert") or [], config.get("kv_cache")
@@ -217,26 +198,14 @@ class SinkQuantLinearMethod(LinearMethodBase):
         for name, tensor in tensors.items():
             setattr(layer, name, tensor)
         plain = {name: t.data for name, t in tensors.items()}
-        # a rotated or grid layer needs sinkquant's module wherever it runs (from_config checked it imports)
-        on_cpu = plain["weight"].device.type == "cpu"
-        needs_sinkquant = self.spec.rotation or self.spec.grid
-        module = (
-            served_layer(self.spec, plain, layer.sinkquant_shard_sizes) if on_cpu or needs_sinkquant else None
-        )
-        layer.sinkquant_handle = None
-        if module is not None:
-            layer.sinkquant_handle = len(_LAYERS)
-            _LAYERS.append(module)
-        else:  # dequantize + matmul: the effective weight is rebuilt per call from the stored codes
-            layer.sinkquant_tensors = plain
+        layer.sinkquant_handle = len(_LAYERS)
+        _LAYERS.append(served_layer(self.spec, plain, layer.sinkquant_shard_sizes))
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if layer.sinkquant_handle is not None:
-            y = _linear(x, layer.sinkquant_handle)
-            return y if bias is None else y + bias
-        return reference_forward(x, self.spec, layer.sinkquant_tensors, bias)
+        y = _linear(x, layer.sinkquant_handle)
+        return y if bias is None else y + bias
 
 
-__all__ = ["SinkQuantLinearMethod", "SinkQuantVllmConfig", "effective_weight"]
+__all__ = ["SinkQuantLinearMethod", "SinkQuantVllmConfig"]
