@@ -122,8 +122,9 @@ def materialized(name: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def score_models(models: list[str], tokens: int, work: Path) -> list[dict]:
-    """Quantize each model with the default recipe and score it with sinkquant's evaluator."""
+def score_models(models: list[str], tokens: int, work: Path, checkpoints: list[Path]) -> list[dict]:
+    """Quantize each model with the default recipe, and score it and each of `checkpoints` (made
+    before, e.g. by a slower recipe) with sinkquant's evaluator."""
     import torch
 
     from sinkquant.checkpoint import load
@@ -133,12 +134,15 @@ def score_models(models: list[str], tokens: int, work: Path) -> list[dict]:
     from sinkquant.recipe import Recipe
 
     rows = []
-    for model in models:
-        name = Path(model).name
-        checkpoint, windows_file = work / f"{name}-w4", work / f"{name}-windows.json"
+    jobs = [(model, None) for model in models] + [(str(c), c) for c in checkpoints]
+    for model, ready in jobs:
+        name = Path(model).name if ready is None else f"{Path(model).name} (given)"
+        checkpoint = ready or work / f"{name}-w4"
+        windows_file = work / f"{Path(model).name}-windows.json"
         start = time.perf_counter()
-        quantize_model(model, checkpoint, Recipe(), overwrite=True, progress=False)
-        quantize_s = time.perf_counter() - start
+        if ready is None:
+            quantize_model(model, checkpoint, Recipe(), overwrite=True, progress=False)
+        quantize_s = time.perf_counter() - start if ready is None else None
         tokenizer = load_tokenizer(model)
         windows = evaluation_windows(tokenizer, WIKITEXT.read_text().replace("\r\n", "\n"), 1024, tokens)
         windows_file.write_text(json.dumps(windows.tolist()))
@@ -162,9 +166,16 @@ def score_models(models: list[str], tokens: int, work: Path) -> list[dict]:
     return rows
 
 
+def quantize_text(row: dict) -> str:
+    return "(given)" if row["quantize_s"] is None else f"{row['quantize_s']:.0f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=None, help="model folder (repeatable)")
+    parser.add_argument(
+        "--checkpoint", action="append", type=Path, default=[], help="a sinkquant checkpoint to serve too"
+    )
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--venv", type=Path, default=ROOT / "runs" / "venv-vllm-readme")
     parser.add_argument("--out", type=Path, default=BENCH_RESULTS / "serving_install_vllm.md")
@@ -177,7 +188,7 @@ def main() -> None:
     models = args.model or [materialized(name) for name in MODELS]
     log: list[str] = []
     python, before, after, check_before, check_after = fresh_vllm_env(args.venv, log)
-    scored = score_models(models, args.tokens, RUNS)
+    scored = score_models(models, args.tokens, RUNS, args.checkpoint)
     for row in scored:
         row["vllm"] = serve(python, row["checkpoint"], row["windows"], RUNS / f"{row['model']}-vllm.json")
         print(row["model"], json.dumps(row["vllm"]), flush=True)
@@ -232,8 +243,9 @@ def main() -> None:
         "",
         "## vLLM serving the default W4 checkpoints through the plugin",
         "",
-        f"Default recipe (`sinkquant quantize MODEL OUT`, {Path('recipes/w4-g128-outliers.yaml')}), quantized in "
-        f"sinkquant's own environment. Perplexity: WikiText-2 test, first {args.tokens} tokens, windows of 1024; "
+        "Default recipe (`sinkquant quantize MODEL OUT`, recipes/w4-g128-outliers.yaml), quantized in "
+        "sinkquant's own environment; rows marked (given) are checkpoints made before the run (`--checkpoint`). "
+        f"Perplexity: WikiText-2 test, first {args.tokens} tokens, windows of 1024; "
         "`sinkquant bf16` and `sinkquant fp32` are sinkquant's evaluator on the checkpoint loaded in that dtype, "
         "`vLLM` is exp of the mean NLL from vLLM's prompt logprobs on the same token ids (bf16, eager). Decode: "
         "64 new tokens after a 6-token prompt, median of 3.",
@@ -246,13 +258,13 @@ def main() -> None:
         served = row["vllm"]
         if "error" in served:
             lines.append(
-                f"| {row['model']} | {row['quantize_s']:.0f} | {row['float32']:.4f} | {row['bfloat16']:.4f} | {served['error']} | | | | |"
+                f"| {row['model']} | {quantize_text(row)} | {row['float32']:.4f} | {row['bfloat16']:.4f} | {served['error']} | | | | |"
             )
             continue
         ratio = served["perplexity"] / row["bfloat16"] - 1
         text = json.dumps(served["generation"])[1:-1][:60]
         lines.append(
-            f"| {row['model']} | {row['quantize_s']:.0f} | {row['float32']:.4f} | {row['bfloat16']:.4f} | "
+            f"| {row['model']} | {quantize_text(row)} | {row['float32']:.4f} | {row['bfloat16']:.4f} | "
             f"{served['perplexity']:.4f} | {ratio:+.2%} | {served['batch1_tokens_per_s']:.1f} | "
             f"{served['batch8_tokens_per_s']:.1f} | {text} |"
         )
