@@ -83,7 +83,7 @@ class GPTQSection(StrictModel):
     clip_search: bool = False
     # the dtype each decoder layer computes its calibration forward pass and Hessians in. float64 makes
     # the checkpoint independent of the BLAS's code path (which differs between CPUs and cannot be
-    # pinned: eval/results/mkl_numerics.md): its last-bit differences fall far below float32's rounding
+    # pinned: eval/results/bench/mkl_numerics.md): its last-bit differences fall far below float32's rounding
     # of the layer's output, so GPTQ's sweep sees the same inputs. float32 is faster.
     precision: Literal["float32", "float64"] = "float32"
 

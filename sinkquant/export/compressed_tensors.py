@@ -73,7 +73,7 @@ class WeightArgs:
 #: in oneDNN, which vLLM's CPU W8A8 uses, with vpmaddubsw: unsigned 8-bit activations (the signed
 #: ones shifted by 128) times signed 8-bit weights, summed in pairs into int16, which saturates once
 #: 255 * |w| * 2 exceeds 32,767. Codes within 64 never saturate, so the product is exact there; full-
-#: range codes make vLLM compute another model than the file holds (eval/results/onednn_int8_avx2.md).
+#: range codes make vLLM compute another model than the file holds (eval/results/bench/onednn_int8_avx2.md).
 NARROW_INT8_LIMIT = 64
 
 

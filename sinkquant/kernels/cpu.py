@@ -45,7 +45,7 @@ from .build import load_extension
 PARALLEL_CODES = 65536
 #: rows ahead whose codes are prefetched while a row pair is summed: without it one core's loop keeps
 #: too few DRAM reads in flight to use the memory bandwidth; 16 did better than 0 and 32 on large layers
-#: (eval/bench_kernels.py)
+#: (eval/bench/bench_kernels.py)
 PREFETCH_ROWS = 16
 _BUILT: dict[str, object] = {}
 
