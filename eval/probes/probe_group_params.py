@@ -87,7 +87,7 @@ def int8_outlier_columns(model: torch.nn.Module, per: str) -> None:
 def main() -> None:
     tokens, recipe_file, modes = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
     primitives.quantize_grouped = snapped_quantize_grouped  # what quantize_grouped_clipped calls
-    schemes.quantize_grouped = snapped_quantize_grouped  # what the int4 scheme (RTN and GPTQ) calls
+    schemes.int4.quantize_grouped = snapped_quantize_grouped  # what the int4 scheme (RTN and GPTQ) calls
     model = default_model()
     tokenizer = load_tokenizer(model)
     reference = open_model(model, "float32")[0]

@@ -167,7 +167,7 @@ def use_grid(levels: torch.Tensor) -> None:
     type(schemes.SCHEMES[4]).round_to_range = lambda self, values, scale, minimum: round_to_levels(
         values, scale, minimum, table
     )
-    schemes.dequantize_grouped = on_levels
+    schemes.int4.dequantize_grouped = on_levels
 
 
 def main() -> None:
