@@ -1,9 +1,10 @@
-"""The jobs the CLI runs, end to end, as Python functions: quantize, calibrate, evaluate, inspect.
+"""The jobs the CLI runs, end to end, as Python functions: quantize, calibrate, evaluate, inspect, export.
 
 `quantize_model` reads top to bottom as the data path: load, calibrate (samples drawn once for the
 run, or a saved report reused), quantize the weights with the recipe's algorithm, measure what the
 KV cache needs, save, and optionally evaluate before and after. Each step is also public on its own
-(`calibrate`, `quantize_weights`, `save`, `evaluate`).
+(`calibrate`, `quantize_weights`, `save`, `evaluate`). What a quantize run refuses before any work is
+in `preflight.py`; `inspect_checkpoint` lives in `inspection.py`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import copy
 import json
 import os
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +29,16 @@ from .data import calibration_samples, load_documents
 from .errors import InputError
 from .evaluate import EvalResult, evaluate, evaluation_windows
 from .export import ExportReport, ExportSettings, export, exported_model
+from .inspection import inspect_checkpoint  # noqa: F401  (the job behind `sinkquant inspect`)
 from .kv.cache import check_has_full_attention
 from .kv.config import KVCacheConfig
 from .kv.wiring import KVCalibration, cache_factory, calibrate_kv, needs_report
 from .loading import is_sinkquant_checkpoint, open_model, prepare_model
 from .modeling import load_tokenizer
+from .preflight import refuse_empty_selection, refuse_overlap, refuse_quantized_source
 from .quantize.algorithms import NEEDS_SAMPLES, quantize_weights
-from .quantize.weights import QuantizeSummary, targets
-from .recipe import CalibrationSection, Recipe, WeightsSection, load_recipe
+from .quantize.weights import QuantizeSummary
+from .recipe import CalibrationSection, Recipe, load_recipe
 from .stream.host import Execution, ModelHost, as_host
 
 #: window length of `--eval` in `quantize` (the evaluation protocol's)
@@ -85,97 +87,6 @@ def quantization_config(
         calibration=report.summary_dict() if report else None,
         key_outlier_idx=kv.key_outlier_idx_json() if kv else None,
     )
-
-
-def refuse_quantized_source(model_id: str | os.PathLike, trust_remote_code: bool = False) -> None:
-    """A sinkquant checkpoint is not a source: its linear layers are already quantized, so nothing
-    would be quantized again and the folder written would not load. Re-quantizing from its dequantized
-    weights is refused too, not offered behind a flag: it rounds twice and picks outlier columns from
-    weights that already lost them, so the result is always worse than quantizing the original."""
-    qc = _source_quantization_config(model_id, trust_remote_code)
-    if isinstance(qc, dict) and qc.get("quant_method") == "sinkquant":
-        scheme = f"int{qc.get('bits')}" + (f" g{qc['group_size']}" if qc.get("group_size") else "")
-        raise InputError(
-            f"{model_id} is already a sinkquant checkpoint ({scheme}, {len(qc.get('layers', {}))} quantized "
-            "layers); quantize the original model it was made from instead"
-        )
-    method = foreign_quant_method(qc)
-    if method is not None:
-        raise InputError(
-            f"{model_id} is already quantized ({method}); sinkquant starts from unquantized weights: use a "
-            "bf16/fp16/fp32 copy of the model (for an MXFP4 model such as gpt-oss, one with its experts "
-            "dequantized)"
-        )
-
-
-def _source_quantization_config(model_id: str | os.PathLike, trust_remote_code: bool) -> object:
-    """The source's `quantization_config` as its config.json has it: read from a local folder, or through
-    `AutoConfig` for a hub id (the config alone, before any weights); None where there is none or the
-    config cannot be read here (the model's loading then says why)."""
-    folder = Path(model_id).expanduser()
-    if folder.is_dir():
-        try:
-            return json.loads((folder / "config.json").read_text()).get("quantization_config")
-        except (OSError, ValueError, AttributeError):
-            return None
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(str(model_id), trust_remote_code=trust_remote_code)
-    except Exception:  # offline, unknown id, remote code refused: the model's loading reports it
-        return None
-    return getattr(config, "quantization_config", None)
-
-
-def foreign_quant_method(qc: object) -> str | None:
-    """How another tool quantized a model, from its `quantization_config` (None: it holds weights
-    sinkquant can start from). GPTQ, AWQ, MXFP4, FP8 and bitsandbytes store quantized values (packed
-    integers, FP8), not weights; a compressed-tensors config without quantization groups (sparsity or
-    a KV-cache scheme only) still holds float weights, and sinkquant's own checkpoints are refused
-    with their own message."""
-    if hasattr(qc, "to_dict"):
-        qc = qc.to_dict()
-    if not isinstance(qc, dict):
-        return None
-    method = qc.get("quant_method")
-    method = getattr(method, "value", method)  # a config object's to_dict() holds an enum member
-    if method == "sinkquant":
-        return None
-    if method == "compressed-tensors" and not qc.get("config_groups"):
-        return None
-    if method is None:
-        if qc.get("load_in_4bit") or qc.get("load_in_8bit"):
-            return "quantization_config: bitsandbytes"
-        return "its quantization_config names no quant_method"
-    return f"quantization_config.quant_method: {method}"
-
-
-def refuse_overlap(model_id: str | os.PathLike, out: Path) -> None:
-    """The output may not be the source folder, nor a folder holding it: writing it would replace the
-    model being read."""
-    source = Path(model_id).expanduser()
-    if not source.exists():
-        return
-    source, target = source.resolve(), out.resolve()
-    if target == source or source.is_relative_to(target):
-        raise InputError(
-            f"the output folder {out} {'is' if target == source else 'holds'} the model folder {model_id}; "
-            "writing it would replace the model being read: choose another output folder"
-        )
-
-
-def refuse_empty_selection(model: nn.Module, weights: WeightsSection) -> None:
-    """A weights section that selects no linear layer would write a checkpoint that quantizes nothing."""
-    with warnings.catch_warnings():  # the algorithm warns about unused patterns itself, once
-        warnings.simplefilter("ignore")
-        chosen, skipped = targets(model, weights.ignore)
-    if not chosen:
-        listed = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "") or "none"
-        raise InputError(
-            f"the recipe quantizes no linear layer: weights.ignore ({', '.join(weights.ignore)}) covers all "
-            f"{len(skipped)} of them ({listed}); narrow weights.ignore, or drop the weights section to "
-            "quantize only the KV cache"
-        )
 
 
 def calibrate_for(
@@ -452,49 +363,6 @@ def _stores_kv_cache(model_id) -> bool:
 def _vocab(model: nn.Module) -> int:
     head = model.get_output_embeddings()
     return head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
-
-
-def inspect_checkpoint(path: str | os.PathLike) -> dict:
-    """What a checkpoint holds, from its config and safetensors headers (no weights loaded)."""
-    import json
-
-    from .checkpoint import MANIFEST, stored_shapes
-    from .format import LayerSpec
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise InputError(f"{path} is not a model folder (no config.json)")
-    config = json.loads((path / "config.json").read_text())
-    qc = config.get("quantization_config") or {}
-    if qc.get("quant_method") != "sinkquant":
-        raise InputError(
-            f"{path} is not a sinkquant checkpoint (its config.json has no sinkquant quantization_config); "
-            "give a folder written by `sinkquant quantize`"
-        )
-    shapes = stored_shapes(path)
-    layers = qc.get("layers", {})
-    by_bits: dict[str, int] = {}
-    for spec in layers.values():
-        key = LayerSpec.from_dict(spec).scheme_text()
-        by_bits[key] = by_bits.get(key, 0) + 1
-    return {
-        "path": str(path),
-        "model_type": config.get("model_type"),
-        "format_version": qc.get("format_version"),
-        "algorithm": qc.get("algorithm"),
-        "quantized_modules": len(layers),
-        "schemes": by_bits,
-        "outlier_columns": sum(s["outliers"] for s in layers.values()),
-        "input_columns": sum(s["in_features"] for s in layers.values()),
-        "not_converted": qc.get("modules_to_not_convert", []),
-        "kv_cache": qc.get("kv_cache"),
-        "sinks": (qc.get("calibration") or {}).get("sinks", {}).get("positions"),
-        "massive_dims": (qc.get("calibration") or {}).get("massive", {}).get("dims"),
-        "tensors": len(shapes),
-        "safetensors_bytes": sum(p.stat().st_size for p in path.glob("*.safetensors")),
-        "folder_bytes": sum(p.stat().st_size for p in path.iterdir() if p.is_file()),
-        "manifest": (path / MANIFEST).is_file(),
-    }
 
 
 @dataclass

@@ -71,7 +71,7 @@ def test_foreign_quant_methods_are_named_and_float_configs_pass():
     no config at all hold float weights."""
     from transformers import BitsAndBytesConfig
 
-    from sinkquant.pipeline import foreign_quant_method
+    from sinkquant.preflight import foreign_quant_method
 
     assert foreign_quant_method(None) is None
     assert foreign_quant_method({"quant_method": "sinkquant"}) is None
@@ -92,7 +92,7 @@ def test_a_hub_id_with_a_quantized_config_is_refused_before_its_weights(monkeypa
     import transformers
 
     from sinkquant.errors import InputError
-    from sinkquant.pipeline import refuse_quantized_source
+    from sinkquant.preflight import refuse_quantized_source
 
     class Config:
         quantization_config = {"quant_method": "mxfp4"}
