@@ -143,21 +143,21 @@ def test_many_rows_take_one_dense_matmul(bits, group, bf16_matmul, monkeypatch):
     """Prefill-sized calls dequantize into the shared buffer and run one matmul (bf16 where the CPU
     has bf16 dot products, float32 elsewhere); the numbers stay those of the quantized weights."""
     _fused_or_skip()
-    from sinkquant.quantize import linear
+    from sinkquant.quantize import dispatch
 
-    monkeypatch.setattr(linear, "_fast_bf16_matmul", lambda: bf16_matmul)
+    monkeypatch.setattr(dispatch, "_fast_bf16_matmul", lambda: bf16_matmul)
     torch.manual_seed(5)
     idx = torch.randperm(576)[:6]
     layer = SinkQuantLinear.from_float(torch.randn(192, 576), torch.randn(192), bits, group, idx)
     layer = layer.to(torch.bfloat16)
-    x = torch.randn(1, linear.DENSE_MIN_ROWS, 576)
+    x = torch.randn(1, dispatch.DENSE_MIN_ROWS, 576)
     x[..., idx] *= 40
     x = x.bfloat16()
     calls = []
     many = layer._many_rows()
     layer._layouts.many_rows = lambda x2: calls.append(x2.shape[0]) or many(x2)  # before any forward
     y = layer(x)
-    assert calls == [linear.DENSE_MIN_ROWS] and y.dtype == torch.bfloat16
+    assert calls == [dispatch.DENSE_MIN_ROWS] and y.dtype == torch.bfloat16
     reference = F.linear(x.float(), layer.dequantized_weight(), layer.bias.float())
     err = float((y.float() - reference).abs().max() / reference.abs().max())
     assert err < (1.5e-2 if bf16_matmul else 8e-3)  # bf16 weights and sums / bf16 output rounding
