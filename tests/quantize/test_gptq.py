@@ -158,11 +158,11 @@ def test_one_pass_quantizes_later_linears_on_quantized_inputs():
 
 
 def test_linears_sharing_an_input_share_one_factorisation(monkeypatch):
-    import sinkquant.quantize.gptq as gptq
+    import sinkquant.quantize.gptq_sweep as sweep
 
     calls = []
-    real = gptq.inverse_hessian_factor
-    monkeypatch.setattr(gptq, "inverse_hessian_factor", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    real = sweep.inverse_hessian_factor
+    monkeypatch.setattr(sweep, "inverse_hessian_factor", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     model = tiny_llama()
     _gptq(model, _recipe(), _report(model), progress=False)
     # per layer: q/k/v (one input), o, gate/up (one input), down
