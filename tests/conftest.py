@@ -45,6 +45,21 @@ def pytest_runtest_makereport(item, call):
             report.longrepr = f"skipped in CI, where every test must run: {reason}"
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A module that skips while it is collected (`pytest.importorskip` at module level) skips every
+    test in it without a test report of its own: in CI that is a failure too."""
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped:
+        reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if not reason.removeprefix("Skipped: ").startswith(CI_MAY_SKIP):
+            report.outcome = "failed"
+            report.longrepr = (
+                f"{collector.nodeid} skipped while collected in CI, where every test must run: {reason}"
+            )
+
+
 def _need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: the real models and data live in ../shared beside the checkout")

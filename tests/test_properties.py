@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
 from sinkquant.errors import InputError
+from sinkquant.format import LayerSpec
 from sinkquant.kv import KVCacheConfig
 from sinkquant.quantize.primitives import (
     dequantize_grouped,
@@ -75,6 +76,10 @@ def weight_sections(draw) -> dict:
         "symmetric": draw(st.booleans()),
         "algorithm": draw(st.sampled_from(["rtn", "gptq"])),
         "clip_search": draw(st.booleans()),
+        # the int4 features, drawn freely: the combinations the recipe refuses are part of the draw
+        "log_scales": draw(st.booleans()),
+        "rotation": draw(st.sampled_from([None, 2, 8, 32, 128, 3])),
+        "grid": draw(st.sampled_from(["uniform", "lloyd"])),
         "outliers": outliers,
         "ignore": draw(st.lists(names, max_size=3)),
         "gptq": {
@@ -143,10 +148,36 @@ def test_any_yaml_structure_is_a_recipe_or_one_input_error(top, nested):
 
 @FAST
 @given(recipe_dicts())
-def test_valid_recipes_load_and_round_trip(data):
-    recipe = parse_recipe(yaml.safe_dump(data, allow_unicode=True), "r.yaml")
+def test_drawn_recipes_load_and_round_trip_or_are_refused_in_one_line(data):
+    try:
+        recipe = parse_recipe(yaml.safe_dump(data, allow_unicode=True), "r.yaml")
+    except InputError as exc:  # a combination the recipe's rules refuse (e.g. rotation with rtn)
+        assert "\n" not in str(exc) and str(exc).startswith("r.yaml")
+        with pytest.raises(ValueError):
+            Recipe.model_validate(data)
+        return
     assert recipe == Recipe.model_validate(data)
     assert parse_recipe(recipe.to_yaml()) == recipe
+
+
+@FAST
+@given(recipe_dicts())
+def test_drawn_int4_features_reach_the_layer_format(data):
+    """A recipe's int4 features are what the layer spec of its layers says (LayerSpec takes them)."""
+    try:
+        weights = Recipe.model_validate(data).weights
+    except ValueError:
+        return
+    if weights is None or weights.bits != 4:
+        return
+    spec = LayerSpec(576, 192, 4, 128, 6, False, symmetric=weights.symmetric, log_scales=weights.log_scales,
+                     rotation=weights.rotation, grid=None if weights.grid == "uniform" else weights.grid)  # fmt: skip
+    again = LayerSpec.from_dict(spec.to_dict())
+    assert again == spec
+    fields = {f.field for f in spec.features()}
+    assert ("rotation" in fields) == (weights.rotation is not None)
+    assert ("grid" in fields) == (weights.grid != "uniform")
+    assert ("log_scales" in fields) == weights.log_scales
 
 
 SECTIONS = {

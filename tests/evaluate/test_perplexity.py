@@ -57,6 +57,38 @@ def test_kl_of_a_model_against_itself_is_zero(smollm2, wikitext_path):
     assert result.top1_agreement == 1.0
 
 
+def test_kl_and_top1_between_two_models_match_an_independent_computation(smollm2, wikitext_path):
+    """Two different models (SmolLM2 and a copy whose MLPs are rounded to 5 mantissa bits): the
+    evaluator's KL(p_ref || p) and top-1 agreement against torch's own kl_div on plain transformers
+    logits of the same windows."""
+    import copy
+
+    model, tok = smollm2
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in other.named_parameters():
+            if ".mlp." in name:
+                mantissa, exponent = torch.frexp(param)
+                param.copy_(torch.ldexp(torch.round(mantissa * 32) / 32, exponent))
+    result = evaluate(
+        other, tok, wikitext_path, seq_len=512, max_tokens=2048, reference=model, progress=False
+    )
+    text = open(wikitext_path, encoding="utf-8", newline="").read().replace("\r\n", "\n")
+    windows = evaluation_windows(tok, text, 512, 2048)
+    kl_sum, agree, count = 0.0, 0, 0
+    with torch.no_grad():
+        for window in windows:
+            ref = torch.log_softmax(model(input_ids=window[None]).logits[0, :-1].double(), -1)
+            mine = torch.log_softmax(other(input_ids=window[None]).logits[0, :-1].double(), -1)
+            kl_sum += float(torch.nn.functional.kl_div(mine, ref, log_target=True, reduction="sum"))
+            agree += int((ref.argmax(-1) == mine.argmax(-1)).sum())
+            count += ref.shape[0]
+    assert result.kl > 1e-3  # the two models differ
+    assert result.kl == pytest.approx(kl_sum / count, rel=1e-3)
+    assert result.top1_agreement == pytest.approx(agree / count, abs=2 / count)
+    del other
+
+
 def test_bos_tokenizer_windows_start_with_bos(stories, wikitext_path):
     model, tok = stories
     windows = evaluation_windows(tok, "once upon a time there was a cat. " * 50, 64)
