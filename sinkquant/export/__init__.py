@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,9 +23,10 @@ from torch import nn
 
 from ..errors import InputError
 from ..format import export_refusals
-from ..quantize.primitives import unpack_bits
 from . import compressed_tensors as ct
 from . import smooth
+from .formats import EXPORT_FORMATS, ExportFormat, keys_by_module
+from .readback import exported_model
 
 #: the files besides the tensors and config.json that an export copies from the checkpoint
 _COPIED = (
@@ -88,67 +88,6 @@ class ExportReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class ExportFormat:
-    """One target format: how a layer's effective weight becomes tensors, and how they read back."""
-
-    name: str
-    write: Callable[[nn.Module, ct.WeightArgs, torch.dtype, str], dict[str, torch.Tensor]]
-    quantize: Callable[[torch.Tensor, ct.WeightArgs, torch.dtype, str], dict[str, torch.Tensor]]
-    read: Callable[[dict[str, torch.Tensor], ct.WeightArgs, str], torch.Tensor]
-    config: Callable[[ct.WeightArgs, str, list[str]], dict]
-
-
-def _ct_write(module, args, scale_dtype, activations):
-    """A native layer (`SinkQuantLinear`) as compressed-tensors tensors, its grid kept where it can be."""
-    keep = module._layouts.keep
-    if module.bits == 8:
-        tensors = ct.fold_int8(
-            module.weight, module.group_scale(), keep, module.outlier_idx, module.outlier_weight
-        )
-        return tensors if activations == "int8" else _int8_as_packed(tensors)
-    codes = unpack_bits(module.weight, 4, module.in_kept)
-    packed = ct.fold_int4(
-        codes,
-        module.group_scale(),
-        module.group_minimum(),
-        module.group_size,
-        keep,
-        module.dequantized_weight(),
-        args,
-        scale_dtype,
-    )
-    return ct.packed_as_int_quantized(packed, args) if activations == "int8" else packed
-
-
-def _int8_as_packed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """int8 per channel as `pack-quantized` 8-bit (weight-only W8A16, which GPUs serve)."""
-    codes = tensors["weight"]
-    return {
-        "weight_packed": ct.pack_int32(codes, 8),
-        "weight_scale": tensors["weight_scale"],
-        "weight_shape": torch.tensor(list(codes.shape), dtype=torch.int64),
-    }
-
-
-def _ct_quantize(weight, args, scale_dtype, activations):
-    """A weight the export changed (smoothing): quantized afresh on the format's grid."""
-    if activations == "int8":
-        return ct.int_quantized_tensors(weight, args, scale_dtype if args.bits == 4 else torch.float32)
-    return ct.pack_quantized_tensors(weight, args, scale_dtype)
-
-
-def _ct_read(tensors, args, activations):
-    return ct.read_int_quantized(tensors) if activations == "int8" else ct.read_pack_quantized(tensors, args)
-
-
-EXPORT_FORMATS: dict[str, ExportFormat] = {
-    "compressed-tensors": ExportFormat(
-        "compressed-tensors", _ct_write, _ct_quantize, _ct_read, ct.quantization_config
-    ),
-}
 
 
 def _read_checkpoint_config(checkpoint: Path) -> tuple[dict, dict]:
@@ -222,15 +161,53 @@ def _mean_bits(layers: dict[str, dict], dense: set[str], quantized_bits: float) 
     return bits / max(total, 1.0)
 
 
-def _keys_by_module(keys: list[str], modules: set[str]) -> tuple[dict[str, list[str]], list[str]]:
-    """The tensor names of each module in `modules` (its direct tensors: `name.weight`, ...) and the
-    names outside them, in one pass over the names."""
-    by_module: dict[str, list[str]] = {name: [] for name in modules}
-    outside = []
-    for key in keys:
-        owner = key.rsplit(".", 1)[0]
-        (by_module[owner] if owner in by_module else outside).append(key)
-    return by_module, outside
+def _export_format(settings: ExportSettings) -> ExportFormat:
+    fmt = EXPORT_FORMATS.get(settings.format)
+    if fmt is None:
+        raise InputError(
+            f"unknown export format {settings.format!r}; choose one of {', '.join(EXPORT_FORMATS)}"
+        )
+    return fmt
+
+
+def _checked_config(checkpoint: Path) -> tuple[dict, dict]:
+    """The checkpoint's config and `quantization_config`, its files checked against the manifest;
+    refused where a layer uses a feature the export cannot store."""
+    from ..checkpoint import verify_manifest
+
+    config, qc = _read_checkpoint_config(checkpoint)
+    verify_manifest(checkpoint)
+    for feature, found in export_refusals(qc["layers"])[:1]:
+        what, why = feature.export_refusal
+        raise InputError(
+            f"{checkpoint} has {what} (weights.{feature.field}, e.g. {found[0]}); {why}: serve the checkpoint "
+            f"itself with sinkquant or its vLLM plugin, or re-quantize without weights.{feature.field} to export it"
+        )
+    return config, qc
+
+
+def _scale_dtype(settings: ExportSettings) -> torch.dtype:
+    scale_dtype = getattr(torch, settings.scale_dtype, None)
+    if not isinstance(scale_dtype, torch.dtype) or not scale_dtype.is_floating_point:
+        raise InputError(
+            f"--scale-dtype must be a float dtype such as bfloat16 (got {settings.scale_dtype!r})"
+        )
+    return scale_dtype
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How each layer is rewritten: the format and its arguments, the modules kept dense, and with
+    smoothing the scales of each module's input columns and of each producer's channels."""
+
+    fmt: ExportFormat
+    args: ct.WeightArgs
+    scale_dtype: torch.dtype
+    activations: str
+    dense: set[str]
+    columns: dict[str, torch.Tensor]  # module -> s (its input columns are multiplied by s)
+    producers: dict[str, torch.Tensor]  # norm weight or module -> s (its channels divided by s)
+    sites: dict[str, smooth.Site]  # by producer
 
 
 def export(
@@ -240,35 +217,16 @@ def export(
     progress: bool = False,
 ) -> ExportReport:
     """Write the checkpoint at `checkpoint` to `out_dir` in `settings.format`; see the module docstring."""
-    from tqdm.auto import tqdm
-
-    from ..checkpoint import atomic_dir, prepare_out_dir, verify_manifest
-    from ..quantize.weights import empty_from_spec
+    from ..checkpoint import atomic_dir, prepare_out_dir
     from ..stream.source import SafetensorsSource
-    from ..stream.writer import ShardWriter
 
     settings = settings or ExportSettings()
-    fmt = EXPORT_FORMATS.get(settings.format)
-    if fmt is None:
-        raise InputError(
-            f"unknown export format {settings.format!r}; choose one of {', '.join(EXPORT_FORMATS)}"
-        )
+    fmt = _export_format(settings)
     start = time.perf_counter()
     checkpoint = Path(checkpoint).expanduser()
-    config, qc = _read_checkpoint_config(checkpoint)
-    verify_manifest(checkpoint)
-    for feature, found in export_refusals(qc["layers"])[:1]:
-        what, why = feature.export_refusal
-        raise InputError(
-            f"{checkpoint} has {what} (weights.{feature.field}, e.g. {found[0]}); {why}: serve the checkpoint "
-            f"itself with sinkquant or its vLLM plugin, or re-quantize without weights.{feature.field} to export it"
-        )
+    config, qc = _checked_config(checkpoint)
     args, scheme = _scheme(qc, settings)
-    scale_dtype = getattr(torch, settings.scale_dtype, None)
-    if not isinstance(scale_dtype, torch.dtype) or not scale_dtype.is_floating_point:
-        raise InputError(
-            f"--scale-dtype must be a float dtype such as bfloat16 (got {settings.scale_dtype!r})"
-        )
+    scale_dtype = _scale_dtype(settings)
     layers: dict[str, dict] = qc["layers"]
     names = sorted(layers)
     dense = ct.dense_modules(settings.dense, names)
@@ -288,62 +246,95 @@ def export(
         sorted(dense),
         0.0,
     )
-    columns: dict[str, torch.Tensor] = {}  # module -> s (its input columns are multiplied by s)
-    producers: dict[str, torch.Tensor] = {}  # norm weight or module -> s (its channels divided by s)
-    sites: dict[str, smooth.Site] = {}  # by producer
+    columns, producers, sites = {}, {}, {}
     if settings.smooth:
         columns, producers, sites = _smoothing(
             checkpoint, names, dense, args, settings, scale_dtype, report, progress
         )
+    plan = _Plan(fmt, args, scale_dtype, settings.activations, dense, columns, producers, sites)
     with atomic_dir(out, settings.overwrite) as tmp:
-        shards = ShardWriter(tmp)
-        keys_of, outside = _keys_by_module(source.names(), set(names))
-        for name in outside:
-            tensor = source.read([name])[name]
-            if name in producers:
-                tensor = smooth.divide_producer(sites[name], tensor, producers[name])
-            shards.add(name, tensor)
-        for name in tqdm(names, desc="exporting", unit="layer", disable=not progress):
-            spec = layers[name]
-            state = {k[len(name) + 1 :]: v for k, v in source.read(keys_of[name]).items()}
-            module = empty_from_spec(spec)
-            module.load_state_dict(state)
-            weight = module.dequantized_weight()
-            col = columns.get(name, torch.ones(weight.shape[1]))
-            row = producers.get(name, torch.ones(weight.shape[0]))
-            scaled = weight * col / row[:, None]
-            if name in dense:
-                tensors = {"weight": scaled.to(getattr(torch, spec.get("dtype", "float16")))}
-                report.fold_error[name] = 0.0
-            else:
-                if name in columns or name in producers or args.code_limit is not None:
-                    # the native grid cannot be kept: the weight changed, or the codes must be narrower
-                    tensors = fmt.quantize(scaled, args, scale_dtype, settings.activations)
-                else:
-                    tensors = fmt.write(module, args, scale_dtype, settings.activations)
-                back = fmt.read(tensors, args, settings.activations) / col * row[:, None]
-                report.fold_error[name] = ct.relative_error(back, weight)
-            if module.bias is not None:
-                tensors["bias"] = (module.bias.float() / row).to(module.bias.dtype)
-            for key, tensor in tensors.items():
-                shards.add(f"{name}.{key}", tensor)
-        files = shards.finish()
+        files = _write_tensors(tmp, source, layers, plan, report, progress)
         config["quantization_config"] = fmt.config(args, settings.activations, ignore)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name in _COPIED:
-            if (checkpoint / name).is_file():
-                shutil.copy2(checkpoint / name, tmp / name)
-        report.seconds = round(time.perf_counter() - start, 2)
-        note = {
-            "source": str(checkpoint),
-            "note": "exported by sinkquant; the KV-cache settings of the checkpoint are not carried: vLLM has "
-            "no sink-aware KV cache",
-            "kv_cache": qc.get("kv_cache"),
-            "files": files,
-            **report.to_dict(),
-        }
-        (tmp / EXPORT_NOTE).write_text(json.dumps(note, indent=1) + "\n")
+        _write_files(tmp, checkpoint, config, qc, files, report, start)
     return report
+
+
+def _write_tensors(
+    folder: Path, source, layers: dict[str, dict], plan: _Plan, report: ExportReport, progress: bool
+) -> list[str]:
+    """The export's tensors into `folder`: those outside the quantized layers as stored (a smoothed
+    producer's channels divided by its scales), then each layer rewritten; returns the files written."""
+    from tqdm.auto import tqdm
+
+    from ..stream.writer import ShardWriter
+
+    names = sorted(layers)
+    shards = ShardWriter(folder)
+    keys_of, outside = keys_by_module(source.names(), set(names))
+    for name in outside:
+        tensor = source.read([name])[name]
+        if name in plan.producers:
+            tensor = smooth.divide_producer(plan.sites[name], tensor, plan.producers[name])
+        shards.add(name, tensor)
+    for name in tqdm(names, desc="exporting", unit="layer", disable=not progress):
+        state = {k[len(name) + 1 :]: v for k, v in source.read(keys_of[name]).items()}
+        for key, tensor in _layer_tensors(name, layers[name], state, plan, report).items():
+            shards.add(f"{name}.{key}", tensor)
+    return shards.finish()
+
+
+def _layer_tensors(
+    name: str, spec: dict, state: dict, plan: _Plan, report: ExportReport
+) -> dict[str, torch.Tensor]:
+    """One quantized layer as the format's tensors (its fold error into `report`)."""
+    from ..quantize.weights import empty_from_spec
+
+    module = empty_from_spec(spec)
+    module.load_state_dict(state)
+    weight = module.dequantized_weight()
+    col = plan.columns.get(name, torch.ones(weight.shape[1]))
+    row = plan.producers.get(name, torch.ones(weight.shape[0]))
+    scaled = weight * col / row[:, None]
+    if name in plan.dense:
+        tensors = {"weight": scaled.to(getattr(torch, spec.get("dtype", "float16")))}
+        report.fold_error[name] = 0.0
+    else:
+        if name in plan.columns or name in plan.producers or plan.args.code_limit is not None:
+            # the native grid cannot be kept: the weight changed, or the codes must be narrower
+            tensors = plan.fmt.quantize(scaled, plan.args, plan.scale_dtype, plan.activations)
+        else:
+            tensors = plan.fmt.write(module, plan.args, plan.scale_dtype, plan.activations)
+        back = plan.fmt.read(tensors, plan.args, plan.activations) / col * row[:, None]
+        report.fold_error[name] = ct.relative_error(back, weight)
+    if module.bias is not None:
+        tensors["bias"] = (module.bias.float() / row).to(module.bias.dtype)
+    return tensors
+
+
+def _write_files(
+    folder: Path,
+    checkpoint: Path,
+    config: dict,
+    qc: dict,
+    files: list[str],
+    report: ExportReport,
+    start: float,
+) -> None:
+    """config.json, the files copied from the checkpoint and the export's note."""
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name in _COPIED:
+        if (checkpoint / name).is_file():
+            shutil.copy2(checkpoint / name, folder / name)
+    report.seconds = round(time.perf_counter() - start, 2)
+    note = {
+        "source": str(checkpoint),
+        "note": "exported by sinkquant; the KV-cache settings of the checkpoint are not carried: vLLM has "
+        "no sink-aware KV cache",
+        "kv_cache": qc.get("kv_cache"),
+        "files": files,
+        **report.to_dict(),
+    }
+    (folder / EXPORT_NOTE).write_text(json.dumps(note, indent=1) + "\n")
 
 
 def _smoothing(checkpoint, names, dense, args, settings, scale_dtype, report, progress):
@@ -390,63 +381,6 @@ def _smoothing(checkpoint, names, dense, args, settings, scale_dtype, report, pr
         sites[site.producer] = site
     del model
     return columns, producers, sites
-
-
-class ExportedLinear(nn.Module):
-    """A dense layer holding an export's effective weight; with `int8_activations`, its input is
-    rounded per token to int8 first (dynamic, symmetric), as vLLM's W8A8 kernel does."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, int8_activations: bool) -> None:
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias)
-        self.int8_activations = int8_activations
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8_activations:
-            scale = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / 127
-            x = (torch.round(x.float() / scale).clamp(-128, 127) * scale).to(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return nn.functional.linear(x, self.weight.to(x.dtype), bias)
-
-
-def exported_model(model: nn.Module, export_dir: str | Path) -> nn.Module:
-    """Replace `model`'s quantized layers (a loaded sinkquant checkpoint) by the effective weights of
-    the export in `export_dir`, read back from its files; returns `model`."""
-    from ..architecture import replace_module
-    from ..quantize.linear import SinkQuantLinear
-    from ..stream.source import SafetensorsSource
-
-    export_dir = Path(export_dir)
-    qc = json.loads((export_dir / "config.json").read_text())["quantization_config"]
-    group = qc["config_groups"]["group_0"]
-    w = group["weights"]
-    args = ct.WeightArgs(w["num_bits"], w["group_size"], w["symmetric"])
-    activations = "int8" if group.get("input_activations") else "none"
-    fmt = EXPORT_FORMATS["compressed-tensors"]  # the one format whose config this reads
-    ignore = set(qc.get("ignore") or [])
-    source = SafetensorsSource(export_dir)
-    quantized = {n for n, m in model.named_modules() if isinstance(m, SinkQuantLinear)}
-    keys_of, outside = _keys_by_module(source.names(), quantized)
-    own = dict(model.named_parameters()) | dict(model.named_buffers())
-    with torch.no_grad():  # the tensors outside the linear layers as exported (smoothing changes norms)
-        for key in outside:
-            if key in own:
-                own[key].copy_(source.read([key])[key])
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, SinkQuantLinear):
-            continue
-        tensors = {k[len(name) + 1 :]: v for k, v in source.read(keys_of[name]).items()}
-        bias = tensors.pop("bias", None)
-        weight = tensors["weight"].float() if name in ignore else fmt.read(tensors, args, activations)
-        replace_module(
-            model,
-            name,
-            ExportedLinear(
-                weight, None if bias is None else bias.float(), activations == "int8" and name not in ignore
-            ),
-        )
-    return model
 
 
 __all__ = ["EXPORT_FORMATS", "ExportReport", "ExportSettings", "export", "exported_model"]
