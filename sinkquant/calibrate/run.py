@@ -73,6 +73,42 @@ def calibrate(
         data = calibration_samples(tokenizer, dataset, samples, seq_len, seed)
     seed = data.seed
     ids = data.input_ids
+    attention, activations, linears = _collect(host, ids, settings, progress, memory_budget)
+    flagged, occurrences, max_later_share = _content_shares(attention, ids, data.bos, settings)
+    sinks = _sink_report(model, tokenizer, attention, flagged, occurrences, settings)
+    sinks.max_later_share = _sig(max_later_share, 4)
+    massive = _massive_report(tokenizer, activations, settings)
+    linear = _linear_report(linears, settings, sink_rows(sinks, massive, settings))
+    return CalibrationReport(
+        model=str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
+        model_type=str(getattr(model.config, "model_type", "")),
+        num_layers=len(decoder_layers(model)),
+        num_heads=attention.num_heads,
+        tokens=int(ids.numel()),
+        samples=int(ids.shape[0]),
+        seq_len=int(ids.shape[1]),
+        dataset=data.source,
+        seed=seed,
+        bos=data.bos,
+        dtype=str(host.dtype).replace("torch.", ""),
+        sinks=sinks,
+        massive=massive,
+        linear=linear,
+        settings=settings,
+        elapsed_s=round(time.perf_counter() - start, 2),
+    )
+
+
+def _collect(
+    host: ModelHost,
+    ids: torch.Tensor,
+    settings: CalibrationSettings,
+    progress: bool,
+    memory_budget: int | None,
+):
+    """Run the samples through the model with the collectors attached; returns the attention,
+    activation and linear-input collectors, their hooks removed."""
+    model = host.model
     previous_attn = getattr(model.config, "_attn_implementation", None)
     model.set_attn_implementation("eager")
     attention = AttentionCollector(model, settings.epsilon, settings.track_positions, settings.min_queries)
@@ -104,7 +140,14 @@ def calibrate(
             collector.remove()
         if previous_attn:
             model.set_attn_implementation(previous_attn)
+    return attention, activations, linears
 
+
+def _content_shares(
+    attention: AttentionCollector, ids: torch.Tensor, bos: bool, settings: CalibrationSettings
+):
+    """Per token, the attention shares at which it drew at least `settings.content_share` (content
+    sinks), how often each token occurred, and the largest share of any later position."""
     flagged: dict[int, list[float]] = defaultdict(list)
     occurrences: dict[int, int] = defaultdict(int)
     max_later_share = 0.0
@@ -112,7 +155,7 @@ def calibrate(
     scorable = attention.scorable_positions(ids.shape[1])
     for sample in range(ids.shape[0]):
         share = shares[sample]
-        for pos in range(1 if not data.bos else 2, ids.shape[1]):
+        for pos in range(1 if not bos else 2, ids.shape[1]):
             if not scorable[pos]:
                 break
             token = int(ids[sample, pos])
@@ -120,29 +163,7 @@ def calibrate(
             max_later_share = max(max_later_share, float(share[pos]))
             if share[pos] >= settings.content_share:
                 flagged[token].append(float(share[pos]))
-
-    sinks = _sink_report(model, tokenizer, attention, flagged, occurrences, settings)
-    sinks.max_later_share = _sig(max_later_share, 4)
-    massive = _massive_report(tokenizer, activations, settings)
-    linear = _linear_report(linears, settings, sink_rows(sinks, massive, settings))
-    return CalibrationReport(
-        model=str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
-        model_type=str(getattr(model.config, "model_type", "")),
-        num_layers=len(decoder_layers(model)),
-        num_heads=attention.num_heads,
-        tokens=int(ids.numel()),
-        samples=int(ids.shape[0]),
-        seq_len=int(ids.shape[1]),
-        dataset=data.source,
-        seed=seed,
-        bos=data.bos,
-        dtype=str(host.dtype).replace("torch.", ""),
-        sinks=sinks,
-        massive=massive,
-        linear=linear,
-        settings=settings,
-        elapsed_s=round(time.perf_counter() - start, 2),
-    )
+    return flagged, occurrences, max_later_share
 
 
 def _sink_report(model, tokenizer, attention, flagged, occurrences, settings) -> SinkReport:
