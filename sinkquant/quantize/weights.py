@@ -170,6 +170,12 @@ def quantize_(
     round-to-nearest `SinkQuantLinear`, keeping the outlier columns `report` names, decoder layer by
     decoder layer; `writer` receives each layer once it is final. `storage_dtype` holds those columns
     and the bias (default: the dtype the source stored each weight in, so they stay bit-identical)."""
+    if weights.algorithm != "rtn":  # not a silent RTN in place of what the section asks for
+        raise InputError(
+            f"quantize_ rounds to nearest, and this weights section asks for algorithm {weights.algorithm} "
+            "(which rotation and grid need too); call sinkquant.quantize_weights(model, weights, calibration), "
+            "which runs the algorithm the section names"
+        )
     if weights.bits is None:
         return QuantizeSummary()
     start = time.perf_counter()

@@ -178,3 +178,21 @@ def test_column_importance_is_the_mean_square_and_reads_older_reports():
     assert column_importance("lin", report, "exclude").tolist() == pytest.approx([1.0, 0.25])
     assert column_importance("lin", report, "include").tolist() == pytest.approx([9.0, 0.25])
     assert column_importance("other", report) is None
+
+
+@pytest.mark.parametrize("recipe_file", ["w4-g128-gptq.yaml", "w4-g128-best.yaml"])
+def test_quantize_refuses_a_section_it_cannot_honour(recipe_file):
+    """quantize_ is round-to-nearest: given the best recipe's section (GPTQ, rotation, grid) it refuses
+    in one line instead of silently rounding to nearest (issue 43)."""
+    from pathlib import Path
+
+    from sinkquant.recipe import load_recipe
+
+    recipes = Path(__file__).resolve().parents[2] / "recipes"
+    weights = load_recipe(recipes / recipe_file).weights
+    model = tiny_llama()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(InputError, match="quantize_weights") as refused:
+        quantize_(model, weights, _report(model), progress=False)
+    assert "\n" not in str(refused.value)
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())  # nothing swapped
