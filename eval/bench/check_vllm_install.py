@@ -207,8 +207,8 @@ def main() -> None:
         "",
         f"`python -m eval.bench.check_vllm_install` on {cpu} ({torch.backends.cpu.get_cpu_capability()}), "
         f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}, load average {load_start:.1f} at "
-        f"the start and {os.getloadavg()[0]:.1f} at the end (other jobs shared the cores: the decode speeds "
-        "are not a speed measurement). The fresh environment holds "
+        f"the start and {os.getloadavg()[0]:.1f} at the end (other jobs shared the cores: the quantize times "
+        "and decode speeds are not speed measurements). The fresh environment holds "
         f"`{vllm_line}`; the commands are README's `pip` lines under its vllm-install marker, run as written "
         "from the repository root:",
         "",
