@@ -15,27 +15,24 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from .calibration_settings import CalibrationSection
 from .errors import InputError
 from .kv.config import KVCacheConfig
 from .schema import StrictModel, error_path
 
+if TYPE_CHECKING:  # the CLI reads recipes before it needs torch
+    import torch
+
+    from .format import LayerSpec
+
 RECIPE_VERSION = 1
 DEFAULT_IGNORE = ["lm_head", "re:.*embed.*", "re:.*wte$", "re:.*wpe$"]
 DEFAULT_GROUP = 128  # int4 group size when a recipe gives none
-
-
-class CalibrationSection(StrictModel):
-    """Text the model is measured on (None = the C4 slice embedded in the package)."""
-
-    dataset: str | None = None
-    samples: int = Field(32, ge=1, le=4096)
-    seq_len: int = Field(512, ge=16, le=32768)
-    seed: int = 0
 
 
 class OutlierSection(StrictModel):
@@ -89,10 +86,10 @@ class GPTQSection(StrictModel):
 
 
 #: the rotation blocks a recipe may ask for (`weights.rotation`): powers of two up to one int4 group of
-#: 128; `quantize/rotation.py` takes its list from here
+#: 128; format/features/rotation.py's BLOCKS lists the same
 RotationBlock = Literal[2, 4, 8, 16, 32, 64, 128]
 
-#: the int4 grids a recipe may ask for (`weights.grid`; quantize/grid.py)
+#: the int4 grids a recipe may ask for (`weights.grid`; format/features/grid.py)
 Grid = Literal["uniform", "lloyd"]
 
 
@@ -117,11 +114,11 @@ class WeightsSection(StrictModel):
     outliers: OutlierSection | None = Field(default_factory=OutlierSection)
     # each layer's kept input columns rotated by a block-diagonal Hadamard matrix with random signs
     # (blocks of this many columns) before GPTQ rounds them; the layer rotates its inputs the same way
-    # at run time (quantize/rotation.py). null: no rotation. Served by sinkquant, transformers and the
+    # at run time (format/features/rotation.py). null: no rotation. Served by sinkquant, transformers and the
     # vLLM plugin (sinkquant beside it); not exported to compressed-tensors.
     rotation: RotationBlock | None = None
     # int4 with GPTQ: `lloyd` gives each layer its own 16 levels, placed by Lloyd-Max on its weights
-    # (quantize/grid.py), instead of the uniform grid. Served by sinkquant, transformers and the vLLM
+    # (format/features/grid.py), instead of the uniform grid. Served by sinkquant, transformers and the vLLM
     # plugin (sinkquant beside it; the fused kernel looks the codes up); not exported to compressed-tensors.
     grid: Grid = "uniform"
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
@@ -189,6 +186,18 @@ class WeightsSection(StrictModel):
         if self.group_size == "channel" or self.bits == 8:
             return None
         return DEFAULT_GROUP if self.group_size is None else int(self.group_size)
+
+    def layer_spec(
+        self, out_features: int, in_features: int, outliers: int, bias: bool, dtype: torch.dtype
+    ) -> LayerSpec:
+        """The layer this section asks for, in the checkpoint's format (`format.LayerSpec`): the
+        recipe's `grid: uniform` is the spec's None."""
+        from .format import LayerSpec
+
+        return LayerSpec(
+            in_features, out_features, self.bits, self.group, outliers, bias, str(dtype).replace("torch.", ""),
+            self.symmetric, self.log_scales, self.rotation, None if self.grid == "uniform" else self.grid,
+        )  # fmt: skip
 
 
 class Recipe(StrictModel):

@@ -19,8 +19,7 @@ from hypothesis.extra.numpy import array_shapes, arrays
 
 from sinkquant.errors import InputError
 from sinkquant.format import LayerSpec
-from sinkquant.kv import KVCacheConfig
-from sinkquant.quantize.primitives import (
+from sinkquant.format.primitives import (
     dequantize_grouped,
     dequantize_int8_per_channel,
     pack_bits,
@@ -29,6 +28,7 @@ from sinkquant.quantize.primitives import (
     quantize_int8_per_channel,
     unpack_bits,
 )
+from sinkquant.kv import KVCacheConfig
 from sinkquant.recipe import CalibrationSection, Recipe, WeightsSection, parse_recipe
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

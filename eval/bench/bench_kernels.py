@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from eval.lib.common import BENCH_RESULTS, machine
+from sinkquant.format.features.rotation import InputRotation, draw_signs
+from sinkquant.format.primitives import complement_indices
 from sinkquant.kernels import best_isa
 from sinkquant.quantize.linear import SinkQuantLinear, forget_rotated_input, use_fused_kernel
-from sinkquant.quantize.primitives import complement_indices
-from sinkquant.quantize.rotation import InputRotation, draw_signs
 
 SHAPES = [  # (in, out): SmolLM2-135M's projections, then Llama-7B-sized ones
     (576, 576),

@@ -27,8 +27,8 @@ import time
 
 import torch
 
-import sinkquant.quantize.primitives as primitives
-import sinkquant.quantize.schemes as schemes
+import sinkquant.format.primitives as primitives
+import sinkquant.format.schemes as schemes
 from eval.lib.common import RUNS, WIKITEXT, default_model
 from sinkquant.checkpoint import load
 from sinkquant.evaluate import evaluate

@@ -1,5 +1,5 @@
 """Does rotating each linear's inputs (incoherence processing) lower the W4 GPTQ error? The probe that
-led to `weights.rotation` (sinkquant/quantize/rotation.py), and its variants that sinkquant does not build.
+led to `weights.rotation` (sinkquant/format/features/rotation.py), and its variants that sinkquant does not build.
 
     python -m eval.probes.probe_rotation NAME=SPEC ... [--recipe recipes/w4-g128-best.yaml] [--tokens 16384]
         [--json runs/bench/rotation.json] [--out eval/results/probes/rotation_w4_smollm2.md]
@@ -43,10 +43,10 @@ import sinkquant.quantize.gptq as gptq
 from eval.lib.common import PROBE_RESULTS, ROOT, RUNS, WIKITEXT, default_model, machine, score_in_memory
 from sinkquant.calibrate.report import CalibrationReport
 from sinkquant.evaluate import evaluate
+from sinkquant.format.features.rotation import InputRotation, draw_signs
 from sinkquant.loading import load_model
 from sinkquant.modeling import load_tokenizer, stored_dtype
 from sinkquant.quantize.linear import SinkQuantLinear
-from sinkquant.quantize.rotation import InputRotation, draw_signs
 from sinkquant.quantize.weights import float_weight
 from sinkquant.recipe import load_recipe
 

@@ -127,7 +127,7 @@ def choose_outliers_by(score_name: str) -> None:
 def lloyd_levels(model, seed: int = 0, sample: int = 4_000_000, rounds: int = 60) -> torch.Tensor:
     """16 levels in [0, 1] with 0 and 1 fixed: Lloyd-Max on the decoder linears' weights (see the
     docstring)."""
-    from sinkquant.quantize.rotation import InputRotation
+    from sinkquant.format.features.rotation import InputRotation
 
     gen = torch.Generator().manual_seed(seed)
     positions, ranges = [], []
@@ -155,9 +155,9 @@ def lloyd_levels(model, seed: int = 0, sample: int = 4_000_000, rounds: int = 60
 def use_grid(levels: torch.Tensor) -> None:
     """int4 codes index `levels` (in [0, 1]) instead of the uniform grid, everywhere GPTQ and the
     dequantized forward round or expand them (with the package's own rounding and expansion, grid.py)."""
-    import sinkquant.quantize.schemes as schemes
-    from sinkquant.quantize.grid import expand_codes, round_to_levels
-    from sinkquant.quantize.primitives import dequantize_grouped
+    import sinkquant.format.schemes as schemes
+    from sinkquant.format.features.grid import expand_codes, round_to_levels
+    from sinkquant.format.primitives import dequantize_grouped
 
     table = levels * 15  # in units of the group's scale: value = table[code] * scale + minimum
 

@@ -10,31 +10,11 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..calibration_settings import CalibrationSettings
 from ..data import CalibrationSamples
 from ..errors import InputError
 
 SCHEMA_VERSION = 1
-
-
-@dataclass
-class CalibrationSettings:
-    """Thresholds used by calibration (all user options; defaults follow the literature)."""
-
-    epsilon: float = 0.3  # Sink_k^eps: a (layer, head) "sinks" on k when its mean attention to k exceeds this
-    sink_share: float = (
-        0.1  # a leading position is a sink when at least this share of (layer, head) pairs sink on it
-    )
-    content_share: float = 0.25  # same test for a token after position 0 (a content sink such as "\n") ...
-    content_min_count: int = 2  # ... flagged at least this many times, so one noisy position is not a sink
-    min_queries: int = 32  # a position is scored only with at least this many later queries (noise guard)
-    track_positions: int = 16  # Sink_k^eps is reported for positions 0..track_positions-1
-    massive_abs: float = 100.0  # a massive activation has |h| above this ...
-    massive_ratio: float = 1000.0  # ... and above this multiple of the layer's median |h|
-    top_channels: int = 8  # outlier input channels listed per linear layer
-
-    def massive_threshold(self, median_abs: float) -> float:
-        """|h| above which a layer's activation is massive, given that layer's median |h|."""
-        return max(self.massive_abs, self.massive_ratio * median_abs)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..architecture import decoder_layers
+from ..calibration_settings import CalibrationSection
 from ..data import CalibrationSamples, calibration_samples
 from ..stream.host import ModelHost, ResidentModel
 from ..stream.layerwise import capture_inputs, head_logits, run_layer
@@ -47,9 +48,9 @@ def calibrate(
     model: nn.Module | ModelHost,
     tokenizer,
     dataset: str | os.PathLike | None = None,
-    samples: int = 16,
-    seq_len: int = 512,
-    seed: int = 0,
+    samples: int | None = None,
+    seq_len: int | None = None,
+    seed: int | None = None,
     settings: CalibrationSettings | None = None,
     progress: bool = True,
     data: CalibrationSamples | None = None,
@@ -58,7 +59,9 @@ def calibrate(
     """Measure sinks, massive activations and linear-layer input outliers on real text.
 
     `model`: a model in memory, or a `ModelHost` (a model streamed from disk layer by layer).
-    `dataset`: a local .txt/.jsonl/.parquet file, a hub name, or None for the embedded C4 slice.
+    `dataset`: a local .txt/.jsonl/.parquet file, a hub name, or None for the embedded C4 slice;
+    `dataset`, `samples`, `seq_len`, `seed` are the recipe's `calibration:` section (`CalibrationSection`,
+    whose defaults fill what is not given: 32 samples of 512 tokens, seed 0).
     `data`: samples already drawn for this run (then `dataset`, `samples`, `seq_len` and `seed` are
     not used). The samples walk the decoder layers together, one layer at a time and one sample at a
     time within it, with eager attention (switched on for the pass and restored after): memory is one
@@ -70,7 +73,10 @@ def calibrate(
     model = host.model
     start = time.perf_counter()
     if data is None:
-        data = calibration_samples(tokenizer, dataset, samples, seq_len, seed)
+        c = CalibrationSection.resolve(
+            dataset=None if dataset is None else str(dataset), samples=samples, seq_len=seq_len, seed=seed
+        )
+        data = calibration_samples(tokenizer, c.dataset, c.samples, c.seq_len, c.seed)
     seed = data.seed
     ids = data.input_ids
     attention, activations, linears = _collect(host, ids, settings, progress, memory_budget)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import click
 
+from ..calibration_settings import CalibrationSection, CalibrationSettings
 from .app import DTYPE_CHOICE, NO_VERIFY_HELP, execution, execution_options, main
 from .app import progress as _progress
+
+# the defaults are the recipe's (one source: `CalibrationSection`, `CalibrationSettings`)
+SECTION, THRESHOLDS = CalibrationSection(), CalibrationSettings()
 
 
 @main.command()
@@ -15,30 +19,28 @@ from .app import progress as _progress
     default=None,
     help="Text to calibrate on: .txt/.jsonl/.parquet file or hub name (default: embedded C4 slice).",
 )
+@click.option("--samples", default=SECTION.samples, show_default=True, type=int, help="Calibration samples.")
+@click.option("--seq-len", default=SECTION.seq_len, show_default=True, type=int, help="Tokens per sample.")
 @click.option(
-    "--samples", default=16, show_default=True, type=click.IntRange(min=1), help="Calibration samples."
+    "--seed", default=SECTION.seed, show_default=True, type=int, help="Seed for sampling documents."
 )
-@click.option(
-    "--seq-len", default=512, show_default=True, type=click.IntRange(min=2), help="Tokens per sample."
-)
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for sampling documents.")
 @click.option(
     "--epsilon",
-    default=0.3,
+    default=THRESHOLDS.epsilon,
     show_default=True,
     type=click.FloatRange(0, 1, min_open=True),
     help="Attention threshold of Sink_k^eps.",
 )
 @click.option(
     "--massive-abs",
-    default=100.0,
+    default=THRESHOLDS.massive_abs,
     show_default=True,
     type=float,
     help="|h| above which an activation can be massive.",
 )
 @click.option(
     "--massive-ratio",
-    default=1000.0,
+    default=THRESHOLDS.massive_ratio,
     show_default=True,
     type=float,
     help="... and above this multiple of the layer median.",
@@ -73,14 +75,12 @@ def calibrate(
     memory_budget,
 ):
     """Measure attention sinks, massive activations and outlier input channels of MODEL."""
-    from ..calibrate import CalibrationSettings
     from ..calibrate.summary import print_summary
     from ..pipeline import calibrate_model
-    from ..recipe import CalibrationSection
 
     report = calibrate_model(
         model,
-        CalibrationSection(dataset=dataset, samples=samples, seq_len=seq_len, seed=seed),
+        CalibrationSection.resolve(dataset=dataset, samples=samples, seq_len=seq_len, seed=seed),
         CalibrationSettings(epsilon=epsilon, massive_abs=massive_abs, massive_ratio=massive_ratio),
         dtype,
         trust_remote_code,

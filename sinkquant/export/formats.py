@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..quantize.primitives import unpack_bits
+from ..format.primitives import unpack_bits
 from . import compressed_tensors as ct
 
 

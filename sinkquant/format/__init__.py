@@ -8,7 +8,6 @@ from .spec import (
     LayerSpec,
     export_refusals,
     format_version_for,
-    needing_own_layer,
 )
 
 __all__ = [
@@ -20,5 +19,4 @@ __all__ = [
     "LayerSpec",
     "export_refusals",
     "format_version_for",
-    "needing_own_layer",
 ]

@@ -57,6 +57,10 @@ class LayerSpec:
                 raise ValueError(
                     f"{feature.describe(self)} is a way of storing int4 layers (got int{self.bits})"
                 )
+        for feature in self.features():
+            for other, why in feature.excludes.items():
+                if getattr(self, other):
+                    raise ValueError(f"{feature.describe(self)} with {other.replace('_', ' ')}: {why}")
 
     # -- the checkpoint's dict -------------------------------------------------------------------------
     @classmethod
@@ -89,6 +93,11 @@ class LayerSpec:
     def format_version(self) -> int:
         """The oldest checkpoint format whose readers rebuild this layer."""
         return max([MINIMAL_FORMAT_VERSION, *(f.since for f in self.features())])
+
+    @property
+    def pytorch_kernels(self) -> bool:
+        """Whether PyTorch's integer kernels compute this layer (every feature allows them)."""
+        return all(f.pytorch_kernels for f in self.features())
 
     @property
     def kept(self) -> int:
@@ -142,16 +151,6 @@ class LayerSpec:
 def format_version_for(layers: dict[str, dict]) -> int:
     """The oldest format whose readers rebuild every layer of `layers` (the checkpoint's dicts)."""
     return max([MINIMAL_FORMAT_VERSION, *(LayerSpec.from_dict(s).format_version for s in layers.values())])
-
-
-def needing_own_layer(layers: dict[str, dict]) -> dict[str, LayerFeature]:
-    """Layer name -> the first feature that needs sinkquant's own layer to run it, for layers that have one."""
-    found = {}
-    for name, spec in layers.items():
-        own = [f for f in LayerSpec.from_dict(spec).features() if f.needs_own_layer]
-        if own:
-            found[name] = own[0]
-    return found
 
 
 def export_refusals(layers: dict[str, dict]) -> list[tuple[LayerFeature, list[str]]]:

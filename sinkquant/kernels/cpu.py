@@ -7,7 +7,7 @@ for the outlier columns), so the layer was slower than a bf16 `F.linear`. `GemvL
 one call: it gathers the kept inputs into group-padded float32 rows with their per-group sums, then for
 each output row sums `scale * Σ code·x (+ minimum * Σ x for int4)` over the groups (float32 FMA, two
 rows at a time), adds the outlier columns and the bias, and writes the output in the input's dtype
-(float32 or bf16); an int4 layer on a non-uniform grid (`quantize/grid.py`) sums `levels[code]·x` instead
+(float32 or bf16); an int4 layer on a non-uniform grid (`format/features/grid.py`) sums `levels[code]·x` instead
 of `code·x`, each code looked up in a register holding the layer's 16 levels. A layer's tensors are
 bound into one `GemvLayer` object once, so a call converts a
 single argument. Numbers: float32 accumulation of the exact codes, scales and minima (what

@@ -2,7 +2,7 @@
 whole groups of tokens.
 
 Shapes: states [batch, kv_heads, tokens, head_dim]; codes are uint8 (bits 2, 4 or 8) and scales and
-minimums fp16 (float32 once a stored value could overflow fp16). All math is `quantize/primitives.py`'s;
+minimums fp16 (float32 once a stored value could overflow fp16). All math is `format/primitives.py`'s;
 on CPU, unpacking and dequantizing is one call into sinkquant's compiled kernels, with the same numbers.
 """
 
@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..format.primitives import dequantize_grouped, pack_bits, packed_size, quantize_grouped, unpack_bits
 from ..kernels import fused_kernels
-from ..quantize.primitives import dequantize_grouped, pack_bits, packed_size, quantize_grouped, unpack_bits
 
 _FP16_SAFE = 30000.0  # parameters go to float32 once a stored value could overflow float16
 

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .primitives import complement_indices
-from .rotation import InputRotation, unpack_signs
-from .schemes import PytorchKernel, scheme_for
+from ..format.features import InputTransform
+from ..format.primitives import complement_indices
+from ..format.schemes import PytorchKernel, scheme_for
 
 #: what the functions here take: a `SinkQuantLinear` (not imported: linear.py imports this module)
 Layer = nn.Module
@@ -110,7 +110,7 @@ def kernel_ok(layer: Layer, act_dtype: torch.dtype = torch.bfloat16) -> bool:
     scheme = layer.scheme
     return (
         KERNELS["enabled"]
-        and not layer.nonuniform  # the kernels' grid is the uniform one
+        and layer.spec.pytorch_kernels  # every feature of the layer allows them (a grid does not)
         and layer.weight.device.type == "cpu"
         and scheme.kernel_available()
         and scheme.kernel_applies(act_dtype, layer.out_features, layer.group_size)
@@ -189,12 +189,15 @@ class Layouts:
         return complement_indices(self.layer.outlier_idx.long(), self.layer.in_features)
 
     @cached_property
-    def rotation(self) -> InputRotation | None:
-        """The kept inputs' rotation, None for a layer without one."""
-        layer = self.layer
-        if layer.rotation_block is None:
-            return None
-        return InputRotation(unpack_signs(layer.input_signs.cpu(), layer.in_kept), layer.rotation_block)
+    def input_transform(self) -> InputTransform | None:
+        """What the forward applies to the kept inputs first (a feature's `input_transform`: the
+        rotation), None for a layer without one."""
+        transforms = [
+            t for f in self.layer.spec.features() if (t := f.input_transform(self.layer)) is not None
+        ]
+        if len(transforms) > 1:
+            raise ValueError("a layer takes one input transform; its features declare several")
+        return transforms[0] if transforms else None
 
     @cached_property
     def pytorch_kernel(self) -> PytorchKernel:
@@ -249,18 +252,18 @@ def bind_forward(layer: Layer, dtype: torch.dtype) -> Forward:
             fused, many = fused_kernel(layer), many_rows(layer)
     else:
         middle = _dequantized_path(layer, dtype)
-        # levels of a non-uniform grid: no PyTorch kernel takes them, the fused kernel does
-        if layer.nonuniform and KERNELS["enabled"] and dtype == torch.bfloat16:
+        # a feature PyTorch's kernels cannot compute (a grid's levels): the fused kernel can
+        if not layer.spec.pytorch_kernels and KERNELS["enabled"] and dtype == torch.bfloat16:
             fused, many = fused_kernel(layer), many_rows(layer)
     compiling = torch.compiler.is_compiling  # sinkquant's kernels are opaque to torch.compile
-    rotate = _rotate_inputs(layer)
-    # the middle sizes' PyTorch kernel does not take a grid's levels: the fused kernel serves them
-    fused_max = DENSE_MIN_ROWS - 1 if layer.nonuniform else FUSED_MAX_ROWS
+    transform = _transform_inputs(layer)
+    # the middle sizes' PyTorch kernel cannot compute such a layer: the fused kernel serves them
+    fused_max = FUSED_MAX_ROWS if layer.spec.pytorch_kernels else DENSE_MIN_ROWS - 1
 
     def run(x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, in_f)
-        if rotate is not None:
-            x2 = rotate(x, x2)
+        if transform is not None:
+            x2 = transform(x, x2)
         if fused is not None and not compiling():
             if x2.shape[0] <= fused_max:
                 return fused(x2 if x2.is_contiguous() else x2.contiguous()).view(*x.shape[:-1], out_f)
@@ -284,35 +287,34 @@ def forget_rotated_input() -> None:
     _LAST_ROTATED.entry = None
 
 
-def _rotate_inputs(layer: Layer) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
-    """x2 [rows, in] -> a new [rows, in] with the kept columns rotated (the outlier columns as they are),
-    for every path below to take as its input; None for a layer without a rotation. The same input,
-    unchanged since (its version counter), rotated the same way by the layer called just before, is
-    taken from `_LAST_ROTATED` instead of rotated again."""
-    rotation = layer._layouts.rotation
-    if rotation is None:
+def _transform_inputs(layer: Layer) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """x2 [rows, in] -> a new [rows, in] with the kept columns transformed by the layer's input transform
+    (its rotation; the outlier columns as they are), for every path below to take as its input; None for
+    a layer without one. The same input, unchanged since (its version counter), transformed the same
+    way by the layer called just before, is taken from `_LAST_ROTATED` instead of transformed again."""
+    transform = layer._layouts.input_transform
+    if transform is None:
         return None
     keep = layer._layouts.keep.to(layer.outlier_idx.device)
-    same_rotation = (layer.rotation_block, layer.in_features, bytes(layer.input_signs.cpu().numpy()),
-                     bytes(layer.outlier_idx.cpu().numpy()))  # fmt: skip
+    same = (transform.key, layer.in_features, bytes(layer.outlier_idx.cpu().numpy()))
 
-    def rotate_kept(x2: torch.Tensor) -> torch.Tensor:
-        return x2.index_copy(1, keep, rotation.apply(x2.index_select(1, keep)))
+    def transform_kept(x2: torch.Tensor) -> torch.Tensor:
+        return x2.index_copy(1, keep, transform.apply(x2.index_select(1, keep)))
 
-    rotate = rotate_kept if layer.n_outliers else rotation.apply
+    apply = transform_kept if layer.n_outliers else transform.apply
 
     def run(x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """x: the layer's input as passed (what the next linear is called with too), x2 its 2-D view."""
         # autograd: each call builds its own graph; an inference tensor (torch.inference_mode, as vLLM
         # runs) has no version counter to tell whether it changed in place since
         if torch.is_grad_enabled() or x.is_inference():
-            return rotate(x2)
+            return apply(x2)
         last = getattr(_LAST_ROTATED, "entry", None)
-        if last is not None and last[0] == same_rotation and last[1] is x and last[2] == x._version:
+        if last is not None and last[0] == same and last[1] is x and last[2] == x._version:
             return last[3]
-        rotated = rotate(x2)
-        _LAST_ROTATED.entry = (same_rotation, x, x._version, rotated)
-        return rotated
+        transformed = apply(x2)
+        _LAST_ROTATED.entry = (same, x, x._version, transformed)
+        return transformed
 
     return run
 

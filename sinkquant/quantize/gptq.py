@@ -9,7 +9,7 @@ sinkquant's choices here:
   positions enter H as they are (`include`), not at all (`exclude`), or clipped per channel to the largest
   |x| of the other tokens (`cap`).
 * `rotation` (recipe `weights.rotation`): each layer's kept columns are rotated first
-  (`rotation.py`): GPTQ rounds W Q against Qᵀ H Q, and the layer rotates its inputs to match.
+  (`format/features/rotation.py`): GPTQ rounds W Q against Qᵀ H Q, and the layer rotates its inputs to match.
 * A non-finite sweep result falls back to round-to-nearest with a warning, so no NaN weight is ever
   stored; so does a linear that saw no calibration input or sits outside the decoder layers.
 """
@@ -23,10 +23,11 @@ from functools import partial
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..calibrate.report import Calibration, CalibrationReport
 from ..errors import InputError
+from ..format import LayerSpec
+from ..format.primitives import complement_indices
 from ..recipe import WeightsSection
 from ..stream.host import LayerWriter, ModelHost, as_host
 from ..stream.layerwise import (
@@ -40,9 +41,16 @@ from ..stream.store import HiddenStore
 from .gptq_sweep import GPTQResult, gptq_quantize_weight
 from .hessian import HessianAccumulator
 from .linear import SinkQuantLinear
-from .primitives import complement_indices
-from .rotation import InputRotation, draw_signs
-from .weights import QuantizeSummary, choose_outliers, compute_with, effective_weights, float_weight, targets
+from .weights import (
+    QuantizeSummary,
+    choose_outliers,
+    compute_with,
+    drive_layers,
+    effective_weights,
+    float_weight,
+    rtn_linear,
+    targets,
+)
 
 BATCH_SIZE = 8  # calibration samples per forward pass of one layer (the two-pass route)
 #: the most memory one decoder layer's activations over all calibration tokens may take for the
@@ -51,24 +59,17 @@ BATCH_SIZE = 8  # calibration samples per forward pass of one layer (the two-pas
 ONE_PASS_BYTES = 4 << 30
 
 
-def _rtn(weight, bias, weights: WeightsSection, idx, storage, rotation=None) -> SinkQuantLinear:
-    return SinkQuantLinear.from_float(
-        weight, bias, weights.bits, weights.group, idx, weights.symmetric, storage_dtype=storage,
-        log_scales=weights.log_scales, rotation=rotation,
-    )  # fmt: skip
-
-
 def _gptq_weight(
-    name: str, weight: torch.Tensor, hessian: torch.Tensor, idx: list[int], weights: WeightsSection,
-    factor_cache: dict | None,
+    name: str, weight: torch.Tensor, hessian: torch.Tensor, idx: list[int], spec: LayerSpec,
+    weights: WeightsSection, factor_cache: dict | None,
 ) -> GPTQResult | None:  # fmt: skip
     """GPTQ of one float weight [out, in] with the recipe's settings; None (with a warning) where it gave
     non-finite numbers, so the caller falls back to round-to-nearest."""
     opts = weights.gptq
     res = gptq_quantize_weight(
-        weight, hessian, weights.bits, weights.group, idx, weights.symmetric,
+        weight, hessian, spec.bits, spec.group_size, idx, spec.symmetric,
         opts.block_size, opts.damping, opts.act_order, name, opts.clip_search, factor_cache,
-        torch.float64 if opts.precision == "float64" else torch.float32, weights.log_scales, weights.grid,
+        torch.float64 if opts.precision == "float64" else torch.float32, spec.log_scales, spec.grid,
     )  # fmt: skip
     if not all(bool(torch.isfinite(t.float()).all()) for t in (res.weight, res.scale)):
         warnings.warn(f"GPTQ gave non-finite weights for {name}; using round-to-nearest", stacklevel=3)
@@ -84,42 +85,31 @@ def quantize_module(
     weights: WeightsSection,
     storage: torch.dtype,
     factor_cache: dict | None = None,
-) -> SinkQuantLinear:
-    """One linear layer -> `SinkQuantLinear` by GPTQ (round-to-nearest if GPTQ gave non-finite numbers).
-    The column sweep runs on the CPU, beside the Hessian (thousands of small dependent steps); the
-    result goes back to the module's device."""
+) -> SinkQuantLinear | None:
+    """One linear layer -> `SinkQuantLinear` by GPTQ; None where GPTQ gave non-finite numbers (with a
+    warning: the caller rounds it to nearest, `weights.rtn_linear`).
+    Each of the layer's features first prepares the weight and Hessian GPTQ rounds (`prepare`: a
+    rotation rotates both). The column sweep runs on the CPU, beside the Hessian (thousands of small
+    dependent steps); the result goes back to the module's device."""
     device = module.weight.device
     weight = float_weight(module).detach().cpu()
     bias = module.bias.detach().cpu() if module.bias is not None else None
-    rotation, target, target_hessian = None, weight, hessian
-    if weights.rotation is not None:
-        keep = complement_indices(torch.as_tensor(idx, dtype=torch.long).sort().values, weight.shape[1])
-        rotation = InputRotation(draw_signs(weight.shape[1], keep.numel()), weights.rotation)
-        target = rotation.rotate_columns(weight, keep).float()
-        target_hessian = _rotated_hessian(hessian, rotation, keep, factor_cache)
-    res = _gptq_weight(name, target, target_hessian, idx, weights, factor_cache)
+    spec = weights.layer_spec(*weight.shape, len(idx), bias is not None, storage or weight.dtype)
+    keep = complement_indices(torch.as_tensor(idx, dtype=torch.long).sort().values, weight.shape[1])
+    target, target_hessian, states = weight, hessian, {}
+    for feature in spec.features():
+        target, target_hessian, state = feature.prepare(spec, target, target_hessian, keep, factor_cache)
+        if state is not None:
+            states[feature.field] = state
+    res = _gptq_weight(name, target, target_hessian, idx, spec, weights, factor_cache)
     if res is None:
-        return _rtn(weight, bias, weights, idx, storage, rotation).to(device)
+        return None
     new = SinkQuantLinear.from_float(
-        weight, bias, weights.bits, weights.group, idx, weights.symmetric,
+        weight, bias, spec.bits, spec.group_size, idx, spec.symmetric,
         codes=res.codes, scale=res.scale, minimum=res.minimum, storage_dtype=storage,
-        log_scales=weights.log_scales, rotation=rotation, levels=res.levels,
+        log_scales=spec.log_scales, rotation=states.get("rotation"), levels=res.levels,
     )  # fmt: skip
     return new.to(device)
-
-
-def _rotated_hessian(
-    hessian: torch.Tensor, rotation: InputRotation, keep: torch.Tensor, cache: dict | None
-) -> torch.Tensor:
-    """Qᵀ H Q (`InputRotation.rotate_hessian`) in H's dtype, computed once for the linears that share H
-    and outlier columns (q/k/v, gate/up): `cache` holds H beside it, so H's id stays its own."""
-    key = ("rotated", id(hessian), keep.numpy().tobytes(), rotation.block)
-    if cache is None or key not in cache:
-        rotated = rotation.rotate_hessian(hessian, keep).to(hessian.dtype)
-        if cache is None:
-            return rotated
-        cache[key] = (hessian, rotated)
-    return cache[key][1]
 
 
 def _sink_positions(report: CalibrationReport | None, sink_tokens: str) -> list[int]:
@@ -180,30 +170,25 @@ def gptq_quantize_(
     def make_observer(name: str, in_features: int) -> HessianAccumulator:
         return HessianAccumulator(in_features, sinks, track_max=mode == "cap")
 
+    def step(index: int, layer: nn.Module, mine: dict[str, nn.Module]) -> dict:
+        factors: dict = {}  # this layer's factorisations, shared by linears with one input
+        # read before `_precision` casts the layer: an in-memory model's dtypes are its storage
+        stored = {
+            name: storage_dtype or host.storage_dtype(name + ".weight") or float_weight(module).dtype
+            for name, module in mine.items()
+        }
+        with _precision(layer, weights.gptq.precision):
+            quantize = partial(_quantize_linear, weights=weights, report=report, mode=mode,
+                               factors=factors, stored=stored)  # fmt: skip
+            layer_step = _one_pass_layer if merged is not None else _two_pass_layer
+            return layer_step(layer, index, inputs, mine, make_observer, quantize, batch_size)
+
     with HiddenStore(inputs.hidden, host.memory_budget) as store:
         inputs.hidden = store
-        for index in tqdm(range(len(host.layers)), desc=f"GPTQ int{weights.bits}", unit="layer",
-                          disable=not progress):  # fmt: skip
-            prefix = host.prefix(index)
-            mine = {n: m for n, m in chosen.items() if n.startswith(prefix)}
-            factors: dict = {}  # this layer's factorisations, shared by linears with one input
-            step = _one_pass_layer if merged is not None else _two_pass_layer
-            with host.layer(index) as layer:
-                # read before `_precision` casts the layer: an in-memory model's dtypes are its storage
-                stored = {
-                    name: storage_dtype or host.storage_dtype(name + ".weight") or float_weight(module).dtype
-                    for name, module in mine.items()
-                }
-                with _precision(layer, weights.gptq.precision):
-                    quantize = partial(_quantize_linear, weights=weights, report=report, mode=mode,
-                                       factors=factors, stored=stored)  # fmt: skip
-                    done = step(layer, index, inputs, mine, make_observer, quantize, batch_size)
-                for name, (new, idx) in done.items():
-                    old = chosen.pop(name)
-                    summary.swap_in(host.model, name, float_weight(old), old.bias, new, idx)
-                if writer is not None:
-                    writer.write_layer(host, index, layer)
-    _quantize_outside(host, chosen, weights, report, storage_dtype, summary, writer)
+        drive_layers(
+            host, chosen, summary, step, weights=weights, report=report, storage_dtype=storage_dtype,
+            writer=writer, progress=progress, desc=f"GPTQ int{weights.bits}", fallback_note="GPTQ",
+        )  # fmt: skip
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -213,34 +198,18 @@ def _quantize_linear(
     report: CalibrationReport | None, mode: str, factors: dict, stored: dict,
 ) -> tuple[SinkQuantLinear, list[int]]:  # fmt: skip
     """One linear of a decoder layer -> (its `SinkQuantLinear`, its outlier columns): GPTQ from the
-    Hessian `observer` collected (sink tokens as `mode` says), or round-to-nearest where no calibration
-    input reached it. `factors`: the layer's shared factorisations; `stored`: each linear's storage dtype."""
+    Hessian `observer` collected (sink tokens as `mode` says), or `rtn_linear` where no calibration
+    input reached it or GPTQ gave non-finite numbers. `factors`: the layer's shared factorisations;
+    `stored`: each linear's storage dtype."""
     idx = choose_outliers(name, float_weight(module), weights, report)
     storage = stored[name]
     if observer is None:
         warnings.warn(f"GPTQ: {name} saw no calibration input; using round-to-nearest", stacklevel=3)
-        return _rtn(float_weight(module), module.bias, weights, idx, storage), idx
-    hessian = observer.hessian(mode)
-    return quantize_module(name, module, hessian, idx, weights, storage, factors), idx
-
-
-def _quantize_outside(
-    host: ModelHost, chosen: dict[str, nn.Module], weights: WeightsSection, report: CalibrationReport | None,
-    storage_dtype: torch.dtype | None, summary: QuantizeSummary, writer: LayerWriter | None,
-) -> None:  # fmt: skip
-    """Round-to-nearest for the linears left in `chosen`: outside the decoder layers, no calibration input
-    reaches them. The warning names `gptq_quantize_`'s caller, as when this ran inside it."""
-    with host.outside() if chosen else contextlib.nullcontext():  # read only when one is quantized
-        for name, module in chosen.items():  # outside the decoder layers: no calibration inputs
-            warnings.warn(f"GPTQ: {name} is outside the decoder layers; using round-to-nearest", stacklevel=3)
-            weight = float_weight(module)
-            idx = choose_outliers(name, weight, weights, report)
-            new = _rtn(
-                weight, module.bias, weights, idx, storage_dtype or host.storage_dtype(name + ".weight")
-            )
-            summary.swap_in(host.model, name, weight, module.bias, new, idx)
-        if writer is not None:
-            writer.write_outside(host)
+        return rtn_linear(name, module, weights, report, storage)
+    new = quantize_module(name, module, observer.hessian(mode), idx, weights, storage, factors)
+    if new is None:
+        return rtn_linear(name, module, weights, report, storage)
+    return new, idx
 
 
 def _precision(layer: nn.Module, precision: str):

@@ -28,14 +28,15 @@ sinkquant's choices:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .grid import fit_levels, round_to_levels
+from ..format import LayerSpec
+from ..format.primitives import complement_indices
+from ..format.schemes import WeightScheme, scheme_for
 from .hessian import inverse_hessian_factor
-from .primitives import complement_indices
-from .schemes import WeightScheme, scheme_for
 
 
 @dataclass
@@ -61,11 +62,12 @@ class _Quantizer:
 
     def __init__(
         self, scheme: WeightScheme, symmetric: bool, rows: int, groups: int, clip_search: bool = False,
-        log_scales: bool = False, levels: torch.Tensor | None = None,
+        log_scales: bool = False, rounding: Callable | None = None,
     ) -> None:  # fmt: skip
         self.scheme, self.symmetric, self.clip_search = scheme, symmetric, clip_search
         self.log_scales = log_scales
-        self.levels = levels  # int4 on a non-uniform grid (grid.py); None: the scheme's uniform grid
+        # (values, scale, minimum) -> (codes, dequantized): a feature's (a grid's levels) or the scheme's
+        self._round = rounding or scheme.round_to_range
         self.scale = torch.zeros(rows, groups, dtype=scheme.scale_dtype)
         self.minimum = torch.zeros(rows, groups, dtype=torch.bfloat16)
 
@@ -88,11 +90,6 @@ class _Quantizer:
 
     def _error(self, values, params, importance) -> torch.Tensor:
         return ((self._round(values, *params)[1] - values) ** 2 * importance).sum(1)
-
-    def _round(self, values, scale, minimum) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.levels is None:
-            return self.scheme.round_to_range(values, scale, minimum)
-        return round_to_levels(values, scale, minimum, self.levels)
 
     def round(self, w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """w [out] float32 -> (codes [out] float, dequantized [out] float32)."""
@@ -117,7 +114,7 @@ def gptq_quantize_weight(
     factor_cache: dict | None = None,
     sweep_dtype: torch.dtype = torch.float32,
     log_scales: bool = False,
-    grid: str = "uniform",
+    grid: str | None = None,
 ) -> GPTQResult:
     """GPTQ on weight [out, in] with hessian [in, in] (see the module docstring for every choice).
 
@@ -133,13 +130,14 @@ def gptq_quantize_weight(
 
     `log_scales` (int4): each group's scale is fitted on the log grid a log-scale layer stores.
 
-    `grid` (int4, asymmetric): "lloyd" rounds to the layer's own 16 levels (`grid.fit_levels` on the
-    kept columns of `weight`) instead of the uniform grid."""
+    `grid` (int4, asymmetric; the layer spec's field, None: uniform): "lloyd" rounds to the layer's own
+    16 levels (`features.grid.fit_levels` on the kept columns of `weight`) instead of the uniform grid.
+    The layer's features are its spec's: a combination no layer can store is refused here, and each
+    feature's `rounding` hook may replace the scheme's rounding."""
     out_f, in_f = weight.shape
-    nonuniform = grid == "lloyd"
-    if nonuniform and (bits != 4 or symmetric or log_scales):
-        raise ValueError("grid 'lloyd' is for asymmetric int4 groups without log_scales")
     idx = torch.as_tensor(outlier_idx, dtype=torch.long).sort().values
+    spec = LayerSpec(in_f, out_f, bits, group_size, idx.numel(), False, symmetric=symmetric,
+                     log_scales=log_scales, grid=grid)  # fmt: skip
     keep = complement_indices(idx, in_f)
     n_keep = keep.numel()
     scheme = scheme_for(bits)
@@ -148,8 +146,12 @@ def gptq_quantize_weight(
     order = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(n_keep)
     cols = keep[order]  # processing order
     group_of = (order // gs).tolist()
-    levels = fit_levels(weight[:, keep], gs) if nonuniform else None
-    quant = _Quantizer(scheme, symmetric, out_f, -(-n_keep // gs), clip_search, log_scales, levels)
+    rounding, levels = None, None
+    for feature in spec.features():
+        feature_rounding, state = feature.rounding(spec, scheme, weight[:, keep], gs)
+        if feature_rounding is not None:
+            rounding, levels = feature_rounding, state
+    quant = _Quantizer(scheme, symmetric, out_f, -(-n_keep // gs), clip_search, log_scales, rounding)
     # the factorisation is a few large BLAS calls (all threads); the column sweep is many small ops
     key = (id(hessian), cols.numpy().tobytes(), damping, n_keep)
     if factor_cache is not None and key in factor_cache:

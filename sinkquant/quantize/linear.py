@@ -26,10 +26,16 @@ The forward paths (which kernel serves a call, by input rows and activation dtyp
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 import torch
 from torch import nn
 
-from ..format import BufferSpecs, LayerSpec
+from ..format import FEATURES, BufferSpecs, LayerSpec
+from ..format.features.rotation import InputRotation
+from ..format.primitives import complement_indices
+from ..format.schemes import SCHEMES, PytorchKernel, Stored, WeightScheme
 from .dispatch import (
     DENSE_MIN_ROWS,
     FUSED_MAX_ROWS,
@@ -44,9 +50,6 @@ from .dispatch import (
     use_fused_kernel,
     use_kernels,
 )
-from .primitives import complement_indices, snap_log_scale
-from .rotation import InputRotation, pack_signs
-from .schemes import SCHEMES, PytorchKernel, Stored, WeightScheme, scheme_for
 
 __all__ = [
     "DENSE_MIN_ROWS",
@@ -63,73 +66,35 @@ class SinkQuantLinear(nn.Module):
     """A linear layer whose kept input columns are integers (the weight scheme of `bits`) and whose
     outlier input columns and bias stay at full precision."""
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bits: int,
-        group_size: int | None,
-        n_outliers: int,
-        bias: bool,
-        outlier_dtype: torch.dtype = torch.float16,
-        device: torch.device | str | None = None,
-        symmetric: bool = False,
-        log_scales: bool = False,
-        rotation_block: int | None = None,
-        nonuniform: bool = False,
-    ) -> None:
+    def __init__(self, spec: LayerSpec, device: torch.device | str | None = None) -> None:
+        """An empty layer of `spec`'s shapes (`from_float` or a loader fills its buffers)."""
         super().__init__()
-        scheme = scheme_for(bits)
-        self.in_features, self.out_features, self.bits = in_features, out_features, bits
-        self.n_outliers = n_outliers
-        # int4: a symmetric grid stores no minima (each is -8 * its scale); int8 is always symmetric
-        self.symmetric = symmetric
-        # int4: each group's scale one byte on a log grid (see `schemes`)
-        self.log_scales = log_scales
-        kept = in_features - n_outliers
-        self.in_kept = kept
-        self.group_size = scheme.group_size(kept, group_size)
-        # the kept inputs' rotation (rotation.py): its block size; int4 on the layer's own levels (grid.py)
-        self.rotation_block, self.nonuniform = rotation_block, nonuniform
-        self.outlier_dtype = outlier_dtype
-        self._has_bias = bias
+        self.in_features, self.out_features, self.bits = spec.in_features, spec.out_features, spec.bits
+        self.n_outliers, self.in_kept = spec.outliers, spec.kept
+        self.group_size = SCHEMES[spec.bits].group_size(spec.kept, spec.group_size)
+        # the layer in the checkpoint's format (`quantization_config.layers`); a group of the whole
+        # row is written as None (per channel)
+        whole_row = self.group_size == spec.kept
+        self.spec = replace(spec, group_size=None) if whole_row and spec.group_size is not None else spec
+        self.outlier_dtype = getattr(torch, spec.dtype)
         # the buffers as the format lays them out (the scheme's as the features change them, the
         # outlier columns, then each feature's own), the bias after the outlier columns
-        for name, (shape, dtype) in self.spec.shapes().items():
+        for name, (shape, dtype) in spec.shapes().items():
             self.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
             if name == "outlier_weight":
-                if bias:
+                if spec.bias:
                     self.register_buffer(
-                        "bias", torch.empty(out_features, dtype=outlier_dtype, device=device)
+                        "bias", torch.empty(spec.out_features, dtype=self.outlier_dtype, device=device)
                     )
                 else:
                     self.bias = None
         if "weight_min" not in self._buffers:
-            self.weight_min = None  # a scheme or grid without minima (int8, symmetric int4)
+            self.weight_min = None  # a scheme or feature without minima (int8, symmetric int4)
         self._layouts = Layouts(self)
-
-    @classmethod
-    def from_spec(cls, spec: LayerSpec, device: torch.device | str | None = None) -> SinkQuantLinear:
-        """An empty layer of `spec`'s shapes (a loader fills its buffers)."""
-        return cls(
-            spec.in_features, spec.out_features, spec.bits, spec.group_size, spec.outliers, spec.bias,
-            getattr(torch, spec.dtype), device=device, symmetric=spec.symmetric, log_scales=spec.log_scales,
-            rotation_block=spec.rotation, nonuniform=spec.grid is not None,
-        )  # fmt: skip
-
-    @property
-    def spec(self) -> LayerSpec:
-        """The layer in the checkpoint's format (`quantization_config.layers`)."""
-        return LayerSpec(
-            self.in_features, self.out_features, self.bits,
-            None if self.group_size == self.in_kept else self.group_size, self.n_outliers,
-            self._has_bias, str(self.outlier_dtype).replace("torch.", ""), self.symmetric,
-            self.log_scales, self.rotation_block, "lloyd" if self.nonuniform else None,
-        )  # fmt: skip
 
     @property
     def scheme(self) -> WeightScheme:
-        return SCHEMES[self.bits]
+        return SCHEMES[self.spec.bits]
 
     def _storage(self) -> BufferSpecs:
         return self.spec.scheme_storage()
@@ -171,13 +136,18 @@ class SinkQuantLinear(nn.Module):
         idx = torch.as_tensor(outlier_idx, dtype=torch.long).sort().values
         keep = complement_indices(idx, in_features)
         dtype = storage_dtype or (weight.dtype if weight.dtype.is_floating_point else torch.float32)
-        module = cls(
-            in_features, out_features, bits, group_size, idx.numel(), bias is not None, dtype,
-            symmetric=symmetric, log_scales=log_scales, rotation_block=None if rotation is None else rotation.block,
-            nonuniform=levels is not None,
+        # each feature's state as its algorithm made it (the layer's spec field follows from it)
+        states = {
+            name: state for name, state in (("rotation", rotation), ("grid", levels)) if state is not None
+        }
+        spec = LayerSpec(
+            in_features, out_features, bits, group_size, idx.numel(), bias is not None,
+            str(dtype).replace("torch.", ""), symmetric, log_scales,
+            **{name: FEATURES[name].spec_value(state) for name, state in states.items()},
         )  # fmt: skip
-        stored = _integer_part(module, weight, keep, codes, scale, minimum, importance, clip_search, rotation)
-        _write_buffers(module, stored, weight, bias, idx, rotation, levels)
+        module = cls(spec)
+        stored = _integer_part(module, weight, keep, codes, scale, minimum, importance, clip_search, states)
+        _write_buffers(module, stored, weight, bias, idx, states)
         return module
 
     # -- numbers ------------------------------------------------------------------------------------
@@ -189,8 +159,8 @@ class SinkQuantLinear(nn.Module):
         """float32 [out, in]: the effective weight in the input's own basis (outlier columns exactly as
         stored; a rotated layer's kept columns W' Rᵀ)."""
         full = torch.empty(self.out_features, self.in_features)
-        kept, rotation = self.dequantized_kept(), self._layouts.rotation
-        full[:, self._layouts.keep] = kept if rotation is None else rotation.apply_transposed(kept)
+        kept, transform = self.dequantized_kept(), self._layouts.input_transform
+        full[:, self._layouts.keep] = kept if transform is None else transform.apply_transposed(kept)
         full[:, self.outlier_idx.long()] = self.outlier_weight.float()
         return full
 
@@ -210,7 +180,7 @@ class SinkQuantLinear(nn.Module):
         """What `kernels.bind_layer` takes after the extension: bits, codes (unpacked for int4),
         scale, minimum, kept column indices, group size, outlier indices and weights, bias, levels."""
         scheme_part = self.scheme.fused_args(self._stored(), self.in_kept)
-        keep, levels = self._layouts.keep, self.weight_levels if self.nonuniform else None
+        keep, levels = self._layouts.keep, self._buffers.get("weight_levels")
         return (*scheme_part, keep, self.group_size, self.outlier_idx, self.outlier_weight, self.bias, levels)
 
     # -- kernels (the forward paths' views of this layer: dispatch.py) ----------------------------------
@@ -265,55 +235,51 @@ class SinkQuantLinear(nn.Module):
 def _integer_part(
     module: SinkQuantLinear, weight: torch.Tensor, keep: torch.Tensor, codes: torch.Tensor | None,
     scale: torch.Tensor | None, minimum: torch.Tensor | None, importance: torch.Tensor | None,
-    clip_search: bool, rotation: InputRotation | None,
+    clip_search: bool, states: dict[str, Any],
 ) -> Stored:  # fmt: skip
     """The integer part of `module` (empty, built by `from_float`) for the `keep` columns of `weight`:
     round-to-nearest, or the `codes`/`scale`/`minimum` chosen elsewhere, refused where this layer's
-    storage cannot hold them."""
-    symmetric, log_scales = module.symmetric, module.log_scales
-    if module.nonuniform and codes is None:
-        raise ValueError("a non-uniform grid takes the codes chosen on it (GPTQ with grid 'lloyd')")
-    if rotation is not None and len(rotation) != keep.numel():
-        raise ValueError(f"the rotation spans {len(rotation)} columns; the layer keeps {keep.numel()}")
+    storage cannot hold them (each feature's `check_rtn` / `check_chosen`)."""
+    spec, features = module.spec, module.spec.features()
     if codes is None:
-        if rotation is not None and importance is not None:
+        for feature in features:
+            feature.check_rtn(spec)
+        if states and importance is not None:
             raise ValueError("importance is per input column; a rotated layer mixes the columns")
         kept_weight = weight.float()[:, keep]
+        for feature in features:
+            kept_weight = feature.transform_kept(states.get(feature.field), kept_weight)
         return module.scheme.quantize(
-            kept_weight if rotation is None else rotation.apply(kept_weight),
+            kept_weight,
             module.group_size,
-            symmetric=symmetric,
+            symmetric=spec.symmetric,
             importance=None if importance is None else importance.float()[keep],
             clip_search=clip_search,
-            log_scales=log_scales,
+            log_scales=spec.log_scales,
         )
     # parameters chosen elsewhere (GPTQ): they must be ones this layer's storage can hold
     stored = module.scheme.store(codes, scale, minimum)
-    if symmetric and stored.minimum is not None:
-        if not torch.equal(stored.minimum, module.scheme.minimum(stored._replace(minimum=None))):
-            raise ValueError("a symmetric int4 layer's minima must be -8 * its scales (it stores none)")
-    if log_scales and not torch.equal(snap_log_scale(stored.scale), stored.scale):
-        raise ValueError("a log-scale layer takes scales on the log grid (quantize with log_scales=True)")
+    for feature in features:
+        feature.check_chosen(spec, module.scheme, stored)
     return stored
 
 
 def _write_buffers(
     module: SinkQuantLinear, stored: Stored, weight: torch.Tensor, bias: torch.Tensor | None,
-    idx: torch.Tensor, rotation: InputRotation | None, levels: torch.Tensor | None,
+    idx: torch.Tensor, states: dict[str, Any],
 ) -> None:  # fmt: skip
     """Fill the buffers of `module` (empty, built by `from_float`): the scheme's from `stored`, the
-    outlier columns `idx` of `weight`, the bias, the rotation's signs and the grid's levels."""
-    dtype = module.outlier_dtype
+    outlier columns `idx` of `weight`, the bias and each feature's own (the rotation's signs, the
+    grid's levels) from its state."""
+    spec, dtype = module.spec, module.outlier_dtype
     buffers = module.scheme.buffers(
-        stored, module.in_kept, module.group_size, module.symmetric, module.log_scales
+        stored, module.in_kept, module.group_size, spec.symmetric, spec.log_scales
     )
     for name, tensor in buffers.items():
         getattr(module, name).copy_(tensor)
     module.outlier_idx.copy_(idx.to(torch.int32))
     module.outlier_weight.copy_(weight[:, idx].to(dtype))
-    if rotation is not None:
-        module.input_signs.copy_(pack_signs(rotation.signs))
-    if levels is not None:
-        module.weight_levels.copy_(levels)
+    for feature in spec.features():
+        feature.write(module, states.get(feature.field))
     if bias is not None:
         module.bias.copy_(bias.to(dtype))

@@ -2,6 +2,12 @@
 
 This is the "where" layer: it decides which modules are quantized and which input columns each keeps
 at full precision (from the calibration report), then asks `SinkQuantLinear` (the storage) to do it.
+It also holds what every weight algorithm shares: `drive_layers`, the one decoder-layer driver (walk
+the layers, swap each result in, count it, hand the layer to the writer, then the linears outside the
+layers), and `rtn_linear`, the one round-to-nearest of a linear, which is the `rtn` algorithm and the
+fallback of every other one (a linear outside the decoder layers, one no calibration input reached, one
+where an algorithm gave non-finite numbers): such a layer is rounded the same whatever the recipe's
+algorithm.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import contextlib
 import re
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +26,7 @@ from tqdm.auto import tqdm
 from ..architecture import is_linear, linears_outside_text_model, replace_module
 from ..calibrate.report import Calibration, CalibrationReport
 from ..errors import InputError
+from ..format import LayerSpec
 from ..recipe import WeightsSection
 from ..stream.host import LayerWriter, ModelHost, as_host
 from .linear import SinkQuantLinear
@@ -156,6 +164,60 @@ def targets(model: nn.Module, ignore: list[str]) -> tuple[dict[str, nn.Module], 
     return chosen, skipped
 
 
+#: one decoder layer's quantization: (index, the layer, its target linears by name) -> each linear's
+#: `SinkQuantLinear` and outlier columns
+LayerStep = Callable[[int, nn.Module, dict[str, nn.Module]], dict[str, tuple[SinkQuantLinear, list[int]]]]
+
+
+def rtn_linear(
+    name: str, module: nn.Module, weights: WeightsSection, report: CalibrationReport | None,
+    storage_dtype: torch.dtype | None,
+) -> tuple[SinkQuantLinear, list[int]]:  # fmt: skip
+    """Round-to-nearest of one linear (nn.Linear or Conv1D) as the `rtn` algorithm makes it: the report's
+    outlier columns kept, each int4 group's range by the activation-weighted clip search, on the uniform
+    grid (no rotation: its signs are GPTQ's), and its outlier columns."""
+    weight = float_weight(module)
+    idx = choose_outliers(name, weight, weights, report)
+    new = SinkQuantLinear.from_float(
+        weight, module.bias, weights.bits, weights.group, idx, weights.symmetric, storage_dtype=storage_dtype,
+        importance=column_importance(name, report, weights.clip_sink_tokens), clip_search=weights.clip_search,
+        log_scales=weights.log_scales,
+    )  # fmt: skip
+    return new.to(weight.device), idx
+
+
+def drive_layers(
+    host: ModelHost, chosen: dict[str, nn.Module], summary: QuantizeSummary, step: LayerStep, *,
+    weights: WeightsSection, report: CalibrationReport | None, storage_dtype: torch.dtype | None,
+    writer: LayerWriter | None, progress: bool, desc: str, fallback_note: str | None = None,
+) -> None:  # fmt: skip
+    """Quantize the `chosen` linears (popped as they are done) decoder layer by decoder layer with
+    `step`, swap each in and count it in `summary`; hand each finished layer to `writer`. The linears
+    left outside the decoder layers get `rtn_linear`, with a warning naming them after `fallback_note`
+    (an algorithm that needs calibration inputs says it could not run there)."""
+    for index in tqdm(range(len(host.layers)), desc=desc, unit="layer", disable=not progress):
+        prefix = host.prefix(index)
+        mine = {name: module for name, module in chosen.items() if name.startswith(prefix)}
+        with host.layer(index) as layer:
+            for name, (new, idx) in step(index, layer, mine).items():
+                old = chosen.pop(name)
+                summary.swap_in(host.model, name, float_weight(old), old.bias, new, idx)
+            if writer is not None:
+                writer.write_layer(host, index, layer)
+    # the modules outside the layers are read only when one is quantized (else written as stored)
+    with host.outside() if chosen else contextlib.nullcontext():
+        for name, module in list(chosen.items()):
+            if fallback_note is not None:
+                warnings.warn(f"{fallback_note}: {name} is outside the decoder layers; using round-to-nearest",
+                              stacklevel=3)  # fmt: skip
+            storage = storage_dtype or host.storage_dtype(name + ".weight")
+            new, idx = rtn_linear(name, module, weights, report, storage)
+            chosen.pop(name)
+            summary.swap_in(host.model, name, float_weight(module), module.bias, new, idx)
+        if writer is not None:
+            writer.write_outside(host)
+
+
 @torch.no_grad()
 def quantize_(
     model: nn.Module | ModelHost,
@@ -167,9 +229,10 @@ def quantize_(
     writer: LayerWriter | None = None,
 ) -> QuantizeSummary:
     """Replace every target linear layer of `model` (in memory, or a `ModelHost` streaming it) with a
-    round-to-nearest `SinkQuantLinear`, keeping the outlier columns `report` names, decoder layer by
-    decoder layer; `writer` receives each layer once it is final. `storage_dtype` holds those columns
-    and the bias (default: the dtype the source stored each weight in, so they stay bit-identical)."""
+    round-to-nearest `SinkQuantLinear` (`rtn_linear`), keeping the outlier columns `report` names,
+    decoder layer by decoder layer; `writer` receives each layer once it is final. `storage_dtype` holds
+    those columns and the bias (default: the dtype the source stored each weight in, so they stay
+    bit-identical)."""
     if weights.algorithm != "rtn":  # not a silent RTN in place of what the section asks for
         raise InputError(
             f"quantize_ rounds to nearest, and this weights section asks for algorithm {weights.algorithm} "
@@ -182,43 +245,19 @@ def quantize_(
     host = as_host(model)
     chosen, skipped = targets(host.model, weights.ignore)
     summary = QuantizeSummary(bits=weights.bits, group_size=weights.group, skipped=skipped)
-    bar = tqdm(
-        total=len(chosen), desc=f"quantizing to int{weights.bits}", unit="linear", disable=not progress
-    )
 
-    def quantize_one(name: str) -> None:
-        module = chosen.pop(name)
-        weight = float_weight(module)
-        idx = choose_outliers(name, weight, weights, report)
-        new = SinkQuantLinear.from_float(
-            weight,
-            module.bias,
-            weights.bits,
-            weights.group,
-            idx,
-            weights.symmetric,
-            storage_dtype=storage_dtype or host.storage_dtype(name + ".weight"),
-            importance=column_importance(name, report, weights.clip_sink_tokens),
-            clip_search=weights.clip_search,
-            log_scales=weights.log_scales,
-        )
-        summary.swap_in(host.model, name, weight, module.bias, new, idx)
-        bar.update()
+    def step(index: int, layer: nn.Module, linears: dict[str, nn.Module]) -> dict:
+        return {
+            name: rtn_linear(
+                name, module, weights, report, storage_dtype or host.storage_dtype(name + ".weight")
+            )
+            for name, module in linears.items()
+        }
 
-    with bar:
-        for index in range(len(host.layers)):
-            prefix = host.prefix(index)
-            with host.layer(index) as layer:
-                for name in [n for n in chosen if n.startswith(prefix)]:
-                    quantize_one(name)
-                if writer is not None:
-                    writer.write_layer(host, index, layer)
-        # the modules outside the layers are read only when one is quantized (else written as stored)
-        with host.outside() if chosen else contextlib.nullcontext():
-            for name in list(chosen):
-                quantize_one(name)
-            if writer is not None:
-                writer.write_outside(host)
+    drive_layers(
+        host, chosen, summary, step, weights=weights, report=report, storage_dtype=storage_dtype, writer=writer,
+        progress=progress, desc=f"quantizing to int{weights.bits}",
+    )  # fmt: skip
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -252,35 +291,10 @@ def choose_outliers(
 
 
 def layer_spec(module: SinkQuantLinear) -> dict:
-    """What the loader needs to rebuild an empty module of the right shapes."""
-    return {
-        "in_features": module.in_features,
-        "out_features": module.out_features,
-        "bits": module.bits,
-        "group_size": None if module.group_size == module.in_kept else module.group_size,
-        "outliers": module.n_outliers,
-        "bias": module.bias is not None,
-        "dtype": str(module.outlier_weight.dtype).replace("torch.", ""),
-        "symmetric": module.symmetric,
-        # only where set, so a checkpoint without log scales keeps the format older readers know
-        **({"log_scales": True} if module.log_scales else {}),
-        **({"rotation": module.rotation_block} if module.rotation_block else {}),
-        **({"grid": "lloyd"} if module.nonuniform else {}),
-    }
+    """What the loader needs to rebuild an empty module of the right shapes (the checkpoint's dict)."""
+    return module.spec.to_dict()
 
 
 def empty_from_spec(spec: dict, device=None) -> SinkQuantLinear:
-    return SinkQuantLinear(
-        spec["in_features"],
-        spec["out_features"],
-        spec["bits"],
-        spec["group_size"],
-        spec["outliers"],
-        spec["bias"],
-        getattr(torch, spec.get("dtype", "float16")),
-        device=device,
-        symmetric=spec.get("symmetric", False),  # checkpoints before it stored every minimum
-        log_scales=spec.get("log_scales", False),
-        rotation_block=spec.get("rotation"),
-        nonuniform=spec.get("grid") == "lloyd",
-    )
+    """An empty layer from a checkpoint's layer dict (keys older formats lack take their defaults)."""
+    return SinkQuantLinear(LayerSpec.from_dict(spec), device=device)

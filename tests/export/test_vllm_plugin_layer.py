@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sinkquant.format import FORMAT_VERSION, LayerSpec
+from sinkquant.format.features.rotation import InputRotation, draw_signs
 from sinkquant.quantize.linear import SinkQuantLinear, forget_rotated_input
-from sinkquant.quantize.rotation import InputRotation, draw_signs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "integrations" / "vllm"))
 from sinkquant_vllm import layer as plugin  # noqa: E402
@@ -101,7 +101,7 @@ def test_a_fused_log_scale_layer_decodes_each_shard_under_its_own_exponent():
     assert {k: (tuple(v.shape), v.dtype) for k, v in fused.items()} == {
         k: shape_dtype for k, shape_dtype in spec.shapes(192, shards=3).items()
     }
-    plain_spec, plain = plugin.decode_log_scales(spec, fused, [64, 64, 64])
+    plain_spec, plain = plugin.for_serving(spec, fused, [64, 64, 64])
     assert not plain_spec.log_scales and "weight_scale_code" not in plain
     assert torch.equal(plain["weight_scale"], torch.cat([s.group_scale() for s in shards]))
     served = plugin.sinkquant_layer(plain_spec, plain)
@@ -109,7 +109,7 @@ def test_a_fused_log_scale_layer_decodes_each_shard_under_its_own_exponent():
     with torch.no_grad():
         assert torch.equal(served(x), torch.cat([s(x) for s in shards], dim=1))
     with pytest.raises(ValueError, match="exponents"):
-        plugin.decode_log_scales(spec, fused, [96, 96])
+        plugin.for_serving(spec, fused, [96, 96])
 
 
 def test_a_fused_rotated_layer_is_served_by_sinkquant_linear_exactly():
@@ -138,7 +138,7 @@ def test_a_fused_rotated_layer_is_served_by_sinkquant_linear_exactly():
     )  # fmt: skip
     assert {k: (tuple(v.shape), v.dtype) for k, v in fused.items()} == dict(spec.shapes(192, shards=3))
     served = plugin.sinkquant_layer(spec, fused)
-    assert served.rotation_block == 32
+    assert served.spec.rotation == 32
     for rows in (1, 7, 80):
         x = torch.randn(rows, 160).to(torch.bfloat16)
         with torch.no_grad():

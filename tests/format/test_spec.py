@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from sinkquant.format import FEATURES, FORMAT_VERSION, LayerSpec, export_refusals, format_version_for
-from sinkquant.format.spec import needing_own_layer
 
 BASE = {"in_features": 576, "out_features": 192, "bits": 4, "group_size": 128, "outliers": 6, "bias": False}
 VARIANTS = {
@@ -85,10 +84,6 @@ def test_descriptions_and_refusals_come_from_the_registry():
     refused = {feature.field: names for feature, names in export_refusals(layers)}
     assert list(refused) == ["grid", "rotation"]
     assert refused == {"rotation": ["x.k", "x.q"], "grid": ["x.k"]}
-    assert {name: f.field for name, f in needing_own_layer(layers).items()} == {
-        "x.q": "rotation",
-        "x.k": "rotation",
-    }
 
 
 @pytest.mark.parametrize("extra", [{"log_scales": True}, {"grid": "lloyd"}])

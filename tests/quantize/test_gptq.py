@@ -357,7 +357,12 @@ def test_the_best_recipe_quantizes_other_architectures_and_loads_back(
             assert idx.numel() > 0
             exact = originals[name].weight.detach()[:, idx]
             assert torch.equal(module.dequantized_weight()[:, idx], exact), name
-            assert (module.symmetric, module.log_scales, module.rotation_block, module.nonuniform) == (
+            assert (
+                module.spec.symmetric,
+                module.spec.log_scales,
+                module.spec.rotation,
+                module.spec.grid == "lloyd",
+            ) == (
                 recipe.weights.symmetric,
                 recipe.weights.log_scales,
                 recipe.weights.rotation,
@@ -374,3 +379,21 @@ def test_the_best_recipe_quantizes_other_architectures_and_loads_back(
     # symmetric groups on Gaussian weights lose more than asymmetric ones, so theirs is looser)
     error = float((logits - reference).abs().mean() / reference.abs().mean())
     assert torch.isfinite(logits).all() and error < (0.5 if recipe.weights.symmetric else 0.35)
+
+
+def test_a_linear_gptq_cannot_serve_is_rounded_as_the_rtn_algorithm_rounds_it():
+    """One round-to-nearest for every algorithm: lm_head (outside the decoder layers, no Hessian) under
+    the GPTQ recipe gets the same buffers as under the RTN recipe with the same weights section."""
+    from sinkquant.quantize.weights import quantize_
+
+    base = tiny_llama()
+    report = _report(base)
+    recipe = _recipe(**{"weights.ignore": [], "calibration.samples": 2})
+    by_gptq, by_rtn = copy.deepcopy(base), copy.deepcopy(base)
+    with pytest.warns(UserWarning, match="lm_head is outside the decoder layers"):
+        _gptq(by_gptq, recipe, report, progress=False)
+    quantize_(by_rtn, recipe.weights.model_copy(update={"algorithm": "rtn"}), report, progress=False)
+    gptq_head, rtn_head = by_gptq.lm_head, by_rtn.lm_head
+    assert isinstance(gptq_head, SinkQuantLinear) and gptq_head.spec == rtn_head.spec
+    for name, buffer in rtn_head.state_dict().items():
+        assert torch.equal(gptq_head.state_dict()[name], buffer), name

@@ -13,10 +13,10 @@ from tiny_models import quantized_tiny_llama, row_errors
 
 from sinkquant.errors import InputError
 from sinkquant.export import export
+from sinkquant.format.features.grid import fit_levels, round_to_levels, uniform_levels
 from sinkquant.loading import load_model
 from sinkquant.pipeline import inspect_checkpoint
 from sinkquant.quantize.gptq import gptq_quantize_weight
-from sinkquant.quantize.grid import fit_levels, round_to_levels, uniform_levels
 from sinkquant.quantize.hessian import HessianAccumulator
 from sinkquant.quantize.linear import SinkQuantLinear
 from sinkquant.recipe import Recipe
@@ -126,7 +126,7 @@ def test_a_checkpoint_on_levels_loads_every_way_and_scores_the_same(grid_checkpo
     assert all(spec["grid"] == "lloyd" for spec in qc["layers"].values())
     ours = load_model(grid_checkpoint)
     layers = [m for m in ours.modules() if isinstance(m, SinkQuantLinear)]
-    assert layers and all(m.nonuniform and m.weight_levels[-1] == 15 for m in layers)
+    assert layers and all(m.spec.grid == "lloyd" and m.weight_levels[-1] == 15 for m in layers)
     assert list(inspect_checkpoint(grid_checkpoint)["schemes"]) == [
         "int4 g32, inputs rotated (blocks of 16), lloyd grid"
     ]

@@ -189,7 +189,7 @@ def test_a_log_scale_layer_computes_as_a_layer_holding_its_decoded_scales(symmet
     """One byte per scale instead of bf16's two, and nothing else changes: every forward path of a
     log-scale layer gives exactly the numbers of a bf16-scale layer built from its codes and decoded
     scales, and the scales it quantized with lie on the log grid."""
-    from sinkquant.quantize.primitives import snap_log_scale, unpack_bits
+    from sinkquant.format.primitives import snap_log_scale, unpack_bits
 
     torch.manual_seed(0)
     w, b = torch.randn(64, 300), torch.randn(64)

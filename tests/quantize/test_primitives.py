@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from sinkquant.quantize.primitives import (
+from sinkquant.format.primitives import (
     LOG_SCALE_CODES,
     complement_indices,
     decode_log_scales,
@@ -69,7 +69,7 @@ def test_symmetric_uses_the_same_storage():
 
 
 def test_clip_search_never_increases_the_weighted_error():
-    from sinkquant.quantize.primitives import quantize_grouped_clipped
+    from sinkquant.format.primitives import quantize_grouped_clipped
 
     torch.manual_seed(0)
     x = torch.randn(64, 300) * torch.linspace(0.1, 3, 300)

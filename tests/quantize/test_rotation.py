@@ -13,19 +13,19 @@ from tiny_models import quantized_tiny_llama, row_errors
 
 from sinkquant.errors import InputError
 from sinkquant.export import export
-from sinkquant.loading import load_model
-from sinkquant.pipeline import inspect_checkpoint
-from sinkquant.quantize.gptq import gptq_quantize_weight
-from sinkquant.quantize.hessian import HessianAccumulator
-from sinkquant.quantize.linear import SinkQuantLinear, forget_rotated_input
-from sinkquant.quantize.primitives import complement_indices
-from sinkquant.quantize.rotation import (
+from sinkquant.format.features.rotation import (
     InputRotation,
     block_sizes,
     draw_signs,
     pack_signs,
     unpack_signs,
 )
+from sinkquant.format.primitives import complement_indices
+from sinkquant.loading import load_model
+from sinkquant.pipeline import inspect_checkpoint
+from sinkquant.quantize.gptq import gptq_quantize_weight
+from sinkquant.quantize.hessian import HessianAccumulator
+from sinkquant.quantize.linear import SinkQuantLinear, forget_rotated_input
 from sinkquant.recipe import Recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "integrations" / "vllm"))
@@ -148,7 +148,7 @@ def test_a_rotated_checkpoint_loads_every_way_and_scores_the_same(rotated_checkp
     assert all(spec["rotation"] == 16 for spec in qc["layers"].values())
     ours = load_model(rotated_checkpoint)
     layers = [m for m in ours.modules() if isinstance(m, SinkQuantLinear)]
-    assert layers and all(m.rotation_block == 16 for m in layers)
+    assert layers and all(m.spec.rotation == 16 for m in layers)
     assert list(inspect_checkpoint(rotated_checkpoint)["schemes"]) == [
         "int4 g32, inputs rotated (blocks of 16)"
     ]

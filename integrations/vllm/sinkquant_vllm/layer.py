@@ -9,7 +9,7 @@ output rows, except:
 * `outlier_idx` and `input_signs` (SHARED_ACROSS_SHARDS): chosen from the input, which the shards share,
   so one copy serves all (the method refuses shards that disagree);
 * `weight_scale_top` (log scales): one exponent per checkpoint layer, so one per shard; the scales are
-  decoded to bf16 after loading (`decode_log_scales`) and the layer is served as a plain int4 layer;
+  decoded to bf16 after loading (`for_serving`, the feature's hook) and the layer is served as a plain int4 layer;
 * `weight_levels` (a non-uniform grid): one table of 16 per shard, so a grid layer of several shards runs
   one `SinkQuantLinear` per shard on the same input (`ShardedLayer`).
 
@@ -26,30 +26,31 @@ import torch
 from sinkquant.format import FORMAT_VERSION, LayerSpec
 from sinkquant.format.features.grid import LEVELS
 from sinkquant.quantize.linear import SinkQuantLinear
-from sinkquant.quantize.primitives import decode_log_scales as decode_scales
 
 #: tensors every shard of a fused layer brings whole (the others are the shard's rows, or its levels)
 SHARED_ACROSS_SHARDS = ("outlier_idx", "input_signs")
 
-__all__ = ["FORMAT_VERSION", "LEVELS", "SHARED_ACROSS_SHARDS", "LayerSpec", "ShardedLayer", "served_layer"]
+__all__ = [
+    "FORMAT_VERSION",
+    "LEVELS",
+    "SHARED_ACROSS_SHARDS",
+    "LayerSpec",
+    "ShardedLayer",
+    "for_serving",
+    "served_layer",
+]
 
 
-def decode_log_scales(
+def for_serving(
     spec: LayerSpec, tensors: dict[str, torch.Tensor], shard_sizes: list[int] | None = None
 ) -> tuple[LayerSpec, dict[str, torch.Tensor]]:
-    """A `log_scales` layer as the same layer with bf16 `weight_scale` (its spec without the flag), each
-    shard's rows under its own exponent; any other layer unchanged. `shard_sizes`: the output rows of
-    each fused shard, in order (default: one shard)."""
-    if not spec.log_scales:
-        return spec, tensors
-    code, top = tensors["weight_scale_code"], tensors["weight_scale_top"]
-    sizes = shard_sizes or [code.shape[0]]
-    if len(sizes) != top.numel() or sum(sizes) != code.shape[0]:
-        raise ValueError(f"{top.numel()} log-scale exponents for shards of {sizes} rows")
-    parts = code.cpu().split(sizes)
-    scale = torch.cat([decode_scales(part, top.cpu()[i : i + 1]) for i, part in enumerate(parts)])
-    plain = {k: v for k, v in tensors.items() if k not in ("weight_scale_code", "weight_scale_top")}
-    return replace(spec, log_scales=False), {**plain, "weight_scale": scale.to(code.device)}
+    """vLLM's (possibly fused) layer as the spec and tensors sinkquant's layer runs: each feature's
+    `for_serving` (a log-scale layer's scales decoded to bf16, each shard under its own exponent).
+    `shard_sizes`: the output rows of each fused shard, in order (default: one shard)."""
+    sizes = shard_sizes or [tensors["weight"].shape[0]]
+    for feature in spec.features():
+        spec, tensors = feature.for_serving(spec, tensors, sizes)
+    return spec, tensors
 
 
 def sinkquant_layer(
@@ -57,7 +58,7 @@ def sinkquant_layer(
 ) -> SinkQuantLinear:
     """sinkquant's `SinkQuantLinear` on these tensors (shared, not copied), as many outputs as they hold."""
     out = tensors["weight"].shape[0]
-    layer = SinkQuantLinear.from_spec(replace(spec, out_features=out, bias=bias is not None), device="meta")
+    layer = SinkQuantLinear(replace(spec, out_features=out, bias=bias is not None), device="meta")
     for name in layer.spec.shapes():
         setattr(layer, name, tensors[name])
     if bias is not None:
@@ -83,9 +84,9 @@ def served_layer(
     spec: LayerSpec, tensors: dict[str, torch.Tensor], shard_sizes: list[int]
 ) -> SinkQuantLinear | ShardedLayer:
     """sinkquant's module for vLLM's (possibly fused) layer of `shard_sizes` output rows: one
-    `SinkQuantLinear` on the fused tensors, or, for a grid layer of several shards (each with its own
-    levels), one per shard in a `ShardedLayer`."""
-    if not spec.grid or len(shard_sizes) == 1:
+    `SinkQuantLinear` on the fused tensors, or, where a feature's per-shard table forbids that (a
+    grid's levels), one per shard in a `ShardedLayer`."""
+    if len(shard_sizes) == 1 or all(feature.shares_fused_layer for feature in spec.features()):
         return sinkquant_layer(spec, tensors)
     shards, start = [], 0
     for index, rows in enumerate(shard_sizes):

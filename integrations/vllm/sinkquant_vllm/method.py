@@ -31,7 +31,7 @@ from vllm.model_executor.parameter import (
     PerTensorScaleParameter,
 )
 
-from .layer import FORMAT_VERSION, LEVELS, SHARED_ACROSS_SHARDS, LayerSpec, decode_log_scales, served_layer
+from .layer import FORMAT_VERSION, LEVELS, SHARED_ACROSS_SHARDS, LayerSpec, for_serving, served_layer
 
 _LAYERS: list = []  # the served SinkQuantLinear modules, by the handle the custom op receives
 
@@ -193,7 +193,7 @@ class SinkQuantLinearMethod(LinearMethodBase):
         loaded = {name: getattr(layer, name).data for name in self.spec.shapes()}
         for name in loaded:
             delattr(layer, name)
-        self.spec, loaded = decode_log_scales(self.spec, loaded, layer.sinkquant_shard_sizes)
+        self.spec, loaded = for_serving(self.spec, loaded, layer.sinkquant_shard_sizes)
         tensors = {name: torch.nn.Parameter(t, requires_grad=False) for name, t in loaded.items()}
         for name, tensor in tensors.items():
             setattr(layer, name, tensor)

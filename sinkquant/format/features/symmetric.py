@@ -4,6 +4,8 @@ so the feature changes storage (and needs format 3) only for int4."""
 
 from __future__ import annotations
 
+import torch
+
 from .base import BufferSpecs, LayerFeature, register_feature
 
 
@@ -17,3 +19,9 @@ class Symmetric(LayerFeature):
 
     def storage(self, spec, scheme: BufferSpecs, shards: int) -> BufferSpecs:
         return {name: shape for name, shape in scheme.items() if name != "weight_min"}
+
+    def check_chosen(self, spec, scheme, stored) -> None:
+        if stored.minimum is not None and not torch.equal(
+            stored.minimum, scheme.minimum(stored._replace(minimum=None))
+        ):
+            raise ValueError("a symmetric int4 layer's minima must be -8 * its scales (it stores none)")

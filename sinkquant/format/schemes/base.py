@@ -1,7 +1,7 @@
 """The weight schemes' interface and registry: `Stored` (the integer part as the buffers hold it),
 `PytorchKernel` (one layer's weights in a PyTorch integer kernel's layout), `WeightScheme` (one storage
 format for the kept columns) and `SCHEMES` (bits -> the scheme that stores them). The package docstring
-(`sinkquant.quantize.schemes`) says what a scheme supplies and why the registry is keyed by bits."""
+(`sinkquant.format.schemes`) says what a scheme supplies and why the registry is keyed by bits."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from ..grid import expand_codes
+from ..features.grid import expand_codes
 from ..primitives import (
     LOG_SCALE_CODES,
     decode_log_scales,
