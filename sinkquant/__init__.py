@@ -19,7 +19,7 @@ with quiet_third_party():  # optional backends transformers imports may log abou
     from .errors import InputError, SinkQuantError
     from .evaluate import evaluate
     from .kv import KVCacheConfig, SinkQuantizedCache
-    from .pipeline import calibrate_model, evaluate_model, quantize_model
+    from .pipeline import calibrate_for, calibrate_model, evaluate_model, quantize_model
     from .quantize.algorithms import quantize_weights
     from .quantize.linear import SinkQuantLinear
     from .quantize.weights import quantize_
@@ -38,6 +38,7 @@ __all__ = [
     "SinkQuantLinear",
     "__version__",
     "calibrate",
+    "calibrate_for",
     "calibrate_model",
     "evaluate_model",
     "evaluate",

@@ -36,7 +36,7 @@ from .kv.wiring import KVCalibration, cache_factory, calibrate_kv, needs_report
 from .loading import is_sinkquant_checkpoint, open_model, prepare_model
 from .modeling import load_tokenizer
 from .preflight import refuse_empty_selection, refuse_overlap, refuse_quantized_source
-from .quantize.algorithms import NEEDS_SAMPLES, quantize_weights
+from .quantize.algorithms import calibration_needs, quantize_weights
 from .quantize.weights import QuantizeSummary
 from .recipe import CalibrationSection, Recipe, load_recipe
 from .stream.host import Execution, ModelHost, as_host
@@ -102,11 +102,9 @@ def calibrate_for(
         report = CalibrationReport.load(report)
     host = as_host(model)
     w, kv = recipe.weights, recipe.kv_cache
-    wants_report = w is not None and w.bits is not None and (w.outliers is not None or w.algorithm == "gptq")
-    wants_report = wants_report or needs_report(kv)
-    wants_samples = (w is not None and w.algorithm in NEEDS_SAMPLES) or (
-        kv is not None and kv.key_outlier_channels > 0
-    )
+    weights_samples, weights_report = calibration_needs(w)
+    wants_report = weights_report or needs_report(kv)
+    wants_samples = weights_samples or (kv is not None and kv.key_outlier_channels > 0)
     c = recipe.calibration
     samples = None
     if wants_samples or (wants_report and report is None):

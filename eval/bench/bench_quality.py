@@ -81,7 +81,7 @@ from sinkquant.kv import SinkQuantizedCache, build_cache
 from sinkquant.kv.hooks import ModelHooks
 from sinkquant.loading import prepare_model
 from sinkquant.modeling import stored_dtype
-from sinkquant.quantize.algorithms import NEEDS_SAMPLES, quantize_weights
+from sinkquant.quantize.algorithms import calibration_needs, quantize_weights
 from sinkquant.recipe import Recipe
 
 SEQ_LEN = 1024
@@ -205,7 +205,7 @@ class Bench:
 def weights_key(recipe: Recipe) -> str:
     """Rows whose recipes give the same weights share one quantized model (e.g. W4 and W4 + KV4)."""
     key = recipe.weights.model_dump_json()
-    return key + recipe.calibration.model_dump_json() if recipe.weights.algorithm in NEEDS_SAMPLES else key
+    return key + recipe.calibration.model_dump_json() if calibration_needs(recipe.weights)[0] else key
 
 
 def _quantized(b: Bench, recipe: Recipe) -> torch.nn.Module:
@@ -214,7 +214,7 @@ def _quantized(b: Bench, recipe: Recipe) -> torch.nn.Module:
     if model is None:
         model = copy.deepcopy(b.fp32)
         samples = None
-        if recipe.weights.algorithm in NEEDS_SAMPLES:
+        if calibration_needs(recipe.weights)[0]:
             c = recipe.calibration
             samples = calibration_samples(b.tok, c.dataset, c.samples, c.seq_len, c.seed)
         # full-precision columns in the source's dtype, as `sinkquant quantize` stores them

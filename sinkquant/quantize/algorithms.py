@@ -9,6 +9,8 @@ decoder layer by decoder layer, from the recipe's `weights:` section and the run
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -35,13 +37,44 @@ class WeightAlgorithm(Protocol):
     ) -> QuantizeSummary: ...
 
 
-ALGORITHMS: dict[str, WeightAlgorithm] = {
-    "rtn": rtn_quantize_,  # round-to-nearest, int4 ranges by activation-weighted clip search
-    "gptq": gptq_quantize_,  # error-compensating, decoder layer by decoder layer
+@dataclass(frozen=True)
+class Algorithm:
+    """A weight algorithm and what calibration it needs for a weights section (the pipeline asks, it
+    does not choose by name)."""
+
+    run: WeightAlgorithm
+    needs_samples: Callable[[WeightsSection], bool]  # reads the calibration samples itself
+    needs_report: Callable[[WeightsSection], bool]  # reads the calibration report (sinks, statistics)
+
+
+def _never(weights: WeightsSection) -> bool:
+    return False
+
+
+def _always(weights: WeightsSection) -> bool:
+    return True
+
+
+def _rtn_reads_report(weights: WeightsSection) -> bool:
+    """Its outlier columns and its clip search's per-column weights come from the report."""
+    return weights.outliers is not None
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    # round-to-nearest, int4 ranges by activation-weighted clip search (from the report's statistics)
+    "rtn": Algorithm(rtn_quantize_, _never, _rtn_reads_report),
+    # error-compensating, decoder layer by decoder layer on the samples; its sink_tokens modes read the
+    # report's sinks
+    "gptq": Algorithm(gptq_quantize_, _always, _always),
 }
 
-#: algorithms that read the calibration samples themselves (all need the report for outlier columns)
-NEEDS_SAMPLES = {"gptq"}
+
+def calibration_needs(weights: WeightsSection | None) -> tuple[bool, bool]:
+    """(samples, report): what the section's algorithm reads (nothing for no weights or `bits: null`)."""
+    if weights is None or weights.bits is None or weights.algorithm not in ALGORITHMS:
+        return False, False
+    algorithm = ALGORITHMS[weights.algorithm]
+    return algorithm.needs_samples(weights), algorithm.needs_report(weights)
 
 
 def quantize_weights(
@@ -59,6 +92,6 @@ def quantize_weights(
         raise InputError(
             f"unknown weights.algorithm {weights.algorithm!r}; use one of {', '.join(ALGORITHMS)}"
         )
-    return algorithm(
+    return algorithm.run(
         model, weights, calibration, storage_dtype=storage_dtype, progress=progress, writer=writer
     )

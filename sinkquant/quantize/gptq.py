@@ -16,8 +16,6 @@ sinkquant's choices here:
 
 from __future__ import annotations
 
-import contextlib
-import time
 import warnings
 from functools import partial
 
@@ -25,38 +23,19 @@ import torch
 from torch import nn
 
 from ..calibrate.report import Calibration, CalibrationReport
-from ..errors import InputError
 from ..format import LayerSpec
 from ..format.primitives import complement_indices
 from ..recipe import WeightsSection
-from ..stream.host import LayerWriter, ModelHost, as_host
-from ..stream.layerwise import (
-    capture_inputs,
-    computing_in,
-    merge_batches,
-    observe_inputs,
-    run_layer,
-)
-from ..stream.store import HiddenStore
+from ..stream.host import LayerWriter, ModelHost
+from .calibrated import BATCH_SIZE, calibrated_quantize_
 from .gptq_sweep import GPTQResult, gptq_quantize_weight
-from .hessian import HessianAccumulator
 from .linear import SinkQuantLinear
 from .weights import (
     QuantizeSummary,
     choose_outliers,
-    compute_with,
-    drive_layers,
-    effective_weights,
     float_weight,
     rtn_linear,
-    targets,
 )
-
-BATCH_SIZE = 8  # calibration samples per forward pass of one layer (the two-pass route)
-#: the most memory one decoder layer's activations over all calibration tokens may take for the
-#: one-pass route (estimate: see `_one_pass_fits`); wider layers or more tokens take the two-pass
-#: route, whose memory is one batch's activations
-ONE_PASS_BYTES = 4 << 30
 
 
 def _gptq_weight(
@@ -112,18 +91,6 @@ def quantize_module(
     return new.to(device)
 
 
-def _sink_positions(report: CalibrationReport | None, sink_tokens: str) -> list[int]:
-    if report is None:
-        if sink_tokens != "include":
-            raise InputError(
-                f"weights.gptq.sink_tokens: {sink_tokens} needs a calibration report (its sink positions); "
-                "calibrate first or use sink_tokens: include"
-            )
-        return []
-    return list(report.sinks.positions)
-
-
-@torch.no_grad()
 def gptq_quantize_(
     model: nn.Module | ModelHost,
     weights: WeightsSection,
@@ -135,124 +102,32 @@ def gptq_quantize_(
     batch_size: int = BATCH_SIZE,
     one_pass: bool | None = None,
 ) -> QuantizeSummary:
-    """Quantize `model` (in memory, or a `ModelHost` streaming it) with GPTQ, decoder layer by
-    decoder layer, on `calibration.samples`; `writer` receives each layer once it is final.
-
-    Each decoder layer runs once over all calibration tokens (batches merged into one call): a linear
-    layer is quantized when its input arrives, from the Hessian of that input, and computes with its
-    quantized weights from then on, so later linear layers of the same layer see the quantized
-    outputs ("true sequential") and the layer's output is already the next layer's input. That is one
-    forward pass per layer instead of two. `one_pass=None` does so while the layer's activations for all
-    tokens fit `ONE_PASS_BYTES` and the host's memory budget (else, or with `one_pass=False`, or when
-    the layers' arguments cannot be merged: two passes over batches of `batch_size` samples, Hessians
-    from the float layer, then the quantized layer re-run). Linear layers outside the decoder layers
-    get round-to-nearest. `storage_dtype` holds the outlier columns and bias (default: the dtype the
-    source stored each weight in)."""
-    if weights.bits is None:
-        return QuantizeSummary()
-    if calibration.samples is None:
-        raise InputError("GPTQ needs calibration samples (its Hessians come from the layers' inputs)")
-    start = time.perf_counter()
-    host = as_host(model)
-    report = calibration.report
-    chosen, skipped = targets(host.model, weights.ignore)
-    sinks = _sink_positions(report, weights.gptq.sink_tokens)
-    summary = QuantizeSummary(bits=weights.bits, group_size=weights.group, skipped=skipped)
-    ids = calibration.samples.input_ids
-    with host.outside("input"):
-        inputs = capture_inputs(host.model, ids, batch_size, host.device)
-    wide = weights.gptq.precision == "float64"
-    merged = merge_batches(inputs) if _one_pass_fits(ids, chosen, one_pass, host, wide) else None
-    if merged is not None:
-        inputs = merged
-    mode = weights.gptq.sink_tokens
-
-    def make_observer(name: str, in_features: int) -> HessianAccumulator:
-        return HessianAccumulator(in_features, sinks, track_max=mode == "cap")
-
-    def step(index: int, layer: nn.Module, mine: dict[str, nn.Module]) -> dict:
-        factors: dict = {}  # this layer's factorisations, shared by linears with one input
-        # read before `_precision` casts the layer: an in-memory model's dtypes are its storage
-        stored = {
-            name: storage_dtype or host.storage_dtype(name + ".weight") or float_weight(module).dtype
-            for name, module in mine.items()
-        }
-        with _precision(layer, weights.gptq.precision):
-            quantize = partial(_quantize_linear, weights=weights, report=report, mode=mode,
-                               factors=factors, stored=stored)  # fmt: skip
-            layer_step = _one_pass_layer if merged is not None else _two_pass_layer
-            return layer_step(layer, index, inputs, mine, make_observer, quantize, batch_size)
-
-    with HiddenStore(inputs.hidden, host.memory_budget) as store:
-        inputs.hidden = store
-        drive_layers(
-            host, chosen, summary, step, weights=weights, report=report, storage_dtype=storage_dtype,
-            writer=writer, progress=progress, desc=f"GPTQ int{weights.bits}", fallback_note="GPTQ",
-        )  # fmt: skip
-    summary.seconds = time.perf_counter() - start
-    return summary
+    """Quantize `model` (in memory, or a `ModelHost` streaming it) with GPTQ, decoder layer by decoder
+    layer, on `calibration.samples` (`calibrated.calibrated_quantize_`: one pass per layer, "true
+    sequential"); `writer` receives each layer once it is final. Linear layers outside the decoder
+    layers get round-to-nearest. `storage_dtype` holds the outlier columns and bias (default: the dtype
+    the source stored each weight in)."""
+    quantize = partial(_quantize_linear, weights=weights, report=calibration.report)
+    return calibrated_quantize_(
+        model, weights, calibration, quantize, algorithm="GPTQ", sink_tokens=weights.gptq.sink_tokens,
+        sink_tokens_field="weights.gptq.sink_tokens",
+        precision=weights.gptq.precision, storage_dtype=storage_dtype, progress=progress, writer=writer,
+        batch_size=batch_size, one_pass=one_pass,
+    )  # fmt: skip
 
 
 def _quantize_linear(
-    name: str, module: nn.Module, observer: HessianAccumulator | None, *, weights: WeightsSection,
-    report: CalibrationReport | None, mode: str, factors: dict, stored: dict,
+    name: str, module: nn.Module, hessian: torch.Tensor | None, factors: dict, storage: torch.dtype, *,
+    weights: WeightsSection, report: CalibrationReport | None,
 ) -> tuple[SinkQuantLinear, list[int]]:  # fmt: skip
-    """One linear of a decoder layer -> (its `SinkQuantLinear`, its outlier columns): GPTQ from the
-    Hessian `observer` collected (sink tokens as `mode` says), or `rtn_linear` where no calibration
-    input reached it or GPTQ gave non-finite numbers. `factors`: the layer's shared factorisations;
-    `stored`: each linear's storage dtype."""
+    """One linear of a decoder layer -> (its `SinkQuantLinear`, its outlier columns): GPTQ from its
+    inputs' `hessian`, or `rtn_linear` where no calibration input reached it or GPTQ gave non-finite
+    numbers. `factors`: the layer's shared factorisations."""
     idx = choose_outliers(name, float_weight(module), weights, report)
-    storage = stored[name]
-    if observer is None:
+    if hessian is None:
         warnings.warn(f"GPTQ: {name} saw no calibration input; using round-to-nearest", stacklevel=3)
         return rtn_linear(name, module, weights, report, storage)
-    new = quantize_module(name, module, observer.hessian(mode), idx, weights, storage, factors)
+    new = quantize_module(name, module, hessian, idx, weights, storage, factors)
     if new is None:
         return rtn_linear(name, module, weights, report, storage)
     return new, idx
-
-
-def _precision(layer: nn.Module, precision: str):
-    """The layer computing in float64 for `precision: float64` (its hidden states stay float32)."""
-    return computing_in(layer, torch.float64) if precision == "float64" else contextlib.nullcontext()
-
-
-def _one_pass_layer(layer, index, inputs, mine, make_observer, quantize, batch_size) -> dict:
-    """One call over all tokens: each linear is quantized as its input arrives and computes with its
-    quantized weights in the same forward, whose output is the next layer's input."""
-    done: dict[str, tuple[SinkQuantLinear, list[int]]] = {}
-
-    def arrive(name, module, observer):
-        done[name] = quantize(name, module, observer)
-        compute_with(module, done[name][0])
-
-    with observe_inputs(mine, make_observer, split=batch_size, on_arrival=arrive):
-        run_layer(layer, inputs, index)
-    for name in mine.keys() - done.keys():  # never called in this layer's forward
-        done[name] = quantize(name, mine[name], None)
-    return done
-
-
-def _two_pass_layer(layer, index, inputs, mine, make_observer, quantize, batch_size) -> dict:
-    """Batch by batch: Hessians from the float layer, then the layer re-run with quantized weights."""
-    with observe_inputs(mine, make_observer) as observers:
-        run_layer(layer, inputs, index, keep=False)
-    done = {name: quantize(name, m, observers.get(name)) for name, m in mine.items()}
-    del observers
-    with effective_weights(mine, {n: new for n, (new, _) in done.items()}):
-        run_layer(layer, inputs, index)
-    return done
-
-
-def _one_pass_fits(
-    ids: torch.Tensor, chosen: dict[str, nn.Module], one_pass: bool | None, host: ModelHost,
-    float64: bool = False,
-) -> bool:  # fmt: skip
-    """Whether to merge the calibration batches: one layer's activations for every token at once,
-    estimated as 4 float32 copies of the widest linear output per token (twice the bytes in float64),
-    must fit ONE_PASS_BYTES and the host's memory budget."""
-    if one_pass is not None:
-        return one_pass
-    widest = max((m.out_features if isinstance(m, nn.Linear) else m.weight.shape[1] for m in chosen.values()),
-                 default=0)  # fmt: skip
-    return ids.numel() * widest * (8 if float64 else 4) * 4 <= min(ONE_PASS_BYTES, host.memory_budget)
