@@ -1,8 +1,10 @@
-"""`sinkquant export`: parse the options, call `sinkquant.pipeline.export_checkpoint`, print the report."""
+"""`sinkquant export`: parse the options, call `sinkquant.pipeline.export_checkpoint` (or, for GGUF,
+`sinkquant.gguf.export_gguf`), print the report."""
 
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 from .app import main
 from .app import progress as _progress
@@ -17,8 +19,17 @@ from .options import eval_options
     "fmt",
     default="compressed-tensors",
     show_default=True,
-    type=click.Choice(["compressed-tensors"]),
-    help="What to write: compressed-tensors is what vLLM and transformers serve without sinkquant.",
+    type=click.Choice(["compressed-tensors", "gguf"]),
+    help="What to write: compressed-tensors is what vLLM and transformers serve without sinkquant; gguf "
+    "is llama.cpp's file, written from a plain HF model folder (CHECKPOINT) to the file OUT_DIR (*.gguf).",
+)
+@click.option(
+    "--type",
+    "gguf_type",
+    default="Q8_0",
+    show_default=True,
+    help="With --format gguf: the type of the 2-D weights: F32, F16, BF16, Q8_0 or Q4_0 (rows that do not "
+    "split into blocks of 32 stay F16).",
 )
 @click.option(
     "--activations",
@@ -72,6 +83,7 @@ def export(
     checkpoint,
     out_dir,
     fmt,
+    gguf_type,
     activations,
     group_size,
     symmetric,
@@ -84,6 +96,10 @@ def export(
     overwrite,
 ):
     """Write the sinkquant CHECKPOINT in another format into OUT_DIR."""
+    _check_format_options(fmt)
+    if fmt == "gguf":
+        _export_gguf(checkpoint, out_dir, gguf_type, overwrite)
+        return
     from ..export import ExportSettings
     from ..pipeline import export_checkpoint
 
@@ -118,3 +134,47 @@ def export(
         )
     click.echo(f"time: {r.seconds:.1f}s")
     click.echo(f"export: {r.out_dir}")
+
+
+#: the options only one format reads, by parameter name
+_ONLY_FOR = {
+    "gguf_type": "gguf",
+    **dict.fromkeys(
+        [
+            "activations",
+            "group_size",
+            "symmetric",
+            "smooth",
+            "smooth_alpha",
+            "narrow_int8",
+            "dense",
+            "eval_dataset",
+        ],
+        "compressed-tensors",
+    ),
+}
+
+
+def _check_format_options(fmt: str) -> None:
+    """An option the chosen format does not read is refused, not silently dropped."""
+    ctx = click.get_current_context()
+    for param in ctx.command.params:
+        wanted = _ONLY_FOR.get(param.name)
+        if wanted not in (None, fmt) and ctx.get_parameter_source(param.name) is not ParameterSource.DEFAULT:
+            raise click.UsageError(f"{param.opts[0]} applies to --format {wanted} only", ctx)
+
+
+def _export_gguf(model, out, gguf_type, overwrite):
+    from ..gguf import export_gguf
+
+    result = export_gguf(model, out, gguf_type, progress=_progress(), overwrite=overwrite)
+    click.echo(
+        f"exported {result.path} as GGUF {result.type}: {result.file_bytes / 2**20:.2f} MiB, "
+        f"{result.bits_per_weight:.3f} bits per weight"
+    )
+    counts: dict[str, int] = {}
+    for _, ggml_type in result.plan:
+        counts[ggml_type] = counts.get(ggml_type, 0) + 1
+    click.echo("type  tensors")
+    for ggml_type, count in sorted(counts.items(), key=lambda kv: -kv[1]):
+        click.echo(f"{ggml_type:<5} {count:>7}")
