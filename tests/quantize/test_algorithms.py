@@ -22,9 +22,21 @@ def test_registry_covers_exactly_the_recipe_choices():
 def test_every_algorithm_shares_one_signature():
     expected = ["model", "weights", "calibration", "storage_dtype", "progress"]
     for name, algorithm in ALGORITHMS.items():
-        params = inspect.signature(algorithm).parameters
+        params = inspect.signature(algorithm.run).parameters
         assert list(params)[:5] == expected, name
         assert params["storage_dtype"].kind is inspect.Parameter.KEYWORD_ONLY, name
+
+
+def test_each_entry_declares_the_calibration_it_reads():
+    """The pipeline asks the registry what a section reads instead of testing algorithm names."""
+    from sinkquant.quantize.algorithms import calibration_needs
+
+    default = Recipe().weights
+    assert calibration_needs(default) == (False, True)  # RTN: the report's outlier columns
+    assert calibration_needs(default.model_copy(update={"outliers": None})) == (False, False)
+    assert calibration_needs(default.model_copy(update={"algorithm": "gptq"})) == (True, True)
+    assert calibration_needs(default.model_copy(update={"bits": None})) == (False, False)
+    assert calibration_needs(None) == (False, False)
 
 
 def test_dispatch_by_name_and_storage_dtype_is_honoured():
