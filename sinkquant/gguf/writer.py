@@ -14,6 +14,7 @@ import gguf
 import numpy as np
 
 from ..errors import InputError
+from ..stream.source import SafetensorsSource
 from .architectures import Architecture, TensorMap, add_hyperparameters, architecture
 from .tokenizer import add_tokenizer
 from .types import GGUF_TYPES, GGUFType, Packed
@@ -25,10 +26,9 @@ _EMBEDDINGS = ("token_embd.weight", "output.weight")
 
 @dataclass(frozen=True)
 class PlannedTensor:
-    """One GGUF tensor: where it comes from, its name and shape (HF's [rows, cols]) and type."""
+    """One GGUF tensor: its HF name, its GGUF name, shape (HF's [rows, cols]) and type."""
 
     hf_name: str
-    file: Path
     name: str
     shape: tuple[int, ...]
     type: GGUFType
@@ -36,12 +36,13 @@ class PlannedTensor:
 
 @dataclass(frozen=True)
 class ModelFolder:
-    """An HF model folder, checked: its config, architecture and safetensors files."""
+    """An HF model folder, checked: its config, architecture and tensors (`SafetensorsSource`, the
+    reader the streaming executor uses: shards through their index, one-line errors for damaged files)."""
 
     path: Path
     config: dict[str, Any]
     arch: Architecture
-    files: list[Path]
+    source: SafetensorsSource
 
 
 def open_model(model_dir: str | os.PathLike) -> ModelFolder:
@@ -53,11 +54,7 @@ def open_model(model_dir: str | os.PathLike) -> ModelFolder:
     if not config_path.is_file():
         raise InputError(f"{path} has no config.json: pass a Hugging Face model folder (save_pretrained)")
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    arch = architecture(config)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise InputError(f"{path} has no *.safetensors files: save the model with save_pretrained")
-    return ModelFolder(path, config, arch, files)
+    return ModelFolder(path, config, architecture(config), SafetensorsSource(path))
 
 
 def _tensor_type(name: str, shape: tuple[int, ...], requested: GGUFType) -> GGUFType:
@@ -71,18 +68,13 @@ def _tensor_type(name: str, shape: tuple[int, ...], requested: GGUFType) -> GGUF
 
 def plan_tensors(model: ModelFolder, requested: GGUFType) -> list[PlannedTensor]:
     """Every tensor the file will hold, in file order, from the safetensors headers alone."""
-    from safetensors import safe_open
-
     names = TensorMap(model.arch, model.config)
     plan: list[PlannedTensor] = []
-    for file in model.files:
-        with safe_open(str(file), framework="pt") as f:
-            for hf_name in f.keys():
-                name = names.gguf_name(hf_name)
-                if name is None:
-                    continue
-                shape = tuple(f.get_slice(hf_name).get_shape())
-                plan.append(PlannedTensor(hf_name, file, name, shape, _tensor_type(name, shape, requested)))
+    for hf_name in model.source.names():
+        name = names.gguf_name(hf_name)
+        if name is not None:
+            shape = model.source.shape_of(hf_name)
+            plan.append(PlannedTensor(hf_name, name, shape, _tensor_type(name, shape, requested)))
     return plan
 
 
@@ -92,14 +84,12 @@ def packed_tensors(
     """(tensor, its float32 source in llama.cpp's row order, its packed bytes and intended weights), one
     tensor at a time."""
     import torch
-    from safetensors import safe_open
 
     names = TensorMap(model.arch, model.config)
-    for file in model.files:
-        with safe_open(str(file), framework="pt") as f:
-            for tensor in (t for t in plan if t.file == file):
-                source = names.transform(tensor.name, f.get_tensor(tensor.hf_name).to(torch.float32).numpy())
-                yield tensor, source, tensor.type.pack(source)
+    for tensor in plan:
+        stored = model.source.read([tensor.hf_name])[tensor.hf_name]
+        source = names.transform(tensor.name, stored.to(torch.float32).numpy())
+        yield tensor, source, tensor.type.pack(source)
 
 
 def _temporary(out: Path) -> Path:
