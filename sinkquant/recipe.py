@@ -111,6 +111,10 @@ class WeightsSection(StrictModel):
     # default: a sink's massive activation (10^3-10^5, one token per sample) would otherwise fit a group's
     # range to that one token, whatever the model; the outlier columns still see every token
     clip_sink_tokens: Literal["include", "exclude"] = "exclude"
+    # where the search runs (RTN): `kl` per kind of linear (q_proj, gate_proj, ...), min/max kept in a
+    # kind where the model's KL from the float one on 4 calibration samples says the search costs
+    # (quantize/search_choice.py: on Qwen2 it does in gate/up); `everywhere`: in every linear
+    clip_search_judge: Literal["kl", "everywhere"] = "kl"
     outliers: OutlierSection | None = Field(default_factory=OutlierSection)
     # each layer's kept input columns rotated by a block-diagonal Hadamard matrix with random signs
     # (blocks of this many columns) before GPTQ rounds them; the layer rotates its inputs the same way

@@ -34,7 +34,9 @@ def test_samples_are_drawn_once_and_shared(monkeypatch):
 
 def test_nothing_is_drawn_when_no_step_needs_it(monkeypatch):
     monkeypatch.setattr(pipeline, "calibration_samples", lambda *a, **k: pytest.fail("drew samples"))
-    run = calibrate_for(tiny_llama(), CharTokenizer(), _recipe(**{"weights.outliers": None}), progress=False)
+    # no outlier columns, and the range search in every linear: neither a report nor samples
+    recipe = _recipe(**{"weights.outliers": None, "weights.clip_search_judge": "everywhere"})
+    run = calibrate_for(tiny_llama(), CharTokenizer(), recipe, progress=False)
     assert run.samples is None and run.report is None
 
 

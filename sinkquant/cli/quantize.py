@@ -157,6 +157,8 @@ def _print_summary(result, recipe) -> None:
         click.echo(
             f"quantized modules: {_mib(s.bytes_before)} fp16 -> {_mib(s.bytes_after)} ({s.bytes_after / max(1, s.bytes_before):.3f}x)"
         )
+        if s.range_search is not None:
+            click.echo(_range_search_line(s.range_search))
         if result.outside_linears:
             click.echo(_outside_line(result))
     click.echo(
@@ -175,3 +177,12 @@ def _print_summary(result, recipe) -> None:
     times = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     click.echo(f"time: {times}")
     click.echo(f"checkpoint: {result.out_dir} ({_mib(result.folder_bytes)} in all)")
+
+
+def _range_search_line(judged: dict) -> str:
+    """Where the int4 range search ran, and the KL that chose it (search_choice.py)."""
+    kept = judged["min_max_in"]
+    kl = judged["kl"]
+    tried = ", ".join(f"{label} {value:.4f}" for label, value in kl.items())
+    where = "every linear" if not kept else f"every linear but {', '.join(kept)} (min/max there)"
+    return f"int4 range search in {where}; KL from the float model on calibration samples: {tried}"

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..architecture import is_linear, linears_outside_text_model, replace_module
-from ..calibrate.report import Calibration, CalibrationReport
+from ..calibrate.report import CalibrationReport
 from ..errors import InputError
 from ..format import LayerSpec
 from ..recipe import WeightsSection
@@ -44,6 +44,7 @@ class QuantizeSummary:
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
     layers: dict[str, dict] = field(default_factory=dict)  # name -> spec for the checkpoint config
+    range_search: dict | None = None  # where RTN's int4 range search ran and why (search_choice.py)
 
     def swap_in(
         self,
@@ -227,12 +228,14 @@ def quantize_(
     storage_dtype: torch.dtype | None = None,
     progress: bool = True,
     writer: LayerWriter | None = None,
+    searched: Callable[[str], bool] | None = None,
 ) -> QuantizeSummary:
     """Replace every target linear layer of `model` (in memory, or a `ModelHost` streaming it) with a
     round-to-nearest `SinkQuantLinear` (`rtn_linear`), keeping the outlier columns `report` names,
     decoder layer by decoder layer; `writer` receives each layer once it is final. `storage_dtype` holds
     those columns and the bias (default: the dtype the source stored each weight in, so they stay
-    bit-identical)."""
+    bit-identical). `searched(name)`: whether `weights.clip_search` runs in that linear (default: in
+    every one; the `rtn` algorithm passes the judgment of search_choice.py)."""
     if weights.algorithm != "rtn":  # not a silent RTN in place of what the section asks for
         raise InputError(
             f"quantize_ rounds to nearest, and this weights section asks for algorithm {weights.algorithm} "
@@ -246,11 +249,17 @@ def quantize_(
     chosen, skipped = targets(host.model, weights.ignore)
     summary = QuantizeSummary(bits=weights.bits, group_size=weights.group, skipped=skipped)
 
+    plain = weights.model_copy(update={"clip_search": False})
+
     def step(index: int, layer: nn.Module, linears: dict[str, nn.Module]) -> dict:
         return {
             name: rtn_linear(
-                name, module, weights, report, storage_dtype or host.storage_dtype(name + ".weight")
-            )
+                name,
+                module,
+                weights if searched is None or searched(name) else plain,
+                report,
+                storage_dtype or host.storage_dtype(name + ".weight"),
+            )  # fmt: skip
             for name, module in linears.items()
         }
 
@@ -260,21 +269,6 @@ def quantize_(
     )  # fmt: skip
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-def rtn_quantize_(
-    model: nn.Module | ModelHost,
-    weights: WeightsSection,
-    calibration: Calibration,
-    *,
-    storage_dtype: torch.dtype | None = None,
-    progress: bool = True,
-    writer: LayerWriter | None = None,
-) -> QuantizeSummary:
-    """`quantize_` with the signature every weight algorithm shares (see `algorithms.py`)."""
-    return quantize_(
-        model, weights, calibration.report, storage_dtype=storage_dtype, progress=progress, writer=writer
-    )
 
 
 def choose_outliers(

@@ -32,8 +32,13 @@ def test_each_entry_declares_the_calibration_it_reads():
     from sinkquant.quantize.algorithms import calibration_needs
 
     default = Recipe().weights
-    assert calibration_needs(default) == (False, True)  # RTN: the report's outlier columns
-    assert calibration_needs(default.model_copy(update={"outliers": None})) == (False, False)
+    # RTN: the report's outlier columns, and samples to judge where its int4 range search runs
+    assert calibration_needs(default) == (True, True)
+    assert calibration_needs(default.model_copy(update={"clip_search_judge": "everywhere"})) == (False, True)
+    assert calibration_needs(default.model_copy(update={"outliers": None, "clip_search": False})) == (
+        False,
+        False,
+    )
     assert calibration_needs(default.model_copy(update={"algorithm": "gptq"})) == (True, True)
     assert calibration_needs(default.model_copy(update={"bits": None})) == (False, False)
     assert calibration_needs(None) == (False, False)
