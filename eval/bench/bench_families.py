@@ -87,20 +87,25 @@ def minmax_with_columns(
     for h in handles:
         h.remove()
     for name, module in linears.items():
-        w = module.weight.data.float()
-        n_keep = max(1, round(fraction * w.shape[1]))
+        n_keep = max(1, round(fraction * module.in_features))
         kept = torch.argsort(sums[name] / counts[name], descending=True)[:n_keep]
-        rest = torch.ones(w.shape[1], dtype=torch.bool)
-        rest[kept] = False
-        part = w[:, rest]
-        out = torch.empty_like(part)
-        for start in range(0, part.shape[1], group):
-            g = part[:, start : start + group]
-            lo, hi = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
-            step = ((hi - lo) / 15).clamp(min=1e-12)
-            out[:, start : start + group] = torch.round((g - lo) / step).clamp(0, 15) * step + lo
-        w[:, rest] = out
-        module.weight.data = w.to(module.weight.dtype)
+        module.weight.data = minmax_rounded(module.weight.data.float(), kept, group).to(module.weight.dtype)
+
+
+def minmax_rounded(weight: torch.Tensor, kept: torch.Tensor, group: int = 128) -> torch.Tensor:
+    """`weight` [out, in] with its `kept` columns exact and the others rounded to the nearest of 16
+    levels between their group's min and max (groups of `group` consecutive other columns), float32."""
+    rest = torch.ones(weight.shape[1], dtype=torch.bool)
+    rest[kept] = False
+    part, out = weight[:, rest], weight.clone()
+    rounded = torch.empty_like(part)
+    for start in range(0, part.shape[1], group):
+        g = part[:, start : start + group]
+        lo, hi = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
+        step = ((hi - lo) / 15).clamp(min=1e-12)
+        rounded[:, start : start + group] = torch.round((g - lo) / step).clamp(0, 15) * step + lo
+    out[:, rest] = rounded
+    return out
 
 
 def run_model(key: str, recipes: list[str], baselines: list[str]) -> list[dict]:

@@ -1,8 +1,8 @@
 """Issue 48: why sinkquant's min/max W4 g128 and eval/bench/bench_families.py's own min/max code score apart
 on Qwen2.5-Coder-0.5B (47.85 against 47.06) with the same outlier columns: the layers' weights compared.
 
-sinkquant stores each group's scale and minimum in bf16 and rounds against those; the benchmark's code rounds
-against float32 ones. For three Qwen2 linears (their 1% outlier columns from the default recipe's report):
+sinkquant stores each group's scale and minimum in bf16 and rounds against those; the benchmark's code (`bench_families.minmax_rounded`)
+rounds against float32 ones. For three Qwen2 linears (their 1% outlier columns from the default recipe's report):
 the largest difference between the two dequantized weights, the share of weights that differ, and each
 one's mean square error against the float weight.
 
@@ -17,25 +17,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from eval.bench.bench_families import minmax_rounded
 from sinkquant.calibrate.report import CalibrationReport
 from sinkquant.quantize.linear import SinkQuantLinear
 
 NAMES = ("model.layers.10.mlp.gate_proj", "model.layers.10.self_attn.k_proj", "model.layers.2.mlp.down_proj")
-
-
-def own_minmax(weight: torch.Tensor, idx: list[int], group: int = 128) -> torch.Tensor:
-    """bench_families' rounding: float32 min/max per group of consecutive kept columns."""
-    rest = torch.ones(weight.shape[1], dtype=torch.bool)
-    rest[idx] = False
-    part, out = weight[:, rest], weight.clone()
-    rounded = torch.empty_like(part)
-    for start in range(0, part.shape[1], group):
-        g = part[:, start : start + group]
-        lo, hi = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
-        step = ((hi - lo) / 15).clamp(min=1e-12)
-        rounded[:, start : start + group] = torch.round((g - lo) / step).clamp(0, 15) * step + lo
-    out[:, rest] = rounded
-    return out
 
 
 def main() -> None:
@@ -47,7 +33,7 @@ def main() -> None:
             weight = source.get_tensor(name + ".weight").float()
             idx = report.linear[name].outlier_channels(0.01, "mean")
             mine = SinkQuantLinear.from_float(weight, None, 4, 128, idx, False).dequantized_weight().float()
-            theirs = own_minmax(weight, idx)
+            theirs = minmax_rounded(weight, torch.tensor(idx))
             diff = (mine - theirs).abs()
             print(
                 f"{name}: largest difference {float(diff.max()):.3e}, weights differing by > 1e-4 "

@@ -21,7 +21,7 @@ from ..errors import InputError
 from ..recipe import WeightsSection
 from ..stream.host import LayerWriter, ModelHost
 from .gptq import gptq_quantize_
-from .search_choice import rtn_quantize_
+from .search_choice import judges_search, rtn_quantize_
 from .weights import QuantizeSummary
 
 
@@ -57,14 +57,9 @@ def _rtn_reads_report(weights: WeightsSection) -> bool:
     return weights.outliers is not None
 
 
-def _rtn_reads_samples(weights: WeightsSection) -> bool:
-    """Its int4 range search is judged on calibration samples (search_choice.py)."""
-    return weights.bits == 4 and weights.clip_search and weights.clip_search_judge == "kl"
-
-
 ALGORITHMS: dict[str, Algorithm] = {
     # round-to-nearest, int4 ranges by activation-weighted clip search (from the report's statistics)
-    "rtn": Algorithm(rtn_quantize_, _rtn_reads_samples, _rtn_reads_report),
+    "rtn": Algorithm(rtn_quantize_, judges_search, _rtn_reads_report),
     # error-compensating, decoder layer by decoder layer on the samples; its sink_tokens modes read the
     # report's sinks
     "gptq": Algorithm(gptq_quantize_, _always, _always),

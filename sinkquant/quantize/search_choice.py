@@ -23,17 +23,22 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..calibrate.report import Calibration, CalibrationReport
+from ..evaluate.perplexity import score_window
 from ..recipe import WeightsSection
 from ..stream.host import LayerWriter, ModelHost, as_host
 from ..stream.layerwise import LayerInputs, capture_inputs, head_logits, run_layer
-from .weights import QuantizeSummary, compute_with, quantize_, rtn_linear, targets
+from .weights import QuantizeSummary, effective_weight, quantize_, rtn_linear, targets
 
 #: calibration samples the judgment runs (2,048 tokens at the default 512): a few model passes in all
 JUDGE_SAMPLES = 4
+
+
+def judges_search(weights: WeightsSection) -> bool:
+    """Whether `rtn` judges where its int4 range search runs (and so reads calibration samples)."""
+    return weights.bits == 4 and weights.clip_search and weights.clip_search_judge == "kl"
 
 
 def kind_of(name: str) -> str:
@@ -76,17 +81,15 @@ def choose_search(
         **{f"min/max in {k}": frozenset([k]) for k in kinds},
     }
     finals = _walk(host, chosen, weights, report, ids, configs, storage_dtype)
-    kl = {label: _kl(host, finals["float"], finals[label]) for label in configs if label != "float"}
+    reference = finals.pop("float")
+    kl = _kls(host, ids, reference, finals)
     off = frozenset(k for k in kinds if kl[f"min/max in {k}"] < kl["search"])
     if 1 < len(off) < len(kinds):
-        combined = _walk(host, chosen, weights, report, ids, {"combined": off}, storage_dtype)["combined"]
-        kl["min/max in " + ", ".join(sorted(off))] = _kl(host, finals["float"], combined)
-    best = min(kl, key=kl.get)
-    if best == "search":
-        return SearchChoice(frozenset(), kl)
-    if best == "min/max":
-        return SearchChoice(frozenset(kinds), kl)
-    return SearchChoice(frozenset(best.removeprefix("min/max in ").split(", ")), kl)
+        label = "min/max in " + ", ".join(sorted(off))
+        configs[label] = off
+        combined = _walk(host, chosen, weights, report, ids, {label: off}, storage_dtype)
+        kl.update(_kls(host, ids, reference, combined))
+    return SearchChoice(configs[min(kl, key=kl.get)], kl)
 
 
 def rtn_quantize_(
@@ -103,8 +106,7 @@ def rtn_quantize_(
     given calibration samples), else wherever `weights.clip_search` asks."""
     host = as_host(model)
     choice = None
-    judged = weights.bits == 4 and weights.clip_search and weights.clip_search_judge == "kl"
-    if judged and calibration.input_ids is not None:
+    if judges_search(weights) and calibration.input_ids is not None:
         with warnings.catch_warnings():  # quantize_ below warns once for an ignore pattern matching nothing
             warnings.simplefilter("ignore")
             chosen, _ = targets(host.model, weights.ignore)
@@ -125,26 +127,28 @@ def _walk(host, chosen, weights, report, ids, configs, storage_dtype) -> dict[st
     with host.outside("input"):
         inputs = capture_inputs(host.model, ids, 1, host.device)
     states = {label: list(inputs.hidden) for label in configs}
-    search, plain = weights, weights.model_copy(update={"clip_search": False})
+    variants = {True: weights.model_copy(update={"clip_search": False}), False: weights}  # keeps min/max?
+
+    def uses(name: str) -> set[bool]:
+        """Which candidates of linear `name` some configuration computes with (only those are built)."""
+        return {kind_of(name) in off for off in configs.values() if off is not None}
+
     for index in range(len(host.layers)):
         prefix = host.prefix(index)
         with host.layer(index) as layer:
             mine = {n: m for n, m in chosen.items() if n.startswith(prefix)}
             saved = {n: m.weight.data for n, m in mine.items()}
-            candidates = {
-                n: tuple(
-                    rtn_linear(n, m, w, report, storage_dtype or host.storage_dtype(n + ".weight"))[0]
-                    for w in (plain, search)
+            candidates = {  # each built and dequantized once per layer, whatever the configurations
+                (n, plain): effective_weight(
+                    m, rtn_linear(n, m, variants[plain], report, storage_dtype or host.storage_dtype(n + ".weight"))[0]
                 )
                 for n, m in mine.items()
-            }
+                for plain in uses(n)
+            }  # fmt: skip
             try:
                 for label, off in configs.items():
                     for n, m in mine.items():
-                        if off is None:
-                            m.weight.data = saved[n]
-                        else:
-                            compute_with(m, candidates[n][0 if kind_of(n) in off else 1])
+                        m.weight.data = saved[n] if off is None else candidates[(n, kind_of(n) in off)]
                     run_layer(layer, LayerInputs(states[label], inputs.calls), index)
             finally:
                 for n, m in mine.items():
@@ -152,13 +156,17 @@ def _walk(host, chosen, weights, report, ids, configs, storage_dtype) -> dict[st
     return states
 
 
-def _kl(host: ModelHost, reference: list[torch.Tensor], hidden: list[torch.Tensor]) -> float:
-    """Mean KL(p_float || p) per predicted token over the samples."""
-    total, count = 0.0, 0
+def _kls(
+    host: ModelHost, ids: torch.Tensor, reference: list[torch.Tensor], finals: dict[str, list[torch.Tensor]]
+) -> dict[str, float]:
+    """Mean KL(p_float || p) per predicted token of each configuration (the evaluator's `score_window`);
+    the float model's logits computed once per sample."""
+    totals = {label: [0.0, 0.0, 0, 0] for label in finals}
     with host.outside("output"):
-        for ref_h, h in zip(reference, hidden, strict=True):
-            ref_logp = F.log_softmax(head_logits(host.model, ref_h).logits[0, :-1].float(), dim=-1)
-            logp = F.log_softmax(head_logits(host.model, h).logits[0, :-1].float(), dim=-1)
-            total += float((ref_logp.exp() * (ref_logp - logp)).sum(dtype=torch.float64))
-            count += logp.shape[0]
-    return total / max(1, count)
+        for i, ref_hidden in enumerate(reference):
+            ref_logits = head_logits(host.model, ref_hidden).logits
+            for label, hidden in finals.items():
+                score_window(
+                    head_logits(host.model, hidden[i]).logits, ids[i : i + 1], ref_logits, totals[label]
+                )
+    return {label: t[1] / max(1, t[3]) for label, t in totals.items()}

@@ -94,8 +94,14 @@ def effective_weights(modules: dict[str, nn.Module], quantized: dict[str, SinkQu
 def compute_with(module: nn.Module, quantized: SinkQuantLinear) -> None:
     """Point a float linear layer (nn.Linear or Conv1D, [in, out]) at the effective weights of its
     quantized replacement, in the float layer's dtype."""
+    module.weight.data = effective_weight(module, quantized)
+
+
+def effective_weight(module: nn.Module, quantized: SinkQuantLinear) -> torch.Tensor:
+    """The weight a float linear layer (nn.Linear, or Conv1D stored [in, out]) holds to compute as its
+    quantized replacement does, in the float layer's dtype and layout."""
     w = quantized.dequantized_weight().to(module.weight.dtype)
-    module.weight.data = w if isinstance(module, nn.Linear) else w.t().contiguous()
+    return w if isinstance(module, nn.Linear) else w.t().contiguous()
 
 
 def select_outliers(
