@@ -159,6 +159,8 @@ def _print_summary(result, recipe) -> None:
         )
         if s.range_search is not None:
             click.echo(_range_search_line(s.range_search))
+        if s.range_moved:
+            click.echo(_range_moved_line(s.range_moved))
         if result.outside_linears:
             click.echo(_outside_line(result))
     click.echo(
@@ -177,6 +179,12 @@ def _print_summary(result, recipe) -> None:
     times = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     click.echo(f"time: {times}")
     click.echo(f"checkpoint: {result.out_dir} ({_mib(result.folder_bytes)} in all)")
+
+
+def _range_moved_line(moved: dict[str, list[int]]) -> str:
+    """How often the search moved a group's range off min/max, per kind of linear."""
+    shares = ", ".join(f"{kind} {n / max(1, total):.1%}" for kind, (n, total) in moved.items())
+    return f"int4 groups whose range the search moved off min/max: {shares}"
 
 
 def _range_search_line(judged: dict) -> str:

@@ -30,7 +30,7 @@ from ..evaluate.perplexity import score_window
 from ..recipe import WeightsSection
 from ..stream.host import LayerWriter, ModelHost, as_host
 from ..stream.layerwise import LayerInputs, capture_inputs, head_logits, run_layer
-from .weights import QuantizeSummary, effective_weight, quantize_, rtn_linear, targets
+from .weights import QuantizeSummary, effective_weight, kind_of, quantize_, rtn_linear, targets
 
 #: calibration samples the judgment runs (2,048 tokens at the default 512): a few model passes in all
 JUDGE_SAMPLES = 4
@@ -39,11 +39,6 @@ JUDGE_SAMPLES = 4
 def judges_search(weights: WeightsSection) -> bool:
     """Whether `rtn` judges where its int4 range search runs (and so reads calibration samples)."""
     return weights.bits == 4 and weights.clip_search and weights.clip_search_judge == "kl"
-
-
-def kind_of(name: str) -> str:
-    """The kind of a linear: the last component of its name (q_proj, down_proj, c_attn, ...)."""
-    return name.rsplit(".", 1)[-1]
 
 
 @dataclass

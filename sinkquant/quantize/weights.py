@@ -45,6 +45,8 @@ class QuantizeSummary:
     seconds: float = 0.0
     layers: dict[str, dict] = field(default_factory=dict)  # name -> spec for the checkpoint config
     range_search: dict | None = None  # where RTN's int4 range search ran and why (search_choice.py)
+    # RTN int4 with the range search on: kind of linear -> [groups whose range it moved, groups]
+    range_moved: dict[str, list[int]] = field(default_factory=dict)
 
     def swap_in(
         self,
@@ -63,6 +65,20 @@ class QuantizeSummary:
         self.bytes_before += weight.numel() * 2 + (bias.numel() * 2 if bias is not None else 0)
         self.bytes_after += new.nbytes()
         self.layers[name] = layer_spec(new)
+
+    def count_moved(self, name: str, rounded: SinkQuantLinear, min_max: SinkQuantLinear) -> None:
+        """Count the int4 groups of linear `name` whose range (scale or minimum) differs from min/max's."""
+        moved = rounded.group_scale() != min_max.group_scale()
+        if rounded.group_minimum() is not None:
+            moved |= rounded.group_minimum() != min_max.group_minimum()
+        counts = self.range_moved.setdefault(kind_of(name), [0, 0])
+        counts[0] += int(moved.sum())
+        counts[1] += moved.numel()
+
+
+def kind_of(name: str) -> str:
+    """The kind of a linear: the last component of its name (q_proj, down_proj, c_attn, ...)."""
+    return name.rsplit(".", 1)[-1]
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -256,18 +272,18 @@ def quantize_(
     summary = QuantizeSummary(bits=weights.bits, group_size=weights.group, skipped=skipped)
 
     plain = weights.model_copy(update={"clip_search": False})
+    counts_moves = weights.bits == 4 and weights.clip_search
 
     def step(index: int, layer: nn.Module, linears: dict[str, nn.Module]) -> dict:
-        return {
-            name: rtn_linear(
-                name,
-                module,
-                weights if searched is None or searched(name) else plain,
-                report,
-                storage_dtype or host.storage_dtype(name + ".weight"),
-            )  # fmt: skip
-            for name, module in linears.items()
-        }
+        done = {}
+        for name, module in linears.items():
+            storage = storage_dtype or host.storage_dtype(name + ".weight")
+            searching = searched is None or searched(name)
+            done[name] = rtn_linear(name, module, weights if searching else plain, report, storage)
+            if counts_moves:  # against min/max's own rounding (one more plain rounding, no search)
+                min_max = rtn_linear(name, module, plain, report, storage)[0] if searching else done[name][0]
+                summary.count_moved(name, done[name][0], min_max)
+        return done
 
     drive_layers(
         host, chosen, summary, step, weights=weights, report=report, storage_dtype=storage_dtype, writer=writer,

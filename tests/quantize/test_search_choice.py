@@ -13,7 +13,7 @@ from sinkquant.calibrate.report import Calibration
 from sinkquant.data import calibration_samples
 from sinkquant.quantize.algorithms import calibration_needs, quantize_weights
 from sinkquant.quantize.search_choice import JUDGE_SAMPLES, SearchChoice, choose_search, kind_of
-from sinkquant.quantize.weights import quantize_, targets
+from sinkquant.quantize.weights import column_importance, quantize_, rtn_linear, targets
 from sinkquant.recipe import Recipe, WeightsSection
 from sinkquant.stream.host import as_host
 
@@ -90,3 +90,87 @@ def test_the_judgment_needs_samples_only_where_it_runs():
     assert calibration_needs(WeightsSection(clip_search_judge="everywhere")) == (False, True)
     assert calibration_needs(WeightsSection(clip_search=False)) == (False, True)
     assert calibration_needs(WeightsSection(bits=8)) == (False, True)
+
+
+def _rows_on_their_min_max_grid(rows: int, width: int, group: int, gen: torch.Generator) -> torch.Tensor:
+    """Weights [rows, width] whose groups span [-a, a] (a = 15/128: the scale 2a/15 = 1/64 and the minimum
+    are exact in bf16) with every other value 0.4 of a step off a level of that grid, half above and half
+    below: min/max rounds each by 0.4 of a step (a large squared error), and the errors of a group sum
+    to zero."""
+    a = 15 / 128
+    step = 2 * a / 15
+    offsets = torch.tensor([0.4, -0.4]).repeat_interleave((group - 2) // 2)
+    out = torch.empty(rows, width)
+    for r in range(rows):
+        for s in range(0, width, group):
+            levels = torch.randint(1, 15, (group - 2,), generator=gen).float()
+            values = torch.cat([torch.tensor([a, -a]), -a + (levels + offsets) * step])
+            out[r, s : s + group] = values[torch.randperm(group, generator=gen)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def correlated(stories):
+    """A one-layer Llama whose MLP reads the same vector (up to its sign) at every token: the embeddings
+    are multiples of the all-ones vector and attention adds almost nothing, so gate/up's inputs are
+    perfectly correlated and a row's output error is the sum of its weight errors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer = stories
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=8, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        size = torch.rand(512, 1, generator=gen) + 0.5
+        sign = torch.randint(0, 2, (512, 1), generator=gen) * 2 - 1
+        model.model.embed_tokens.weight.copy_(size * sign * torch.ones(1, 64))
+        layer = model.model.layers[0]
+        layer.self_attn.o_proj.weight.mul_(0.01)
+        layer.mlp.gate_proj.weight.copy_(_rows_on_their_min_max_grid(128, 64, 32, gen))
+        layer.mlp.up_proj.weight.copy_(_rows_on_their_min_max_grid(128, 64, 32, gen))
+        layer.mlp.down_proj.weight.normal_(0, 0.1, generator=gen)
+        model.lm_head.weight.normal_(0, 1.0, generator=gen)
+    samples = calibration_samples(tokenizer, None, 6, 64, 0)
+    report = calibrate(model, tokenizer, data=samples, progress=False)
+    weights = Recipe().weights.model_copy(update={"group_size": 32, "outliers": None})
+    return model, samples, report, weights
+
+
+def test_correlated_inputs_keep_min_max_where_the_diagonal_weighting_would_move_it(correlated):
+    """Issue 48, item 2. With gate/up's inputs correlated, the search's diagonal weighting (E[x²] per
+    column) prefers a shrunk range (half min/max's weighted squared error), but at the layer's output
+    (e H eᵀ with the full second moment of its calibration inputs) min/max is exact and the shrunk range
+    is not. The default keeps min/max in gate/up there; the search everywhere (the default before the
+    judgment) moved every one of their groups."""
+    model, samples, report, weights = correlated
+    gate = model.model.layers[0].mlp.gate_proj
+    inputs = []
+    hook = gate.register_forward_pre_hook(lambda module, args: inputs.append(args[0].reshape(-1, 64)))
+    with torch.no_grad():
+        for row in samples.input_ids:
+            model(row[None])
+    hook.remove()
+    x = torch.cat(inputs).double()
+    second_moment = x.T @ x / x.shape[0]
+    diagonal = column_importance("model.layers.0.mlp.gate_proj", report).double()
+    errors = {}
+    for label, w in (("search", weights), ("min/max", weights.model_copy(update={"clip_search": False}))):
+        rounded, _ = rtn_linear("model.layers.0.mlp.gate_proj", gate, w, report, None)
+        e = rounded.dequantized_weight().double() - gate.weight.detach().double()
+        errors[label] = (
+            float((e.pow(2) * diagonal).sum()),
+            float(torch.einsum("ri,ij,rj->", e, second_moment, e)),
+        )
+    assert errors["search"][0] < 0.6 * errors["min/max"][0]  # the diagonal prefers the search
+    assert errors["min/max"][1] < 1e-3 * errors["search"][1]  # the layer's output prefers min/max
+
+    judged = quantize_weights(copy.deepcopy(model), weights, Calibration(samples, report), progress=False)
+    assert {"gate_proj", "up_proj"} <= set(judged.range_search["min_max_in"])
+    assert judged.range_moved["gate_proj"] == [0, 256] and judged.range_moved["up_proj"] == [0, 256]
+    everywhere = weights.model_copy(update={"clip_search_judge": "everywhere"})
+    old = quantize_weights(copy.deepcopy(model), everywhere, Calibration(samples, report), progress=False)
+    assert old.range_moved["gate_proj"] == [256, 256] and old.range_moved["up_proj"] == [256, 256]
