@@ -83,6 +83,13 @@ class GPTQSection(StrictModel):
     # pinned: eval/results/bench/mkl_numerics.md): its last-bit differences fall far below float32's rounding
     # of the layer's output, so GPTQ's sweep sees the same inputs. float32 is faster.
     precision: Literal["float32", "float64"] = "float32"
+    # where each int4 group's range comes from: `sweep`, GPTQ's own (from the group's current weights
+    # when the sweep reaches it, shrunk by `clip_search`); `rtn`, the range the rtn algorithm gives the
+    # same group of the original weights (its activation-weighted search where `clip_search_judge`
+    # keeps it, min/max elsewhere), fixed before the sweep, so GPTQ only chooses the codes on the
+    # default recipe's grid (int4 on uniform asymmetric grids without rotation or log scales; int8
+    # ignores it)
+    ranges: Literal["sweep", "rtn"] = "sweep"
 
 
 #: the rotation blocks a recipe may ask for (`weights.rotation`): powers of two up to one int4 group of
@@ -176,6 +183,17 @@ class WeightsSection(StrictModel):
             raise ValueError(
                 f"grid {self.grid} keeps each group's bf16 minimum and scale as they are; drop symmetric "
                 "and log_scales, or use grid: uniform"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _rtn_ranges_fit(self) -> WeightsSection:
+        if self.gptq.ranges == "sweep" or self.algorithm != "gptq" or self.bits != 4:
+            return self  # int8 has one scale per row and no range to take
+        if self.symmetric or self.log_scales or self.rotation is not None or self.grid != "uniform":
+            raise ValueError(
+                "gptq.ranges: rtn takes the rtn algorithm's int4 ranges of the unrotated weights on the "
+                "uniform asymmetric grid; drop symmetric, log_scales, rotation and grid, or use gptq.ranges: sweep"
             )
         return self
 

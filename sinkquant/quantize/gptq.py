@@ -17,6 +17,7 @@ sinkquant's choices here:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -26,21 +27,23 @@ from ..calibrate.report import Calibration, CalibrationReport
 from ..format import LayerSpec
 from ..format.primitives import complement_indices
 from ..recipe import WeightsSection
-from ..stream.host import LayerWriter, ModelHost
+from ..stream.host import LayerWriter, ModelHost, as_host
 from .calibrated import BATCH_SIZE, calibrated_quantize_
 from .gptq_sweep import GPTQResult, gptq_quantize_weight
 from .linear import SinkQuantLinear
+from .search_choice import choose_search, judges_search
 from .weights import (
     QuantizeSummary,
     choose_outliers,
     float_weight,
     rtn_linear,
+    targets,
 )
 
 
 def _gptq_weight(
     name: str, weight: torch.Tensor, hessian: torch.Tensor, idx: list[int], spec: LayerSpec,
-    weights: WeightsSection, factor_cache: dict | None,
+    weights: WeightsSection, factor_cache: dict | None, ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> GPTQResult | None:  # fmt: skip
     """GPTQ of one float weight [out, in] with the recipe's settings; None (with a warning) where it gave
     non-finite numbers, so the caller falls back to round-to-nearest."""
@@ -48,7 +51,7 @@ def _gptq_weight(
     res = gptq_quantize_weight(
         weight, hessian, spec.bits, spec.group_size, idx, spec.symmetric,
         opts.block_size, opts.damping, opts.act_order, name, opts.clip_search, factor_cache,
-        torch.float64 if opts.precision == "float64" else torch.float32, spec.log_scales, spec.grid,
+        torch.float64 if opts.precision == "float64" else torch.float32, spec.log_scales, spec.grid, ranges,
     )  # fmt: skip
     if not all(bool(torch.isfinite(t.float()).all()) for t in (res.weight, res.scale)):
         warnings.warn(f"GPTQ gave non-finite weights for {name}; using round-to-nearest", stacklevel=3)
@@ -64,6 +67,7 @@ def quantize_module(
     weights: WeightsSection,
     storage: torch.dtype,
     factor_cache: dict | None = None,
+    ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> SinkQuantLinear | None:
     """One linear layer -> `SinkQuantLinear` by GPTQ; None where GPTQ gave non-finite numbers (with a
     warning: the caller rounds it to nearest, `weights.rtn_linear`).
@@ -80,7 +84,7 @@ def quantize_module(
         target, target_hessian, state = feature.prepare(spec, target, target_hessian, keep, factor_cache)
         if state is not None:
             states[feature.field] = state
-    res = _gptq_weight(name, target, target_hessian, idx, spec, weights, factor_cache)
+    res = _gptq_weight(name, target, target_hessian, idx, spec, weights, factor_cache, ranges)
     if res is None:
         return None
     new = SinkQuantLinear.from_float(
@@ -107,18 +111,33 @@ def gptq_quantize_(
     sequential"); `writer` receives each layer once it is final. Linear layers outside the decoder
     layers get round-to-nearest. `storage_dtype` holds the outlier columns and bias (default: the dtype
     the source stored each weight in)."""
-    quantize = partial(_quantize_linear, weights=weights, report=calibration.report)
-    return calibrated_quantize_(
+    choice = None  # where the rtn ranges GPTQ takes (gptq.ranges: rtn) come from the range search
+    if weights.gptq.ranges == "rtn" and judges_search(weights) and calibration.input_ids is not None:
+        host = as_host(model)
+        with warnings.catch_warnings():  # the layer loop warns once for an ignore pattern matching nothing
+            warnings.simplefilter("ignore")
+            chosen, _ = targets(host.model, weights.ignore)
+        choice = choose_search(
+            host, chosen, weights, calibration.report, calibration.input_ids, storage_dtype
+        )
+        model = host
+    quantize = partial(
+        _quantize_linear, weights=weights, report=calibration.report,
+        searched=None if choice is None else choice.searched,
+    )  # fmt: skip
+    summary = calibrated_quantize_(
         model, weights, calibration, quantize, algorithm="GPTQ", sink_tokens=weights.gptq.sink_tokens,
         sink_tokens_field="weights.gptq.sink_tokens",
         precision=weights.gptq.precision, storage_dtype=storage_dtype, progress=progress, writer=writer,
         batch_size=batch_size, one_pass=one_pass,
     )  # fmt: skip
+    summary.range_search = None if choice is None else choice.to_dict()
+    return summary
 
 
 def _quantize_linear(
     name: str, module: nn.Module, hessian: torch.Tensor | None, factors: dict, storage: torch.dtype, *,
-    weights: WeightsSection, report: CalibrationReport | None,
+    weights: WeightsSection, report: CalibrationReport | None, searched: Callable[[str], bool] | None = None,
 ) -> tuple[SinkQuantLinear, list[int]]:  # fmt: skip
     """One linear of a decoder layer -> (its `SinkQuantLinear`, its outlier columns): GPTQ from its
     inputs' `hessian`, or `rtn_linear` where no calibration input reached it or GPTQ gave non-finite
@@ -127,7 +146,14 @@ def _quantize_linear(
     if hessian is None:
         warnings.warn(f"GPTQ: {name} saw no calibration input; using round-to-nearest", stacklevel=3)
         return rtn_linear(name, module, weights, report, storage)
-    new = quantize_module(name, module, hessian, idx, weights, storage, factors)
+    ranges = None
+    if weights.gptq.ranges == "rtn" and weights.bits == 4:  # the rtn algorithm's ranges, where it searches
+        search = weights.clip_search and (searched is None or searched(name))
+        rounded, _ = rtn_linear(
+            name, module, weights.model_copy(update={"clip_search": search}), report, storage
+        )
+        ranges = (rounded.group_scale(), rounded.group_minimum())
+    new = quantize_module(name, module, hessian, idx, weights, storage, factors, ranges)
     if new is None:
         return rtn_linear(name, module, weights, report, storage)
     return new, idx

@@ -70,9 +70,18 @@ class _Quantizer:
         self._round = rounding or scheme.round_to_range
         self.scale = torch.zeros(rows, groups, dtype=scheme.scale_dtype)
         self.minimum = torch.zeros(rows, groups, dtype=torch.bfloat16)
+        self.preset = False
+
+    def set_ranges(self, scale: torch.Tensor, minimum: torch.Tensor) -> None:
+        """Fix every group's parameters [out, groups] before the sweep (`fit` then keeps them)."""
+        self.scale.copy_(scale)
+        self.minimum.copy_(minimum)
+        self.preset = True
 
     def fit(self, group: int, values: torch.Tensor, importance: torch.Tensor) -> None:
         """Parameters of `group` from its current weights [out, n]; `importance` [n] = diag(H)."""
+        if self.preset:
+            return
         best, best_err = self.scheme.group_range(values, self.symmetric, self.log_scales), None
         for shrink in _CLIP_GRID[1:] if self.clip_search else []:
             if best_err is None:
@@ -115,6 +124,7 @@ def gptq_quantize_weight(
     sweep_dtype: torch.dtype = torch.float32,
     log_scales: bool = False,
     grid: str | None = None,
+    ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> GPTQResult:
     """GPTQ on weight [out, in] with hessian [in, in] (see the module docstring for every choice).
 
@@ -133,7 +143,10 @@ def gptq_quantize_weight(
     `grid` (int4, asymmetric; the layer spec's field, None: uniform): "lloyd" rounds to the layer's own
     16 levels (`features.grid.fit_levels` on the kept columns of `weight`) instead of the uniform grid.
     The layer's features are its spec's: a combination no layer can store is refused here, and each
-    feature's `rounding` hook may replace the scheme's rounding."""
+    feature's `rounding` hook may replace the scheme's rounding.
+
+    `ranges` (int4): every group's (scale, minimum) [out, groups], fixed before the sweep instead of
+    fitted when it reaches the group (recipe `gptq.ranges: rtn`)."""
     out_f, in_f = weight.shape
     idx = torch.as_tensor(outlier_idx, dtype=torch.long).sort().values
     spec = LayerSpec(in_f, out_f, bits, group_size, idx.numel(), False, symmetric=symmetric,
@@ -152,6 +165,8 @@ def gptq_quantize_weight(
         if feature_rounding is not None:
             rounding, levels = feature_rounding, state
     quant = _Quantizer(scheme, symmetric, out_f, -(-n_keep // gs), clip_search, log_scales, rounding)
+    if ranges is not None:
+        quant.set_ranges(*ranges)
     # the factorisation is a few large BLAS calls (all threads); the column sweep is many small ops
     key = (id(hessian), cols.numpy().tobytes(), damping, n_keep)
     if factor_cache is not None and key in factor_cache:

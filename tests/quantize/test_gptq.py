@@ -137,7 +137,8 @@ def test_one_pass_route_runs_each_layer_once(one_pass, calls_per_layer):
 
     for layer in decoder_layers(model):
         layer.register_forward_pre_hook(count)
-    recipe = _recipe(**{"calibration.samples": 6})
+    # GPTQ's own layer passes only: not those of the rtn ranges' judgment (gptq.ranges: rtn)
+    recipe = _recipe(**{"calibration.samples": 6, "weights.gptq.ranges": "sweep"})
     summary = _gptq(model, recipe, report, progress=False, batch_size=2, one_pass=one_pass)
     assert summary.modules == 14
     assert len(calls) == calls_per_layer * len(decoder_layers(model))
