@@ -80,6 +80,14 @@ def test_no_outliers_flag_keeps_no_columns(stories_path, tmp_path):
     result = CliRunner().invoke(main, [*args, "--group-size", "32", "--no-outliers"])
     assert result.exit_code == 0, result.output
     assert "outlier input columns kept at full precision: 0 of" in result.output
+    # the range search's judgment, and per kind the share of groups it moved (none where min/max is kept)
+    judged = next(x for x in result.output.splitlines() if x.startswith("int4 range search in"))
+    moved = next(x for x in result.output.splitlines() if x.startswith("int4 groups whose range"))
+    shares = dict(part.rsplit(" ", 1) for part in moved.split(": ", 1)[1].split(", "))
+    assert set(shares) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    kept = judged.split(" but ", 1)[1].split(" (min/max there)")[0].split(", ") if " but " in judged else []
+    assert all(shares[kind] == "0.0%" for kind in kept)
+    assert any(share != "0.0%" for kind, share in shares.items() if kind not in kept) or len(kept) == 7
     from sinkquant.recipe import load_recipe
 
     saved = next(out.glob("*.yaml"))

@@ -420,6 +420,11 @@ CASES = [
         lambda e: e.recipe("weights:\n  rotation: 32\n"),
     ),
     Case(
+        "recipe-rtn-ranges-with-rotation",
+        "gptq.ranges: rtn with a rotation (the rtn ranges are those of the unrotated weights)",
+        lambda e: e.recipe("weights:\n  algorithm: gptq\n  rotation: 32\n  gptq:\n    ranges: rtn\n"),
+    ),
+    Case(
         "recipe-rotation-block",
         "weights.rotation not a power of two up to 128",
         lambda e: e.recipe("weights:\n  algorithm: gptq\n  rotation: 48\n"),
