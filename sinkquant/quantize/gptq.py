@@ -31,13 +31,12 @@ from ..stream.host import LayerWriter, ModelHost, as_host
 from .calibrated import BATCH_SIZE, calibrated_quantize_
 from .gptq_sweep import GPTQResult, gptq_quantize_weight
 from .linear import SinkQuantLinear
-from .search_choice import choose_search, judges_search
+from .search_choice import judged_search
 from .weights import (
     QuantizeSummary,
     choose_outliers,
     float_weight,
     rtn_linear,
-    targets,
 )
 
 
@@ -112,15 +111,9 @@ def gptq_quantize_(
     layers get round-to-nearest. `storage_dtype` holds the outlier columns and bias (default: the dtype
     the source stored each weight in)."""
     choice = None  # where the rtn ranges GPTQ takes (gptq.ranges: rtn) come from the range search
-    if weights.gptq.ranges == "rtn" and judges_search(weights) and calibration.input_ids is not None:
-        host = as_host(model)
-        with warnings.catch_warnings():  # the layer loop warns once for an ignore pattern matching nothing
-            warnings.simplefilter("ignore")
-            chosen, _ = targets(host.model, weights.ignore)
-        choice = choose_search(
-            host, chosen, weights, calibration.report, calibration.input_ids, storage_dtype
-        )
-        model = host
+    if weights.gptq.ranges == "rtn":
+        model = as_host(model)
+        choice = judged_search(model, weights, calibration, storage_dtype)
     quantize = partial(
         _quantize_linear, weights=weights, report=calibration.report,
         searched=None if choice is None else choice.searched,

@@ -87,6 +87,19 @@ def choose_search(
     return SearchChoice(configs[min(kl, key=kl.get)], kl)
 
 
+def judged_search(
+    host: ModelHost, weights: WeightsSection, calibration: Calibration, storage_dtype: torch.dtype | None
+) -> SearchChoice | None:
+    """`choose_search` over every target linear of `host` where `weights` asks for the judgment and the
+    run has samples; else None (the search wherever `weights.clip_search` says)."""
+    if not judges_search(weights) or calibration.input_ids is None:
+        return None
+    with warnings.catch_warnings():  # the algorithm's own layer loop warns once for an unused ignore pattern
+        warnings.simplefilter("ignore")
+        chosen, _ = targets(host.model, weights.ignore)
+    return choose_search(host, chosen, weights, calibration.report, calibration.input_ids, storage_dtype)
+
+
 def rtn_quantize_(
     model: nn.Module | ModelHost,
     weights: WeightsSection,
@@ -100,14 +113,7 @@ def rtn_quantize_(
     with the int4 range search where `choose_search` finds it helps (`weights.clip_search_judge: kl`,
     given calibration samples), else wherever `weights.clip_search` asks."""
     host = as_host(model)
-    choice = None
-    if judges_search(weights) and calibration.input_ids is not None:
-        with warnings.catch_warnings():  # quantize_ below warns once for an ignore pattern matching nothing
-            warnings.simplefilter("ignore")
-            chosen, _ = targets(host.model, weights.ignore)
-        choice = choose_search(
-            host, chosen, weights, calibration.report, calibration.input_ids, storage_dtype
-        )
+    choice = judged_search(host, weights, calibration, storage_dtype)
     summary = quantize_(
         host, weights, calibration.report, storage_dtype=storage_dtype, progress=progress, writer=writer,
         searched=None if choice is None else choice.searched,
